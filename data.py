@@ -1,0 +1,253 @@
+"""Data: CIFAR-10 or an image folder held in memory, the train/validation split, and augmentation.
+
+The whole dataset is decoded once into a single uint8 tensor (50,000 CIFAR images are 150 MB).
+Batches are sliced from it and augmented as whole batches on the training device, each sample with
+its own random numbers, so no per-sample Python runs in the training loop.
+"""
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.datasets import CIFAR10, DatasetFolder
+
+IMAGE_SIZE = 32  # images of any other size are resized to this when loaded
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+# Class groups, used for the vehicles-vs-animals report, the two-stage head and the default
+# targets of --targeted-augment. Edit here for another dataset.
+GROUPS = {
+    "vehicles": ("airplane", "automobile", "ship", "truck"),
+    "animals": ("bird", "cat", "deer", "dog", "frog", "horse"),
+}
+
+# Targeted augmentation (the seed write-up's advice for the animal classes).
+ROTATION_DEGREES = 30
+JITTER = 0.4  # brightness, contrast and saturation factors drawn from [1 - JITTER, 1 + JITTER]
+ERASE_PROBABILITY = 0.5
+ERASE_AREA = (0.02, 0.33)  # fraction of the image, as torchvision's RandomErasing
+ERASE_RATIO = (0.3, 3.3)
+
+
+# ---------------------------------------------------------------------------------- loading
+
+
+def load_images(data_dir, split):
+    """Return (images uint8 [N, 3, H, W], labels int64 [N], class names) for split 'train' or 'test'.
+
+    An image folder when data_dir has a train/ folder, else torchvision's CIFAR-10 (downloaded if
+    missing)."""
+    root = Path(data_dir)
+    if (root / "train").is_dir():
+        return load_image_folder(root / split)
+    return load_cifar10(root, train=split == "train")
+
+
+def load_cifar10(root, train):
+    try:
+        dataset = CIFAR10(root, train=train, download=False)
+    except RuntimeError:  # not there yet
+        try:
+            dataset = CIFAR10(root, train=train, download=True)
+        except Exception as error:
+            sys.exit(
+                f"error: CIFAR-10 is not in {root} and could not be downloaded ({error}). Offline, "
+                f"pass --data-dir DIR where DIR/train/<class>/ holds the images (png or jpg)."
+            )
+    images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
+    return images, torch.tensor(dataset.targets), list(dataset.classes)
+
+
+def load_image_folder(folder):
+    """Decode every image under folder/<class>/ into one tensor. Unreadable images are skipped and
+    counted, so one bad file does not cost a run; the count is printed."""
+    if not folder.is_dir():
+        sys.exit(f"error: {folder} does not exist; expected {folder}/<class>/*.png|jpg")
+    try:
+        listing = DatasetFolder(folder, loader=str, extensions=IMAGE_EXTENSIONS)
+    except (FileNotFoundError, RuntimeError) as error:
+        sys.exit(f"error: no images in {folder} ({error}); expected {folder}/<class>/*.png|jpg")
+    images, labels, skipped = [], [], []
+    for path, label in listing.samples:
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+                if image.size != (IMAGE_SIZE, IMAGE_SIZE):
+                    image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)
+                images.append(np.asarray(image))
+        except OSError:  # PIL raises OSError subclasses for truncated or unidentifiable files
+            skipped.append(path)
+            continue
+        labels.append(label)
+    if skipped:
+        print(f"warning: skipped {len(skipped)} unreadable image(s) in {folder}, e.g. {skipped[0]}")
+    if not images:
+        sys.exit(f"error: none of the images in {folder} could be read")
+    images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    return images, torch.tensor(labels), list(listing.classes)
+
+
+# ---------------------------------------------------------------------------------- splits
+
+
+def stratified_split(labels, fraction, seed):
+    """Split positions 0..len(labels)-1 into (rest, taken), taking `fraction` of every class.
+
+    Depends only on labels, fraction and seed, so every machine and process count agrees."""
+    generator = torch.Generator().manual_seed(seed)
+    rest, taken = [], []
+    for label in labels.unique():
+        positions = (labels == label).nonzero().flatten()
+        positions = positions[torch.randperm(len(positions), generator=generator)]
+        n_taken = round(len(positions) * fraction)
+        taken.append(positions[:n_taken])
+        rest.append(positions[n_taken:])
+    return torch.cat(rest).sort().values, torch.cat(taken).sort().values
+
+
+def train_val_indices(labels, val_fraction, seed, max_train_samples=None):
+    """The run's train and validation indices; the training part optionally cut to a stratified
+    subset of about max_train_samples."""
+    train, val = stratified_split(labels, val_fraction, seed)
+    if max_train_samples and max_train_samples < len(train):
+        _, keep = stratified_split(labels[train], max_train_samples / len(train), seed)
+        train = train[keep]
+    return train, val
+
+
+# ---------------------------------------------------------------------------------- batches
+
+
+class TensorDataset(torch.utils.data.Dataset):
+    """Images and labels as tensors. DataLoader fetches a whole batch with one indexing call
+    (__getitems__), and accelerate still shards, pads and skips batches as for any dataset."""
+
+    def __init__(self, images, labels):
+        self.images, self.labels = images, labels
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return self.images[index], self.labels[index]
+
+    def __getitems__(self, indices):
+        index = torch.as_tensor(indices, device=self.labels.device)
+        return self.images[index], self.labels[index]
+
+
+def _keep_batch(batch):
+    return batch  # __getitems__ already returns a stacked batch
+
+
+def make_loader(images, labels, batch_size, shuffle):
+    return torch.utils.data.DataLoader(
+        TensorDataset(images, labels), batch_size=batch_size, shuffle=shuffle, collate_fn=_keep_batch
+    )
+
+
+# ---------------------------------------------------------------------------------- augmentation
+
+
+def random_crop_flip(images, padding, generator):
+    """Random crop with zero padding and horizontal flip, as torchvision's RandomCrop(padding=p)
+    and RandomHorizontalFlip, drawn independently for every image of the batch."""
+    n, channels, height, width = images.shape
+    device = images.device
+    if padding:
+        padded = F.pad(images, (padding,) * 4)
+        dy = torch.randint(0, 2 * padding + 1, (n, 1), device=device, generator=generator)
+        dx = torch.randint(0, 2 * padding + 1, (n, 1), device=device, generator=generator)
+        rows = (dy + torch.arange(height, device=device))[:, None, :, None]
+        cols = (dx + torch.arange(width, device=device))[:, None, None, :]
+        batch = torch.arange(n, device=device)[:, None, None, None]
+        channel = torch.arange(channels, device=device)[None, :, None, None]
+        images = padded[batch, channel, rows, cols]
+    flip = torch.rand(n, device=device, generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], images.flip(3), images)
+
+
+def _uniform(n, low, high, like, generator):
+    return low + (high - low) * torch.rand(n, device=like.device, generator=generator)
+
+
+def rotate(images, degrees, generator):
+    angle = _uniform(len(images), -math.radians(degrees), math.radians(degrees), images, generator)
+    cos, sin, zero = angle.cos(), angle.sin(), torch.zeros_like(angle)
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, padding_mode="zeros", align_corners=False)
+
+
+def color_jitter(images, strength, generator):
+    """Brightness, contrast and saturation, each with its own factor per image (float in [0, 1])."""
+    n = len(images)
+
+    def factor():
+        return _uniform(n, 1 - strength, 1 + strength, images, generator)[:, None, None, None]
+
+    gray_weights = torch.tensor([0.299, 0.587, 0.114], device=images.device)[None, :, None, None]
+    images = images * factor()
+    mean = (images * gray_weights).sum(1, keepdim=True).mean((2, 3), keepdim=True)
+    images = (images - mean) * factor() + mean
+    gray = (images * gray_weights).sum(1, keepdim=True)
+    images = (images - gray) * factor() + gray
+    return images.clamp(0, 1)
+
+
+def random_erase(images, probability, generator):
+    """Zero one random rectangle per image with the given probability (torchvision's defaults)."""
+    n, _, height, width = images.shape
+    area = _uniform(n, *ERASE_AREA, images, generator) * height * width
+    log_ratio = _uniform(n, math.log(ERASE_RATIO[0]), math.log(ERASE_RATIO[1]), images, generator)
+    h = (area * log_ratio.exp()).sqrt().round().clamp(1, height)
+    w = (area / log_ratio.exp()).sqrt().round().clamp(1, width)
+    top = (torch.rand(n, device=images.device, generator=generator) * (height - h + 1)).floor()
+    left = (torch.rand(n, device=images.device, generator=generator) * (width - w + 1)).floor()
+    rows = torch.arange(height, device=images.device)[None, :, None]
+    cols = torch.arange(width, device=images.device)[None, None, :]
+    inside = (rows >= top[:, None, None]) & (rows < (top + h)[:, None, None])
+    inside &= (cols >= left[:, None, None]) & (cols < (left + w)[:, None, None])
+    erase = torch.rand(n, device=images.device, generator=generator) < probability
+    return images.masked_fill((inside & erase[:, None, None])[:, None], 0)
+
+
+def targeted_augment(images, generator):
+    """The seed write-up's augmentation for hard classes: rotation, colour jitter, erasing."""
+    images = rotate(images, ROTATION_DEGREES, generator)
+    images = color_jitter(images, JITTER, generator)
+    return random_erase(images, ERASE_PROBABILITY, generator)
+
+
+def augment(images, labels, generator, padding=4, targeted_labels=None):
+    """uint8 batch -> float batch in [0, 1]: crop and flip for all; the targeted augmentation for
+    samples whose label is in targeted_labels (a tensor of class indices)."""
+    images = random_crop_flip(images, padding, generator).float().div_(255)
+    if targeted_labels is not None and len(targeted_labels):
+        chosen = torch.isin(labels, targeted_labels)
+        # Augment the whole batch and keep the chosen rows: fixed shapes, no host sync.
+        images = torch.where(chosen[:, None, None, None], targeted_augment(images, generator), images)
+    return images
+
+
+def normalize(images, mean, std):
+    """uint8 or [0, 1] float batch -> normalised float batch in channels_last memory format."""
+    if images.dtype == torch.uint8:
+        images = images.float().div_(255)
+    mean = torch.tensor(mean, device=images.device)[None, :, None, None]
+    std = torch.tensor(std, device=images.device)[None, :, None, None]
+    return ((images - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
+def group_of_classes(classes):
+    """{group: [class indices]} when GROUPS names every class exactly once, else None."""
+    index = {name: i for i, name in enumerate(classes)}
+    groups = {group: [index[c] for c in members if c in index] for group, members in GROUPS.items()}
+    covered = sorted(i for members in groups.values() for i in members)
+    return groups if covered == list(range(len(classes))) else None

@@ -1,0 +1,125 @@
+"""Model: torchvision's ResNet18 with a new last layer for our classes, and its checkpoint format.
+
+A checkpoint is a safetensors file holding the plain torchvision state dict (no wrapper prefix)
+and string metadata that says what it holds: enough to rebuild the model with nothing else.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torchvision
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+ARCH = "resnet18"
+FEATURES = 512  # width of ResNet18's pooled features, the input of the last layer
+
+
+def build_model(num_classes, stem="cifar", weights="imagenet"):
+    """ResNet18 with a fresh num_classes head.
+
+    weights: 'imagenet' (torchvision's weights API, downloaded once), 'none', or a local state
+    dict file (.pth or .safetensors, torchvision key names; its 1000-class head is ignored).
+    stem: 'imagenet' keeps torchvision's stem, which shrinks 32x32 inputs to 8x8 before the first
+    residual block; 'cifar' makes the first convolution stride 1 and drops the max-pool, keeping
+    the pretrained weights, so the blocks see 32x32 (16x the compute, much better accuracy)."""
+    model = torchvision.models.resnet18()
+    if weights == "imagenet":
+        model.load_state_dict(imagenet_state_dict())
+    elif weights != "none":
+        load_backbone(model, weights)
+    model.fc = torch.nn.Linear(FEATURES, num_classes)
+    if stem == "cifar":
+        model.conv1.stride = (1, 1)
+        model.maxpool = torch.nn.Identity()
+    return model
+
+
+def imagenet_state_dict():
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    try:
+        return weights.get_state_dict(progress=False)
+    except Exception as error:
+        sys.exit(
+            f"error: could not download the ImageNet ResNet18 weights ({error}). Offline, pass "
+            f"--weights PATH (a saved torchvision resnet18 state dict) or --weights none."
+        )
+
+
+def read_state_dict(path):
+    path = Path(path)
+    if not path.is_file():
+        sys.exit(f"error: weights file {path} not found; pass an existing file, or --weights none")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        sys.exit(f"error: could not read weights {path} ({error}); expected a .pth or .safetensors state dict")
+
+
+def first_mismatch(expected, found):
+    """Describe the first key that is missing, extra or of another shape, or return None."""
+    for key, tensor in expected.items():
+        if key not in found:
+            return f"missing key {key!r}"
+        if tuple(found[key].shape) != tuple(tensor.shape):
+            return f"{key!r} has shape {tuple(found[key].shape)}, expected {tuple(tensor.shape)}"
+    extra = [key for key in found if key not in expected]
+    return f"unexpected key {extra[0]!r}" if extra else None
+
+
+def load_backbone(model, path):
+    """Load a torchvision ResNet18 state dict into model, all but the last layer."""
+    state = read_state_dict(path)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        sys.exit(f"error: {path} holds no state dict; save one with torch.save(model.state_dict(), path)")
+    state = {key.removeprefix("module."): value for key, value in state.items()}
+    backbone = {key: value for key, value in model.state_dict().items() if not key.startswith("fc.")}
+    problem = first_mismatch(backbone, {k: v for k, v in state.items() if not k.startswith("fc.")})
+    if problem:
+        sys.exit(f"error: {path} is not a torchvision ResNet18 state dict: {problem}")
+    model.load_state_dict(state | {k: v for k, v in model.state_dict().items() if k.startswith("fc.")})
+
+
+def save_checkpoint(model, path, metadata):
+    """Write model's state dict and metadata atomically: a crash leaves the old file intact."""
+    state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+    text = {key: value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items()}
+    temporary = Path(f"{path}.tmp")
+    save_file(state, temporary, metadata=text)
+    os.replace(temporary, path)
+
+
+def decode_metadata(text):
+    def decode(value):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value  # plain strings are stored as they are
+
+    return {key: decode(value) for key, value in text.items()}
+
+
+def load_checkpoint(path):
+    """Rebuild the model from a checkpoint written by train.py; return (model, metadata)."""
+    path = Path(path)
+    if not path.is_file():
+        sys.exit(f"error: checkpoint {path} not found; pass the best.safetensors or last.safetensors of a run")
+    try:
+        with safe_open(path, framework="pt") as file:
+            metadata = decode_metadata(file.metadata() or {})
+            state = {key: file.get_tensor(key) for key in file.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        sys.exit(f"error: {path} is not a readable safetensors file ({error}); is it truncated or of another format?")
+    if metadata.get("arch") != ARCH:
+        sys.exit(f"error: {path} was not written by train.py (its metadata has no arch={ARCH}); pass a run's best.safetensors")
+    model = build_model(len(metadata["classes"]), metadata["stem"], weights="none")
+    problem = first_mismatch(model.state_dict(), state)
+    if problem:
+        sys.exit(f"error: {path} does not fit a {metadata['stem']}-stem ResNet18 for {len(metadata['classes'])} classes: {problem}")
+    model.load_state_dict(state)
+    return model, metadata

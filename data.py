@@ -212,8 +212,8 @@ def random_erase(images, probability, generator):
     left = (torch.rand(n, device=images.device, generator=generator) * (width - w + 1)).floor()
     rows = torch.arange(height, device=images.device)[None, :, None]
     cols = torch.arange(width, device=images.device)[None, None, :]
-    inside = (rows >= top[:, None, None]) & (rows < (top + h)[:, None, None])
-    inside &= (cols >= left[:, None, None]) & (cols < (left + w)[:, None, None])
+    inside_rows = (rows >= top[:, None, None]) & (rows < (top + h)[:, None, None])
+    inside = inside_rows & (cols >= left[:, None, None]) & (cols < (left + w)[:, None, None])
     erase = torch.rand(n, device=images.device, generator=generator) < probability
     return images.masked_fill((inside & erase[:, None, None])[:, None], 0)
 

@@ -147,7 +147,10 @@ def print_report(results, classes):
             f"{name:<{width}}  {results['per_class'][name]:8.2%}  {results['per_class_precision'][name]:9.2%}"
             f"  {results['per_class_recall'][name]:6.2%}  {results['per_class_f1'][name]:6.2%}  {marks.get(i, '')}"
         )
-    macro = {key: sum(results[key].values()) / len(classes) for key in ("per_class_precision", "per_class_recall", "per_class_f1")}
+    macro = {
+        key: sum(results[key].values()) / len(classes)
+        for key in ("per_class_precision", "per_class_recall", "per_class_f1")
+    }
     print(
         f"{'macro':<{width}}  {'':8}  {macro['per_class_precision']:9.2%}  {macro['per_class_recall']:6.2%}"
         f"  {macro['per_class_f1']:6.2%}"
@@ -166,7 +169,8 @@ def print_report(results, classes):
             f"validation loss rose {o['val_loss_increase_pct']:.1f}% from there to the last epoch\n"
             f"train-val accuracy gap: {o['train_val_acc_gap_best']:.2f} points at the best epoch, "
             f"{o['train_val_acc_gap_last']:.2f} at the last\n"
-            f"val/train loss ratio: {o['loss_ratio_best']:.2f} at the best epoch, {o['loss_ratio_last']:.2f} at the last"
+            f"val/train loss ratio: {o['loss_ratio_best']:.2f} at the best epoch, "
+            f"{o['loss_ratio_last']:.2f} at the last"
         )
 
 
@@ -194,7 +198,7 @@ def plot_confusion(confusion, classes, path):
     normalised = confusion.double() / confusion.sum(1, keepdim=True).clamp(min=1)
     size = max(6, 0.6 * len(classes) + 2)
     figure, axis = plt.subplots(figsize=(size + 1, size))
-    image = axis.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
+    image = axis.imshow(normalised.numpy(), cmap="Blues", vmin=0, vmax=1)
     axis.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
     axis.set_yticks(range(len(classes)), classes)
     axis.set(xlabel="predicted", ylabel="true", title="confusion matrix (each row sums to 1)")
@@ -202,7 +206,15 @@ def plot_confusion(confusion, classes, path):
         for i in range(len(classes)):
             for j in range(len(classes)):
                 value = normalised[i, j].item()
-                axis.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8, color="white" if value > 0.5 else "black")
+                axis.text(
+                    j,
+                    i,
+                    f"{value:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if value > 0.5 else "black",
+                )
     figure.colorbar(image, ax=axis, fraction=0.046)
     figure.tight_layout()
     figure.savefig(path, dpi=120)

@@ -69,7 +69,9 @@ RUN_FILES = ("history.json", "best.safetensors", "last.safetensors", "state", "s
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default="./data", help="CIFAR-10 location, or a folder with train/<class>/ images")
+    parser.add_argument(
+        "--data-dir", default="./data", help="CIFAR-10 location, or a folder with train/<class>/ images"
+    )
     parser.add_argument("--output-dir", help="default: runs/<timestamp>")
     parser.add_argument("--recipe", choices=["default", "seed"], default="default")
     parser.add_argument("--weights", default="imagenet", help="imagenet, none, or a local ResNet18 state dict")
@@ -150,7 +152,10 @@ def prepare_output_dir(args, accelerator):
     if args.resume and not latest_state(out):
         sys.exit(f"error: nothing to resume in {out}; start a new run without --resume")
     if has_run and not (args.resume or args.overwrite):
-        sys.exit(f"error: {out} already holds a run; pass --resume to continue it, --overwrite to replace it, or another --output-dir")
+        sys.exit(
+            f"error: {out} already holds a run; pass --resume to continue it, --overwrite to replace it, "
+            f"or another --output-dir"
+        )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if args.overwrite and not args.resume:
@@ -219,7 +224,9 @@ def train_epoch(epoch, model, loader, optimizer, scheduler, criterion, accelerat
     """One pass over the training split. Returns (loss, accuracy) or None when stopped early."""
     model.train()
     # Augmentation randomness depends only on (seed, epoch, process), so a resumed epoch replays exactly.
-    generator = torch.Generator(accelerator.device).manual_seed(args.seed * 100_000 + epoch * 100 + accelerator.process_index)
+    generator = torch.Generator(accelerator.device).manual_seed(
+        args.seed * 100_000 + epoch * 100 + accelerator.process_index
+    )
     total_loss = torch.zeros((), device=accelerator.device)
     correct = torch.zeros((), dtype=torch.long, device=accelerator.device)
     seen = 0
@@ -238,7 +245,10 @@ def train_epoch(epoch, model, loader, optimizer, scheduler, criterion, accelerat
         seen += len(labels)
         if step % LOG_EVERY == 0 or step == len(loader):
             if not math.isfinite(loss.item()):
-                sys.exit(f"error: the loss is {loss.item()} at epoch {epoch}, step {step}; lower --lr. The last checkpoint is untouched.")
+                sys.exit(
+                    f"error: the loss is {loss.item()} at epoch {epoch}, step {step}; lower --lr. "
+                    f"The last checkpoint is untouched."
+                )
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.4g}")
         if stop.requested and accelerator.check_trigger():
             return None
@@ -293,7 +303,9 @@ def main(argv=None):
     if state_dir:  # the run's own settings, except a new --epochs to extend it
         progress = json.loads((state_dir / "progress.json").read_text())
         epochs = args.epochs if "--epochs" in (argv or sys.argv) else None
-        args = argparse.Namespace(**progress["config"] | {"resume": True, "epochs": epochs or progress["config"]["epochs"]})
+        args = argparse.Namespace(
+            **progress["config"] | {"resume": True, "epochs": epochs or progress["config"]["epochs"]}
+        )
         args.mean, args.std = tuple(args.mean), tuple(args.std)
     set_seed(args.seed)
     accelerator.print(
@@ -307,7 +319,9 @@ def main(argv=None):
     images, labels = images.to(accelerator.device), labels.to(accelerator.device)
     train_loader = data.make_loader(images[train_idx], labels[train_idx], args.batch_size, shuffle=True)
     val_loader = data.make_loader(images[val_idx], labels[val_idx], 1024, shuffle=False)
-    accelerator.print(f"data: {len(train_idx)} train / {len(val_idx)} val images, {len(classes)} classes, from {args.data_dir}")
+    accelerator.print(
+        f"data: {len(train_idx)} train / {len(val_idx)} val images, {len(classes)} classes, from {args.data_dir}"
+    )
 
     model = build_model(len(classes), args.stem, args.weights).to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(
@@ -345,10 +359,16 @@ def main(argv=None):
                 f"  accelerate launch train.py --output-dir {out} --resume"
             )
             sys.exit(130)
-        val_loss, val_acc, _ = validate(model, val_loader, accelerator, args)
+        val_loss, val_acc, val_samples = validate(model, val_loader, accelerator, args)
         record = dict(
-            epoch=epoch, train_loss=result[0], train_acc=result[1], val_loss=val_loss, val_acc=val_acc,
-            lr=scheduler.get_last_lr()[0], seconds=round(seconds, 2),
+            epoch=epoch,
+            train_loss=result[0],
+            train_acc=result[1],
+            val_loss=val_loss,
+            val_acc=val_acc,
+            lr=scheduler.get_last_lr()[0],
+            seconds=round(seconds, 2),
+            val_samples=val_samples,
         )
         history.append(record)
         improved = val_loss < best_val_loss

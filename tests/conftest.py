@@ -1,0 +1,116 @@
+"""Small, self-made data for the tests: an image folder, a fake CIFAR-10 in torchvision's on-disk
+format, and a local ResNet18 weights file. Nothing is downloaded and ../shared is never read."""
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+# The tests' models are tiny: one thread each keeps them fast, also beside other work on the machine
+# (two processes spinning two OpenMP threads each on two cores run many times slower).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def class_images(label, count, rng):
+    """32x32 RGB images whose colour depends on the class, plus noise: learnable, but not trivially."""
+    base = np.array([label * 25, 255 - label * 25, (label * 70) % 256], dtype=np.float32)
+    noise = rng.normal(0, 40, size=(count, 32, 32, 3))
+    return np.clip(base + noise, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+    """DIR/train/<class>/*.png (20 per class) and DIR/test/<class>/*.jpg (5 per class)."""
+    root = tmp_path_factory.mktemp("folder")
+    rng = np.random.default_rng(0)
+    for split, count, ext in (("train", 20, "png"), ("test", 5, "jpg")):
+        for label, name in enumerate(CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i, pixels in enumerate(class_images(label, count, rng)):
+                Image.fromarray(pixels).save(folder / f"{i:04d}.{ext}")
+    return root
+
+
+@pytest.fixture(scope="session")
+def fake_cifar(tmp_path_factory):
+    """A tiny CIFAR-10 in torchvision's python-pickle format (cifar-10-batches-py/)."""
+    root = tmp_path_factory.mktemp("cifar")
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+
+    def write(name, per_class):
+        labels = [label for label in range(10) for _ in range(per_class)]
+        pixels = np.concatenate([class_images(label, per_class, rng) for label in range(10)])
+        batch = {"data": pixels.transpose(0, 3, 1, 2).reshape(len(labels), -1), "labels": labels}
+        (folder / name).write_bytes(pickle.dumps(batch))
+
+    for i in range(1, 6):
+        write(f"data_batch_{i}", 2)
+    write("test_batch", 3)
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": CLASSES}))
+    return root
+
+
+@pytest.fixture
+def trust_fake_cifar(monkeypatch):
+    """torchvision checks CIFAR-10's files against the real MD5 sums; accept the fake ones."""
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda path, md5=None: True)
+
+
+@pytest.fixture(scope="session")
+def weights_file(tmp_path_factory):
+    """A local ResNet18 state dict with torchvision's key names and a 1000-class head."""
+    path = tmp_path_factory.mktemp("weights") / "resnet18.pth"
+    torch.manual_seed(123)
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    return path
+
+
+def quick_args(data_dir, out, *extra):
+    """Flags for a run that takes seconds: tiny model input, few steps."""
+    return [
+        "--data-dir",
+        str(data_dir),
+        "--output-dir",
+        str(out),
+        "--weights",
+        "none",
+        "--stem",
+        "imagenet",
+        "--batch-size",
+        "16",
+        "--epochs",
+        "2",
+        *map(str, extra),
+    ]
+
+
+def run_script(*args, env=None, timeout=300):
+    """Run a command in the repository root, as a user would; return the CompletedProcess."""
+    environment = os.environ | {"PYTHONUNBUFFERED": "1"} | (env or {})
+    return subprocess.run(args, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def trained_run(image_folder, tmp_path_factory):
+    """One finished 2-epoch run on the image folder, shared by the evaluation tests."""
+    import train
+
+    out = tmp_path_factory.mktemp("run") / "run"
+    train.main(quick_args(image_folder, out))
+    return out

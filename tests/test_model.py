@@ -1,0 +1,60 @@
+import pytest
+import torch
+import torchvision
+from safetensors.torch import load_file, save_file
+
+from model import build_model, load_checkpoint, save_checkpoint
+
+
+def test_head_swap_keeps_the_file_backbone_and_adds_a_new_head(weights_file):
+    source = torch.load(weights_file, weights_only=True)
+    model = build_model(10, stem="imagenet", weights=str(weights_file))
+    state = model.state_dict()
+    for key, value in source.items():
+        if not key.startswith("fc."):
+            assert torch.equal(state[key], value), key
+    assert state["fc.weight"].shape == (10, 512)
+
+
+def test_cifar_stem_keeps_pretrained_conv_at_stride_one(weights_file):
+    model = build_model(10, stem="cifar", weights=str(weights_file))
+    assert model.conv1.stride == (1, 1)
+    assert isinstance(model.maxpool, torch.nn.Identity)
+    assert torch.equal(model.conv1.weight, torch.load(weights_file, weights_only=True)["conv1.weight"])
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_safetensors_weights_are_accepted(weights_file, tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_file(torch.load(weights_file, weights_only=True), path)
+    model = build_model(10, weights=str(path))
+    assert torch.equal(model.layer4[1].bn2.weight, load_file(path)["layer4.1.bn2.weight"])
+
+
+@pytest.mark.parametrize("content, message", [(None, "not found"), (b"garbage", "could not read")])
+def test_bad_weights_file_is_a_clear_error(tmp_path, content, message):
+    path = tmp_path / "w.pth"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(SystemExit, match=message):
+        build_model(10, weights=str(path))
+
+
+def test_weights_of_another_model_name_the_first_mismatch(tmp_path):
+    path = tmp_path / "resnet34.pth"
+    torch.save(torchvision.models.resnet34().state_dict(), path)
+    with pytest.raises(SystemExit, match="not a torchvision ResNet18 state dict: unexpected key"):
+        build_model(10, weights=str(path))
+
+
+def test_checkpoint_round_trip_and_plain_torchvision_loading(tmp_path):
+    model = build_model(10, stem="imagenet", weights="none")
+    metadata = {"arch": "resnet18", "stem": "imagenet", "classes": list("abcdefghij"), "epoch": 3, "val_acc": 0.5}
+    path = tmp_path / "ckpt.safetensors"
+    save_checkpoint(model.to(memory_format=torch.channels_last), path, metadata)
+    loaded, read = load_checkpoint(path)
+    assert read == metadata
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    plain = torchvision.models.resnet18(num_classes=10)
+    plain.load_state_dict(load_file(path))  # no wrapper prefix, torchvision's key names
+    assert not list(tmp_path.glob("*.tmp"))

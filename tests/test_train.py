@@ -1,0 +1,147 @@
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, quick_args, run_script
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import train
+
+HISTORY_KEYS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"}
+
+
+def test_run_writes_checkpoints_and_history(trained_run):
+    history = json.loads((trained_run / "history.json").read_text())
+    assert [r["epoch"] for r in history] == [1, 2]
+    assert all(HISTORY_KEYS <= r.keys() for r in history)
+    assert all(r["val_samples"] == 40 for r in history)  # 20% of 200 images, each counted once
+    with safe_open(trained_run / "last.safetensors", "pt") as f:
+        meta = f.metadata()
+    for key in (
+        "arch",
+        "stem",
+        "classes",
+        "mean",
+        "std",
+        "image_size",
+        "seed",
+        "val_fraction",
+        "epoch",
+        "val_loss",
+        "val_acc",
+        "num_processes",
+    ):
+        assert key in meta, key
+    assert json.loads(meta["epoch"]) == 2 and json.loads(meta["num_processes"]) == 1
+    assert (trained_run / "best.safetensors").is_file()
+
+
+def test_seed_recipe_takes_the_write_up_settings_and_explicit_flags_win():
+    args = train.parse_args(["--recipe", "seed", "--epochs", "2"])
+    assert (args.lr, args.momentum, args.batch_size, args.weight_decay) == (1e-3, 0.9, 128, 0.0)
+    assert (args.schedule, args.stem, args.mean, args.epochs) == ("constant", "imagenet", (0.5, 0.5, 0.5), 2)
+    assert train.parse_args([]).lr == train.DEFAULT_RECIPE["lr"]
+    assert train.parse_args(["--weights", "none"]).lr == train.SCRATCH_LR
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    factors = [train.lr_factor(step, 100, 10, "cosine") for step in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[10] == pytest.approx(1.0) and factors[-1] < 0.001
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    assert train.lr_factor(50, 100, 0, "constant") == 1.0
+
+
+def test_an_existing_run_is_not_overwritten_by_accident(trained_run):
+    before = (trained_run / "best.safetensors").read_bytes()
+    with pytest.raises(SystemExit, match="already holds a run"):
+        train.main(quick_args(trained_run.parent.parent, trained_run))
+    assert (trained_run / "best.safetensors").read_bytes() == before
+
+
+def test_resume_extends_a_run_and_keeps_finished_epochs(image_folder, tmp_path):
+    out = tmp_path / "run"
+    train.main(quick_args(image_folder, out))
+    first = json.loads((out / "history.json").read_text())
+    train.main(["--output-dir", str(out), "--resume", "--epochs", "3"])
+    history = json.loads((out / "history.json").read_text())
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+    assert history[:2] == first
+
+
+def test_overwrite_replaces_the_run(image_folder, tmp_path):
+    out = tmp_path / "run"
+    train.main(quick_args(image_folder, out, "--epochs", "1"))
+    train.main(quick_args(image_folder, out, "--epochs", "1", "--overwrite"))
+    assert len(json.loads((out / "history.json").read_text())) == 1
+
+
+def test_sigterm_then_resume_matches_an_uninterrupted_run(image_folder, tmp_path):
+    """A 4-epoch run stopped by SIGTERM after epoch 2 and resumed equals the uninterrupted run."""
+    flags = ["--batch-size", "4", "--epochs", "4", "--max-train-samples", "120"]
+    whole = tmp_path / "whole"
+    train.main(quick_args(image_folder, whole, *flags))
+
+    stopped = tmp_path / "stopped"
+    command = [sys.executable, "train.py", *quick_args(image_folder, stopped, *flags)]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    history = stopped / "history.json"
+    while process.poll() is None and not (history.exists() and len(json.loads(history.read_text())) >= 2):
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 130, output
+    assert "--resume" in output
+    assert len(json.loads(history.read_text())) < 4
+
+    train.main(["--output-dir", str(stopped), "--resume"])
+    expected = json.loads((whole / "history.json").read_text())
+    resumed = json.loads(history.read_text())
+    for a, b in zip(expected, resumed, strict=True):
+        assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+    weights_whole, weights_resumed = load_file(whole / "last.safetensors"), load_file(stopped / "last.safetensors")
+    assert all(torch.equal(weights_whole[k], weights_resumed[k]) for k in weights_whole)
+
+
+def test_two_cpu_processes_train_data_parallel(image_folder, tmp_path):
+    """accelerate launch --multi_gpu on a CPU-only machine: one run of 2 processes, not 2 runs."""
+    out = tmp_path / "ddp"
+    result = run_script(
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "train.py",
+        *quick_args(image_folder, out, "--epochs", "1"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es) (MULTI_CPU)" in result.stdout
+    assert result.stdout.count("best: epoch") == 1  # only the main process reports and writes
+    history = json.loads((out / "history.json").read_text())
+    assert history[0]["val_samples"] == 40  # every validation image exactly once across processes
+    with safe_open(out / "best.safetensors", "pt") as f:
+        assert json.loads(f.metadata()["num_processes"]) == 2
+    # what training measured is what evaluate.py measures on the saved checkpoint
+    evaluated = run_script(
+        sys.executable,
+        "evaluate.py",
+        str(out / "best.safetensors"),
+        "--data-dir",
+        str(image_folder),
+        "--split",
+        "val",
+        "--json",
+        str(tmp_path / "r.json"),
+        "--no-plots",
+    )
+    assert evaluated.returncode == 0, evaluated.stderr
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["accuracy"] == pytest.approx(history[0]["val_acc"], abs=1e-9)
+    assert results["loss"] == pytest.approx(history[0]["val_loss"], rel=1e-4)

@@ -245,6 +245,19 @@ def normalize(images, mean, std):
     return ((images - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
+def class_indices(spec, classes):
+    """Class indices named by spec: 'none', 'all', a group of GROUPS, or comma-separated names."""
+    if spec == "none":
+        return []
+    if spec == "all":
+        return list(range(len(classes)))
+    names = GROUPS.get(spec, spec.split(","))
+    unknown = [name for name in names if name not in classes]
+    if unknown:
+        sys.exit(f"error: unknown class {unknown[0]!r}; use all, none, {', '.join(GROUPS)} or names from {classes}")
+    return [classes.index(name) for name in names]
+
+
 def group_of_classes(classes):
     """{group: [class indices]} when GROUPS names every class exactly once, else None."""
     index = {name: i for i, name in enumerate(classes)}

@@ -96,6 +96,19 @@ def group_accuracies(recall, classes):
     return result
 
 
+def stage1_accuracy(logits, labels, classes):
+    """How often the predicted group (vehicles or animals) is right: the first stage of --two-stage,
+    and for any model the probability mass summed within each group."""
+    groups = data.group_of_classes(classes)
+    if groups is None:
+        return None
+    group_of = torch.empty(len(classes), dtype=torch.long)
+    for index, members in enumerate(groups.values()):
+        group_of[members] = index
+    group_probs = torch.zeros(len(logits), len(groups)).index_add_(1, group_of, logits.softmax(1))
+    return (group_probs.argmax(1) == group_of[labels]).double().mean().item()
+
+
 def top_confusions(confusion, classes, k=TOP_CONFUSIONS):
     off_diagonal = confusion.clone().fill_diagonal_(0)
     counts, flat = off_diagonal.flatten().topk(min(k, off_diagonal.numel()))
@@ -158,6 +171,7 @@ def print_report(results, classes):
     if results["groups"]:
         g = results["groups"]
         print(f"\nvehicles {g['vehicles']:.2%}   animals {g['animals']:.2%}   gap {100 * g['gap']:.2f} points")
+        print(f"stage 1 (vehicles or animals) accuracy {results['stage1_accuracy']:.2%}")
     if results["top_confusions"]:
         print("\nmost confused (true -> predicted):")
         for c in results["top_confusions"]:
@@ -261,6 +275,7 @@ def main(argv=None):
         "per_class_f1": dict(zip(classes, f1.tolist())),
         "confusion": confusion.tolist(),
         "groups": group_accuracies(recall, classes),
+        "stage1_accuracy": stage1_accuracy(logits, labels, classes),
         "top_confusions": top_confusions(confusion, classes),
         "overfitting": overfitting(history),
         "tta": args.tta,

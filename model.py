@@ -5,6 +5,7 @@ and string metadata that says what it holds: enough to rebuild the model with no
 """
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -18,8 +19,31 @@ ARCH = "resnet18"
 FEATURES = 512  # width of ResNet18's pooled features, the input of the last layer
 
 
-def build_model(num_classes, stem="cifar", weights="imagenet"):
-    """ResNet18 with a fresh num_classes head.
+class TwoStageHead(torch.nn.Module):
+    """Stage 1 picks a group (animals or vehicles), stage 2 a class within it, trained jointly.
+
+    Returns log p(class) = log p(group) + log p(class | group): the usual cross-entropy trains both
+    stages, and the argmax predicts through the hierarchy."""
+
+    def __init__(self, groups, num_classes):
+        super().__init__()
+        self.group = torch.nn.Linear(FEATURES, len(groups))
+        self.classes = torch.nn.Linear(FEATURES, num_classes)
+        group_of = torch.empty(num_classes, dtype=torch.long)
+        for index, members in enumerate(groups):
+            group_of[members] = index
+        self.register_buffer("group_of", group_of, persistent=False)  # rebuilt from metadata, not saved
+
+    def forward(self, features):
+        logits = self.classes(features)
+        same_group = self.group_of[:, None] == self.group_of[None, :]
+        within = logits - logits[:, None, :].masked_fill(~same_group, -math.inf).logsumexp(2)
+        return self.group(features).log_softmax(1)[:, self.group_of] + within
+
+
+def build_model(num_classes, stem="cifar", weights="imagenet", groups=None):
+    """ResNet18 with a fresh num_classes head (a TwoStageHead when groups, lists of class indices,
+    are given).
 
     weights: 'imagenet' (torchvision's weights API, downloaded once), 'none', or a local state
     dict file (.pth or .safetensors, torchvision key names; its 1000-class head is ignored).
@@ -33,7 +57,7 @@ def build_model(num_classes, stem="cifar", weights="imagenet"):
         model.load_state_dict(imagenet_state_dict())
     elif weights != "none":
         load_backbone(model, weights)
-    model.fc = torch.nn.Linear(FEATURES, num_classes)
+    model.fc = TwoStageHead(groups, num_classes) if groups else torch.nn.Linear(FEATURES, num_classes)
     if stem == "cifar":
         model.conv1.stride = (1, 1)
         model.maxpool = torch.nn.Identity()
@@ -122,7 +146,7 @@ def load_checkpoint(path):
             f"error: {path} was not written by train.py (its metadata has no arch={ARCH}); "
             f"pass a run's best.safetensors"
         )
-    model = build_model(len(metadata["classes"]), metadata["stem"], weights="none")
+    model = build_model(len(metadata["classes"]), metadata["stem"], "none", metadata.get("groups"))
     problem = first_mismatch(model.state_dict(), state)
     if problem:
         sys.exit(

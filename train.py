@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
+from safetensors import safe_open
 from tqdm.auto import tqdm
 
 import data
@@ -79,6 +80,18 @@ def parse_args(argv=None):
     parser.add_argument("--val-fraction", type=float, default=0.2)
     parser.add_argument("--max-train-samples", type=int, help="train on a stratified subset of about N images")
     parser.add_argument("--patience", type=int, help="stop after N epochs without a new lowest validation loss")
+    parser.add_argument(
+        "--targeted-augment",
+        default="none",
+        help="rotation, colour jitter and erasing for: none, all, animals, vehicles or class names",
+    )
+    parser.add_argument(
+        "--class-weights",
+        default="none",
+        help="none; auto (inverse class frequency); a previous run's history.json or checkpoint "
+        "(weights follow its per-class validation error); or w0,w1,...",
+    )
+    parser.add_argument("--two-stage", action="store_true", help="animals-vs-vehicles head, then a head per group")
     parser.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
     parser.add_argument("--overwrite", action="store_true", help="replace the run in --output-dir")
     # Recipe settings: None means "take it from --recipe".
@@ -94,15 +107,25 @@ def parse_args(argv=None):
     parser.add_argument("--stem", choices=["cifar", "imagenet"])
     parser.add_argument("--crop-padding", type=int)
     args = parser.parse_args(argv)
+    if not 0 < args.val_fraction < 1:
+        parser.error("--val-fraction must be between 0 and 1")
+    if args.resume:
+        return args  # the run's saved settings apply; see resumed_settings
     recipe = SEED_RECIPE if args.recipe == "seed" else DEFAULT_RECIPE
     if args.recipe == "default" and args.weights == "none" and args.lr is None:
         args.lr = SCRATCH_LR
     for key, value in recipe.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    if not 0 < args.val_fraction < 1:
-        parser.error("--val-fraction must be between 0 and 1")
     return args
+
+
+def resumed_settings(args, progress):
+    """A resumed run keeps its own settings; only a new --epochs (to extend it) is taken."""
+    config = progress["config"] | {"resume": True, "output_dir": args.output_dir}
+    if args.epochs is not None:
+        config["epochs"] = args.epochs
+    return argparse.Namespace(**config | {"mean": tuple(config["mean"]), "std": tuple(config["std"])})
 
 
 def use_all_cores(accelerator):
@@ -143,7 +166,36 @@ def parameter_groups(model, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def prepare_output_dir(args, accelerator):
+def class_weights(spec, train_labels, num_classes):
+    """Cross-entropy weight per class, scaled to mean 1 (see --class-weights), or None."""
+    if spec == "none":
+        return None
+    if spec == "auto":
+        weights = 1 / torch.bincount(train_labels, minlength=num_classes).clamp(min=1).double()
+    elif Path(spec).is_file():
+        weights = 1 - torch.tensor(per_class_accuracy_of_run(Path(spec)), dtype=torch.double)
+    else:
+        try:
+            weights = torch.tensor([float(w) for w in spec.split(",")], dtype=torch.double)
+        except ValueError:
+            sys.exit(f"error: --class-weights {spec!r} is not none, auto, a file or a list of numbers")
+    if len(weights) != num_classes or not (weights >= 0).all() or weights.sum() <= 0:
+        sys.exit(f"error: --class-weights needs {num_classes} non-negative weights, got {weights.tolist()}")
+    return (weights * num_classes / weights.sum()).float()
+
+
+def per_class_accuracy_of_run(path):
+    """Per-class validation accuracy at a previous run's lowest validation loss."""
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(path, framework="pt") as file:
+                return json.loads(file.metadata()["val_per_class"])
+        return min(json.loads(path.read_text()), key=lambda r: r["val_loss"])["val_per_class"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        sys.exit(f"error: no per-class validation accuracy in {path} ({error}); pass a run's history.json")
+
+
+def choose_output_dir(args):
     """Pick the run's folder; refuse to touch a finished run unless told to resume or overwrite."""
     name = [args.output_dir or f"runs/{datetime.now():%Y-%m-%d_%H-%M-%S}"]
     broadcast_object_list(name)  # every process agrees on the timestamp
@@ -156,14 +208,21 @@ def prepare_output_dir(args, accelerator):
             f"error: {out} already holds a run; pass --resume to continue it, --overwrite to replace it, "
             f"or another --output-dir"
         )
+    return out
+
+
+def start_output_dir(out, args, accelerator):
+    """Create the folder (or clear it for --overwrite) once the inputs have proved good."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if args.overwrite and not args.resume:
-            for f in RUN_FILES:
-                shutil.rmtree(out / f, ignore_errors=True) if (out / f).is_dir() else (out / f).unlink(missing_ok=True)
+            for path in (out / name for name in RUN_FILES):
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    return out
 
 
 def latest_state(out):
@@ -202,25 +261,38 @@ def sync_batchnorm_statistics(model, accelerator):
 
 
 @torch.inference_mode()
-def validate(model, loader, accelerator, args):
-    """Return (mean loss, accuracy, number of samples) over the whole split, every sample once."""
+def validate(model, loader, accelerator, args, num_classes):
+    """Loss, accuracy and per-class accuracy over the whole split, every sample counted once."""
     model.eval()
     sync_batchnorm_statistics(model, accelerator)
     total_loss = torch.zeros((), device=accelerator.device)
-    correct = torch.zeros((), dtype=torch.long, device=accelerator.device)
-    count = 0
+    hits_per_class = torch.zeros(num_classes, device=accelerator.device)
+    samples_per_class = torch.zeros(num_classes, device=accelerator.device)
     for images, labels in loader:
         with accelerator.autocast():
             logits = model(data.normalize(images, args.mean, args.std))
         losses = F.cross_entropy(logits.float(), labels, reduction="none")
-        losses, hits = accelerator.gather_for_metrics((losses, logits.argmax(1) == labels))
+        losses, hits, labels = accelerator.gather_for_metrics((losses, logits.argmax(1) == labels, labels))
         total_loss += losses.sum()
-        correct += hits.sum()
-        count += len(losses)
-    return total_loss.item() / count, correct.item() / count, count
+        hits_per_class += torch.bincount(labels, weights=hits.float(), minlength=num_classes)
+        samples_per_class += torch.bincount(labels, minlength=num_classes)
+    count = samples_per_class.sum().item()
+    return dict(
+        val_loss=total_loss.item() / count,
+        val_acc=hits_per_class.sum().item() / count,
+        val_samples=int(count),
+        val_per_class=(hits_per_class / samples_per_class.clamp(min=1)).tolist(),
+    )
 
 
-def train_epoch(epoch, model, loader, optimizer, scheduler, criterion, accelerator, args, stop):
+def two_stage_groups(classes):
+    groups = data.group_of_classes(classes)
+    if groups is None:
+        sys.exit(f"error: --two-stage needs data.GROUPS to name each of {classes} once; edit GROUPS in data.py")
+    return list(groups.values())
+
+
+def train_epoch(epoch, model, loader, optimizer, scheduler, criterion, accelerator, args, stop, targeted):
     """One pass over the training split. Returns (loss, accuracy) or None when stopped early."""
     model.train()
     # Augmentation randomness depends only on (seed, epoch, process), so a resumed epoch replays exactly.
@@ -232,7 +304,8 @@ def train_epoch(epoch, model, loader, optimizer, scheduler, criterion, accelerat
     seen = 0
     bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, disable=not accelerator.is_local_main_process)
     for step, (images, labels) in enumerate(bar, 1):
-        inputs = data.normalize(data.augment(images, labels, generator, args.crop_padding), args.mean, args.std)
+        augmented = data.augment(images, labels, generator, args.crop_padding, targeted)
+        inputs = data.normalize(augmented, args.mean, args.std)
         with accelerator.autocast():
             logits = model(inputs)
             loss = criterion(logits, labels)
@@ -272,9 +345,10 @@ class StopRequest:
         self.accelerator.set_trigger()
 
 
-def checkpoint_metadata(args, classes, accelerator, record):
+def checkpoint_metadata(args, classes, groups, accelerator, record):
     return {
         "arch": ARCH,
+        "groups": groups,
         "stem": args.stem,
         "num_classes": len(classes),
         "classes": classes,
@@ -286,6 +360,7 @@ def checkpoint_metadata(args, classes, accelerator, record):
         "epoch": record["epoch"],
         "val_loss": record["val_loss"],
         "val_acc": record["val_acc"],
+        "val_per_class": record["val_per_class"],
         "num_processes": accelerator.num_processes,
         "config": vars(args),
     }
@@ -298,15 +373,11 @@ def main(argv=None):
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
     use_all_cores(accelerator)
-    out = prepare_output_dir(args, accelerator)
+    out = choose_output_dir(args)
     state_dir = latest_state(out) if args.resume else None
-    if state_dir:  # the run's own settings, except a new --epochs to extend it
+    if state_dir:
         progress = json.loads((state_dir / "progress.json").read_text())
-        epochs = args.epochs if "--epochs" in (argv or sys.argv) else None
-        args = argparse.Namespace(
-            **progress["config"] | {"resume": True, "epochs": epochs or progress["config"]["epochs"]}
-        )
-        args.mean, args.std = tuple(args.mean), tuple(args.std)
+        args = resumed_settings(args, progress)
     set_seed(args.seed)
     accelerator.print(
         f"{accelerator.num_processes} process(es) ({accelerator.distributed_type.value}) on {accelerator.device}, "
@@ -323,7 +394,9 @@ def main(argv=None):
         f"data: {len(train_idx)} train / {len(val_idx)} val images, {len(classes)} classes, from {args.data_dir}"
     )
 
-    model = build_model(len(classes), args.stem, args.weights).to(memory_format=torch.channels_last)
+    targeted = torch.tensor(data.class_indices(args.targeted_augment, classes), device=accelerator.device)
+    groups = two_stage_groups(classes) if args.two_stage else None
+    model = build_model(len(classes), args.stem, args.weights, groups).to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(
         parameter_groups(model, args.weight_decay), lr=args.lr, momentum=args.momentum, nesterov=args.nesterov
     )
@@ -333,10 +406,12 @@ def main(argv=None):
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total_steps, warmup_steps, args.schedule)
     )
-    criterion = torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    weights = class_weights(args.class_weights, labels[train_idx].cpu(), len(classes))
+    criterion = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=args.label_smoothing).to(accelerator.device)
     model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, val_loader, scheduler
     )
+    start_output_dir(out, args, accelerator)
     accelerator.print(
         f"recipe: {args.recipe}, {args.epochs} epochs, batch {args.batch_size} per process, lr {args.lr} "
         f"({args.schedule}, {args.warmup_epochs} warmup), weights {args.weights}, stem {args.stem}"
@@ -351,7 +426,9 @@ def main(argv=None):
     for epoch in range(len(history) + 1, args.epochs + 1):
         train_loader.set_epoch(epoch)
         started = time.perf_counter()
-        result = train_epoch(epoch, model, train_loader, optimizer, scheduler, criterion, accelerator, args, stop)
+        result = train_epoch(
+            epoch, model, train_loader, optimizer, scheduler, criterion, accelerator, args, stop, targeted
+        )
         seconds = time.perf_counter() - started
         if result is None:
             accelerator.print(
@@ -359,22 +436,19 @@ def main(argv=None):
                 f"  accelerate launch train.py --output-dir {out} --resume"
             )
             sys.exit(130)
-        val_loss, val_acc, val_samples = validate(model, val_loader, accelerator, args)
         record = dict(
             epoch=epoch,
             train_loss=result[0],
             train_acc=result[1],
-            val_loss=val_loss,
-            val_acc=val_acc,
+            **validate(model, val_loader, accelerator, args, len(classes)),
             lr=scheduler.get_last_lr()[0],
             seconds=round(seconds, 2),
-            val_samples=val_samples,
         )
         history.append(record)
-        improved = val_loss < best_val_loss
-        best_val_loss = min(best_val_loss, val_loss)
+        improved = record["val_loss"] < best_val_loss
+        best_val_loss = min(best_val_loss, record["val_loss"])
         if accelerator.is_main_process:
-            metadata = checkpoint_metadata(args, classes, accelerator, record)
+            metadata = checkpoint_metadata(args, classes, groups, accelerator, record)
             save_checkpoint(accelerator.unwrap_model(model), out / "last.safetensors", metadata)
             if improved:
                 save_checkpoint(accelerator.unwrap_model(model), out / "best.safetensors", metadata)
@@ -382,7 +456,7 @@ def main(argv=None):
         save_state(accelerator, out, dict(config=vars(args), history=history, best_val_loss=best_val_loss))
         accelerator.print(
             f"epoch {epoch:3d}/{args.epochs}  train loss {result[0]:.4f} acc {result[1]:6.2%}  "
-            f"val loss {val_loss:.4f} acc {val_acc:6.2%}  {seconds:6.1f}s "
+            f"val loss {record['val_loss']:.4f} acc {record['val_acc']:6.2%}  {seconds:6.1f}s "
             f"({len(train_idx) / seconds:.0f} img/s){'  *best' if improved else ''}"
         )
         best_epoch = min(history, key=lambda r: r["val_loss"])["epoch"]

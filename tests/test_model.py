@@ -58,3 +58,27 @@ def test_checkpoint_round_trip_and_plain_torchvision_loading(tmp_path):
     plain = torchvision.models.resnet18(num_classes=10)
     plain.load_state_dict(load_file(path))  # no wrapper prefix, torchvision's key names
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_two_stage_head_gives_log_probabilities_through_the_groups():
+    groups = [[0, 1, 8, 9], [2, 3, 4, 5, 6, 7]]
+    model = build_model(10, stem="imagenet", weights="none", groups=groups).eval()
+    with torch.no_grad():
+        log_probs = model(torch.randn(4, 3, 32, 32))
+        assert torch.allclose(log_probs.exp().sum(1), torch.ones(4), atol=1e-5)
+        features = torch.randn(4, 512)
+        stage1 = model.fc.group(features).softmax(1)
+        mass = model.fc(features).exp()
+        assert torch.allclose(mass[:, groups[0]].sum(1), stage1[:, 0], atol=1e-5)
+
+
+def test_two_stage_checkpoint_round_trip(tmp_path):
+    groups = [[0, 1, 8, 9], [2, 3, 4, 5, 6, 7]]
+    model = build_model(10, stem="imagenet", weights="none", groups=groups)
+    path = tmp_path / "two.safetensors"
+    save_checkpoint(
+        model, path, {"arch": "resnet18", "stem": "imagenet", "classes": list("abcdefghij"), "groups": groups}
+    )
+    loaded, _ = load_checkpoint(path)
+    assert torch.equal(loaded.fc.group_of, model.fc.group_of)
+    assert torch.equal(loaded.fc.group.weight, model.fc.group.weight)

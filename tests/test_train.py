@@ -145,3 +145,70 @@ def test_two_cpu_processes_train_data_parallel(image_folder, tmp_path):
     results = json.loads((tmp_path / "r.json").read_text())
     assert results["accuracy"] == pytest.approx(history[0]["val_acc"], abs=1e-9)
     assert results["loss"] == pytest.approx(history[0]["val_loss"], rel=1e-4)
+    # a checkpoint written by 2 processes resumes in 1
+    train.main(["--output-dir", str(out), "--resume", "--epochs", "2"])
+    assert [r["epoch"] for r in json.loads((out / "history.json").read_text())] == [1, 2]
+
+
+def test_a_non_finite_loss_stops_the_run_with_a_message(image_folder, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match="the loss is nan at epoch 1"):
+        train.main(quick_args(image_folder, out, "--lr", "1e30", "--label-smoothing", "0"))
+    assert not (out / "best.safetensors").exists() and not (out / "history.json").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--weights", "missing.pth"], "not found"),
+        (["--data-dir", "empty"], "no images in"),
+        (["--output-dir", "run", "--resume"], "nothing to resume"),
+    ],
+)
+def test_bad_training_input_is_one_line_and_writes_nothing(tmp_path, image_folder, flags, message):
+    (tmp_path / "empty" / "train" / "cat").mkdir(parents=True)
+    args = [*quick_args(image_folder, tmp_path / "out"), *flags]
+    args = [str(tmp_path / a) if a in ("missing.pth", "empty", "run") else a for a in args]
+    result = run_script(sys.executable, "train.py", *args)
+    assert result.returncode != 0
+    assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "run").exists()
+
+
+def test_recommendation_flags_train_and_evaluate(image_folder, tmp_path, capsys):
+    import evaluate
+
+    out = tmp_path / "run"
+    train.main(
+        quick_args(
+            image_folder,
+            out,
+            "--epochs",
+            "1",
+            "--two-stage",
+            "--targeted-augment",
+            "animals",
+            "--class-weights",
+            "auto",
+            "--patience",
+            "1",
+        )
+    )
+    history = out / "history.json"
+    assert len(json.loads(history.read_text())[0]["val_per_class"]) == 10
+    evaluate.main([str(out / "best.safetensors"), "--data-dir", str(image_folder), "--no-plots"])
+    assert "stage 1 (vehicles or animals) accuracy" in capsys.readouterr().out
+    # weights that follow a previous run's per-class validation error
+    weights = train.class_weights(str(history), torch.zeros(1, dtype=torch.long), 10)
+    per_class = torch.tensor(json.loads(history.read_text())[0]["val_per_class"])
+    assert weights.mean().item() == pytest.approx(1.0)
+    assert weights.argmax() == per_class.argmin()
+
+
+def test_class_weights_from_a_list_and_from_frequencies():
+    labels = torch.tensor([0, 0, 0, 1])
+    assert train.class_weights("auto", labels, 2).tolist() == pytest.approx([0.5, 1.5])
+    assert train.class_weights("1,3", labels, 2).tolist() == pytest.approx([0.5, 1.5])
+    assert train.class_weights("none", labels, 2) is None
+    with pytest.raises(SystemExit, match="needs 2 non-negative weights"):
+        train.class_weights("1,2,3", labels, 2)

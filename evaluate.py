@@ -247,7 +247,7 @@ def plot_per_class(per_class, classes, path):
         axis.bar(0, 0, color=GROUP_COLORS.get(name, "tab:gray"), label=name)  # legend entries
     axis.set(ylabel="accuracy (%)", ylim=(0, 105), title="per-class accuracy")
     axis.tick_params(axis="x", rotation=45)
-    axis.legend(loc="lower left")
+    axis.legend(loc="upper right")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

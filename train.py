@@ -422,6 +422,8 @@ def main(argv=None):
         accelerator.load_state(state_dir)
         history, best_val_loss = progress["history"], progress["best_val_loss"]
         accelerator.print(f"resumed {out} after epoch {len(history)}")
+    else:  # a state before the first step, so that even a run killed in epoch 1 resumes
+        save_state(accelerator, out, dict(config=vars(args), history=history, best_val_loss=best_val_loss))
     stop = StopRequest(accelerator)
     for epoch in range(len(history) + 1, args.epochs + 1):
         train_loader.set_epoch(epoch)
@@ -432,7 +434,7 @@ def main(argv=None):
         seconds = time.perf_counter() - started
         if result is None:
             accelerator.print(
-                f"\nstopped during epoch {epoch}; {out} holds the state after epoch {epoch - 1}. Resume with:\n"
+                f"\nstopped during epoch {epoch}; {out} holds the state from before it. Resume with:\n"
                 f"  accelerate launch train.py --output-dir {out} --resume"
             )
             sys.exit(130)

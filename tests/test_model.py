@@ -82,3 +82,12 @@ def test_two_stage_checkpoint_round_trip(tmp_path):
     loaded, _ = load_checkpoint(path)
     assert torch.equal(loaded.fc.group_of, model.fc.group_of)
     assert torch.equal(loaded.fc.group.weight, model.fc.group.weight)
+
+
+def test_offline_imagenet_download_names_the_alternatives(monkeypatch):
+    def offline(self, *args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.__class__, "get_state_dict", offline)
+    with pytest.raises(SystemExit, match="--weights PATH .* or --weights none"):
+        build_model(10, weights="imagenet")

@@ -108,6 +108,24 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(image_folder, tmp_path
     assert all(torch.equal(weights_whole[k], weights_resumed[k]) for k in weights_whole)
 
 
+def test_kill_9_leaves_loadable_files_and_a_resumable_run(image_folder, tmp_path):
+    from model import load_checkpoint
+
+    out = tmp_path / "run"
+    command = [sys.executable, "train.py", *quick_args(image_folder, out, "--epochs", "3", "--batch-size", "4")]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while process.poll() is None and not (out / "history.json").exists():
+        time.sleep(0.02)
+    time.sleep(0.5)  # somewhere in the next epoch, perhaps mid-write
+    process.kill()
+    process.wait()
+    for name in ("best.safetensors", "last.safetensors"):
+        load_checkpoint(out / name)  # whole, or the previous version: never half-written
+    json.loads((out / "history.json").read_text())
+    train.main(["--output-dir", str(out), "--resume"])
+    assert len(json.loads((out / "history.json").read_text())) == 3
+
+
 def test_two_cpu_processes_train_data_parallel(image_folder, tmp_path):
     """accelerate launch --multi_gpu on a CPU-only machine: one run of 2 processes, not 2 runs."""
     out = tmp_path / "ddp"

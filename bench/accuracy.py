@@ -28,6 +28,9 @@ RUNS = {
     "targeted4": ["--epochs", "4", "--targeted-augment", "animals"],
     "classw4": ["--epochs", "4", "--class-weights", SEED8_ERRORS],
     "twostage4": ["--epochs", "4", "--two-stage"],
+    "pad2": ["--epochs", "8", "--crop-padding", "2"],
+    "lr02": ["--epochs", "8", "--lr", "0.2"],
+    "warm24": ["--epochs", "8", "--warmup-epochs", "2.4"],
 }
 
 
@@ -38,11 +41,11 @@ def train(name, flags, data_dir, runs_dir):
     subprocess.run(command, cwd=ROOT, check=True)
 
 
-def evaluate(name, data_dir, runs_dir):
-    out = runs_dir / name / "val.json"
+def evaluate(name, data_dir, runs_dir, tta=False):
+    out = runs_dir / name / ("val-tta.json" if tta else "val.json")
     if not out.exists():
         command = [sys.executable, "evaluate.py", str(runs_dir / name / "best.safetensors"), "--data-dir", data_dir,
-                   "--split", "val", "--no-plots", "--json", str(out)]  # fmt: skip
+                   "--split", "val", "--no-plots", "--json", str(out), *(["--tta"] if tta else [])]  # fmt: skip
         subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
     return json.loads(out.read_text())
 
@@ -58,14 +61,16 @@ def main():
         if not (args.runs_dir / name / "best.safetensors").exists():
             train(name, RUNS[name], args.data_dir, args.runs_dir)
     print(f"\nvalidation split of {args.data_dir}; all runs: {' '.join(COMMON)}")
-    print("| run | flags | epochs | val acc | cat | vehicles | animals | gap (points) | stage 1 |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| run | flags | epochs | val acc | with flip TTA | cat | vehicles | animals | gap (points) | stage 1 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name in names:
         r = evaluate(name, args.data_dir, args.runs_dir)
         history = json.loads((args.runs_dir / name / "history.json").read_text())
+        tta = evaluate(name, args.data_dir, args.runs_dir, tta=True)
         g = r["groups"]
         print(
-            f"| {name} | `{' '.join(RUNS[name])}` | {len(history)} | {r['accuracy']:.2%} | {r['per_class']['cat']:.1%}"
+            f"| {name} | `{' '.join(RUNS[name])}` | {len(history)} | {r['accuracy']:.2%} | {tta['accuracy']:.2%}"
+            f" | {r['per_class']['cat']:.1%}"
             f" | {g['vehicles']:.1%} | {g['animals']:.1%} | {100 * g['gap']:.1f} | {r['stage1_accuracy']:.1%} |"
         )
 

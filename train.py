@@ -43,7 +43,7 @@ DEFAULT_RECIPE = dict(
     warmup_epochs=1,
     label_smoothing=0.1,
     stem="cifar",
-    crop_padding=4,
+    crop_padding=2,  # measured: +2.2 points over 4 in 8 epochs from scratch (README, Accuracy)
     mean=data.CIFAR10_MEAN,
     std=data.CIFAR10_STD,
 )

@@ -41,7 +41,7 @@ class TwoStageHead(torch.nn.Module):
         return self.group(features).log_softmax(1)[:, self.group_of] + within
 
 
-def build_model(num_classes, stem="cifar", weights="imagenet", groups=None):
+def build_model(num_classes, stem="cifar", weights="imagenet", groups=None, zero_init_residual=False):
     """ResNet18 with a fresh num_classes head (a TwoStageHead when groups, lists of class indices,
     are given).
 
@@ -50,9 +50,9 @@ def build_model(num_classes, stem="cifar", weights="imagenet", groups=None):
     stem: 'imagenet' keeps torchvision's stem, which shrinks 32x32 inputs to 8x8 before the first
     residual block; 'cifar' makes the first convolution stride 1 and drops the max-pool, keeping
     the pretrained weights, so the blocks see 32x32 (16x the compute, much better accuracy)."""
-    # From scratch, each residual block starts as the identity (its last BatchNorm scale is zero),
-    # which trains faster (Goyal et al., 2017); loaded weights overwrite this.
-    model = torchvision.models.resnet18(zero_init_residual=True)
+    # zero_init_residual: each residual block starts as the identity (its last BatchNorm scale is
+    # zero; Goyal et al., 2017). It only matters from scratch: loaded weights overwrite it.
+    model = torchvision.models.resnet18(zero_init_residual=zero_init_residual)
     if weights == "imagenet":
         model.load_state_dict(imagenet_state_dict())
     elif weights != "none":

@@ -45,6 +45,7 @@ def test_seed_recipe_takes_the_write_up_settings_and_explicit_flags_win():
     args = train.parse_args(["--recipe", "seed", "--epochs", "2"])
     assert (args.lr, args.momentum, args.batch_size, args.weight_decay) == (1e-3, 0.9, 128, 0.0)
     assert (args.schedule, args.stem, args.mean, args.epochs) == ("constant", "imagenet", (0.5, 0.5, 0.5), 2)
+    assert not args.zero_init_residual and train.parse_args([]).zero_init_residual
     assert train.parse_args([]).lr == train.DEFAULT_RECIPE["lr"]
     assert train.parse_args(["--weights", "none"]).lr == train.SCRATCH_LR
 

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import data  # noqa: E402
-from model import load_checkpoint  # noqa: E402
+from model import group_index, load_checkpoint  # noqa: E402
 
 TOP_CONFUSIONS = 5
 GROUP_COLORS = {"vehicles": "tab:blue", "animals": "tab:orange"}
@@ -102,9 +102,7 @@ def stage1_accuracy(logits, labels, classes):
     groups = data.group_of_classes(classes)
     if groups is None:
         return None
-    group_of = torch.empty(len(classes), dtype=torch.long)
-    for index, members in enumerate(groups.values()):
-        group_of[members] = index
+    group_of = group_index(list(groups.values()), len(classes))
     group_probs = torch.zeros(len(logits), len(groups)).index_add_(1, group_of, logits.softmax(1))
     return (group_probs.argmax(1) == group_of[labels]).double().mean().item()
 

@@ -19,6 +19,14 @@ ARCH = "resnet18"
 FEATURES = 512  # width of ResNet18's pooled features, the input of the last layer
 
 
+def group_index(groups, num_classes):
+    """Tensor mapping each class index to the index of its group (groups: lists of class indices)."""
+    group_of = torch.empty(num_classes, dtype=torch.long)
+    for index, members in enumerate(groups):
+        group_of[members] = index
+    return group_of
+
+
 class TwoStageHead(torch.nn.Module):
     """Stage 1 picks a group (animals or vehicles), stage 2 a class within it, trained jointly.
 
@@ -29,10 +37,9 @@ class TwoStageHead(torch.nn.Module):
         super().__init__()
         self.group = torch.nn.Linear(FEATURES, len(groups))
         self.classes = torch.nn.Linear(FEATURES, num_classes)
-        group_of = torch.empty(num_classes, dtype=torch.long)
-        for index, members in enumerate(groups):
-            group_of[members] = index
-        self.register_buffer("group_of", group_of, persistent=False)  # rebuilt from metadata, not saved
+        self.register_buffer(
+            "group_of", group_index(groups, num_classes), persistent=False
+        )  # rebuilt from metadata, not saved
 
     def forward(self, features):
         logits = self.classes(features)

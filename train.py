@@ -29,7 +29,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 import data
-from model import ARCH, build_model, save_checkpoint
+from model import ARCH, build_model, decode_metadata, save_checkpoint
 
 # The default recipe. Every value is a flag; the README explains each choice.
 DEFAULT_RECIPE = dict(
@@ -192,7 +192,7 @@ def per_class_accuracy_of_run(path):
     try:
         if path.suffix == ".safetensors":
             with safe_open(path, framework="pt") as file:
-                return json.loads(file.metadata()["val_per_class"])
+                return decode_metadata(file.metadata())["val_per_class"]
         return min(json.loads(path.read_text()), key=lambda r: r["val_loss"])["val_per_class"]
     except (OSError, ValueError, KeyError, TypeError) as error:
         sys.exit(f"error: no per-class validation accuracy in {path} ({error}); pass a run's history.json")

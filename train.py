@@ -11,6 +11,7 @@ a resumable state/ to --output-dir.
 """
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -109,6 +110,9 @@ def parse_args(argv=None):
     parser.add_argument("--stem", choices=["cifar", "imagenet"])
     parser.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction)
     parser.add_argument("--crop-padding", type=int)
+    parser.add_argument(
+        "--ema", type=float, default=0.0, help="decay of an EMA of the weights, validated and saved instead; 0: off"
+    )
     args = parser.parse_args(argv)
     if not 0 < args.val_fraction < 1:
         parser.error("--val-fraction must be between 0 and 1")
@@ -295,7 +299,19 @@ def two_stage_groups(classes):
     return list(groups.values())
 
 
-def train_epoch(epoch, model, loader, optimizer, scheduler, criterion, accelerator, args, stop, targeted):
+@torch.no_grad()
+def update_ema(ema, model, step, decay):
+    """ema <- decay * ema + (1 - decay) * model, with the decay ramped up over the first steps (as
+    timm does) so the random initial weights fade out fast. BatchNorm statistics are averaged too."""
+    decay = min(decay, (1 + step) / (10 + step))
+    for average, current in zip(ema.state_dict().values(), model.state_dict().values()):
+        if average.dtype.is_floating_point:
+            average.lerp_(current, 1 - decay)
+        else:
+            average.copy_(current)
+
+
+def train_epoch(epoch, model, loader, optimizer, scheduler, criterion, accelerator, args, stop, targeted, ema):
     """One pass over the training split. Returns (loss, accuracy) or None when stopped early."""
     model.train()
     # Augmentation randomness depends only on (seed, epoch, process), so a resumed epoch replays exactly.
@@ -316,6 +332,8 @@ def train_epoch(epoch, model, loader, optimizer, scheduler, criterion, accelerat
         accelerator.backward(loss)
         optimizer.step()
         scheduler.step()
+        if ema is not None:
+            update_ema(ema, accelerator.unwrap_model(model), (epoch - 1) * len(loader) + step, args.ema)
         total_loss += F.cross_entropy(logits.detach().float(), labels, reduction="sum")
         correct += (logits.argmax(1) == labels).sum()
         seen += len(labels)
@@ -415,6 +433,11 @@ def main(argv=None):
     model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, val_loader, scheduler
     )
+    # The EMA copy is not wrapped for data parallel: every process updates it from the same weights.
+    ema = copy.deepcopy(accelerator.unwrap_model(model)).requires_grad_(False) if args.ema else None
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+    evaluated = ema if ema is not None else model
     start_output_dir(out, args, accelerator)
     accelerator.print(
         f"recipe: {args.recipe}, {args.epochs} epochs, batch {args.batch_size} per process, lr {args.lr} "
@@ -433,7 +456,7 @@ def main(argv=None):
         train_loader.set_epoch(epoch)
         started = time.perf_counter()
         result = train_epoch(
-            epoch, model, train_loader, optimizer, scheduler, criterion, accelerator, args, stop, targeted
+            epoch, model, train_loader, optimizer, scheduler, criterion, accelerator, args, stop, targeted, ema
         )
         seconds = time.perf_counter() - started
         if result is None:
@@ -446,7 +469,7 @@ def main(argv=None):
             epoch=epoch,
             train_loss=result[0],
             train_acc=result[1],
-            **validate(model, val_loader, accelerator, args, len(classes)),
+            **validate(evaluated, val_loader, accelerator, args, len(classes)),
             lr=scheduler.get_last_lr()[0],
             seconds=round(seconds, 2),
         )
@@ -455,9 +478,9 @@ def main(argv=None):
         best_val_loss = min(best_val_loss, record["val_loss"])
         if accelerator.is_main_process:
             metadata = checkpoint_metadata(args, classes, groups, accelerator, record)
-            save_checkpoint(accelerator.unwrap_model(model), out / "last.safetensors", metadata)
+            save_checkpoint(accelerator.unwrap_model(evaluated), out / "last.safetensors", metadata)
             if improved:
-                save_checkpoint(accelerator.unwrap_model(model), out / "best.safetensors", metadata)
+                save_checkpoint(accelerator.unwrap_model(evaluated), out / "best.safetensors", metadata)
             write_json(out / "history.json", history)
         save_state(accelerator, out, dict(config=vars(args), history=history, best_val_loss=best_val_loss))
         accelerator.print(

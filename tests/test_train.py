@@ -231,3 +231,24 @@ def test_class_weights_from_a_list_and_from_frequencies():
     assert train.class_weights("none", labels, 2) is None
     with pytest.raises(SystemExit, match="needs 2 non-negative weights"):
         train.class_weights("1,2,3", labels, 2)
+
+
+def test_ema_follows_the_weights_with_a_short_warmup():
+    model, ema = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight.fill_(1.0), ema.weight.fill_(0.0)
+    train.update_ema(ema, model, step=0, decay=0.99)  # decay min(0.99, 1/10): mostly the model
+    assert torch.allclose(ema.weight, torch.full((2, 2), 0.9))
+    train.update_ema(ema, model, step=10_000, decay=0.99)
+    assert torch.allclose(ema.weight, torch.full((2, 2), 0.9 + 0.1 * 0.01))
+
+
+def test_ema_run_saves_the_average_and_resumes_exactly(image_folder, tmp_path):
+    flags = ["--epochs", "2", "--ema", "0.9"]
+    train.main(quick_args(image_folder, tmp_path / "whole", *flags))
+    train.main(quick_args(image_folder, tmp_path / "part", "--epochs", "1", "--ema", "0.9"))
+    train.main(["--output-dir", str(tmp_path / "part"), "--resume", "--epochs", "2"])
+    whole, part = load_file(tmp_path / "whole" / "last.safetensors"), load_file(tmp_path / "part" / "last.safetensors")
+    assert all(torch.equal(whole[k], part[k]) for k in whole)
+    plain = train.parse_args(quick_args(image_folder, tmp_path / "plain", "--epochs", "2"))
+    assert plain.ema == 0.0

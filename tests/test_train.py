@@ -252,3 +252,13 @@ def test_ema_run_saves_the_average_and_resumes_exactly(image_folder, tmp_path):
     assert all(torch.equal(whole[k], part[k]) for k in whole)
     plain = train.parse_args(quick_args(image_folder, tmp_path / "plain", "--epochs", "2"))
     assert plain.ema == 0.0
+
+
+def test_bf16_mixed_precision_trains_and_saves_float32(image_folder, tmp_path, monkeypatch):
+    """The GPU path's autocast, exercised on CPU: accelerate reads the launcher's setting from the environment."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    out = tmp_path / "bf16"
+    train.main(quick_args(image_folder, out, "--epochs", "1", "--max-train-samples", "64"))
+    history = json.loads((out / "history.json").read_text())
+    assert history[0]["val_samples"] == 40 and 0 <= history[0]["val_acc"] <= 1
+    assert {t.dtype for t in load_file(out / "best.safetensors").values()} <= {torch.float32, torch.int64}

@@ -128,8 +128,11 @@ def parse_args(argv=None):
 
 
 def resumed_settings(args, progress):
-    """A resumed run keeps its own settings; only a new --epochs (to extend it) is taken."""
-    config = progress["config"] | {"resume": True, "output_dir": args.output_dir}
+    """A resumed run keeps its own settings; only a new --epochs (to extend it) is taken. Settings
+    that train.py gained after the run started take their defaults for the run's recipe."""
+    saved = progress["config"]
+    defaults = vars(parse_args(["--recipe", saved["recipe"], "--weights", saved["weights"]]))
+    config = defaults | saved | {"resume": True, "output_dir": args.output_dir}
     if args.epochs is not None:
         config["epochs"] = args.epochs
     return argparse.Namespace(**config | {"mean": tuple(config["mean"]), "std": tuple(config["std"])})

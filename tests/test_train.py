@@ -262,3 +262,16 @@ def test_bf16_mixed_precision_trains_and_saves_float32(image_folder, tmp_path, m
     history = json.loads((out / "history.json").read_text())
     assert history[0]["val_samples"] == 40 and 0 <= history[0]["val_acc"] <= 1
     assert {t.dtype for t in load_file(out / "best.safetensors").values()} <= {torch.float32, torch.int64}
+
+
+def test_resume_of_a_run_saved_before_newer_settings_existed(image_folder, tmp_path):
+    """A state written by an older train.py lacks later settings: they take their defaults."""
+    out = tmp_path / "run"
+    train.main(quick_args(image_folder, out, "--epochs", "1"))
+    progress_file = out / "state" / "progress.json"
+    progress = json.loads(progress_file.read_text())
+    for key in ("ema", "zero_init_residual"):
+        del progress["config"][key]
+    progress_file.write_text(json.dumps(progress))
+    train.main(["--output-dir", str(out), "--resume", "--epochs", "2"])
+    assert [r["epoch"] for r in json.loads((out / "history.json").read_text())] == [1, 2]

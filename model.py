@@ -37,9 +37,8 @@ class TwoStageHead(torch.nn.Module):
         super().__init__()
         self.group = torch.nn.Linear(FEATURES, len(groups))
         self.classes = torch.nn.Linear(FEATURES, num_classes)
-        self.register_buffer(
-            "group_of", group_index(groups, num_classes), persistent=False
-        )  # rebuilt from metadata, not saved
+        # Rebuilt from the checkpoint's metadata, so not saved with the weights.
+        self.register_buffer("group_of", group_index(groups, num_classes), persistent=False)
 
     def forward(self, features):
         logits = self.classes(features)

@@ -104,7 +104,7 @@ def parse_args(argv=None):
     parser.add_argument("--momentum", type=float)
     parser.add_argument("--nesterov", action=argparse.BooleanOptionalAction)
     parser.add_argument("--weight-decay", type=float)
-    parser.add_argument("--schedule", choices=["cosine", "constant"])
+    parser.add_argument("--schedule", choices=["cosine", "linear", "constant"])
     parser.add_argument("--warmup-epochs", type=float)
     parser.add_argument("--label-smoothing", type=float)
     parser.add_argument("--stem", choices=["cifar", "imagenet"])
@@ -160,12 +160,15 @@ def use_all_cores(accelerator):
 
 
 def lr_factor(step, total_steps, warmup_steps, schedule):
-    """Linear warmup, then constant or cosine decay to zero."""
+    """Linear warmup, then constant, cosine or linear decay to zero (linear after a linear warmup
+    is the one-cycle triangle)."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "constant":
         return 1.0
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "linear":
+        return 1.0 - progress
     return 0.5 * (1 + math.cos(math.pi * progress))
 
 

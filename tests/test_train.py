@@ -50,11 +50,12 @@ def test_seed_recipe_takes_the_write_up_settings_and_explicit_flags_win():
     assert train.parse_args(["--weights", "none"]).lr == train.SCRATCH_LR
 
 
-@pytest.mark.parametrize("schedule", ["cosine", "linear"])
-def test_lr_schedule_warms_up_then_decays_to_zero(schedule):
+# The last step's factor: cosine is all but zero; linear is one step above it, 1 - 89/90.
+@pytest.mark.parametrize("schedule, last", [("cosine", 0.001), ("linear", 1 / 90 + 1e-9)])
+def test_lr_schedule_warms_up_then_decays_to_zero(schedule, last):
     factors = [train.lr_factor(step, 100, 10, schedule) for step in range(100)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
-    assert factors[10] == pytest.approx(1.0) and factors[-1] < 0.02
+    assert factors[10] == pytest.approx(1.0) and factors[-1] < last
     assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
 
 

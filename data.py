@@ -236,10 +236,12 @@ def augment(images, labels, generator, padding=4, targeted_labels=None):
     return images
 
 
-def normalize(images, mean, std):
-    """uint8 or [0, 1] float batch -> normalised float batch in channels_last memory format."""
+def normalize(images, mean, std, size=IMAGE_SIZE):
+    """uint8 or [0, 1] float batch -> normalised float batch of size x size pixels, channels_last."""
     if images.dtype == torch.uint8:
         images = images.float().div_(255)
+    if images.shape[-2:] != (size, size):
+        images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=size < images.shape[-1])
     mean = torch.tensor(mean, device=images.device)[None, :, None, None]
     std = torch.tensor(std, device=images.device)[None, :, None, None]
     return ((images - mean) / std).contiguous(memory_format=torch.channels_last)

@@ -58,7 +58,8 @@ def predict(model, images, metadata, batch_size, tta, device):
     model.eval().to(device, memory_format=torch.channels_last)
     logits = []
     for start in range(0, len(images), batch_size):
-        batch = data.normalize(images[start : start + batch_size].to(device), metadata["mean"], metadata["std"])
+        batch = images[start : start + batch_size].to(device)
+        batch = data.normalize(batch, metadata["mean"], metadata["std"], metadata.get("input_size", data.IMAGE_SIZE))
         out = model(batch)
         if tta:
             out = (out + model(batch.flip(3))) / 2

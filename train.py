@@ -50,6 +50,10 @@ DEFAULT_RECIPE = dict(
     std=data.CIFAR10_STD,
 )
 SCRATCH_LR = 0.2  # --weights none: no features to protect; measured +1.3 points over 0.1 (README, Accuracy)
+# torchvision's stem divides the input by 32, so a 32x32 image ends as a 1x1 map; upsampled to 48x48
+# it is 12x12 after the stem and 2x2 at the end. Measured from scratch at 8 epochs: 81.26% against
+# 78.88% at 32x32, for 2.6x the time per epoch (README, Accuracy).
+IMAGENET_STEM_INPUT_SIZE = 48
 # The seed write-up: 81.92% validation accuracy after 50 epochs.
 SEED_RECIPE = dict(
     epochs=50,
@@ -64,6 +68,7 @@ SEED_RECIPE = dict(
     zero_init_residual=False,
     stem="imagenet",
     crop_padding=4,
+    input_size=data.IMAGE_SIZE,
     mean=(0.5, 0.5, 0.5),
     std=(0.5, 0.5, 0.5),
 )
@@ -111,11 +116,19 @@ def parse_args(argv=None):
     parser.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction)
     parser.add_argument("--crop-padding", type=int)
     parser.add_argument(
+        "--input-size",
+        type=int,
+        help=f"side of the image the network sees, resized per batch; default {data.IMAGE_SIZE}, "
+        f"{IMAGENET_STEM_INPUT_SIZE} with --stem imagenet",
+    )
+    parser.add_argument(
         "--ema", type=float, default=0.0, help="decay of an EMA of the weights, validated and saved instead; 0: off"
     )
     args = parser.parse_args(argv)
     if not 0 < args.val_fraction < 1:
         parser.error("--val-fraction must be between 0 and 1")
+    if args.input_size is not None and args.input_size < 1:
+        parser.error("--input-size must be a positive number of pixels")
     if args.resume:
         return args  # the run's saved settings apply; see resumed_settings
     recipe = SEED_RECIPE if args.recipe == "seed" else DEFAULT_RECIPE
@@ -124,6 +137,8 @@ def parse_args(argv=None):
     for key, value in recipe.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    if args.input_size is None:
+        args.input_size = IMAGENET_STEM_INPUT_SIZE if args.stem == "imagenet" else data.IMAGE_SIZE
     return args
 
 
@@ -283,7 +298,7 @@ def validate(model, loader, accelerator, args, num_classes):
     samples_per_class = torch.zeros(num_classes, device=accelerator.device)
     for images, labels in loader:
         with accelerator.autocast():
-            logits = model(data.normalize(images, args.mean, args.std))
+            logits = model(data.normalize(images, args.mean, args.std, args.input_size))
         losses = F.cross_entropy(logits.float(), labels, reduction="none")
         losses, hits, labels = accelerator.gather_for_metrics((losses, logits.argmax(1) == labels, labels))
         total_loss += losses.sum()
@@ -330,7 +345,7 @@ def train_epoch(epoch, model, loader, optimizer, scheduler, criterion, accelerat
     bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, disable=not accelerator.is_local_main_process)
     for step, (images, labels) in enumerate(bar, 1):
         augmented = data.augment(images, labels, generator, args.crop_padding, targeted)
-        inputs = data.normalize(augmented, args.mean, args.std)
+        inputs = data.normalize(augmented, args.mean, args.std, args.input_size)
         with accelerator.autocast():
             logits = model(inputs)
             loss = criterion(logits, labels)
@@ -382,6 +397,7 @@ def checkpoint_metadata(args, classes, groups, accelerator, record):
         "mean": list(args.mean),
         "std": list(args.std),
         "image_size": data.IMAGE_SIZE,
+        "input_size": args.input_size,
         "seed": args.seed,
         "val_fraction": args.val_fraction,
         "epoch": record["epoch"],
@@ -447,7 +463,8 @@ def main(argv=None):
     start_output_dir(out, args, accelerator)
     accelerator.print(
         f"recipe: {args.recipe}, {args.epochs} epochs, batch {args.batch_size} per process, lr {args.lr} "
-        f"({args.schedule}, {args.warmup_epochs} warmup), weights {args.weights}, stem {args.stem}"
+        f"({args.schedule}, {args.warmup_epochs} warmup), weights {args.weights}, stem {args.stem}, "
+        f"input {args.input_size}x{args.input_size}"
     )
 
     history, best_val_loss = [], math.inf

@@ -32,6 +32,7 @@ def test_evaluate_prints_every_class_and_writes_json_and_plots(trained_run, imag
     history = json.loads((trained_run / "history.json").read_text())
     best = min(history, key=lambda r: r["val_loss"])
     assert results["accuracy"] == pytest.approx(best["val_acc"])  # the run's own validation split
+    assert results["loss"] == pytest.approx(best["val_loss"], rel=1e-4)  # at the run's input size
     assert results["overfitting"]["best_epoch"] == best["epoch"]
     for name in ("curves.png", "confusion.png", "per_class.png"):
         with Image.open(tmp_path / name) as image:

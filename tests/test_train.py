@@ -29,6 +29,7 @@ def test_run_writes_checkpoints_and_history(trained_run):
         "mean",
         "std",
         "image_size",
+        "input_size",
         "seed",
         "val_fraction",
         "epoch",
@@ -38,6 +39,7 @@ def test_run_writes_checkpoints_and_history(trained_run):
     ):
         assert key in meta, key
     assert json.loads(meta["epoch"]) == 2 and json.loads(meta["num_processes"]) == 1
+    assert json.loads(meta["input_size"]) == train.IMAGENET_STEM_INPUT_SIZE  # quick_args use --stem imagenet
     assert (trained_run / "best.safetensors").is_file()
 
 
@@ -48,6 +50,13 @@ def test_seed_recipe_takes_the_write_up_settings_and_explicit_flags_win():
     assert not args.zero_init_residual and train.parse_args([]).zero_init_residual
     assert train.parse_args([]).lr == train.DEFAULT_RECIPE["lr"]
     assert train.parse_args(["--weights", "none"]).lr == train.SCRATCH_LR
+
+
+def test_input_size_follows_the_stem_unless_given():
+    assert train.parse_args([]).input_size == 32
+    assert train.parse_args(["--stem", "imagenet"]).input_size == train.IMAGENET_STEM_INPUT_SIZE
+    assert train.parse_args(["--recipe", "seed"]).input_size == 32  # the write-up trained at 32x32
+    assert train.parse_args(["--stem", "imagenet", "--input-size", "40"]).input_size == 40
 
 
 # The last step's factor: cosine is all but zero; linear is one step above it, 1 - 89/90.
@@ -278,7 +287,7 @@ def test_resume_of_a_run_saved_before_newer_settings_existed(image_folder, tmp_p
     train.main(quick_args(image_folder, out, "--epochs", "1"))
     progress_file = out / "state" / "progress.json"
     progress = json.loads(progress_file.read_text())
-    for key in ("ema", "zero_init_residual"):
+    for key in ("ema", "zero_init_residual", "input_size"):
         del progress["config"][key]
     progress_file.write_text(json.dumps(progress))
     train.main(["--output-dir", str(out), "--resume", "--epochs", "2"])

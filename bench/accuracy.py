@@ -49,11 +49,11 @@ RUNS = {
     "bs64_lr01": ["--epochs", "8", "--batch-size", "64", "--lr", "0.1", *AT32],
     "no_zero_init": ["--epochs", "8", "--no-zero-init-residual", *AT32],
     "lr01_pad0": ["--epochs", "8", "--lr", "0.1", "--crop-padding", "0", *AT32],
-    "lr01_pad4": ["--epochs", "8", "--lr", "0.1", "--crop-padding", "4", *AT32],
+    "lr01_pad4": ["--epochs", "8", *EARLIER],
     "lr01_ls0": ["--epochs", "8", "--lr", "0.1", "--label-smoothing", "0", *AT32],
     "lr01_wd1e-3": ["--epochs", "8", "--lr", "0.1", "--weight-decay", "1e-3", *AT32],
     "lr005_pad4_bs64": ["--epochs", "8", "--lr", "0.05", "--crop-padding", "4", "--batch-size", "64", *AT32],
-    "lr01_pad4_warm2.4": ["--epochs", "8", "--lr", "0.1", "--crop-padding", "4", "--warmup-epochs", "2.4", *AT32],
+    "lr01_pad4_warm2.4": ["--epochs", "8", *EARLIER, "--warmup-epochs", "2.4"],
     # the seed write-up's recommendations (and EMA), each on top of the default at 32x32 and 4 epochs
     "default4_in32": ["--epochs", "4", *AT32],
     "targeted4": ["--epochs", "4", "--targeted-augment", "animals", *AT32],

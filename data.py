@@ -6,7 +6,7 @@ its own random numbers, so no per-sample Python runs in the training loop.
 """
 
 import math
-import sys
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +35,11 @@ ERASE_AREA = (0.02, 0.33)  # fraction of the image, as torchvision's RandomErasi
 ERASE_RATIO = (0.3, 3.3)
 
 
+class UserError(Exception):
+    """A problem with the user's input or files. Each script's main() prints it as one `error:` line
+    and exits non-zero; library code raises it so that a notebook importing this module survives."""
+
+
 # ---------------------------------------------------------------------------------- loading
 
 
@@ -53,13 +58,16 @@ def load_cifar10(root, train):
     try:
         dataset = CIFAR10(root, train=train, download=False)
     except RuntimeError:  # not there yet
+        created = not root.exists()
         try:
             dataset = CIFAR10(root, train=train, download=True)
         except Exception as error:
-            sys.exit(
-                f"error: CIFAR-10 is not in {root} and could not be downloaded ({error}). Offline, "
+            if created:  # a failed download leaves no empty data folder behind
+                shutil.rmtree(root, ignore_errors=True)
+            raise UserError(
+                f"CIFAR-10 is not in {root} and could not be downloaded ({error}). Offline, "
                 f"pass --data-dir DIR where DIR/train/<class>/ holds the images (png or jpg)."
-            )
+            ) from error
     images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
     return images, torch.tensor(dataset.targets), list(dataset.classes)
 
@@ -68,16 +76,16 @@ def load_image_folder(folder):
     """Decode every image under folder/<class>/ into one tensor. Unreadable images are skipped and
     counted, so one bad file does not cost a run; the count is printed."""
     if not folder.is_dir():
-        sys.exit(f"error: {folder} does not exist; expected {folder}/<class>/*.png|jpg")
+        raise UserError(f"{folder} does not exist; expected {folder}/<class>/*.png|jpg")
     try:
         listing = DatasetFolder(folder, loader=str, extensions=IMAGE_EXTENSIONS)
     except (FileNotFoundError, RuntimeError) as error:
-        sys.exit(f"error: no images in {folder} ({error}); expected {folder}/<class>/*.png|jpg")
+        raise UserError(f"no images in {folder} ({error}); expected {folder}/<class>/*.png|jpg") from error
     images, labels, skipped = [], [], []
     for path, label in listing.samples:
         try:
             with Image.open(path) as image:
-                image = image.convert("RGB")
+                image = to_rgb(image)
                 if image.size != (IMAGE_SIZE, IMAGE_SIZE):
                     image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)
                 images.append(np.asarray(image))
@@ -88,9 +96,18 @@ def load_image_folder(folder):
     if skipped:
         print(f"warning: skipped {len(skipped)} unreadable image(s) in {folder}, e.g. {skipped[0]}")
     if not images:
-        sys.exit(f"error: none of the images in {folder} could be read")
+        raise UserError(f"none of the images in {folder} could be read")
     images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     return images, torch.tensor(labels), list(listing.classes)
+
+
+def to_rgb(image):
+    """8-bit RGB with the image's true pixel values. PIL opens 16-bit grayscale PNGs as 32-bit integer
+    images, and its RGB conversion clips those to 255 (all white): scale them to 8 bits first."""
+    if image.mode.startswith("I"):
+        pixels = np.asarray(image, dtype=np.uint32) >> 8  # 0..65535 -> 0..255
+        image = Image.fromarray(pixels.astype(np.uint8))
+    return image.convert("RGB")
 
 
 # ---------------------------------------------------------------------------------- splits
@@ -111,13 +128,29 @@ def stratified_split(labels, fraction, seed):
     return torch.cat(rest).sort().values, torch.cat(taken).sort().values
 
 
-def train_val_indices(labels, val_fraction, seed, max_train_samples=None):
+def train_val_indices(labels, classes, val_fraction, seed, max_train_samples=None):
     """The run's train and validation indices; the training part optionally cut to a stratified
-    subset of about max_train_samples."""
+    subset of about max_train_samples. Refuses a split that leaves a class without a training or
+    a validation image."""
     train, val = stratified_split(labels, val_fraction, seed)
-    if max_train_samples and max_train_samples < len(train):
+    subset = bool(max_train_samples and max_train_samples < len(train))
+    if subset:
         _, keep = stratified_split(labels[train], max_train_samples / len(train), seed)
         train = train[keep]
+    counts = [torch.bincount(labels[part], minlength=len(classes)).tolist() for part in (train, val)]
+    for name, n_train, n_val in zip(classes, *counts):
+        if n_train and n_val:
+            continue
+        if n_val == 0:
+            advice = "raise --val-fraction or add images of it"
+        elif subset:
+            advice = f"raise --max-train-samples (at least {len(classes)}, one image a class)"
+        else:
+            advice = "lower --val-fraction or add images of it"
+        raise UserError(
+            f"class {name!r} would have {n_train} training and {n_val} validation images "
+            f"(--val-fraction {val_fraction}); {advice}"
+        )
     return train, val
 
 
@@ -146,9 +179,13 @@ def _keep_batch(batch):
     return batch  # __getitems__ already returns a stacked batch
 
 
-def make_loader(images, labels, batch_size, shuffle):
+def make_loader(images, labels, batch_size, shuffle, drop_last=False):
     return torch.utils.data.DataLoader(
-        TensorDataset(images, labels), batch_size=batch_size, shuffle=shuffle, collate_fn=_keep_batch
+        TensorDataset(images, labels),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=drop_last,
+        collate_fn=_keep_batch,
     )
 
 
@@ -256,13 +293,14 @@ def class_indices(spec, classes):
     names = GROUPS.get(spec, spec.split(","))
     unknown = [name for name in names if name not in classes]
     if unknown:
-        sys.exit(f"error: unknown class {unknown[0]!r}; use all, none, {', '.join(GROUPS)} or names from {classes}")
+        raise UserError(f"unknown class {unknown[0]!r}; use all, none, {', '.join(GROUPS)} or names from {classes}")
     return [classes.index(name) for name in names]
 
 
 def group_of_classes(classes):
-    """{group: [class indices]} when GROUPS names every class exactly once, else None."""
+    """{group: [class indices]} when GROUPS names every class exactly once and every group has one,
+    else None."""
     index = {name: i for i, name in enumerate(classes)}
     groups = {group: [index[c] for c in members if c in index] for group, members in GROUPS.items()}
     covered = sorted(i for members in groups.values() for i in members)
-    return groups if covered == list(range(len(classes))) else None
+    return groups if covered == list(range(len(classes))) and all(groups.values()) else None

@@ -7,13 +7,14 @@ and string metadata that says what it holds: enough to rebuild the model with no
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 import torch
 import torchvision
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
+from data import UserError
 
 ARCH = "resnet18"
 FEATURES = 512  # width of ResNet18's pooled features, the input of the last layer
@@ -75,22 +76,24 @@ def imagenet_state_dict():
     try:
         return weights.get_state_dict(progress=False)
     except Exception as error:
-        sys.exit(
-            f"error: could not download the ImageNet ResNet18 weights ({error}). Offline, pass "
+        raise UserError(
+            f"could not download the ImageNet ResNet18 weights ({error}). Offline, pass "
             f"--weights PATH (a saved torchvision resnet18 state dict) or --weights none."
-        )
+        ) from error
 
 
 def read_state_dict(path):
     path = Path(path)
     if not path.is_file():
-        sys.exit(f"error: weights file {path} not found; pass an existing file, or --weights none")
+        raise UserError(f"weights file {path} not found; pass an existing file, or --weights none")
     try:
         if path.suffix == ".safetensors":
             return load_file(path)
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        sys.exit(f"error: could not read weights {path} ({error}); expected a .pth or .safetensors state dict")
+        raise UserError(
+            f"could not read weights {path} ({error}); expected a .pth or .safetensors state dict"
+        ) from error
 
 
 def first_mismatch(expected, found):
@@ -108,22 +111,35 @@ def load_backbone(model, path):
     """Load a torchvision ResNet18 state dict into model, all but the last layer."""
     state = read_state_dict(path)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        sys.exit(f"error: {path} holds no state dict; save one with torch.save(model.state_dict(), path)")
+        raise UserError(f"{path} holds no state dict; save one with torch.save(model.state_dict(), path)")
     state = {key.removeprefix("module."): value for key, value in state.items()}
     backbone = {key: value for key, value in model.state_dict().items() if not key.startswith("fc.")}
     problem = first_mismatch(backbone, {k: v for k, v in state.items() if not k.startswith("fc.")})
     if problem:
-        sys.exit(f"error: {path} is not a torchvision ResNet18 state dict: {problem}")
+        raise UserError(f"{path} is not a torchvision ResNet18 state dict: {problem}")
     model.load_state_dict(state | {k: v for k, v in model.state_dict().items() if k.startswith("fc.")})
 
 
 def save_checkpoint(model, path, metadata):
-    """Write model's state dict and metadata atomically: a crash leaves the old file intact."""
+    """Write model's state dict and metadata atomically: a crash or a full disk leaves the old file
+    intact."""
     state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
     text = {key: value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items()}
     temporary = Path(f"{path}.tmp")
-    save_file(state, temporary, metadata=text)
-    os.replace(temporary, path)
+    try:
+        save_file(state, temporary, metadata=text)
+        usual_permissions(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def usual_permissions(path):
+    """safetensors creates files that only their owner can read (0600); give them the mode the
+    user's umask gives any new file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def decode_metadata(text):
@@ -140,24 +156,24 @@ def load_checkpoint(path):
     """Rebuild the model from a checkpoint written by train.py; return (model, metadata)."""
     path = Path(path)
     if not path.is_file():
-        sys.exit(f"error: checkpoint {path} not found; pass the best.safetensors or last.safetensors of a run")
+        raise UserError(f"checkpoint {path} not found; pass the best.safetensors or last.safetensors of a run")
     try:
         with safe_open(path, framework="pt") as file:
             metadata = decode_metadata(file.metadata() or {})
             state = {key: file.get_tensor(key) for key in file.keys()}
     except (SafetensorError, OSError, ValueError) as error:
-        sys.exit(f"error: {path} is not a readable safetensors file ({error}); is it truncated or of another format?")
+        raise UserError(
+            f"{path} is not a readable safetensors file ({error}); is it truncated or of another format?"
+        ) from error
     if metadata.get("arch") != ARCH:
-        sys.exit(
-            f"error: {path} was not written by train.py (its metadata has no arch={ARCH}); "
-            f"pass a run's best.safetensors"
+        raise UserError(
+            f"{path} was not written by train.py (its metadata has no arch={ARCH}); pass a run's best.safetensors"
         )
     model = build_model(len(metadata["classes"]), metadata["stem"], "none", metadata.get("groups"))
     problem = first_mismatch(model.state_dict(), state)
     if problem:
-        sys.exit(
-            f"error: {path} does not fit a {metadata['stem']}-stem ResNet18 "
-            f"for {len(metadata['classes'])} classes: {problem}"
+        raise UserError(
+            f"{path} does not fit a {metadata['stem']}-stem ResNet18 for {len(metadata['classes'])} classes: {problem}"
         )
     model.load_state_dict(state)
     return model, metadata

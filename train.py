@@ -3,15 +3,18 @@
     accelerate launch train.py                        # the default recipe, ImageNet-pretrained
     accelerate launch train.py --recipe seed          # the seed write-up's recipe, exactly
     accelerate launch train.py --data-dir DIR --weights none --stem imagenet --epochs 2
-    accelerate launch --multi_gpu --num_processes 2 train.py --mixed_precision bf16
+    accelerate launch --multi_gpu --num_processes 2 --mixed_precision bf16 train.py
 
 The same script runs on CPU, one GPU or several: accelerate picks the device and the processes.
+On a CPU the default (cifar stem) takes hours; --stem imagenet --input-size 32 is about 10x faster.
 Each epoch writes last.safetensors, best.safetensors (lowest validation loss), history.json and
 a resumable state/ to --output-dir.
 """
 
 import argparse
 import copy
+import ctypes
+import itertools
 import json
 import math
 import os
@@ -30,7 +33,13 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 import data
-from model import ARCH, build_model, decode_metadata, save_checkpoint
+from data import UserError
+from model import ARCH, build_model, decode_metadata, save_checkpoint, usual_permissions
+
+try:
+    import fcntl  # the run folder's lock; Windows has none
+except ImportError:
+    fcntl = None
 
 # The default recipe. Every value is a flag; the README explains each choice.
 DEFAULT_RECIPE = dict(
@@ -73,62 +82,102 @@ SEED_RECIPE = dict(
     std=(0.5, 0.5, 0.5),
 )
 LOG_EVERY = 20  # steps between progress-bar updates (each one waits for the device)
-RUN_FILES = ("history.json", "best.safetensors", "last.safetensors", "state", "state-tmp", "state-old")
+RUN_FILES = ("history.json", "best.safetensors", "last.safetensors")
+# accelerate's resumable state, newest first: state-tmp is being written (complete once its progress.json
+# is), state the last one, state-old the one before, during the swap. See save_state.
+STATE_DIRS = ("state-tmp", "state", "state-old")
+
+
+def bounded(kind, low, high=math.inf, open_low=False, open_high=False):
+    """An argparse type: a finite number of `kind` between low and high (either end excluded if open)."""
+    word = "an integer" if kind is int else "a number"
+    span = f"{'above' if open_low else 'at least'} {low}"
+    if high < math.inf:
+        span += f" and {'below' if open_high else 'at most'} {high}"
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {word}") from None
+        above_low = low < value if open_low else low <= value
+        below_high = value < high if open_high else value <= high
+        if not (math.isfinite(value) and above_low and below_high):
+            raise argparse.ArgumentTypeError(f"must be {word} {span}, got {text}")
+        return value
+
+    return parse
+
+
+def recipe_default(key):
+    return f"default {DEFAULT_RECIPE[key]}; seed recipe {SEED_RECIPE[key]}"
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--data-dir", default="./data", help="CIFAR-10 location, or a folder with train/<class>/ images"
+    add = parser.add_argument
+    add("--data-dir", default="./data", help="CIFAR-10 location, or a folder with train/<class>/ images (%(default)s)")
+    add("--output-dir", help="the run's folder (default runs/<timestamp>)")
+    add("--recipe", choices=["default", "seed"], default="default", help="settings below marked recipe (%(default)s)")
+    add("--weights", default="imagenet", help="imagenet, none, or a local ResNet18 state dict (%(default)s)")
+    add("--seed", type=bounded(int, 0, 2**32 - 1), default=0, help="split, order and augmentation (%(default)s)")
+    add(
+        "--val-fraction",
+        type=bounded(float, 0, 1, open_low=True, open_high=True),
+        default=0.2,
+        help="stratified (%(default)s)",
     )
-    parser.add_argument("--output-dir", help="default: runs/<timestamp>")
-    parser.add_argument("--recipe", choices=["default", "seed"], default="default")
-    parser.add_argument("--weights", default="imagenet", help="imagenet, none, or a local ResNet18 state dict")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--val-fraction", type=float, default=0.2)
-    parser.add_argument("--max-train-samples", type=int, help="train on a stratified subset of about N images")
-    parser.add_argument("--patience", type=int, help="stop after N epochs without a new lowest validation loss")
-    parser.add_argument(
+    add("--max-train-samples", type=bounded(int, 1), help="train on a stratified subset of about N images (all)")
+    add("--patience", type=bounded(int, 1), help="stop after N epochs without a lower validation loss (off)")
+    add(
         "--targeted-augment",
         default="none",
-        help="rotation, colour jitter and erasing for: none, all, animals, vehicles or class names",
+        help="rotation, colour jitter and erasing for: none, all, animals, vehicles or class names (%(default)s)",
     )
-    parser.add_argument(
+    add(
         "--class-weights",
         default="none",
         help="none; auto (inverse class frequency); a previous run's history.json or checkpoint "
-        "(weights follow its per-class validation error); or w0,w1,...",
+        "(weights follow its per-class validation error); or w0,w1,... (%(default)s)",
     )
-    parser.add_argument("--two-stage", action="store_true", help="animals-vs-vehicles head, then a head per group")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
-    parser.add_argument("--overwrite", action="store_true", help="replace the run in --output-dir")
+    add("--two-stage", action="store_true", help="animals-vs-vehicles head, then a head per group (off)")
+    add("--resume", action="store_true", help="continue the run in --output-dir; only --epochs may change")
+    add("--overwrite", action="store_true", help="replace the run in --output-dir")
+    add("--ema", type=bounded(float, 0, 1, open_high=True), default=0.0, help="EMA decay of the weights, 0: off (0)")
     # Recipe settings: None means "take it from --recipe".
-    parser.add_argument("--epochs", type=int)
-    parser.add_argument("--batch-size", type=int, help="per process")
-    parser.add_argument("--lr", type=float, help="peak learning rate")
-    parser.add_argument("--momentum", type=float)
-    parser.add_argument("--nesterov", action=argparse.BooleanOptionalAction)
-    parser.add_argument("--weight-decay", type=float)
-    parser.add_argument("--schedule", choices=["cosine", "linear", "constant"])
-    parser.add_argument("--warmup-epochs", type=float)
-    parser.add_argument("--label-smoothing", type=float)
-    parser.add_argument("--stem", choices=["cifar", "imagenet"])
-    parser.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction)
-    parser.add_argument("--crop-padding", type=int)
-    parser.add_argument(
-        "--input-size",
-        type=int,
-        help=f"side of the image the network sees, resized per batch; default {data.IMAGE_SIZE}, "
-        f"{IMAGENET_STEM_INPUT_SIZE} with --stem imagenet",
+    add("--epochs", type=bounded(int, 1), help=recipe_default("epochs"))
+    add(
+        "--batch-size",
+        type=bounded(int, 2),
+        help=f"per process, 2 or more for BatchNorm ({recipe_default('batch_size')})",
     )
-    parser.add_argument(
-        "--ema", type=float, default=0.0, help="decay of an EMA of the weights, validated and saved instead; 0: off"
+    add(
+        "--lr",
+        type=bounded(float, 0, open_low=True),
+        help=f"peak learning rate ({recipe_default('lr')}; {SCRATCH_LR} with --weights none)",
+    )
+    add("--momentum", type=bounded(float, 0, 1, open_high=True), help=recipe_default("momentum"))
+    add("--nesterov", action=argparse.BooleanOptionalAction, help=recipe_default("nesterov"))
+    add("--weight-decay", type=bounded(float, 0), help=f"not on norms and biases ({recipe_default('weight_decay')})")
+    add("--schedule", choices=["cosine", "linear", "constant"], help=f"after warmup ({recipe_default('schedule')})")
+    add(
+        "--warmup-epochs", type=bounded(float, 0), help=f"linear, may be fractional ({recipe_default('warmup_epochs')})"
+    )
+    add("--label-smoothing", type=bounded(float, 0, 1, open_high=True), help=recipe_default("label_smoothing"))
+    add("--stem", choices=["cifar", "imagenet"], help=f"cifar: stride-1 conv, no max-pool ({recipe_default('stem')})")
+    add("--zero-init-residual", action=argparse.BooleanOptionalAction, help=recipe_default("zero_init_residual"))
+    add(
+        "--crop-padding",
+        type=bounded(int, 0, 32),
+        help=f"random crop's zero padding ({recipe_default('crop_padding')})",
+    )
+    add(
+        "--input-size",
+        type=bounded(int, 8, 1024),
+        help=f"side of the image the network sees, resized per batch (default {data.IMAGE_SIZE}, "
+        f"{IMAGENET_STEM_INPUT_SIZE} with --stem imagenet; seed recipe {data.IMAGE_SIZE})",
     )
     args = parser.parse_args(argv)
-    if not 0 < args.val_fraction < 1:
-        parser.error("--val-fraction must be between 0 and 1")
-    if args.input_size is not None and args.input_size < 1:
-        parser.error("--input-size must be a positive number of pixels")
     if args.resume:
         return args  # the run's saved settings apply; see resumed_settings
     recipe = SEED_RECIPE if args.recipe == "seed" else DEFAULT_RECIPE
@@ -139,6 +188,7 @@ def parse_args(argv=None):
             setattr(args, key, value)
     if args.input_size is None:
         args.input_size = IMAGENET_STEM_INPUT_SIZE if args.stem == "imagenet" else data.IMAGE_SIZE
+    args.decay_start = None  # set when a resumed run's --epochs changes; see lr_factor
     return args
 
 
@@ -153,38 +203,68 @@ def resumed_settings(args, progress):
     return argparse.Namespace(**config | {"mean": tuple(config["mean"]), "std": tuple(config["std"])})
 
 
-def use_all_cores(accelerator):
-    """`accelerate launch` on a CPU-only machine sets OMP_NUM_THREADS=1, leaving cores idle. Divide
-    the cores among the local processes instead, unless the user chose a number for the launcher
-    (OMP_NUM_THREADS in its environment, or --num_cpu_threads_per_process)."""
-    if accelerator.device.type != "cpu":
-        return
+def launcher_of_this_process():
+    """(command line, environment) of the `accelerate launch` that started this process, else None.
+    Linux only: read from /proc."""
     try:
         launcher = Path(f"/proc/{os.getppid()}")
         command = launcher.joinpath("cmdline").read_bytes().split(b"\0")
         environment = launcher.joinpath("environ").read_bytes().split(b"\0")
     except OSError:
-        return  # not Linux: leave it to the user
+        return None
     launched = any(b"accelerate" in part for part in command) and b"launch" in command
+    return (command, environment) if launched else None
+
+
+def use_all_cores(accelerator, launcher):
+    """`accelerate launch` on a CPU-only machine sets OMP_NUM_THREADS=1, leaving cores idle. Divide
+    the cores among the local processes instead, unless the user chose a number for the launcher
+    (OMP_NUM_THREADS in its environment, or --num_cpu_threads_per_process)."""
+    if accelerator.device.type != "cpu" or launcher is None:
+        return
+    command, environment = launcher
     user_chose = any(e.startswith(b"OMP_NUM_THREADS=") for e in environment) or any(
         part.startswith(b"--num_cpu_threads_per_process") for part in command
     )
-    if launched and not user_chose:
+    if not user_chose:
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_processes))
 
 
-def lr_factor(step, total_steps, warmup_steps, schedule):
+def stop_with_launcher(launcher):
+    """A SIGTERM to `accelerate launch` (a job scheduler's stop, a kill) ends the launcher without
+    passing it on, and the trainer would run on alone. Ask Linux to send this process SIGTERM when
+    its launcher dies, so that it stops at the next step and keeps its state, as for Ctrl-C."""
+    if launcher is not None:
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+
+
+def lr_factor(step, total_steps, warmup_steps, schedule, decay_start=None):
     """Linear warmup, then constant, cosine or linear decay to zero (linear after a linear warmup
-    is the one-cycle triangle)."""
+    is the one-cycle triangle). decay_start=(step, factor): the decay starts there from that
+    factor instead, as when a resumed run's --epochs moves its end (see extend_schedule)."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "constant":
         return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    if schedule == "linear":
-        return 1.0 - progress
-    return 0.5 * (1 + math.cos(math.pi * progress))
+    start, factor = decay_start or (warmup_steps, 1.0)
+    progress = min(1.0, (step - start) / max(1, total_steps - start))
+    return factor * (1.0 - progress if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def extend_schedule(args, saved_epochs, epochs_done, steps_per_epoch, warmup_steps):
+    """--resume --epochs N on a run planned for another number of epochs: the learning rate goes on
+    from where it is and decays, with the same shape, to zero at the new end; it never jumps.
+    Returns the log line that says so."""
+    step = epochs_done * steps_per_epoch
+    old_total = saved_epochs * steps_per_epoch
+    factor = lr_factor(step, old_total, warmup_steps, args.schedule, args.decay_start)
+    if step >= warmup_steps and args.schedule != "constant":
+        args.decay_start = (step, factor)
+    return (
+        f"--epochs {args.epochs} instead of {saved_epochs}: after epoch {epochs_done} the learning rate goes on "
+        f"from {args.lr * factor:.3g} and follows the {args.schedule} schedule to its new end at epoch {args.epochs}"
+    )
 
 
 def parameter_groups(model, weight_decay):
@@ -206,9 +286,9 @@ def class_weights(spec, train_labels, num_classes):
         try:
             weights = torch.tensor([float(w) for w in spec.split(",")], dtype=torch.double)
         except ValueError:
-            sys.exit(f"error: --class-weights {spec!r} is not none, auto, a file or a list of numbers")
+            raise UserError(f"--class-weights {spec!r} is not none, auto, a file or a list of numbers") from None
     if len(weights) != num_classes or not (weights >= 0).all() or weights.sum() <= 0:
-        sys.exit(f"error: --class-weights needs {num_classes} non-negative weights, got {weights.tolist()}")
+        raise UserError(f"--class-weights needs {num_classes} non-negative weights, got {weights.tolist()}")
     return (weights * num_classes / weights.sum()).float()
 
 
@@ -220,64 +300,117 @@ def per_class_accuracy_of_run(path):
                 return decode_metadata(file.metadata())["val_per_class"]
         return min(json.loads(path.read_text()), key=lambda r: r["val_loss"])["val_per_class"]
     except (OSError, ValueError, KeyError, TypeError) as error:
-        sys.exit(f"error: no per-class validation accuracy in {path} ({error}); pass a run's history.json")
-
-
-def choose_output_dir(args):
-    """Pick the run's folder; refuse to touch a finished run unless told to resume or overwrite."""
-    name = [args.output_dir or f"runs/{datetime.now():%Y-%m-%d_%H-%M-%S}"]
-    broadcast_object_list(name)  # every process agrees on the timestamp
-    out = Path(name[0])
-    has_run = any((out / f).exists() for f in RUN_FILES)
-    if args.resume and not latest_state(out):
-        sys.exit(f"error: nothing to resume in {out}; start a new run without --resume")
-    if has_run and not (args.resume or args.overwrite):
-        sys.exit(
-            f"error: {out} already holds a run; pass --resume to continue it, --overwrite to replace it, "
-            f"or another --output-dir"
-        )
-    return out
-
-
-def start_output_dir(out, args, accelerator):
-    """Create the folder (or clear it for --overwrite) once the inputs have proved good."""
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if args.overwrite and not args.resume:
-            for path in (out / name for name in RUN_FILES):
-                if path.is_dir():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink(missing_ok=True)
-        out.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
+        raise UserError(f"no per-class validation accuracy in {path} ({error}); pass a run's history.json") from error
 
 
 def latest_state(out):
-    """The newest complete state folder; state-old survives a crash between the two renames."""
-    return next((out / name for name in ("state", "state-old") if (out / name / "progress.json").is_file()), None)
+    """The newest complete state folder, whichever point of save_state a crash stopped at."""
+    return next((out / name for name in STATE_DIRS if (out / name / "progress.json").is_file()), None)
+
+
+def holds_run(out):
+    return any((out / name).exists() for name in RUN_FILES) or latest_state(out) is not None
+
+
+def check_output_dir(out, args):
+    """Refuse, before any work: a file in the way, nothing to resume, or a run not to be touched."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output-dir {out} is a file; pass a folder")
+    if args.resume and not latest_state(out):
+        raise UserError(f"nothing to resume in {out}; start a new run without --resume")
+    if holds_run(out) and not (args.resume or args.overwrite):
+        raise UserError(
+            f"{out} already holds a run; pass --resume to continue it, --overwrite to replace it, "
+            f"or another --output-dir"
+        )
+
+
+def new_run_dir():
+    """runs/<timestamp>, made here; -2, -3, ... for runs started in the same second (mkdir is atomic,
+    so two runs never share a folder)."""
+    stamp = f"runs/{datetime.now():%Y-%m-%d_%H-%M-%S}"
+    for n in itertools.count(1):
+        out = Path(stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            out.mkdir(parents=True)
+            return out
+        except FileExistsError:
+            continue
+
+
+def lock(out):
+    """Hold out/.lock for as long as this process lives; the system lets go of it when the process
+    ends, crashed or not, so a second run in the same folder is refused and a crash never jams it."""
+    handle = open(out / ".lock", "a")
+    if fcntl is not None:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another train.py is running in {out}; wait for it or pass another --output-dir") from None
+    return handle
+
+
+def start_output_dir(out, args, accelerator):
+    """Create, lock and prepare the run's folder once the inputs have proved good; returns (folder,
+    lock). Checked again under the lock: another run may have started here meanwhile."""
+    name, held = [None], None
+    if accelerator.is_main_process:
+        try:
+            out = out or new_run_dir()
+            out.mkdir(parents=True, exist_ok=True)
+            held = lock(out)
+            check_output_dir(out, args)
+            newest = latest_state(out)
+            if args.resume and newest.name != "state":  # a crash stopped save_state halfway: finish it
+                discard(out / "state")
+                newest.rename(out / "state")
+            leftovers = [n for n in STATE_DIRS if n != "state"] if args.resume else [*RUN_FILES, *STATE_DIRS]
+            for name in leftovers:
+                discard(out / name)
+        except OSError as error:
+            raise UserError(f"cannot write to {out} ({error.strerror}); pass another --output-dir") from error
+        name = [str(out)]
+    broadcast_object_list(name)
+    return Path(name[0]), held
+
+
+def discard(path):
+    """Remove a file or folder. A state folder loses its progress.json first, so that one half
+    removed by a crash never looks complete."""
+    if path.is_dir():
+        (path / "progress.json").unlink(missing_ok=True)
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def save_state(accelerator, out, progress):
-    """accelerate's save_state, made atomic: write state-tmp, then swap it in by renaming."""
-    tmp, state, old = out / "state-tmp", out / "state", out / "state-old"
+    """accelerate's save_state, made atomic: write state-tmp (progress.json last), then swap it in
+    by renaming. latest_state finds a complete state after a crash at any point."""
+    tmp, state, old = (out / name for name in STATE_DIRS)
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
     if accelerator.is_main_process:
+        for file in tmp.iterdir():
+            usual_permissions(file)
         write_json(tmp / "progress.json", progress)
+        discard(old)
         if state.exists():
             state.rename(old)
         tmp.rename(state)
-        shutil.rmtree(old, ignore_errors=True)
+        discard(old)
     accelerator.wait_for_everyone()
 
 
 def write_json(path, obj):
     temporary = Path(f"{path}.tmp")
-    temporary.write_text(json.dumps(obj, indent=1))
-    os.replace(temporary, path)
+    try:
+        temporary.write_text(json.dumps(obj, indent=1))
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def sync_batchnorm_statistics(model, accelerator):
@@ -316,7 +449,7 @@ def validate(model, loader, accelerator, args, num_classes):
 def two_stage_groups(classes):
     groups = data.group_of_classes(classes)
     if groups is None:
-        sys.exit(f"error: --two-stage needs data.GROUPS to name each of {classes} once; edit GROUPS in data.py")
+        raise UserError(f"--two-stage needs data.GROUPS to name each of {classes} once; edit GROUPS in data.py")
     return list(groups.values())
 
 
@@ -341,7 +474,7 @@ def train_epoch(epoch, model, loader, optimizer, scheduler, criterion, accelerat
     )
     total_loss = torch.zeros((), device=accelerator.device)
     correct = torch.zeros((), dtype=torch.long, device=accelerator.device)
-    seen = 0
+    started = time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, disable=not accelerator.is_local_main_process)
     for step, (images, labels) in enumerate(bar, 1):
         augmented = data.augment(images, labels, generator, args.crop_padding, targeted)
@@ -357,19 +490,34 @@ def train_epoch(epoch, model, loader, optimizer, scheduler, criterion, accelerat
             update_ema(ema, accelerator.unwrap_model(model), (epoch - 1) * len(loader) + step, args.ema)
         total_loss += F.cross_entropy(logits.detach().float(), labels, reduction="sum")
         correct += (logits.argmax(1) == labels).sum()
-        seen += len(labels)
         if step % LOG_EVERY == 0 or step == len(loader):
             if not math.isfinite(loss.item()):
-                sys.exit(
-                    f"error: the loss is {loss.item()} at epoch {epoch}, step {step}; lower --lr. "
+                raise UserError(
+                    f"the loss is {loss.item()} at epoch {epoch}, step {step}; lower --lr. "
                     f"The last checkpoint is untouched."
                 )
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.4g}")
+            if step == LOG_EVERY and stop.estimate and accelerator.is_main_process:
+                stop.estimate = False
+                tqdm.write(
+                    time_estimate((time.perf_counter() - started) / step * len(loader), epoch, args, accelerator)
+                )
         if stop.requested and accelerator.check_trigger():
             return None
     total_loss, correct = accelerator.reduce(total_loss, "sum"), accelerator.reduce(correct, "sum")
-    seen *= accelerator.num_processes  # every process runs the same number of equal batches
+    seen = len(loader) * args.batch_size * accelerator.num_processes  # full batches only: drop_last
     return total_loss.item() / seen, correct.item() / seen
+
+
+def time_estimate(epoch_seconds, epoch, args, accelerator):
+    """Said once, from the first steps, before the hours go by."""
+    total = epoch_seconds * (args.epochs - epoch + 1)
+    line = (
+        f"estimate: {epoch_seconds / 60:.1f} min an epoch, {total / 3600:.1f} h for the {args.epochs - epoch + 1} left"
+    )
+    if accelerator.device.type == "cpu" and total > 3600 and args.stem == "cifar":
+        line += "; on a CPU, --stem imagenet --input-size 32 is about 10x faster (README: Speed)"
+    return line
 
 
 class StopRequest:
@@ -378,6 +526,7 @@ class StopRequest:
 
     def __init__(self, accelerator):
         self.requested = False
+        self.estimate = True  # the time estimate is still to be printed
         self.accelerator = accelerator
         signal.signal(signal.SIGINT, self)
         signal.signal(signal.SIGTERM, self)
@@ -410,17 +559,32 @@ def checkpoint_metadata(args, classes, groups, accelerator, record):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    try:
+        train(parse_args(argv))
+    except UserError as error:
+        sys.exit(f"error: {error}")
+    except KeyboardInterrupt:  # before training started; from then on StopRequest handles it
+        sys.exit(130)
+
+
+def train(args):
     accelerator = Accelerator(
         cpu=not torch.accelerator.is_available(),  # else two CPU processes train separately (DistributedType.NO)
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
-    use_all_cores(accelerator)
-    out = choose_output_dir(args)
-    state_dir = latest_state(out) if args.resume else None
-    if state_dir:
-        progress = json.loads((state_dir / "progress.json").read_text())
-        args = resumed_settings(args, progress)
+    launcher = launcher_of_this_process()
+    use_all_cores(accelerator, launcher)
+    stop_with_launcher(launcher)
+    out = Path(args.output_dir) if args.output_dir else None
+    progress = None
+    if out:
+        check_output_dir(out, args)
+        if args.resume:
+            progress = json.loads((latest_state(out) / "progress.json").read_text())
+            saved_epochs = progress["config"]["epochs"]
+            args = resumed_settings(args, progress)
+            if args.epochs < len(progress["history"]):
+                raise UserError(f"{out} has already trained {len(progress['history'])} epochs; pass a larger --epochs")
     set_seed(args.seed)
     accelerator.print(
         f"{accelerator.num_processes} process(es) ({accelerator.distributed_type.value}) on {accelerator.device}, "
@@ -429,9 +593,13 @@ def main(argv=None):
 
     with accelerator.main_process_first():  # one process downloads, the others then read
         images, labels, classes = data.load_images(args.data_dir, "train")
-    train_idx, val_idx = data.train_val_indices(labels, args.val_fraction, args.seed, args.max_train_samples)
+    train_idx, val_idx = data.train_val_indices(labels, classes, args.val_fraction, args.seed, args.max_train_samples)
+    if len(train_idx) < args.batch_size:
+        raise UserError(f"--batch-size {args.batch_size} is more than the {len(train_idx)} training images; lower it")
     images, labels = images.to(accelerator.device), labels.to(accelerator.device)
-    train_loader = data.make_loader(images[train_idx], labels[train_idx], args.batch_size, shuffle=True)
+    # The last partial batch is dropped (a batch of one image breaks BatchNorm); each epoch's new
+    # order puts other images there, so every image is still trained on.
+    train_loader = data.make_loader(images[train_idx], labels[train_idx], args.batch_size, True, drop_last=True)
     val_loader = data.make_loader(images[val_idx], labels[val_idx], 1024, shuffle=False)
     accelerator.print(
         f"data: {len(train_idx)} train / {len(val_idx)} val images, {len(classes)} classes, from {args.data_dir}"
@@ -439,18 +607,22 @@ def main(argv=None):
 
     targeted = torch.tensor(data.class_indices(args.targeted_augment, classes), device=accelerator.device)
     groups = two_stage_groups(classes) if args.two_stage else None
+    weights = class_weights(args.class_weights, labels[train_idx].cpu(), len(classes))
     model = build_model(len(classes), args.stem, args.weights, groups, args.zero_init_residual)
     model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(
         parameter_groups(model, args.weight_decay), lr=args.lr, momentum=args.momentum, nesterov=args.nesterov
     )
     # Counted in batches of the whole dataset; accelerate steps the scheduler once per process.
-    total_steps = args.epochs * len(train_loader)
-    warmup_steps = round(args.warmup_epochs * len(train_loader))
+    steps_per_epoch = len(train_loader)
+    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    extended = progress and args.epochs != saved_epochs
+    if extended:
+        change = extend_schedule(args, saved_epochs, len(progress["history"]), steps_per_epoch, warmup_steps)
+    total_steps = args.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, warmup_steps, args.schedule)
+        optimizer, lambda step: lr_factor(step, total_steps, warmup_steps, args.schedule, args.decay_start)
     )
-    weights = class_weights(args.class_weights, labels[train_idx].cpu(), len(classes))
     criterion = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=args.label_smoothing).to(accelerator.device)
     model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, val_loader, scheduler
@@ -460,67 +632,82 @@ def main(argv=None):
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
     evaluated = ema if ema is not None else model
-    start_output_dir(out, args, accelerator)
+    out, held_lock = start_output_dir(out, args, accelerator)  # noqa: F841 (the lock lasts while it is referenced)
+    args.output_dir = str(out)
     accelerator.print(
         f"recipe: {args.recipe}, {args.epochs} epochs, batch {args.batch_size} per process, lr {args.lr} "
         f"({args.schedule}, {args.warmup_epochs} warmup), weights {args.weights}, stem {args.stem}, "
-        f"input {args.input_size}x{args.input_size}"
+        f"input {args.input_size}x{args.input_size}\noutput: {out}"
     )
 
     history, best_val_loss = [], math.inf
-    if state_dir:
-        accelerator.load_state(state_dir)
+    if progress:
+        accelerator.load_state(out / "state")
         history, best_val_loss = progress["history"], progress["best_val_loss"]
-        accelerator.print(f"resumed {out} after epoch {len(history)}")
-    else:  # a state before the first step, so that even a run killed in epoch 1 resumes
-        save_state(accelerator, out, dict(config=vars(args), history=history, best_val_loss=best_val_loss))
+        accelerator.print(f"resumed {out} after epoch {len(history)}" + (f"; {change}" if extended else ""))
     stop = StopRequest(accelerator)
-    for epoch in range(len(history) + 1, args.epochs + 1):
-        train_loader.set_epoch(epoch)
-        started = time.perf_counter()
-        result = train_epoch(
-            epoch, model, train_loader, optimizer, scheduler, criterion, accelerator, args, stop, targeted, ema
-        )
-        seconds = time.perf_counter() - started
-        if result is None:
-            accelerator.print(
-                f"\nstopped during epoch {epoch}; {out} holds the state from before it. Resume with:\n"
-                f"  accelerate launch train.py --output-dir {out} --resume"
+    try:
+        if not progress:  # a state before the first step, so that even a run killed in epoch 1 resumes
+            save_state(accelerator, out, dict(config=vars(args), history=history, best_val_loss=best_val_loss))
+        for epoch in range(len(history) + 1, args.epochs + 1):
+            train_loader.set_epoch(epoch)
+            started = time.perf_counter()
+            result = train_epoch(
+                epoch, model, train_loader, optimizer, scheduler, criterion, accelerator, args, stop, targeted, ema
             )
-            sys.exit(130)
-        record = dict(
-            epoch=epoch,
-            train_loss=result[0],
-            train_acc=result[1],
-            **validate(evaluated, val_loader, accelerator, args, len(classes)),
-            lr=scheduler.get_last_lr()[0],
-            seconds=round(seconds, 2),
-        )
-        history.append(record)
-        improved = record["val_loss"] < best_val_loss
-        best_val_loss = min(best_val_loss, record["val_loss"])
-        if accelerator.is_main_process:
-            metadata = checkpoint_metadata(args, classes, groups, accelerator, record)
-            save_checkpoint(accelerator.unwrap_model(evaluated), out / "last.safetensors", metadata)
-            if improved:
-                save_checkpoint(accelerator.unwrap_model(evaluated), out / "best.safetensors", metadata)
-            write_json(out / "history.json", history)
-        save_state(accelerator, out, dict(config=vars(args), history=history, best_val_loss=best_val_loss))
-        accelerator.print(
-            f"epoch {epoch:3d}/{args.epochs}  train loss {result[0]:.4f} acc {result[1]:6.2%}  "
-            f"val loss {record['val_loss']:.4f} acc {record['val_acc']:6.2%}  {seconds:6.1f}s "
-            f"({len(train_idx) / seconds:.0f} img/s){'  *best' if improved else ''}"
-        )
-        best_epoch = min(history, key=lambda r: r["val_loss"])["epoch"]
-        if args.patience and epoch - best_epoch >= args.patience:
-            accelerator.print(f"early stop: no lower validation loss for {args.patience} epochs")
-            break
+            seconds = time.perf_counter() - started
+            if result is None:
+                accelerator.print(
+                    f"\nstopped during epoch {epoch}; {out} holds the state from before it. Resume with:\n"
+                    f"  accelerate launch train.py --output-dir {out} --resume"
+                )
+                sys.exit(130)
+            record = dict(
+                epoch=epoch,
+                train_loss=result[0],
+                train_acc=result[1],
+                **validate(evaluated, val_loader, accelerator, args, len(classes)),
+                lr=scheduler.get_last_lr()[0],
+                seconds=round(seconds, 2),
+            )
+            if not math.isfinite(record["val_loss"]):
+                kept = f"best.safetensors (epoch {best_epoch(history)}) is kept" if history else "nothing was saved"
+                raise UserError(f"the validation loss is {record['val_loss']} after epoch {epoch}; lower --lr. {kept}")
+            history.append(record)
+            improved = record["val_loss"] < best_val_loss
+            best_val_loss = min(best_val_loss, record["val_loss"])
+            if accelerator.is_main_process:
+                metadata = checkpoint_metadata(args, classes, groups, accelerator, record)
+                save_checkpoint(accelerator.unwrap_model(evaluated), out / "last.safetensors", metadata)
+                if improved:
+                    save_checkpoint(accelerator.unwrap_model(evaluated), out / "best.safetensors", metadata)
+                write_json(out / "history.json", history)
+            save_state(accelerator, out, dict(config=vars(args), history=history, best_val_loss=best_val_loss))
+            accelerator.print(
+                f"epoch {epoch:3d}/{args.epochs}  train loss {result[0]:.4f} acc {result[1]:6.2%}  "
+                f"val loss {record['val_loss']:.4f} acc {record['val_acc']:6.2%}  {seconds:6.1f}s "
+                f"({len(train_idx) / seconds:.0f} img/s){'  *best' if improved else ''}"
+            )
+            if args.patience and epoch - best_epoch(history) >= args.patience:
+                accelerator.print(f"early stop: no lower validation loss for {args.patience} epochs")
+                break
+    except OSError as error:
+        raise UserError(
+            f"could not write to {out} ({error.strerror}); the files of the last finished epoch are whole. "
+            f"Free space, then resume: accelerate launch train.py --output-dir {out} --resume"
+        ) from error
     best = min(history, key=lambda r: r["val_loss"])
+    folder = Path(args.data_dir)
+    split = " --split val" if (folder / "train").is_dir() and not (folder / "test").is_dir() else ""
     accelerator.print(
         f"best: epoch {best['epoch']}, val loss {best['val_loss']:.4f}, val acc {best['val_acc']:.2%}\n"
         f"wrote {out}/best.safetensors, last.safetensors, history.json\n"
-        f"evaluate: python evaluate.py {out}/best.safetensors --data-dir {args.data_dir}"
+        f"evaluate: python evaluate.py {out}/best.safetensors --data-dir {args.data_dir}{split}"
     )
+
+
+def best_epoch(history):
+    return min(history, key=lambda r: r["val_loss"])["epoch"]
 
 
 if __name__ == "__main__":

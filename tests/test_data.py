@@ -19,8 +19,8 @@ def test_split_is_stratified_disjoint_and_deterministic():
 
 def test_max_train_samples_is_a_stratified_subset_and_keeps_the_validation_split():
     labels = torch.arange(10).repeat_interleave(50)
-    full_train, full_val = data.train_val_indices(labels, 0.2, seed=0)
-    train, val = data.train_val_indices(labels, 0.2, seed=0, max_train_samples=100)
+    full_train, full_val = data.train_val_indices(labels, list("abcdefghij"), 0.2, seed=0)
+    train, val = data.train_val_indices(labels, list("abcdefghij"), 0.2, seed=0, max_train_samples=100)
     assert torch.equal(val, full_val)
     assert set(train.tolist()) <= set(full_train.tolist())
     assert torch.bincount(labels[train]).tolist() == [10] * 10
@@ -84,7 +84,7 @@ def test_groups_cover_cifar_classes_and_skip_unknown_names():
 
 def test_folder_without_images_is_a_clear_error(tmp_path):
     (tmp_path / "train" / "cat").mkdir(parents=True)
-    with pytest.raises(SystemExit, match="no images in"):
+    with pytest.raises(data.UserError, match="no images in"):
         data.load_images(tmp_path, "train")
 
 
@@ -105,5 +105,5 @@ def test_cifar_download_failure_names_the_offline_way(tmp_path, monkeypatch):
         raise OSError("network unreachable")
 
     monkeypatch.setattr(torchvision.datasets.CIFAR10, "download", no_network)
-    with pytest.raises(SystemExit, match="--data-dir"):
+    with pytest.raises(data.UserError, match="--data-dir"):
         data.load_images(tmp_path, "train")

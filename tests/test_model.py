@@ -3,6 +3,7 @@ import torch
 import torchvision
 from safetensors.torch import load_file, save_file
 
+from data import UserError
 from model import build_model, load_checkpoint, save_checkpoint
 
 
@@ -36,14 +37,14 @@ def test_bad_weights_file_is_a_clear_error(tmp_path, content, message):
     path = tmp_path / "w.pth"
     if content is not None:
         path.write_bytes(content)
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(UserError, match=message):
         build_model(10, weights=str(path))
 
 
 def test_weights_of_another_model_name_the_first_mismatch(tmp_path):
     path = tmp_path / "resnet34.pth"
     torch.save(torchvision.models.resnet34().state_dict(), path)
-    with pytest.raises(SystemExit, match="not a torchvision ResNet18 state dict: unexpected key"):
+    with pytest.raises(UserError, match="not a torchvision ResNet18 state dict: unexpected key"):
         build_model(10, weights=str(path))
 
 
@@ -89,5 +90,5 @@ def test_offline_imagenet_download_names_the_alternatives(monkeypatch):
         raise OSError("no network")
 
     monkeypatch.setattr(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.__class__, "get_state_dict", offline)
-    with pytest.raises(SystemExit, match="--weights PATH .* or --weights none"):
+    with pytest.raises(UserError, match="--weights PATH .* or --weights none"):
         build_model(10, weights="imagenet")

@@ -6,11 +6,15 @@
 
 Prints overall and per-class accuracy, precision/recall/F1, the vehicles-vs-animals gap, the most
 confused pairs and, from the history.json beside the checkpoint, an overfitting analysis. Writes
-curves.png, confusion.png and per_class.png beside the checkpoint (or to --plot-dir).
+curves.png and, named after what was evaluated, <stem>_<split>[_tta]_confusion.png and
+<stem>_<split>[_tta]_per_class.png (e.g. best_val_confusion.png) beside the checkpoint or to
+--plot-dir. Bad input gets one `error:` line and a non-zero exit, and nothing is written.
 """
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -20,12 +24,20 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 import data  # noqa: E402
 from model import group_index, load_checkpoint  # noqa: E402
 
 TOP_CONFUSIONS = 5
 GROUP_COLORS = {"vehicles": "tab:blue", "animals": "tab:orange"}
+HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")
+
+
+def positive_int(text):
+    if not text.isdecimal() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
 
 
 def parse_args(argv=None):
@@ -33,7 +45,7 @@ def parse_args(argv=None):
     parser.add_argument("checkpoint", help="a .safetensors file written by train.py")
     parser.add_argument("--data-dir", default="./data")
     parser.add_argument("--split", choices=["test", "val"], default="test")
-    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--batch-size", type=positive_int, default=1024, help="images per forward pass, >= 1")
     parser.add_argument("--tta", action="store_true", help="average each image's logits with its mirror image's")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--plot-dir", help="where the PNGs go (default: the checkpoint's folder)")
@@ -45,9 +57,11 @@ def load_split(data_dir, split, metadata):
     """The images to evaluate on: the test split, or the exact validation split of the run."""
     images, labels, classes = data.load_images(data_dir, "train" if split == "val" else "test")
     if classes != metadata["classes"]:
-        sys.exit(f"error: the checkpoint's classes {metadata['classes']} differ from those in {data_dir}: {classes}")
+        raise data.UserError(
+            f"the checkpoint's classes {metadata['classes']} differ from those in {data_dir}: {classes}"
+        )
     if split == "val":
-        _, val = data.train_val_indices(labels, metadata["val_fraction"], metadata["seed"])
+        _, val = data.train_val_indices(labels, classes, metadata["val_fraction"], metadata["seed"])
         images, labels = images[val], labels[val]
     return images, labels
 
@@ -136,37 +150,54 @@ def overfitting(history):
 
 
 def read_history(checkpoint):
+    """The run's history.json beside the checkpoint: (records, None); (None, None) when there is
+    none; (None, why) when it cannot be used, so that the evaluation itself still runs."""
     path = Path(checkpoint).with_name("history.json")
+    if not path.exists():
+        return None, None
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+        history = json.loads(path.read_text())
+        if not isinstance(history, list) or not history:
+            raise ValueError("expected a non-empty list of epoch records")
+        for number, record in enumerate(history, 1):
+            numbers = record if isinstance(record, dict) else {}
+            missing = [key for key in HISTORY_FIELDS if not isinstance(numbers.get(key), (int, float))]
+            if missing:
+                raise ValueError(f"record {number} has no number for {', '.join(missing)}")
+    except (OSError, ValueError) as error:
+        return None, f"history: {path} is unreadable ({error}); no overfitting analysis or curves"
+    return history, None
 
 
 # ---------------------------------------------------------------------------------- report
 
 
+def describe(results):
+    """What was evaluated, for the report's header and the plots' titles."""
+    return f"{results['checkpoint']}, {results['split']} split, TTA {'on' if results['tta'] else 'off'}"
+
+
+def best_and_worst(order):
+    """Marks for the best three and worst two classes; fewer with few classes, so none gets both."""
+    n_marked = len(order) // 2
+    best = {i: "best" for i in order[: min(3, n_marked)]}
+    return best | {i: "worst" for i in order[len(order) - min(2, n_marked) :]}
+
+
 def print_report(results, classes):
-    print(f"{results['split']} split: {results['num_samples']} images")
+    print(f"{describe(results)}: {results['num_samples']} images")
     print(f"accuracy {results['accuracy']:.2%}   loss {results['loss']:.4f}\n")
     order = sorted(range(len(classes)), key=lambda i: -results["per_class"][classes[i]])
-    marks = {order[0]: "best", order[1]: "best", order[2]: "best", order[-1]: "worst", order[-2]: "worst"}
-    width = max(len(c) for c in classes)
-    print(f"{'class':<{width}}  accuracy  precision  recall     F1")
+    marks = best_and_worst(order)
+    width = max(len("macro"), *(len(c) for c in classes))
+    # A class's accuracy is its recall (the share of its images predicted as it): one column for both.
+    columns = ("per_class", "per_class_precision", "per_class_f1")
+    print(f"{'class':<{width}}   accuracy  precision         F1   (per-class accuracy = recall)")
     for i in order:
-        name = classes[i]
-        print(
-            f"{name:<{width}}  {results['per_class'][name]:8.2%}  {results['per_class_precision'][name]:9.2%}"
-            f"  {results['per_class_recall'][name]:6.2%}  {results['per_class_f1'][name]:6.2%}  {marks.get(i, '')}"
-        )
-    macro = {
-        key: sum(results[key].values()) / len(classes)
-        for key in ("per_class_precision", "per_class_recall", "per_class_f1")
-    }
-    print(
-        f"{'macro':<{width}}  {'':8}  {macro['per_class_precision']:9.2%}  {macro['per_class_recall']:6.2%}"
-        f"  {macro['per_class_f1']:6.2%}"
-    )
+        cells = "".join(f"  {results[column][classes[i]]:9.2%}" for column in columns)
+        print(f"{classes[i]:<{width}}{cells}  {marks.get(i, '')}".rstrip())
+    macro = "".join(f"  {sum(results[column].values()) / len(classes):9.2%}" for column in columns)
+    print(f"{'macro':<{width}}{macro}")
     if results["groups"]:
         g = results["groups"]
         print(f"\nvehicles {g['vehicles']:.2%}   animals {g['animals']:.2%}   gap {100 * g['gap']:.2f} points")
@@ -190,7 +221,7 @@ def print_report(results, classes):
 # ---------------------------------------------------------------------------------- plots
 
 
-def plot_curves(history, path):
+def plot_curves(history, title):
     epochs = [r["epoch"] for r in history]
     best = min(history, key=lambda r: r["val_loss"])["epoch"]
     figure, (loss_axis, acc_axis) = plt.subplots(1, 2, figsize=(11, 4))
@@ -200,69 +231,131 @@ def plot_curves(history, path):
         axis.plot(epochs, [scale * r[f"val_{key}"] for r in history], "o-", ms=3, label="validation")
         axis.axvline(best, color="gray", linestyle="--", label=f"lowest val loss (epoch {best})")
         axis.set(xlabel="epoch", ylabel=label, title=label.split(" ")[0])
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # no epoch 1.5
         axis.grid(alpha=0.3)
         axis.legend()
+    figure.suptitle(title)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    return figure
 
 
-def plot_confusion(confusion, classes, path):
+def plot_confusion(confusion, classes, title):
     normalised = confusion.double() / confusion.sum(1, keepdim=True).clamp(min=1)
     size = max(6, 0.6 * len(classes) + 2)
     figure, axis = plt.subplots(figsize=(size + 1, size))
     image = axis.imshow(normalised.numpy(), cmap="Blues", vmin=0, vmax=1)
     axis.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
     axis.set_yticks(range(len(classes)), classes)
-    axis.set(xlabel="predicted", ylabel="true", title="confusion matrix (each row sums to 1)")
+    axis.set(xlabel="predicted", ylabel="true", title=f"confusion matrix (each row sums to 1)\n{title}")
     if len(classes) <= 20:
         for i in range(len(classes)):
             for j in range(len(classes)):
                 value = normalised[i, j].item()
-                axis.text(
-                    j,
-                    i,
-                    f"{value:.2f}",
-                    ha="center",
-                    va="center",
-                    fontsize=8,
-                    color="white" if value > 0.5 else "black",
-                )
+                color = "white" if value > 0.5 else "black"
+                axis.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8, color=color)
     figure.colorbar(image, ax=axis, fraction=0.046)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    return figure
 
 
-def plot_per_class(per_class, classes, path):
-    groups = data.group_of_classes(classes) or {"all": list(range(len(classes)))}
-    group_of = {i: name for name, members in groups.items() for i in members}
+def plot_per_class(per_class, classes, title):
+    groups = data.group_of_classes(classes)  # None: no colours and no legend
+    group_of = {i: name for name, members in (groups or {}).items() for i in members}
     order = sorted(range(len(classes)), key=lambda i: -per_class[classes[i]])
     figure, axis = plt.subplots(figsize=(max(6, 0.7 * len(classes) + 2), 4))
-    colors = [GROUP_COLORS.get(group_of[i], "tab:gray") for i in order]
+    colors = [GROUP_COLORS.get(group_of.get(i), "tab:gray") for i in order]
     bars = axis.bar([classes[i] for i in order], [100 * per_class[classes[i]] for i in order], color=colors)
     axis.bar_label(bars, fmt="%.1f", fontsize=8)
-    for name in groups:
+    for name in groups or ():
         axis.bar(0, 0, color=GROUP_COLORS.get(name, "tab:gray"), label=name)  # legend entries
-    axis.set(ylabel="accuracy (%)", ylim=(0, 105), title="per-class accuracy")
+    axis.set(ylabel="accuracy (%)", ylim=(0, 105), title=f"per-class accuracy\n{title}")
     axis.tick_params(axis="x", rotation=45)
-    axis.legend(loc="upper right")
+    if groups:
+        axis.legend(loc="upper right")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    return figure
+
+
+# ---------------------------------------------------------------------------------- outputs
+
+
+def plot_folder(args):
+    return Path(args.plot_dir or Path(args.checkpoint).parent)
+
+
+def output_folders(args):
+    """(flag, path given, folder) for the JSON file and the plots. Checked before any work, so that a path that
+    cannot be written is refused at once; created once the inputs have loaded, so that bad input
+    leaves nothing behind."""
+    folders = []
+    if args.json:
+        if Path(args.json).is_dir():
+            raise data.UserError(f"--json {args.json} is a folder; pass a file name such as {args.json}/results.json")
+        folders.append(("--json", args.json, Path(args.json).parent))
+    if not args.no_plots:
+        folders.append(("--plot-dir", plot_folder(args), plot_folder(args)))
+    for flag, given, folder in folders:
+        existing = next(path for path in (folder, *folder.parents) if path.exists())
+        if not existing.is_dir():
+            raise data.UserError(f"{flag} {given}: {existing} is a file, not a folder; pass another {flag}")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise data.UserError(f"{flag} {given}: cannot write in {existing}; pass a {flag} you can write to")
+    return folders
+
+
+@contextlib.contextmanager
+def writing(path, flag):
+    """A write that fails (disk full, permissions changed) becomes one error line, not a traceback."""
+    try:
+        yield
+    except OSError as error:
+        raise data.UserError(
+            f"could not write {path} ({error}); check the free space and permissions, or pass another {flag}"
+        ) from error
+
+
+def write_plots(args, results, confusion, classes, history):
+    """Named after checkpoint, split and TTA, so that evaluations sharing a folder do not overwrite
+    each other; the curves come from the run's history, the same for best and last."""
+    folder = plot_folder(args)
+    prefix = f"{Path(args.checkpoint).stem}_{args.split}{'_tta' if args.tta else ''}"
+    title = describe(results)
+    figures = {
+        f"{prefix}_confusion.png": lambda: plot_confusion(confusion, classes, title),
+        f"{prefix}_per_class.png": lambda: plot_per_class(results["per_class"], classes, title),
+    }
+    if history:
+        source = Path(args.checkpoint).with_name("history.json")
+        figures["curves.png"] = lambda: plot_curves(history, f"training curves: {source}")
+    for name, draw in figures.items():
+        figure = draw()
+        with writing(folder / name, "--plot-dir"):
+            figure.savefig(folder / name, dpi=120)
+        plt.close(figure)
+    print("\nplots: " + ", ".join(str(folder / name) for name in figures))
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    try:
+        evaluate(parse_args(argv))
+    except data.UserError as error:
+        sys.exit(f"error: {error}")
+
+
+def evaluate(args):
     model, metadata = load_checkpoint(args.checkpoint)
     classes = metadata["classes"]
+    folders = output_folders(args)
     images, labels = load_split(args.data_dir, args.split, metadata)
+    for flag, _, folder in folders:
+        with writing(folder, flag):
+            folder.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     logits = predict(model, images, metadata, args.batch_size, args.tta, device)
     predictions = logits.argmax(1)
     confusion = confusion_matrix(labels, predictions, len(classes))
     precision, recall, f1 = precision_recall_f1(confusion)
-    history = read_history(args.checkpoint)
+    history, history_problem = read_history(args.checkpoint)
     results = {
         "split": args.split,
         "num_samples": len(labels),
@@ -270,7 +363,7 @@ def main(argv=None):
         "loss": F.cross_entropy(logits, labels).item(),
         "per_class": dict(zip(classes, recall.tolist())),
         "per_class_precision": dict(zip(classes, precision.tolist())),
-        "per_class_recall": dict(zip(classes, recall.tolist())),
+        "per_class_recall": dict(zip(classes, recall.tolist())),  # = per_class, kept for older readers
         "per_class_f1": dict(zip(classes, f1.tolist())),
         "confusion": confusion.tolist(),
         "groups": group_accuracies(recall, classes),
@@ -281,19 +374,14 @@ def main(argv=None):
         "checkpoint": str(args.checkpoint),
     }
     print_report(results, classes)
-    if not args.no_plots:
-        plot_dir = Path(args.plot_dir or Path(args.checkpoint).parent)
-        plot_dir.mkdir(parents=True, exist_ok=True)
-        paths = [plot_dir / "confusion.png", plot_dir / "per_class.png"]
-        plot_confusion(confusion, classes, paths[0])
-        plot_per_class(results["per_class"], classes, paths[1])
-        if history:
-            paths.insert(0, plot_dir / "curves.png")
-            plot_curves(history, paths[0])
-        print("\nplots: " + ", ".join(str(p) for p in paths))
+    if history_problem:
+        print(f"\n{history_problem}")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
-        print(f"results: {args.json}")
+        with writing(args.json, "--json"):
+            Path(args.json).write_text(json.dumps(results, indent=1))
+        print(f"\nresults: {args.json}")
+    if not args.no_plots:
+        write_plots(args, results, confusion, classes, history)
 
 
 if __name__ == "__main__":

@@ -109,16 +109,17 @@ def bounded(kind, low, high=math.inf, open_low=False, open_high=False):
     return parse
 
 
-def recipe_default(key):
-    return f"default {DEFAULT_RECIPE[key]}; seed recipe {SEED_RECIPE[key]}"
+def recipe_help(key, text=""):
+    """Help for a recipe setting: what it is and its value in each recipe."""
+    return f"{text} (default {DEFAULT_RECIPE[key]}; seed recipe {SEED_RECIPE[key]})".lstrip()
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
-    add("--data-dir", default="./data", help="CIFAR-10 location, or a folder with train/<class>/ images (%(default)s)")
+    add("--data-dir", default="./data", help="CIFAR-10 location, or a folder with train/<class>/ (%(default)s)")
     add("--output-dir", help="the run's folder (default runs/<timestamp>)")
-    add("--recipe", choices=["default", "seed"], default="default", help="settings below marked recipe (%(default)s)")
+    add("--recipe", choices=["default", "seed"], default="default", help="settings marked recipe (%(default)s)")
     add("--weights", default="imagenet", help="imagenet, none, or a local ResNet18 state dict (%(default)s)")
     add("--seed", type=bounded(int, 0, 2**32 - 1), default=0, help="split, order and augmentation (%(default)s)")
     add(
@@ -127,54 +128,33 @@ def parse_args(argv=None):
         default=0.2,
         help="stratified (%(default)s)",
     )
-    add("--max-train-samples", type=bounded(int, 1), help="train on a stratified subset of about N images (all)")
+    add("--max-train-samples", type=bounded(int, 1), help="a stratified subset of about N training images (all)")
     add("--patience", type=bounded(int, 1), help="stop after N epochs without a lower validation loss (off)")
-    add(
-        "--targeted-augment",
-        default="none",
-        help="rotation, colour jitter and erasing for: none, all, animals, vehicles or class names (%(default)s)",
-    )
-    add(
-        "--class-weights",
-        default="none",
-        help="none; auto (inverse class frequency); a previous run's history.json or checkpoint "
-        "(weights follow its per-class validation error); or w0,w1,... (%(default)s)",
-    )
+    add("--targeted-augment", default="none", help="rotation, jitter, erasing for: none, all, a group or classes")
+    add("--class-weights", default="none", help="none, auto, a run's history.json or checkpoint, or w0,w1,...")
     add("--two-stage", action="store_true", help="animals-vs-vehicles head, then a head per group (off)")
     add("--resume", action="store_true", help="continue the run in --output-dir; only --epochs may change")
     add("--overwrite", action="store_true", help="replace the run in --output-dir")
-    add("--ema", type=bounded(float, 0, 1, open_high=True), default=0.0, help="EMA decay of the weights, 0: off (0)")
+    add("--ema", type=bounded(float, 0, 1, open_high=True), default=0.0, help="EMA decay of the weights (0: off)")
     # Recipe settings: None means "take it from --recipe".
-    add("--epochs", type=bounded(int, 1), help=recipe_default("epochs"))
+    add("--epochs", type=bounded(int, 1), help=recipe_help("epochs"))
+    add("--batch-size", type=bounded(int, 2), help=recipe_help("batch_size", "per process, 2 or more for BatchNorm"))
     add(
-        "--batch-size",
-        type=bounded(int, 2),
-        help=f"per process, 2 or more for BatchNorm ({recipe_default('batch_size')})",
+        "--lr", type=bounded(float, 0, open_low=True), help=recipe_help("lr", f"peak; {SCRATCH_LR} with --weights none")
     )
-    add(
-        "--lr",
-        type=bounded(float, 0, open_low=True),
-        help=f"peak learning rate ({recipe_default('lr')}; {SCRATCH_LR} with --weights none)",
-    )
-    add("--momentum", type=bounded(float, 0, 1, open_high=True), help=recipe_default("momentum"))
-    add("--nesterov", action=argparse.BooleanOptionalAction, help=recipe_default("nesterov"))
-    add("--weight-decay", type=bounded(float, 0), help=f"not on norms and biases ({recipe_default('weight_decay')})")
-    add("--schedule", choices=["cosine", "linear", "constant"], help=f"after warmup ({recipe_default('schedule')})")
-    add(
-        "--warmup-epochs", type=bounded(float, 0), help=f"linear, may be fractional ({recipe_default('warmup_epochs')})"
-    )
-    add("--label-smoothing", type=bounded(float, 0, 1, open_high=True), help=recipe_default("label_smoothing"))
-    add("--stem", choices=["cifar", "imagenet"], help=f"cifar: stride-1 conv, no max-pool ({recipe_default('stem')})")
-    add("--zero-init-residual", action=argparse.BooleanOptionalAction, help=recipe_default("zero_init_residual"))
-    add(
-        "--crop-padding",
-        type=bounded(int, 0, 32),
-        help=f"random crop's zero padding ({recipe_default('crop_padding')})",
-    )
+    add("--momentum", type=bounded(float, 0, 1, open_high=True), help=recipe_help("momentum"))
+    add("--nesterov", action=argparse.BooleanOptionalAction, help=recipe_help("nesterov"))
+    add("--weight-decay", type=bounded(float, 0), help=recipe_help("weight_decay", "not on norms and biases"))
+    add("--schedule", choices=["cosine", "linear", "constant"], help=recipe_help("schedule", "after warmup"))
+    add("--warmup-epochs", type=bounded(float, 0), help=recipe_help("warmup_epochs", "linear warmup"))
+    add("--label-smoothing", type=bounded(float, 0, 1, open_high=True), help=recipe_help("label_smoothing"))
+    add("--stem", choices=["cifar", "imagenet"], help=recipe_help("stem", "cifar: stride-1 conv1, no max-pool"))
+    add("--zero-init-residual", action=argparse.BooleanOptionalAction, help=recipe_help("zero_init_residual"))
+    add("--crop-padding", type=bounded(int, 0, 32), help=recipe_help("crop_padding", "random crop's zero padding"))
     add(
         "--input-size",
         type=bounded(int, 8, 1024),
-        help=f"side of the image the network sees, resized per batch (default {data.IMAGE_SIZE}, "
+        help=f"the network's input side, resized per batch (default {data.IMAGE_SIZE}; "
         f"{IMAGENET_STEM_INPUT_SIZE} with --stem imagenet; seed recipe {data.IMAGE_SIZE})",
     )
     args = parser.parse_args(argv)
@@ -203,40 +183,29 @@ def resumed_settings(args, progress):
     return argparse.Namespace(**config | {"mean": tuple(config["mean"]), "std": tuple(config["std"])})
 
 
-def launcher_of_this_process():
-    """(command line, environment) of the `accelerate launch` that started this process, else None.
-    Linux only: read from /proc."""
+def follow_launcher(accelerator):
+    """Adjustments for a process started by `accelerate launch` (Linux: read from /proc).
+
+    - On a CPU-only machine the launcher sets OMP_NUM_THREADS=1, leaving cores idle: divide the
+      cores among the local processes instead, unless the user chose a number for the launcher.
+    - A SIGTERM to the launcher (a job scheduler's stop, a kill) ends it without passing the signal
+      on, and the trainer would run on alone: ask Linux to send us SIGTERM when the launcher dies,
+      so that we stop at the next step and keep the state, as for Ctrl-C."""
     try:
         launcher = Path(f"/proc/{os.getppid()}")
         command = launcher.joinpath("cmdline").read_bytes().split(b"\0")
         environment = launcher.joinpath("environ").read_bytes().split(b"\0")
     except OSError:
-        return None
-    launched = any(b"accelerate" in part for part in command) and b"launch" in command
-    return (command, environment) if launched else None
-
-
-def use_all_cores(accelerator, launcher):
-    """`accelerate launch` on a CPU-only machine sets OMP_NUM_THREADS=1, leaving cores idle. Divide
-    the cores among the local processes instead, unless the user chose a number for the launcher
-    (OMP_NUM_THREADS in its environment, or --num_cpu_threads_per_process)."""
-    if accelerator.device.type != "cpu" or launcher is None:
         return
-    command, environment = launcher
+    if not (b"accelerate" in b" ".join(command) and b"launch" in b" ".join(command)):  # also python -m
+        return
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
     user_chose = any(e.startswith(b"OMP_NUM_THREADS=") for e in environment) or any(
         part.startswith(b"--num_cpu_threads_per_process") for part in command
     )
-    if not user_chose:
+    if accelerator.device.type == "cpu" and not user_chose:
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_processes))
-
-
-def stop_with_launcher(launcher):
-    """A SIGTERM to `accelerate launch` (a job scheduler's stop, a kill) ends the launcher without
-    passing it on, and the trainer would run on alone. Ask Linux to send this process SIGTERM when
-    its launcher dies, so that it stops at the next step and keeps its state, as for Ctrl-C."""
-    if launcher is not None:
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
 
 
 def lr_factor(step, total_steps, warmup_steps, schedule, decay_start=None):
@@ -254,11 +223,15 @@ def lr_factor(step, total_steps, warmup_steps, schedule, decay_start=None):
 
 def extend_schedule(args, saved_epochs, epochs_done, steps_per_epoch, warmup_steps):
     """--resume --epochs N on a run planned for another number of epochs: the learning rate goes on
-    from where it is and decays, with the same shape, to zero at the new end; it never jumps.
-    Returns the log line that says so."""
+    from where it stands and decays, with the same shape, to zero at the new end; it never jumps
+    back up. Returns the log line that says so."""
     step = epochs_done * steps_per_epoch
-    old_total = saved_epochs * steps_per_epoch
-    factor = lr_factor(step, old_total, warmup_steps, args.schedule, args.decay_start)
+    factor = lr_factor(step, saved_epochs * steps_per_epoch, warmup_steps, args.schedule, args.decay_start)
+    if factor == 0:
+        raise UserError(
+            f"the run's {args.schedule} schedule has brought the learning rate to 0, so more epochs would not "
+            f"change it; start a new run instead (--weights {args.output_dir}/best.safetensors starts from its weights)"
+        )
     if step >= warmup_steps and args.schedule != "constant":
         args.decay_start = (step, factor)
     return (
@@ -308,17 +281,14 @@ def latest_state(out):
     return next((out / name for name in STATE_DIRS if (out / name / "progress.json").is_file()), None)
 
 
-def holds_run(out):
-    return any((out / name).exists() for name in RUN_FILES) or latest_state(out) is not None
-
-
 def check_output_dir(out, args):
     """Refuse, before any work: a file in the way, nothing to resume, or a run not to be touched."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--output-dir {out} is a file; pass a folder")
     if args.resume and not latest_state(out):
         raise UserError(f"nothing to resume in {out}; start a new run without --resume")
-    if holds_run(out) and not (args.resume or args.overwrite):
+    finished = any((out / name).exists() for name in RUN_FILES) or latest_state(out)
+    if finished and not (args.resume or args.overwrite):
         raise UserError(
             f"{out} already holds a run; pass --resume to continue it, --overwrite to replace it, "
             f"or another --output-dir"
@@ -329,13 +299,12 @@ def new_run_dir():
     """runs/<timestamp>, made here; -2, -3, ... for runs started in the same second (mkdir is atomic,
     so two runs never share a folder)."""
     stamp = f"runs/{datetime.now():%Y-%m-%d_%H-%M-%S}"
-    for n in itertools.count(1):
-        out = Path(stamp if n == 1 else f"{stamp}-{n}")
+    for out in itertools.chain([Path(stamp)], (Path(f"{stamp}-{n}") for n in itertools.count(2))):
         try:
             out.mkdir(parents=True)
             return out
         except FileExistsError:
-            continue
+            pass
 
 
 def lock(out):
@@ -572,9 +541,7 @@ def train(args):
         cpu=not torch.accelerator.is_available(),  # else two CPU processes train separately (DistributedType.NO)
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
-    launcher = launcher_of_this_process()
-    use_all_cores(accelerator, launcher)
-    stop_with_launcher(launcher)
+    follow_launcher(accelerator)
     out = Path(args.output_dir) if args.output_dir else None
     progress = None
     if out:

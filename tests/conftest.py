@@ -82,22 +82,9 @@ def weights_file(tmp_path_factory):
 
 
 def quick_args(data_dir, out, *extra):
-    """Flags for a run that takes seconds: tiny model input, few steps."""
-    return [
-        "--data-dir",
-        str(data_dir),
-        "--output-dir",
-        str(out),
-        "--weights",
-        "none",
-        "--stem",
-        "imagenet",
-        "--batch-size",
-        "16",
-        "--epochs",
-        "2",
-        *map(str, extra),
-    ]
+    """Flags for a run that takes seconds: tiny model input (32x32 through torchvision's stem), few steps."""
+    flags = ["--weights", "none", "--stem", "imagenet", "--input-size", "32", "--batch-size", "16", "--epochs", "2"]
+    return ["--data-dir", str(data_dir), "--output-dir", str(out), *flags, *map(str, extra)]
 
 
 def run_script(*args, env=None, timeout=300):
@@ -112,5 +99,5 @@ def trained_run(image_folder, tmp_path_factory):
     import train
 
     out = tmp_path_factory.mktemp("run") / "run"
-    train.main(quick_args(image_folder, out))
+    train.main(quick_args(image_folder, out, "--input-size", train.IMAGENET_STEM_INPUT_SIZE))  # evaluate resizes
     return out

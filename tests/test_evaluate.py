@@ -1,12 +1,60 @@
+import errno
 import json
+import shutil
 import sys
 
+import numpy as np
 import pytest
 import torch
-from conftest import CLASSES, run_script
+from conftest import CLASSES, class_images, run_script
 from PIL import Image
 
 import evaluate
+from model import build_model, save_checkpoint
+
+
+def small_run(root, classes, per_class=4):
+    """A freshly initialised checkpoint for these classes, alone in ROOT/run/, and an image folder
+    ROOT/data/{train,test}/<class>/*.png: any number of classes, in a second."""
+    torch.manual_seed(0)
+    metadata = dict(
+        arch="resnet18",
+        stem="imagenet",
+        classes=classes,
+        mean=[0.5] * 3,
+        std=[0.5] * 3,
+        input_size=32,
+        seed=0,
+        val_fraction=0.2,
+    )
+    (root / "run").mkdir(parents=True)
+    checkpoint = root / "run" / "best.safetensors"
+    save_checkpoint(build_model(len(classes), "imagenet", "none"), checkpoint, metadata)
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for label, name in enumerate(classes):
+            folder = root / "data" / split / name
+            folder.mkdir(parents=True)
+            for i, pixels in enumerate(class_images(label, per_class, rng)):
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return checkpoint, root / "data"
+
+
+def files_under(folder):
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*"))
+
+
+def assert_refused(result, *words, usage=False):
+    """A non-zero exit, one error line naming each of words, no traceback. usage: argparse's
+    error, which comes after its usage lines; ours is the only line."""
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if "error:" in line]
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    assert len(errors) == 1 and all(word in errors[0] for word in words), result.stderr
+    if usage:
+        assert lines[-1] == errors[0], result.stderr
+    else:
+        assert lines == errors and errors[0].startswith("error:"), result.stderr
 
 
 def test_evaluate_prints_every_class_and_writes_json_and_plots(trained_run, image_folder, tmp_path, capsys):
@@ -26,6 +74,10 @@ def test_evaluate_prints_every_class_and_writes_json_and_plots(trained_run, imag
     )
     printed = capsys.readouterr().out
     assert all(name in printed for name in CLASSES)
+    assert f"{trained_run / 'best.safetensors'}, val split, TTA off: 40 images" in printed.splitlines()[0]
+    header = next(line for line in printed.splitlines() if line.startswith("class"))
+    assert header.split("(")[0].split() == ["class", "accuracy", "precision", "F1"]  # accuracy = recall: once
+    assert "accuracy = recall" in header
     results = json.loads(out.read_text())
     assert results["split"] == "val" and results["num_samples"] == 40
     assert set(results["per_class"]) == set(CLASSES)
@@ -34,13 +86,19 @@ def test_evaluate_prints_every_class_and_writes_json_and_plots(trained_run, imag
     assert results["accuracy"] == pytest.approx(best["val_acc"])  # the run's own validation split
     assert results["loss"] == pytest.approx(best["val_loss"], rel=1e-4)  # at the run's input size
     assert results["overfitting"]["best_epoch"] == best["epoch"]
-    for name in ("curves.png", "confusion.png", "per_class.png"):
+    assert results["checkpoint"] == str(trained_run / "best.safetensors") and results["tta"] is False
+    assert results["per_class_recall"] == results["per_class"]  # both keys kept for older readers
+    plots = ["curves.png", "best_val_confusion.png", "best_val_per_class.png"]
+    for name in plots:
+        assert str(tmp_path / name) in printed
         with Image.open(tmp_path / name) as image:
             assert image.format == "PNG" and image.width > 400
+    assert files_under(tmp_path) == sorted(["results.json", *plots])
 
 
-def test_test_split_and_tta(trained_run, image_folder, tmp_path):
+def test_test_split_and_tta(trained_run, image_folder, tmp_path, capsys):
     out = tmp_path / "results.json"
+    run_files = files_under(trained_run)
     evaluate.main(
         [
             str(trained_run / "best.safetensors"),
@@ -54,6 +112,8 @@ def test_test_split_and_tta(trained_run, image_folder, tmp_path):
     )
     results = json.loads(out.read_text())
     assert results["split"] == "test" and results["num_samples"] == 50 and results["tta"]
+    assert capsys.readouterr().out.startswith(f"{trained_run / 'best.safetensors'}, test split, TTA on: 50 images")
+    assert files_under(tmp_path) == ["results.json"] and files_under(trained_run) == run_files  # --no-plots
 
 
 def test_precision_recall_from_a_known_confusion_matrix():
@@ -116,9 +176,7 @@ def bad_checkpoints(trained_run, tmp_path):
 def test_bad_checkpoints_get_one_line_errors_without_traceback(trained_run, image_folder, tmp_path):
     for path, message in bad_checkpoints(trained_run, tmp_path):
         result = run_script(sys.executable, "evaluate.py", str(path), "--data-dir", str(image_folder), "--no-plots")
-        assert result.returncode != 0
-        assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert_refused(result, message)
 
 
 def test_classes_that_do_not_match_the_data_are_an_error(trained_run, tmp_path):
@@ -128,3 +186,183 @@ def test_classes_that_do_not_match_the_data_are_an_error(trained_run, tmp_path):
         Image.new("RGB", (32, 32)).save(tmp_path / "train" / name / "0.png")
     with pytest.raises(SystemExit, match="classes"):
         evaluate.main([str(trained_run / "best.safetensors"), "--data-dir", str(tmp_path), "--split", "val"])
+
+
+def test_plots_of_each_checkpoint_split_and_tta_have_their_own_names(trained_run, image_folder, tmp_path, capsys):
+    plots = tmp_path / "plots"
+    for checkpoint, *flags in (("best", "--split", "val"), ("last", "--split", "val"), ("best", "--tta")):
+        evaluate.main(
+            [str(trained_run / f"{checkpoint}.safetensors"), "--data-dir", str(image_folder), "--plot-dir", str(plots)]
+            + flags
+        )
+    names = [
+        f"{run}_{kind}.png" for run in ("best_val", "last_val", "best_test_tta") for kind in ("confusion", "per_class")
+    ]
+    assert files_under(plots) == sorted(["curves.png", *names])
+    printed = capsys.readouterr().out
+    assert all(str(plots / name) in printed for name in names)
+
+
+def test_plot_titles_say_what_was_evaluated_and_curves_show_whole_epochs():
+    title = "runs/a/best.safetensors, val split, TTA on"
+    confusion = torch.tensor([[3, 1], [0, 4]])
+    figure = evaluate.plot_confusion(confusion, ["cat", "dog"], title)
+    assert title in figure.axes[0].get_title()
+    figure = evaluate.plot_per_class({"cat": 0.75, "dog": 1.0}, ["cat", "dog"], title)
+    assert title in figure.axes[0].get_title() and figure.axes[0].get_legend() is None  # no groups
+    history = [
+        {
+            "epoch": epoch,
+            "train_loss": 1 / epoch,
+            "train_acc": 0.2 * epoch,
+            "val_loss": 1.1 / epoch,
+            "val_acc": 0.1 * epoch,
+        }
+        for epoch in (1, 2, 3)
+    ]
+    figure = evaluate.plot_curves(history, "training curves: runs/a/history.json")
+    figure.canvas.draw()
+    assert figure.get_suptitle() == "training curves: runs/a/history.json"
+    for axis in figure.axes:
+        low, high = axis.get_xlim()
+        ticks = [tick for tick in axis.get_xticks() if low <= tick <= high]
+        assert ticks and all(tick == round(tick) for tick in ticks), ticks
+
+
+@pytest.mark.parametrize("n, best, worst", [(1, 0, 0), (2, 1, 1), (3, 1, 1), (5, 2, 2), (10, 3, 2)])
+def test_best_and_worst_marks_never_overlap(n, best, worst):
+    marks = evaluate.best_and_worst(list(range(n)))
+    assert [i for i, mark in marks.items() if mark == "best"] == list(range(best))
+    assert [i for i, mark in marks.items() if mark == "worst"] == list(range(n - worst, n))
+
+
+@pytest.mark.parametrize(
+    "classes, grouped",
+    [(["cat", "dog"], False), (["airplane", "cat", "dog"], True), (["apple", "cat", "truck"], False)],
+)
+def test_models_with_few_classes_evaluate(classes, grouped, tmp_path, capsys):
+    checkpoint, data_dir = small_run(tmp_path, classes)
+    out = tmp_path / "results.json"
+    evaluate.main([str(checkpoint), "--data-dir", str(data_dir), "--json", str(out)])
+    printed = capsys.readouterr().out
+    results = json.loads(out.read_text())
+    assert results["num_samples"] == 4 * len(classes) and set(results["per_class"]) == set(classes)
+    assert "nan" not in printed.lower() and "history" not in printed  # no history.json: silent
+    assert ("vehicles" in printed) == grouped and (results["groups"] is not None) == grouped
+    assert (results["stage1_accuracy"] is not None) == grouped
+    assert files_under(checkpoint.parent) == ["best.safetensors", "best_test_confusion.png", "best_test_per_class.png"]
+
+
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ('[{"epoch": 1, "train_loss": 2.1, "train_acc"', "Expecting"),  # truncated mid-write
+        ('[{"epoch": 1, "train_loss": 2.1, "val_loss": 2.2, "val_acc": 0.3}]', "record 1 has no number for train_acc"),
+        ('[{"epoch": 1, "train_loss": 2.1, "train_acc": null, "val_loss": 2.2, "val_acc": 0.3}]', "for train_acc"),
+        ('{"epoch": 1}', "expected a non-empty list"),
+        ("[]", "expected a non-empty list"),
+    ],
+)
+def test_an_unusable_history_is_reported_and_the_evaluation_still_runs(text, reason, tmp_path, capsys):
+    checkpoint, data_dir = small_run(tmp_path, ["cat", "dog"])
+    history = checkpoint.with_name("history.json")
+    history.write_text(text)
+    out = tmp_path / "results.json"
+    evaluate.main([str(checkpoint), "--data-dir", str(data_dir), "--json", str(out)])  # no SystemExit: exit 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("history:")]
+    assert len(lines) == 1 and f"{history} is unreadable" in lines[0] and reason in lines[0], lines
+    assert json.loads(out.read_text())["overfitting"] is None
+    expected = ["best.safetensors", "best_test_confusion.png", "best_test_per_class.png", "history.json"]
+    assert files_under(checkpoint.parent) == expected  # no curves.png
+
+
+def test_batch_size_below_one_is_refused_at_parse_time(tmp_path):
+    result = run_script(sys.executable, "evaluate.py", str(tmp_path / "best.safetensors"), "--batch-size", "0")
+    assert_refused(result, "--batch-size", ">= 1", usage=True)
+
+
+@pytest.mark.parametrize("value", ["-3", "1.5", "many", ""])
+def test_batch_size_must_be_a_positive_integer(value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.parse_args(["best.safetensors", "--batch-size", value])
+    assert exit_info.value.code == 2 and "argument --batch-size: expected an integer >= 1" in capsys.readouterr().err
+    assert evaluate.parse_args(["best.safetensors", "--batch-size", "7"]).batch_size == 7
+
+
+def unwritable_outputs(tmp_path):
+    """(flags, words the error names) for output paths that cannot be written."""
+    (tmp_path / "plots.png").write_bytes(b"not a folder")
+    (tmp_path / "notes.txt").write_text("not a folder")
+    (tmp_path / "results").mkdir()
+    return {
+        "plot dir is a file": (["--plot-dir", tmp_path / "plots.png"], ["--plot-dir", "is a file"]),
+        "plot dir under a file": (
+            ["--plot-dir", tmp_path / "notes.txt" / "plots"],
+            ["--plot-dir", "notes.txt is a file"],
+        ),
+        "json is a folder": (["--json", tmp_path / "results"], ["--json", "is a folder"]),
+        "json under a file": (
+            ["--json", tmp_path / "notes.txt" / "r.json", "--no-plots"],
+            ["--json", "notes.txt is a file"],
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "case", ["plot dir is a file", "plot dir under a file", "json is a folder", "json under a file"]
+)
+def test_unwritable_outputs_are_refused_before_any_work(case, tmp_path, capsys):
+    checkpoint, data_dir = small_run(tmp_path / "input", ["cat", "dog"])
+    flags, words = unwritable_outputs(tmp_path)[case]
+    before = files_under(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main([str(checkpoint), "--data-dir", str(data_dir), *map(str, flags)])
+    message = str(exit_info.value.code)
+    assert message.startswith("error: ") and "\n" not in message and all(word in message for word in words), message
+    assert capsys.readouterr().out == "" and files_under(tmp_path) == before
+
+
+def test_the_script_refuses_an_unwritable_output_in_one_line(tmp_path):
+    checkpoint, data_dir = small_run(tmp_path / "input", ["cat", "dog"])
+    flags, words = unwritable_outputs(tmp_path)["plot dir is a file"]
+    before = files_under(tmp_path)
+    result = run_script(sys.executable, "evaluate.py", str(checkpoint), "--data-dir", str(data_dir), *map(str, flags))
+    assert_refused(result, *words)
+    assert result.stdout == "" and files_under(tmp_path) == before
+
+
+def test_missing_output_folders_are_created(tmp_path, capsys):
+    checkpoint, data_dir = small_run(tmp_path, ["cat", "dog"])
+    out, plots = tmp_path / "new" / "a" / "results.json", tmp_path / "new" / "b" / "plots"
+    evaluate.main([str(checkpoint), "--data-dir", str(data_dir), "--json", str(out), "--plot-dir", str(plots)])
+    assert json.loads(out.read_text())["num_samples"] == 8
+    assert files_under(plots) == ["best_test_confusion.png", "best_test_per_class.png"]
+
+
+def test_bad_input_leaves_no_output_folders(tmp_path):
+    checkpoint, data_dir = small_run(tmp_path / "input", ["cat", "dog"])
+    shutil.rmtree(data_dir / "test")
+    out, plots = tmp_path / "out" / "results.json", tmp_path / "out" / "plots"
+    with pytest.raises(SystemExit, match="^error: .*does not exist"):
+        evaluate.main([str(checkpoint), "--data-dir", str(data_dir), "--json", str(out), "--plot-dir", str(plots)])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("target", ["json", "plots"])
+def test_a_failed_write_at_the_end_is_one_error_line(target, tmp_path, monkeypatch, capsys):
+    checkpoint, data_dir = small_run(tmp_path, ["cat", "dog"])
+    out = tmp_path / "results.json"
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if target == "json":
+        monkeypatch.setattr(evaluate.Path, "write_text", disk_full)
+    else:
+        monkeypatch.setattr(evaluate.plt.Figure, "savefig", disk_full)
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main([str(checkpoint), "--data-dir", str(data_dir), "--json", str(out)])
+    path = out if target == "json" else checkpoint.with_name("best_test_confusion.png")
+    message = str(exit_info.value.code)
+    assert message.startswith(f"error: could not write {path} (") and "No space left" in message, message
+    assert "\n" not in message and "accuracy" in capsys.readouterr().out  # after the work, one line

@@ -1,0 +1,311 @@
+"""train.py one step off the happy path: bad flags and splits, odd images, a run folder left by a
+crash, a full disk, two runs at once, a diverging run, and a stopped launcher."""
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, quick_args, run_script
+from PIL import Image
+
+import data
+import train
+from model import load_checkpoint
+
+
+def one_error_line(stderr):
+    return "Traceback" not in stderr and sum("error:" in line for line in stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "flag, value, allowed",
+    [
+        ("--batch-size", "0", "at least 2"),
+        ("--lr", "-1", "above 0"),
+        ("--crop-padding", "-1", "at least 0"),
+        ("--label-smoothing", "2", "below 1"),
+        ("--epochs", "0", "at least 1"),
+        ("--val-fraction", "1", "below 1"),
+        ("--momentum", "nan", "below 1"),
+        ("--weight-decay", "-0.1", "at least 0"),
+        ("--warmup-epochs", "inf", "at least 0"),
+        ("--input-size", "4", "at least 8"),
+        ("--patience", "0", "at least 1"),
+        ("--ema", "1", "below 1"),
+        ("--max-train-samples", "ten", "not an integer"),
+        ("--seed", "-1", "at least 0"),
+    ],
+)
+def test_numeric_flags_are_range_checked_at_parse_time(flag, value, allowed, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        train.parse_args([flag, value])
+    assert stopped.value.code == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"error: argument {flag}: " in message and allowed in message
+
+
+def test_a_bad_flag_from_the_command_line_is_one_line_and_writes_nothing(tmp_path):
+    result = run_script(sys.executable, "train.py", "--output-dir", str(tmp_path / "out"), "--batch-size", "0")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert [line for line in result.stderr.splitlines() if "error:" in line] == [
+        "train.py: error: argument --batch-size: must be an integer at least 2, got 0"
+    ]
+    assert not (tmp_path / "out").exists()
+
+
+def tiny_folder(root, per_class, classes=("ant", "bee", "cat")):
+    for label, name in enumerate(classes):
+        (root / "train" / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (32, 32), (label * 80, i * 5, 0)).save(root / "train" / name / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize(
+    "per_class, flags, message",
+    [
+        (20, ["--val-fraction", "0.99"], "would have 0 training and 20 validation images"),
+        (2, [], "would have 2 training and 0 validation images"),
+        (20, ["--max-train-samples", "1"], "raise --max-train-samples (at least 3"),
+    ],
+)
+def test_splits_that_leave_a_class_empty_are_refused_with_the_numbers(tmp_path, per_class, flags, message):
+    folder = tiny_folder(tmp_path / "data", per_class)
+    with pytest.raises(SystemExit, match=message.replace("(", r"\(")):
+        train.main(quick_args(folder, tmp_path / "out", *flags))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_batch_size_above_the_training_images_is_refused(tmp_path):
+    folder = tiny_folder(tmp_path / "data", 5)
+    with pytest.raises(SystemExit, match="--batch-size 16 is more than the 12 training images"):
+        train.main(quick_args(folder, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_last_batch_of_one_image_trains_and_the_printed_evaluate_command_works(image_folder, tmp_path, capsys):
+    """160 training images at batch 53 leave one over; at 32x32 torchvision's stem ends in a 1x1 map, where
+    BatchNorm cannot train on one image. That image is dropped for the epoch. This folder has no test/."""
+    shutil.copytree(image_folder / "train", tmp_path / "data" / "train")
+    out = tmp_path / "run"
+    train.main(quick_args(tmp_path / "data", out, "--batch-size", "53", "--input-size", "32", "--epochs", "1"))
+    command = capsys.readouterr().out.split("evaluate: ")[-1].split()
+    assert command[:3] == ["python", "evaluate.py", f"{out}/best.safetensors"] and "--split" in command
+    result = run_script(sys.executable, *command[1:], "--no-plots", "--json", str(tmp_path / "r.json"))
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["num_samples"] == 40
+
+
+def test_16_bit_png_loads_with_its_true_values(tmp_path):
+    for name, level in (("dark", 8000), ("light", 50000)):
+        (tmp_path / "train" / name).mkdir(parents=True)
+        Image.fromarray(np.full((32, 32), level, dtype=np.uint16)).save(tmp_path / "train" / name / "0.png")
+    images, labels, classes = data.load_images(tmp_path, "train")
+    by_class = {classes[label]: image for image, label in zip(images, labels)}
+    assert by_class["dark"].unique().tolist() == [8000 // 256]  # not clipped to white
+    assert by_class["light"].unique().tolist() == [50000 // 256]
+
+
+def test_a_failed_cifar_download_leaves_no_data_folder(tmp_path, monkeypatch):
+    import torchvision
+
+    def offline(self):
+        Path(self.root).mkdir(parents=True, exist_ok=True)  # as torchvision does before downloading
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "download", offline)
+    with pytest.raises(data.UserError, match="could not be downloaded"):
+        data.load_images(tmp_path / "data", "train")
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.fixture
+def finished_run(image_folder, tmp_path):
+    out = tmp_path / "run"
+    train.main(quick_args(image_folder, out, "--epochs", "1"))
+    return out
+
+
+def epochs_in(out):
+    return [r["epoch"] for r in json.loads((out / "history.json").read_text())]
+
+
+@pytest.mark.parametrize(
+    "crash",
+    [
+        "state-old beside state",  # a crash while removing the previous state
+        "state-tmp half written",  # a crash while writing the new one
+        "only state-tmp and state-old",  # a crash between the two renames
+        "only state-old",  # the same, before the new state was complete
+    ],
+)
+def test_a_crash_at_any_point_of_a_save_leaves_a_resumable_folder(finished_run, crash):
+    state = finished_run / "state"
+    if crash == "state-old beside state":
+        shutil.copytree(state, finished_run / "state-old")
+    elif crash == "state-tmp half written":
+        shutil.copytree(state, finished_run / "state-tmp")
+        (finished_run / "state-tmp" / "progress.json").unlink()
+    elif crash == "only state-tmp and state-old":
+        shutil.copytree(state, finished_run / "state-old")
+        state.rename(finished_run / "state-tmp")
+    else:
+        state.rename(finished_run / "state-old")
+    with pytest.raises(SystemExit, match="already holds a run; pass --resume"):  # a plain rerun explains
+        train.main(quick_args(finished_run.parent, finished_run))
+    train.main(["--output-dir", str(finished_run), "--resume", "--epochs", "2"])
+    assert epochs_in(finished_run) == [1, 2]
+    assert sorted(p.name for p in finished_run.glob("state*")) == ["state"]
+
+
+def test_an_empty_state_tmp_left_by_a_crash_before_the_first_save_does_not_block(image_folder, tmp_path):
+    out = tmp_path / "run"
+    (out / "state-tmp").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="nothing to resume"):
+        train.main(["--output-dir", str(out), "--resume"])
+    train.main(quick_args(image_folder, out, "--epochs", "1"))
+    assert epochs_in(out) == [1]
+
+
+def test_output_dir_problems_are_one_line_errors(image_folder, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("mine")
+    for out, message in ((blocker, "is a file; pass a folder"), (blocker / "run", "cannot write to")):
+        result = run_script(sys.executable, "train.py", *quick_args(image_folder, out))
+        assert result.returncode == 1 and one_error_line(result.stderr), result.stderr
+        assert message in result.stderr
+    assert blocker.read_text() == "mine"
+
+
+def test_a_full_disk_keeps_the_last_good_files_and_resume_continues(image_folder, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    calls = []
+
+    def disk_full_in_epoch_2(model, path, metadata):
+        calls.append(path)
+        if metadata["epoch"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(model, path, metadata)
+
+    real_save = train.save_checkpoint
+    monkeypatch.setattr(train, "save_checkpoint", disk_full_in_epoch_2)
+    with pytest.raises(SystemExit, match="No space left on device.*Free space, then resume"):
+        train.main(quick_args(image_folder, out, "--epochs", "3"))
+    monkeypatch.undo()
+    assert load_checkpoint(out / "last.safetensors")[1]["epoch"] == 1
+    train.main(["--output-dir", str(out), "--resume"])
+    assert epochs_in(out) == [1, 2, 3]
+
+
+def test_a_second_run_in_a_locked_folder_is_refused_and_a_stale_lock_file_is_not(image_folder, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running train.py holds it
+        with pytest.raises(SystemExit, match="another train.py is running in"):
+            train.main(quick_args(image_folder, out, "--epochs", "1"))
+    assert not (out / "history.json").exists()
+    train.main(quick_args(image_folder, out, "--epochs", "1"))  # the file is still there, the lock is not
+    assert epochs_in(out) == [1]
+
+
+def test_default_run_folders_started_in_the_same_second_differ(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    first, second = train.new_run_dir(), train.new_run_dir()
+    assert first != second and first.is_dir() and second.is_dir()
+
+
+def test_extending_a_run_continues_its_decay_and_says_so(image_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    train.main(quick_args(image_folder, out, "--epochs", "2", "--lr", "0.1", "--warmup-epochs", "0"))
+    with pytest.raises(SystemExit, match="brought the learning rate to 0, so more epochs would not change it"):
+        train.main(["--output-dir", str(out), "--resume", "--epochs", "4"])  # a finished cosine run
+    progress_file = out / "state" / "progress.json"  # as if the run had been planned for 4 epochs
+    progress = json.loads(progress_file.read_text())
+    progress["config"]["epochs"] = 4
+    progress_file.write_text(json.dumps(progress))
+    train.main(["--output-dir", str(out), "--resume", "--epochs", "6"])
+    assert "--epochs 6 instead of 4: after epoch 2 the learning rate goes on from 0.05" in capsys.readouterr().out
+    rates = [r["lr"] for r in json.loads((out / "history.json").read_text())[2:]]
+    assert 0.05 > rates[0] > rates[1] > rates[2] > rates[3] >= 0  # no jump back up, down to 0 at the new end
+    # the new decay starts where the old one stood
+    args = SimpleNamespace(epochs=4, schedule="cosine", lr=0.1, decay_start=None, output_dir="run")
+    train.extend_schedule(args, saved_epochs=2, epochs_done=1, steps_per_epoch=10, warmup_steps=0)
+    assert train.lr_factor(10, 40, 0, "cosine", args.decay_start) == pytest.approx(train.lr_factor(10, 20, 0, "cosine"))
+    assert train.lr_factor(40, 40, 0, "cosine", args.decay_start) == pytest.approx(0)
+
+
+def test_a_run_whose_validation_loss_is_never_finite_fails(image_folder, tmp_path, monkeypatch):
+    real_validate = train.validate
+    monkeypatch.setattr(train, "validate", lambda *a: real_validate(*a) | {"val_loss": float("nan")})
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match="validation loss is nan after epoch 1; lower --lr. nothing was saved"):
+        train.main(quick_args(image_folder, out))
+    assert not (out / "best.safetensors").exists()
+
+
+def test_files_get_the_users_usual_permissions(finished_run):
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (finished_run / "best.safetensors", finished_run / "history.json", finished_run / "state"):
+        for file in [path] if path.is_file() else path.iterdir():
+            assert file.stat().st_mode & 0o777 == 0o666 & ~umask, file
+
+
+def test_help_shows_every_flag_with_its_default(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("(default 30; seed recipe 50)", "peak; 0.2 with --weights none (default 0.05; seed recipe 0.001)"):
+        assert shown in text
+    assert "--mixed_precision bf16 train.py" in text  # the launcher's flags go before the script
+
+
+def test_the_time_estimate_warns_about_the_cifar_stem_on_a_cpu():
+    cpu = SimpleNamespace(device=torch.device("cpu"))
+    slow = train.time_estimate(660, 1, SimpleNamespace(epochs=30, stem="cifar"), cpu)
+    assert slow.startswith("estimate: 11.0 min an epoch, 5.5 h for the 30 left") and "--stem imagenet" in slow
+    assert "--stem imagenet" not in train.time_estimate(60, 1, SimpleNamespace(epochs=30, stem="imagenet"), cpu)
+
+
+def running(pid):
+    """Alive and not a zombie waiting to be reaped (a container's first process may never reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_sigterm_to_accelerate_launch_stops_the_trainer_with_its_state_saved(image_folder, tmp_path):
+    out = tmp_path / "run"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "train.py"]
+    flags = quick_args(image_folder, out, "--epochs", "50", "--batch-size", "4")
+    launcher = subprocess.Popen(
+        [*launch, *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    while launcher.poll() is None and not (out / "history.json").exists():
+        time.sleep(0.1)
+    trainer = int(Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()[0])
+    launcher.send_signal(signal.SIGTERM)
+    try:
+        output = launcher.communicate(timeout=60)[0]  # the trainer holds the pipe open until it ends
+        deadline = time.time() + 30
+        while running(trainer) and time.time() < deadline:  # closing the pipe is not quite the end
+            time.sleep(0.1)
+    finally:
+        if running(trainer):
+            os.kill(trainer, signal.SIGKILL)
+            pytest.fail("the trainer outlived its launcher")
+    assert "stopped during epoch" in output and "--resume" in output, output[-2000:]
+    assert train.latest_state(out) == out / "state" and len(epochs_in(out)) < 50

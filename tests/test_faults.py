@@ -99,7 +99,7 @@ def test_a_last_batch_of_one_image_trains_and_the_printed_evaluate_command_works
     BatchNorm cannot train on one image. That image is dropped for the epoch. This folder has no test/."""
     shutil.copytree(image_folder / "train", tmp_path / "data" / "train")
     out = tmp_path / "run"
-    train.main(quick_args(tmp_path / "data", out, "--batch-size", "53", "--input-size", "32", "--epochs", "1"))
+    train.main(quick_args(tmp_path / "data", out, "--batch-size", "53", "--max-train-samples", "160", "--epochs", "1"))
     command = capsys.readouterr().out.split("evaluate: ")[-1].split()
     assert command[:3] == ["python", "evaluate.py", f"{out}/best.safetensors"] and "--split" in command
     result = run_script(sys.executable, *command[1:], "--no-plots", "--json", str(tmp_path / "r.json"))

@@ -101,7 +101,7 @@ def test_overwrite_replaces_the_run(image_folder, tmp_path):
 
 def test_sigterm_then_resume_matches_an_uninterrupted_run(image_folder, tmp_path):
     """A 4-epoch run stopped by SIGTERM after epoch 2 and resumed equals the uninterrupted run."""
-    flags = ["--batch-size", "4", "--epochs", "4", "--max-train-samples", "120"]
+    flags = ["--batch-size", "4", "--epochs", "4", "--max-train-samples", "60"]
     whole = tmp_path / "whole"
     train.main(quick_args(image_folder, whole, *flags))
 

@@ -5,7 +5,9 @@ Batches are sliced from it and augmented as whole batches on the training device
 its own random numbers, so no per-sample Python runs in the training loop.
 """
 
+import hashlib
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -108,6 +110,40 @@ def to_rgb(image):
         pixels = np.asarray(image, dtype=np.uint32) >> 8  # 0..65535 -> 0..255
         image = Image.fromarray(pixels.astype(np.uint8))
     return image.convert("RGB")
+
+
+def fingerprint(data_dir, split, images, labels, classes):
+    """A small record of the data a split is made from, to check later that a folder still holds
+    it: the images per class, and a hash of an image folder's relative paths and file sizes (sorted,
+    so the order files are listed in does not matter), or of CIFAR-10's pixels and labels."""
+    folder = Path(data_dir) / split
+    if (Path(data_dir) / "train").is_dir():  # an image folder, as load_images decides
+        prefix = len(str(folder))
+        content = "\n".join(
+            sorted(
+                f"{path[prefix:]}\0{os.stat(path).st_size}"
+                for name in classes
+                for directory, _, files in os.walk(folder / name, followlinks=True)
+                for path in (os.path.join(directory, file) for file in files)
+                if path.lower().endswith(IMAGE_EXTENSIONS)
+            )
+        ).encode()
+    else:
+        content = images.numpy().tobytes() + labels.numpy().tobytes()
+    counts = torch.bincount(labels, minlength=len(classes)).tolist()
+    return {"sha256": hashlib.sha256(content).hexdigest()[:16], "images_per_class": dict(zip(classes, counts))}
+
+
+def data_difference(expected, found):
+    """What differs between two fingerprints, in words; None when they match."""
+    if expected == found:
+        return None
+    had, has = expected["images_per_class"], found["images_per_class"]
+    changes = [f"{name}: {has.get(name, 0)} images, the run had {n}" for name, n in had.items() if has.get(name) != n]
+    changes += [f"{name}: a class the run did not have" for name in has if name not in had]
+    if changes:
+        return "; ".join(changes[:3]) + ("; ..." if len(changes) > 3 else "")
+    return "as many images per class, but other files or file sizes: images replaced, or another copy"
 
 
 # ---------------------------------------------------------------------------------- splits

@@ -50,20 +50,41 @@ def parse_args(argv=None):
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--plot-dir", help="where the PNGs go (default: the checkpoint's folder)")
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument(
+        "--skip-data-check",
+        action="store_true",
+        help="--split val on a folder that is not the run's data: evaluate anyway (said in the report)",
+    )
     return parser.parse_args(argv)
 
 
-def load_split(data_dir, split, metadata):
-    """The images to evaluate on: the test split, or the exact validation split of the run."""
-    images, labels, classes = data.load_images(data_dir, "train" if split == "val" else "test")
+def load_split(args, metadata):
+    """The images to evaluate on: the test split, or the exact validation split of the run, and what
+    was checked of the data: the validation split is only the run's own when the folder holds the
+    data the run was split from."""
+    images, labels, classes = data.load_images(args.data_dir, "train" if args.split == "val" else "test")
     if classes != metadata["classes"]:
         raise data.UserError(
-            f"the checkpoint's classes {metadata['classes']} differ from those in {data_dir}: {classes}"
+            f"the checkpoint's classes {metadata['classes']} differ from those in {args.data_dir}: {classes}"
         )
-    if split == "val":
-        _, val = data.train_val_indices(labels, classes, metadata["val_fraction"], metadata["seed"])
-        images, labels = images[val], labels[val]
-    return images, labels
+    if args.split == "test":
+        return images, labels, "any labelled test set is fair"
+    expected = metadata.get("config", {}).get("data_fingerprint")
+    difference = expected and data.data_difference(
+        expected, data.fingerprint(args.data_dir, "train", images, labels, classes)
+    )
+    if expected is None:
+        check = "unchecked: the checkpoint predates data fingerprints"
+        print(f"warning: {check}; the validation split is the run's only if {args.data_dir} is its data")
+    elif difference and not args.skip_data_check:
+        raise data.UserError(
+            f"{args.data_dir} is not the data this run was split from ({difference}), so its validation split "
+            f"would hold other images, some perhaps trained on. Pass the run's --data-dir, or --skip-data-check"
+        )
+    else:
+        check = f"skipped (--skip-data-check): {difference}" if difference else "the run's own data"
+    _, val = data.train_val_indices(labels, classes, metadata["val_fraction"], metadata["seed"])
+    return images[val], labels[val], check
 
 
 @torch.inference_mode()
@@ -186,6 +207,8 @@ def best_and_worst(order):
 
 def print_report(results, classes):
     print(f"{describe(results)}: {results['num_samples']} images")
+    if results["split"] == "val":
+        print(f"data: {results['data_check']}")
     print(f"accuracy {results['accuracy']:.2%}   loss {results['loss']:.4f}\n")
     order = sorted(range(len(classes)), key=lambda i: -results["per_class"][classes[i]])
     marks = best_and_worst(order)
@@ -346,7 +369,7 @@ def evaluate(args):
     model, metadata = load_checkpoint(args.checkpoint)
     classes = metadata["classes"]
     folders = output_folders(args)
-    images, labels = load_split(args.data_dir, args.split, metadata)
+    images, labels, data_check = load_split(args, metadata)
     for flag, _, folder in folders:
         with writing(folder, flag):
             folder.mkdir(parents=True, exist_ok=True)
@@ -372,6 +395,7 @@ def evaluate(args):
         "overfitting": overfitting(history),
         "tta": args.tta,
         "checkpoint": str(args.checkpoint),
+        "data_check": data_check,
     }
     print_report(results, classes)
     if history_problem:

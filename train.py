@@ -117,7 +117,7 @@ def recipe_help(key, text=""):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
-    add("--data-dir", default="./data", help="CIFAR-10 location, or a folder with train/<class>/ (%(default)s)")
+    add("--data-dir", help="CIFAR-10 location, or a folder with train/<class>/ (./data; --resume: the run's)")
     add("--output-dir", help="the run's folder (default runs/<timestamp>)")
     add("--recipe", choices=["default", "seed"], default="default", help="settings marked recipe (%(default)s)")
     add("--weights", default="imagenet", help="imagenet, none, or a local ResNet18 state dict (%(default)s)")
@@ -160,6 +160,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.resume:
         return args  # the run's saved settings apply; see resumed_settings
+    args.data_dir = args.data_dir or "./data"
     recipe = SEED_RECIPE if args.recipe == "seed" else DEFAULT_RECIPE
     if args.recipe == "default" and args.weights == "none" and args.lr is None:
         args.lr = SCRATCH_LR
@@ -173,13 +174,15 @@ def parse_args(argv=None):
 
 
 def resumed_settings(args, progress):
-    """A resumed run keeps its own settings; only a new --epochs (to extend it) is taken. Settings
-    that train.py gained after the run started take their defaults for the run's recipe."""
+    """A resumed run keeps its own settings; only a new --epochs (to extend it) and --data-dir (the
+    same data, moved: checked against its fingerprint) are taken. Settings that train.py gained after
+    the run started take their defaults for the run's recipe."""
     saved = progress["config"]
     defaults = vars(parse_args(["--recipe", saved["recipe"], "--weights", saved["weights"]]))
-    config = defaults | saved | {"resume": True, "output_dir": args.output_dir}
-    if args.epochs is not None:
-        config["epochs"] = args.epochs
+    config = defaults | {"data_fingerprint": None} | saved | {"resume": True, "output_dir": args.output_dir}
+    for key in ("epochs", "data_dir"):
+        if getattr(args, key) is not None:
+            config[key] = getattr(args, key)
     return argparse.Namespace(**config | {"mean": tuple(config["mean"]), "std": tuple(config["std"])})
 
 
@@ -505,6 +508,24 @@ class StopRequest:
         self.accelerator.set_trigger()
 
 
+def check_data(args, found, accelerator):
+    """The split is made from the data, so a resumed run must find the same data; a new run records
+    it (args.data_fingerprint, saved in the state and the checkpoints; evaluate.py checks it too)."""
+    if args.resume and args.data_fingerprint is None:
+        accelerator.print(
+            f"warning: this run predates data fingerprints; cannot check that {args.data_dir} is its data"
+        )
+    elif args.resume:
+        difference = data.data_difference(args.data_fingerprint, found)
+        if difference:
+            raise UserError(
+                f"{args.data_dir} is not the data this run was split from ({difference}); "
+                f"resume with the run's own data: --data-dir DIR"
+            )
+        accelerator.print(f"data: {args.data_dir} holds the run's data (fingerprint {found['sha256']})")
+    args.data_fingerprint = found
+
+
 def checkpoint_metadata(args, classes, groups, accelerator, record):
     return {
         "arch": ARCH,
@@ -560,6 +581,7 @@ def train(args):
 
     with accelerator.main_process_first():  # one process downloads, the others then read
         images, labels, classes = data.load_images(args.data_dir, "train")
+    check_data(args, data.fingerprint(args.data_dir, "train", images, labels, classes), accelerator)
     train_idx, val_idx = data.train_val_indices(labels, classes, args.val_fraction, args.seed, args.max_train_samples)
     if len(train_idx) < args.batch_size:
         raise UserError(f"--batch-size {args.batch_size} is more than the {len(train_idx)} training images; lower it")

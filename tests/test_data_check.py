@@ -1,0 +1,117 @@
+"""evaluate.py --split val and train.py --resume only use the data the run was split from (#14)."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import CLASSES, class_images, quick_args
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import data
+import evaluate
+import train
+
+
+def evaluate_val(checkpoint, folder, tmp_path, *flags):
+    out = tmp_path / "results.json"
+    evaluate.main(
+        [str(checkpoint), "--data-dir", str(folder), "--split", "val", "--no-plots", "--json", str(out), *flags]
+    )
+    return json.loads(out.read_text())
+
+
+def another_folder(root):
+    """The same classes and counts as image_folder, other images."""
+    rng = np.random.default_rng(7)
+    for label, name in enumerate(CLASSES):
+        (root / "train" / name).mkdir(parents=True)
+        for i, pixels in enumerate(class_images(label, 20, rng)):
+            Image.fromarray(pixels).save(root / "train" / name / f"{i:04d}.png")
+    return root
+
+
+def changed_copies(image_folder, tmp_path):
+    added, removed, renamed = (tmp_path / name for name in ("added", "removed", "renamed"))
+    for copy in (added, removed, renamed):
+        shutil.copytree(image_folder / "train", copy / "train")
+    shutil.copy(added / "train" / "cat" / "0000.png", added / "train" / "cat" / "extra.png")
+    (removed / "train" / "dog" / "0003.png").unlink()
+    (renamed / "train" / "ship").rename(renamed / "train" / "boat")
+    return [
+        (added, "cat: 21 images, the run had 20"),
+        (removed, "dog: 19 images, the run had 20"),
+        (renamed, "classes"),
+        (another_folder(tmp_path / "another"), "as many images per class, but other files"),
+    ]
+
+
+def test_val_split_of_the_runs_own_folder_passes_and_says_so(trained_run, image_folder, tmp_path):
+    results = evaluate_val(trained_run / "best.safetensors", image_folder, tmp_path)
+    assert results["data_check"] == "the run's own data" and results["num_samples"] == 40
+
+
+def test_val_split_of_changed_data_is_refused_unless_overridden(trained_run, image_folder, tmp_path):
+    checkpoint = trained_run / "best.safetensors"
+    for folder, difference in changed_copies(image_folder, tmp_path):
+        with pytest.raises(SystemExit) as refused:
+            evaluate_val(checkpoint, folder, tmp_path)
+        message = str(refused.value.code)
+        assert message.startswith("error: ") and difference in message and len(message.splitlines()) == 1
+    assert not (tmp_path / "results.json").exists()
+    results = evaluate_val(checkpoint, tmp_path / "added", tmp_path, "--skip-data-check")
+    assert results["data_check"] == "skipped (--skip-data-check): cat: 21 images, the run had 20"
+
+
+def test_a_checkpoint_without_a_fingerprint_evaluates_with_a_warning(trained_run, image_folder, tmp_path, capsys):
+    old = tmp_path / "old.safetensors"
+    with safe_open(trained_run / "best.safetensors", "pt") as file:
+        metadata, tensors = file.metadata(), {key: file.get_tensor(key) for key in file.keys()}
+    config = json.loads(metadata["config"])
+    del config["data_fingerprint"]
+    save_file(tensors, old, metadata=metadata | {"config": json.dumps(config)})
+    results = evaluate_val(old, image_folder, tmp_path)
+    assert results["data_check"].startswith("unchecked")
+    assert sum(line.startswith("warning: ") for line in capsys.readouterr().out.splitlines()) == 1
+
+
+def test_the_test_split_is_not_checked(trained_run, image_folder, tmp_path):
+    shutil.copytree(image_folder / "test", tmp_path / "other" / "test")
+    shutil.copytree(image_folder / "train", tmp_path / "other" / "train")
+    (tmp_path / "other" / "train" / "cat" / "0000.png").unlink()
+    out = tmp_path / "r.json"
+    evaluate.main(
+        [str(trained_run / "best.safetensors"), "--data-dir", str(tmp_path / "other"), "--json", str(out), "--no-plots"]
+    )
+    assert json.loads(out.read_text())["num_samples"] == 50
+
+
+def test_resume_refuses_other_data_and_takes_the_same_data_moved(image_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    train.main(quick_args(image_folder, out, "--epochs", "1", "--schedule", "constant"))
+    removed = changed_copies(image_folder, tmp_path)[1][0]
+    with pytest.raises(
+        SystemExit, match="is not the data this run was split from \\(dog: 19 images, the run had 20\\)"
+    ):
+        train.main(["--output-dir", str(out), "--resume", "--epochs", "2", "--data-dir", str(removed)])
+    moved = tmp_path / "moved"
+    shutil.copytree(image_folder, moved)
+    train.main(["--output-dir", str(out), "--resume", "--epochs", "2", "--data-dir", str(moved)])
+    assert f"data: {moved} holds the run's data" in capsys.readouterr().out
+    assert [r["epoch"] for r in json.loads((out / "history.json").read_text())] == [1, 2]
+
+
+def test_the_fingerprint_ignores_listing_order_and_hashes_cifar_pixels(image_folder, tmp_path):
+    images, labels, classes = data.load_images(image_folder, "train")
+    first = data.fingerprint(image_folder, "train", images, labels, classes)
+    assert first == data.fingerprint(image_folder, "train", images.flip(0), labels, classes)  # paths, not pixels
+    assert first["images_per_class"] == dict.fromkeys(CLASSES, 20) and len(json.dumps(first)) < 300
+    pixels = torch.zeros(4, 3, 32, 32, dtype=torch.uint8)
+    cifar = data.fingerprint(tmp_path, "train", pixels, torch.tensor([0, 0, 1, 1]), ["a", "b"])
+    pixels[0, 0, 0, 0] = 1
+    assert data.data_difference(
+        cifar, data.fingerprint(tmp_path, "train", pixels, torch.tensor([0, 0, 1, 1]), ["a", "b"])
+    )

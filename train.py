@@ -527,25 +527,22 @@ def check_data(args, found, accelerator):
 
 
 def checkpoint_metadata(args, classes, groups, accelerator, record):
-    return {
-        "arch": ARCH,
-        "groups": groups,
-        "stem": args.stem,
-        "num_classes": len(classes),
-        "classes": classes,
-        "mean": list(args.mean),
-        "std": list(args.std),
-        "image_size": data.IMAGE_SIZE,
-        "input_size": args.input_size,
-        "seed": args.seed,
-        "val_fraction": args.val_fraction,
-        "epoch": record["epoch"],
-        "val_loss": record["val_loss"],
-        "val_acc": record["val_acc"],
-        "val_per_class": record["val_per_class"],
-        "num_processes": accelerator.num_processes,
-        "config": vars(args),
-    }
+    """What the checkpoint holds, enough to rebuild and evaluate it with nothing else (README)."""
+    settings = {key: getattr(args, key) for key in ("stem", "mean", "std", "input_size", "seed", "val_fraction")}
+    scores = {key: record[key] for key in ("epoch", "val_loss", "val_acc", "val_per_class")}
+    return (
+        settings
+        | scores
+        | {
+            "arch": ARCH,
+            "groups": groups,
+            "num_classes": len(classes),
+            "classes": classes,
+            "image_size": data.IMAGE_SIZE,
+            "num_processes": accelerator.num_processes,
+            "config": vars(args),
+        }
+    )
 
 
 def main(argv=None):

@@ -43,17 +43,19 @@ def positive_int(text):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a .safetensors file written by train.py")
-    parser.add_argument("--data-dir", default="./data")
-    parser.add_argument("--split", choices=["test", "val"], default="test")
-    parser.add_argument("--batch-size", type=positive_int, default=1024, help="images per forward pass, >= 1")
-    parser.add_argument("--tta", action="store_true", help="average each image's logits with its mirror image's")
-    parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--data-dir", default="./data", help="CIFAR-10 location, or an image folder (%(default)s)")
+    parser.add_argument(
+        "--split", choices=["test", "val"], default="test", help="test/, or the run's validation split (%(default)s)"
+    )
+    parser.add_argument("--batch-size", type=positive_int, default=1024, help="images per pass, >= 1 (%(default)s)")
+    parser.add_argument("--tta", action="store_true", help="average each image's logits with its mirror's (off)")
+    parser.add_argument("--json", help="also write the results to this JSON file (off)")
     parser.add_argument("--plot-dir", help="where the PNGs go (default: the checkpoint's folder)")
-    parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--no-plots", action="store_true", help="write no PNGs (off)")
     parser.add_argument(
         "--skip-data-check",
         action="store_true",
-        help="--split val on a folder that is not the run's data: evaluate anyway (said in the report)",
+        help="--split val on a folder that is not the run's data: evaluate anyway, said in the report (off)",
     )
     return parser.parse_args(argv)
 
@@ -363,6 +365,8 @@ def main(argv=None):
         evaluate(parse_args(argv))
     except data.UserError as error:
         sys.exit(f"error: {error}")
+    except KeyboardInterrupt:
+        sys.exit(130)
 
 
 def evaluate(args):

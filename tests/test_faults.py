@@ -270,6 +270,12 @@ def test_help_shows_every_flag_with_its_default(capsys):
     for shown in ("(default 30; seed recipe 50)", "peak; 0.2 with --weights none (default 0.05; seed recipe 0.001)"):
         assert shown in text
     assert "--mixed_precision bf16 train.py" in text  # the launcher's flags go before the script
+    import evaluate
+
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(shown in text for shown in ("image folder (./data)", "split (test)", ">= 1 (1024)"))
 
 
 def test_the_time_estimate_warns_about_the_cifar_stem_on_a_cpu():

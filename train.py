@@ -158,6 +158,8 @@ def parse_args(argv=None):
         f"{IMAGENET_STEM_INPUT_SIZE} with --stem imagenet; seed recipe {data.IMAGE_SIZE})",
     )
     args = parser.parse_args(argv)
+    if args.resume and not args.output_dir:
+        parser.error("--resume needs --output-dir, the folder of the run to continue")
     if args.resume:
         return args  # the run's saved settings apply; see resumed_settings
     args.data_dir = args.data_dir or "./data"

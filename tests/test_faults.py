@@ -55,6 +55,13 @@ def test_numeric_flags_are_range_checked_at_parse_time(flag, value, allowed, cap
     assert f"error: argument {flag}: " in message and allowed in message
 
 
+def test_resume_without_an_output_dir_is_refused_before_any_folder_is_made(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--resume"])
+    assert "--resume needs --output-dir" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
 def test_a_bad_flag_from_the_command_line_is_one_line_and_writes_nothing(tmp_path):
     result = run_script(sys.executable, "train.py", "--output-dir", str(tmp_path / "out"), "--batch-size", "0")
     assert result.returncode == 2 and "Traceback" not in result.stderr

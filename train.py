@@ -130,26 +130,36 @@ def parse_args(argv=None):
     )
     add("--max-train-samples", type=bounded(int, 1), help="a stratified subset of about N training images (all)")
     add("--patience", type=bounded(int, 1), help="stop after N epochs without a lower validation loss (off)")
-    add("--targeted-augment", default="none", help="rotation, jitter, erasing for: none, all, a group or classes")
-    add("--class-weights", default="none", help="none, auto, a run's history.json or checkpoint, or w0,w1,...")
+    add(
+        "--targeted-augment", default="none", help="rotation, jitter, erasing for: none, all, a group or classes (none)"
+    )
+    add("--class-weights", default="none", help="none, auto, a run's history.json or checkpoint, or w0,w1,... (none)")
     add("--two-stage", action="store_true", help="animals-vs-vehicles head, then a head per group (off)")
-    add("--resume", action="store_true", help="continue the run in --output-dir; only --epochs may change")
+    add("--resume", action="store_true", help="continue the run in --output-dir; only --epochs, --data-dir may change")
     add("--overwrite", action="store_true", help="replace the run in --output-dir")
     add("--ema", type=bounded(float, 0, 1, open_high=True), default=0.0, help="EMA decay of the weights (0: off)")
     # Recipe settings: None means "take it from --recipe".
-    add("--epochs", type=bounded(int, 1), help=recipe_help("epochs"))
+    add("--epochs", type=bounded(int, 1), help=recipe_help("epochs", "passes over the training split"))
     add("--batch-size", type=bounded(int, 2), help=recipe_help("batch_size", "per process, 2 or more for BatchNorm"))
     add(
         "--lr", type=bounded(float, 0, open_low=True), help=recipe_help("lr", f"peak; {SCRATCH_LR} with --weights none")
     )
-    add("--momentum", type=bounded(float, 0, 1, open_high=True), help=recipe_help("momentum"))
-    add("--nesterov", action=argparse.BooleanOptionalAction, help=recipe_help("nesterov"))
+    add("--momentum", type=bounded(float, 0, 1, open_high=True), help=recipe_help("momentum", "SGD momentum"))
+    add("--nesterov", action=argparse.BooleanOptionalAction, help=recipe_help("nesterov", "Nesterov momentum"))
     add("--weight-decay", type=bounded(float, 0), help=recipe_help("weight_decay", "not on norms and biases"))
     add("--schedule", choices=["cosine", "linear", "constant"], help=recipe_help("schedule", "after warmup"))
     add("--warmup-epochs", type=bounded(float, 0), help=recipe_help("warmup_epochs", "linear warmup"))
-    add("--label-smoothing", type=bounded(float, 0, 1, open_high=True), help=recipe_help("label_smoothing"))
+    add(
+        "--label-smoothing",
+        type=bounded(float, 0, 1, open_high=True),
+        help=recipe_help("label_smoothing", "of the cross-entropy targets"),
+    )
     add("--stem", choices=["cifar", "imagenet"], help=recipe_help("stem", "cifar: stride-1 conv1, no max-pool"))
-    add("--zero-init-residual", action=argparse.BooleanOptionalAction, help=recipe_help("zero_init_residual"))
+    add(
+        "--zero-init-residual",
+        action=argparse.BooleanOptionalAction,
+        help=recipe_help("zero_init_residual", "residual blocks start as the identity"),
+    )
     add("--crop-padding", type=bounded(int, 0, 32), help=recipe_help("crop_padding", "random crop's zero padding"))
     add(
         "--input-size",

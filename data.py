@@ -51,8 +51,15 @@ def load_images(data_dir, split):
     An image folder when data_dir has a train/ folder, else torchvision's CIFAR-10 (downloaded if
     missing)."""
     root = Path(data_dir)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--data-dir {root} is a file; pass a folder")
     if (root / "train").is_dir():
         return load_image_folder(root / split)
+    if any(child.is_dir() and child.name != "cifar-10-batches-py" for child in root.glob("*")):
+        raise UserError(
+            f"--data-dir {root} has folders but no train/ folder; for your own images pass the folder that "
+            f"holds train/<class>/ (not train/ itself), for CIFAR-10 a folder of its own"
+        )
     return load_cifar10(root, train=split == "train")
 
 
@@ -60,12 +67,12 @@ def load_cifar10(root, train):
     try:
         dataset = CIFAR10(root, train=train, download=False)
     except RuntimeError:  # not there yet
-        created = not root.exists()
+        created = [folder for folder in (root, *root.absolute().parents) if not folder.exists()]
         try:
             dataset = CIFAR10(root, train=train, download=True)
         except Exception as error:
-            if created:  # a failed download leaves no empty data folder behind
-                shutil.rmtree(root, ignore_errors=True)
+            if created:  # a failed download leaves none of the folders it made behind
+                shutil.rmtree(created[-1], ignore_errors=True)
             raise UserError(
                 f"CIFAR-10 is not in {root} and could not be downloaded ({error}). Offline, "
                 f"pass --data-dir DIR where DIR/train/<class>/ holds the images (png or jpg)."
@@ -91,7 +98,7 @@ def load_image_folder(folder):
                 if image.size != (IMAGE_SIZE, IMAGE_SIZE):
                     image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)
                 images.append(np.asarray(image))
-        except OSError:  # PIL raises OSError subclasses for truncated or unidentifiable files
+        except (OSError, Image.DecompressionBombError):  # truncated, unidentifiable, or far too large
             skipped.append(path)
             continue
         labels.append(label)
@@ -121,7 +128,7 @@ def fingerprint(data_dir, split, images, labels, classes):
         prefix = len(str(folder))
         content = "\n".join(
             sorted(
-                f"{path[prefix:]}\0{os.stat(path).st_size}"
+                f"{path[prefix:]}\0{os.stat(path).st_size if os.path.exists(path) else -1}"  # -1: a broken link
                 for name in classes
                 for directory, _, files in os.walk(folder / name, followlinks=True)
                 for path in (os.path.join(directory, file) for file in files)

@@ -185,6 +185,8 @@ def read_history(checkpoint):
         for number, record in enumerate(history, 1):
             numbers = record if isinstance(record, dict) else {}
             missing = [key for key in HISTORY_FIELDS if not isinstance(numbers.get(key), (int, float))]
+            if not missing and min(numbers["train_loss"], numbers["val_loss"]) <= 0:
+                missing = ["a positive loss"]  # the loss ratios divide by them
             if missing:
                 raise ValueError(f"record {number} has no number for {', '.join(missing)}")
     except (OSError, ValueError) as error:
@@ -364,7 +366,7 @@ def main(argv=None):
     try:
         evaluate(parse_args(argv))
     except data.UserError as error:
-        sys.exit(f"error: {error}")
+        sys.exit(f"error: {' '.join(str(error).split())}")  # one line, whatever the message
     except KeyboardInterrupt:
         sys.exit(130)
 

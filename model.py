@@ -91,8 +91,9 @@ def read_state_dict(path):
             return load_file(path)
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
+        reason = str(error).strip().splitlines()[0]  # torch's unpickling errors run to many lines
         raise UserError(
-            f"could not read weights {path} ({error}); expected a .pth or .safetensors state dict"
+            f"could not read weights {path} ({reason}); expected a .pth or .safetensors state dict"
         ) from error
 
 
@@ -165,9 +166,11 @@ def load_checkpoint(path):
         raise UserError(
             f"{path} is not a readable safetensors file ({error}); is it truncated or of another format?"
         ) from error
-    if metadata.get("arch") != ARCH:
+    needed = ("classes", "stem", "mean", "std", "seed", "val_fraction")
+    if metadata.get("arch") != ARCH or not all(key in metadata for key in needed):
         raise UserError(
-            f"{path} was not written by train.py (its metadata has no arch={ARCH}); pass a run's best.safetensors"
+            f"{path} was not written by train.py (its metadata needs arch={ARCH}, {', '.join(needed)}); "
+            f"pass a run's best.safetensors"
         )
     model = build_model(len(metadata["classes"]), metadata["stem"], "none", metadata.get("groups"))
     problem = first_mismatch(model.state_dict(), state)

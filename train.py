@@ -11,30 +11,53 @@ Each epoch writes last.safetensors, best.safetensors (lowest validation loss), h
 a resumable state/ to --output-dir.
 """
 
-import argparse
-import copy
 import ctypes
-import itertools
-import json
-import math
 import os
-import shutil
 import signal
-import sys
-import time
-from datetime import datetime
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
-from safetensors import safe_open
-from tqdm.auto import tqdm
 
-import data
-from data import UserError
-from model import ARCH, build_model, decode_metadata, save_checkpoint, usual_permissions
+def launcher_of_this_process():
+    """(command line, environment) of the `accelerate launch` that started this process, or None
+    (Linux: read from /proc). A SIGTERM to the launcher (a job scheduler's stop, a kill) ends it
+    without passing the signal on, and the trainer would run on alone: so ask Linux here, before the
+    slow imports, to send us SIGTERM when it dies; we then stop at the next step and keep the state,
+    as for Ctrl-C."""
+    try:
+        launcher = Path(f"/proc/{os.getppid()}")
+        command = launcher.joinpath("cmdline").read_bytes().split(b"\0")
+        environment = launcher.joinpath("environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    if not (b"accelerate" in b" ".join(command) and b"launch" in b" ".join(command)):  # also python -m
+        return None
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    return command, environment
+
+
+LAUNCHER = launcher_of_this_process()
+
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import itertools  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import shlex  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from datetime import datetime  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed  # noqa: E402
+from safetensors import SafetensorError, safe_open  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+import data  # noqa: E402
+from data import UserError  # noqa: E402
+from model import ARCH, build_model, decode_metadata, save_checkpoint, usual_permissions  # noqa: E402
 
 try:
     import fcntl  # the run folder's lock; Windows has none
@@ -148,7 +171,7 @@ def parse_args(argv=None):
     add("--nesterov", action=argparse.BooleanOptionalAction, help=recipe_help("nesterov", "Nesterov momentum"))
     add("--weight-decay", type=bounded(float, 0), help=recipe_help("weight_decay", "not on norms and biases"))
     add("--schedule", choices=["cosine", "linear", "constant"], help=recipe_help("schedule", "after warmup"))
-    add("--warmup-epochs", type=bounded(float, 0), help=recipe_help("warmup_epochs", "linear warmup"))
+    add("--warmup-epochs", type=bounded(float, 0, 1000), help=recipe_help("warmup_epochs", "linear warmup"))
     add(
         "--label-smoothing",
         type=bounded(float, 0, 1, open_high=True),
@@ -168,10 +191,19 @@ def parse_args(argv=None):
         f"{IMAGENET_STEM_INPUT_SIZE} with --stem imagenet; seed recipe {data.IMAGE_SIZE})",
     )
     args = parser.parse_args(argv)
-    if args.resume and not args.output_dir:
-        parser.error("--resume needs --output-dir, the folder of the run to continue")
-    if args.resume:
-        return args  # the run's saved settings apply; see resumed_settings
+    if args.resume:  # the run's saved settings apply; see resumed_settings
+        if not args.output_dir:
+            parser.error("--resume needs --output-dir, the folder of the run to continue")
+        kept = ("resume", "output_dir", "epochs", "data_dir")
+        changed = [
+            f"--{k.replace('_', '-')}" for k, v in vars(args).items() if k not in kept and v != parser.get_default(k)
+        ]
+        if changed:
+            parser.error(
+                f"--resume continues the run with its own settings, so {', '.join(changed)} cannot change; "
+                f"drop them, or start again with --overwrite"
+            )
+        return args
     args.data_dir = args.data_dir or "./data"
     recipe = SEED_RECIPE if args.recipe == "seed" else DEFAULT_RECIPE
     if args.recipe == "default" and args.weights == "none" and args.lr is None:
@@ -198,27 +230,17 @@ def resumed_settings(args, progress):
     return argparse.Namespace(**config | {"mean": tuple(config["mean"]), "std": tuple(config["std"])})
 
 
-def follow_launcher(accelerator):
-    """Adjustments for a process started by `accelerate launch` (Linux: read from /proc).
-
-    - On a CPU-only machine the launcher sets OMP_NUM_THREADS=1, leaving cores idle: divide the
-      cores among the local processes instead, unless the user chose a number for the launcher.
-    - A SIGTERM to the launcher (a job scheduler's stop, a kill) ends it without passing the signal
-      on, and the trainer would run on alone: ask Linux to send us SIGTERM when the launcher dies,
-      so that we stop at the next step and keep the state, as for Ctrl-C."""
-    try:
-        launcher = Path(f"/proc/{os.getppid()}")
-        command = launcher.joinpath("cmdline").read_bytes().split(b"\0")
-        environment = launcher.joinpath("environ").read_bytes().split(b"\0")
-    except OSError:
+def use_all_cores(accelerator):
+    """`accelerate launch` on a CPU-only machine sets OMP_NUM_THREADS=1, leaving cores idle. Divide
+    the cores among the local processes instead, unless the user chose a number for the launcher
+    (OMP_NUM_THREADS in its environment, or --num_cpu_threads_per_process)."""
+    if accelerator.device.type != "cpu" or LAUNCHER is None:
         return
-    if not (b"accelerate" in b" ".join(command) and b"launch" in b" ".join(command)):  # also python -m
-        return
-    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    command, environment = LAUNCHER
     user_chose = any(e.startswith(b"OMP_NUM_THREADS=") for e in environment) or any(
         part.startswith(b"--num_cpu_threads_per_process") for part in command
     )
-    if accelerator.device.type == "cpu" and not user_chose:
+    if not user_chose:
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_processes))
 
@@ -275,8 +297,10 @@ def class_weights(spec, train_labels, num_classes):
             weights = torch.tensor([float(w) for w in spec.split(",")], dtype=torch.double)
         except ValueError:
             raise UserError(f"--class-weights {spec!r} is not none, auto, a file or a list of numbers") from None
-    if len(weights) != num_classes or not (weights >= 0).all() or weights.sum() <= 0:
-        raise UserError(f"--class-weights needs {num_classes} non-negative weights, got {weights.tolist()}")
+    if len(weights) != num_classes or not (weights.isfinite() & (weights >= 0)).all() or weights.sum() <= 0:
+        raise UserError(
+            f"--class-weights needs {num_classes} finite, non-negative weights, not all 0; got {weights.tolist()}"
+        )
     return (weights * num_classes / weights.sum()).float()
 
 
@@ -298,8 +322,9 @@ def latest_state(out):
 
 def check_output_dir(out, args):
     """Refuse, before any work: a file in the way, nothing to resume, or a run not to be touched."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output-dir {out} is a file; pass a folder")
+    existing = next(path for path in (out, *out.absolute().parents) if path.exists())
+    if not existing.is_dir():
+        raise UserError(f"--output-dir {out}: {existing} is a file; pass a folder")
     if args.resume and not latest_state(out):
         raise UserError(f"nothing to resume in {out}; start a new run without --resume")
     finished = any((out / name).exists() for name in RUN_FILES) or latest_state(out)
@@ -352,7 +377,9 @@ def start_output_dir(out, args, accelerator):
             for name in leftovers:
                 discard(out / name)
         except OSError as error:
-            raise UserError(f"cannot write to {out} ({error.strerror}); pass another --output-dir") from error
+            raise UserError(
+                f"cannot write to {out or 'runs/'} ({error.strerror}); pass another --output-dir"
+            ) from error
         name = [str(out)]
     broadcast_object_list(name)
     return Path(name[0]), held
@@ -477,8 +504,8 @@ def train_epoch(epoch, model, loader, optimizer, scheduler, criterion, accelerat
         if step % LOG_EVERY == 0 or step == len(loader):
             if not math.isfinite(loss.item()):
                 raise UserError(
-                    f"the loss is {loss.item()} at epoch {epoch}, step {step}; lower --lr. "
-                    f"The last checkpoint is untouched."
+                    f"the loss is {loss.item()} at epoch {epoch}, step {step}; the last checkpoint is untouched. "
+                    f"Lower --lr and start again with --overwrite"
                 )
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.4g}")
             if step == LOG_EVERY and stop.estimate and accelerator.is_main_process:
@@ -561,7 +588,7 @@ def main(argv=None):
     try:
         train(parse_args(argv))
     except UserError as error:
-        sys.exit(f"error: {error}")
+        sys.exit(f"error: {' '.join(str(error).split())}")  # one line, whatever the message
     except KeyboardInterrupt:  # before training started; from then on StopRequest handles it
         sys.exit(130)
 
@@ -571,7 +598,7 @@ def train(args):
         cpu=not torch.accelerator.is_available(),  # else two CPU processes train separately (DistributedType.NO)
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
-    follow_launcher(accelerator)
+    use_all_cores(accelerator)
     out = Path(args.output_dir) if args.output_dir else None
     progress = None
     if out:
@@ -605,8 +632,9 @@ def train(args):
 
     targeted = torch.tensor(data.class_indices(args.targeted_augment, classes), device=accelerator.device)
     groups = two_stage_groups(classes) if args.two_stage else None
-    weights = class_weights(args.class_weights, labels[train_idx].cpu(), len(classes))
-    model = build_model(len(classes), args.stem, args.weights, groups, args.zero_init_residual)
+    loss_weights = class_weights(args.class_weights, labels[train_idx].cpu(), len(classes))
+    weights = "none" if progress else args.weights  # a resumed run's weights come from its state
+    model = build_model(len(classes), args.stem, weights, groups, args.zero_init_residual)
     model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(
         parameter_groups(model, args.weight_decay), lr=args.lr, momentum=args.momentum, nesterov=args.nesterov
@@ -621,7 +649,9 @@ def train(args):
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total_steps, warmup_steps, args.schedule, args.decay_start)
     )
-    criterion = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=args.label_smoothing).to(accelerator.device)
+    criterion = torch.nn.CrossEntropyLoss(weight=loss_weights, label_smoothing=args.label_smoothing).to(
+        accelerator.device
+    )
     model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, val_loader, scheduler
     )
@@ -630,7 +660,7 @@ def train(args):
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
     evaluated = ema if ema is not None else model
-    out, held_lock = start_output_dir(out, args, accelerator)  # noqa: F841 (the lock lasts while it is referenced)
+    out, held_lock = start_output_dir(out, args, accelerator)
     args.output_dir = str(out)
     accelerator.print(
         f"recipe: {args.recipe}, {args.epochs} epochs, batch {args.batch_size} per process, lr {args.lr} "
@@ -644,7 +674,7 @@ def train(args):
         history, best_val_loss = progress["history"], progress["best_val_loss"]
         accelerator.print(f"resumed {out} after epoch {len(history)}" + (f"; {change}" if extended else ""))
     stop = StopRequest(accelerator)
-    try:
+    try:  # the lock is let go of at the end, also when train() is called again in one process
         if not progress:  # a state before the first step, so that even a run killed in epoch 1 resumes
             save_state(accelerator, out, dict(config=vars(args), history=history, best_val_loss=best_val_loss))
         for epoch in range(len(history) + 1, args.epochs + 1):
@@ -657,7 +687,7 @@ def train(args):
             if result is None:
                 accelerator.print(
                     f"\nstopped during epoch {epoch}; {out} holds the state from before it. Resume with:\n"
-                    f"  accelerate launch train.py --output-dir {out} --resume"
+                    f"  {resume_command(out, accelerator)}"
                 )
                 sys.exit(130)
             record = dict(
@@ -669,8 +699,13 @@ def train(args):
                 seconds=round(seconds, 2),
             )
             if not math.isfinite(record["val_loss"]):
-                kept = f"best.safetensors (epoch {best_epoch(history)}) is kept" if history else "nothing was saved"
-                raise UserError(f"the validation loss is {record['val_loss']} after epoch {epoch}; lower --lr. {kept}")
+                kept = (
+                    f"best.safetensors (epoch {best_epoch(history)}) is kept" if history else "no checkpoint was saved"
+                )
+                raise UserError(
+                    f"the validation loss is {record['val_loss']} after epoch {epoch}; {kept}. "
+                    f"Lower --lr and start again with --overwrite"
+                )
             history.append(record)
             improved = record["val_loss"] < best_val_loss
             best_val_loss = min(best_val_loss, record["val_loss"])
@@ -689,19 +724,33 @@ def train(args):
             if args.patience and epoch - best_epoch(history) >= args.patience:
                 accelerator.print(f"early stop: no lower validation loss for {args.patience} epochs")
                 break
-    except OSError as error:
+    except (OSError, SafetensorError) as error:  # safetensors reports a full disk as its own error
         raise UserError(
-            f"could not write to {out} ({error.strerror}); the files of the last finished epoch are whole. "
-            f"Free space, then resume: accelerate launch train.py --output-dir {out} --resume"
+            f"could not write to {out} ({getattr(error, 'strerror', None) or error}); the files of the last "
+            f"finished epoch are whole. Free space, then resume: {resume_command(out, accelerator)}"
         ) from error
+    finally:
+        if held_lock is not None:
+            held_lock.close()
     best = min(history, key=lambda r: r["val_loss"])
     folder = Path(args.data_dir)
     split = " --split val" if (folder / "train").is_dir() and not (folder / "test").is_dir() else ""
     accelerator.print(
         f"best: epoch {best['epoch']}, val loss {best['val_loss']:.4f}, val acc {best['val_acc']:.2%}\n"
         f"wrote {out}/best.safetensors, last.safetensors, history.json\n"
-        f"evaluate: python evaluate.py {out}/best.safetensors --data-dir {args.data_dir}{split}"
+        f"evaluate: {shlex.join(['python', 'evaluate.py', str(out / 'best.safetensors'), '--data-dir', args.data_dir])}"
+        f"{split}"
     )
+
+
+def resume_command(out, accelerator):
+    """The command that continues this run, with the launcher settings it ran with, quoted for a shell."""
+    launch = ["accelerate", "launch"]
+    if accelerator.num_processes > 1:
+        launch += ["--multi_gpu", "--num_processes", str(accelerator.num_processes)]
+    if accelerator.mixed_precision != "no":
+        launch += ["--mixed_precision", accelerator.mixed_precision]
+    return shlex.join([*launch, "train.py", "--output-dir", str(out), "--resume"])
 
 
 def best_epoch(history):

@@ -163,7 +163,8 @@ def bad_checkpoints(trained_run, tmp_path):
     save_file(
         {"weight": torch.zeros(2)},
         other,
-        metadata={"arch": "resnet18", "stem": "cifar", "classes": json.dumps(CLASSES)},
+        metadata={"arch": "resnet18", "stem": "cifar", "classes": json.dumps(CLASSES)}
+        | {key: "0" for key in ("mean", "std", "seed", "val_fraction")},
     )
     return [
         (tmp_path / "missing.safetensors", "not found"),

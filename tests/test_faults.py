@@ -5,6 +5,7 @@ import errno
 import fcntl
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -18,6 +19,7 @@ import pytest
 import torch
 from conftest import ROOT, quick_args, run_script
 from PIL import Image
+from safetensors import SafetensorError
 
 import data
 import train
@@ -62,6 +64,19 @@ def test_resume_without_an_output_dir_is_refused_before_any_folder_is_made(tmp_p
     assert "--resume needs --output-dir" in capsys.readouterr().err and not list(tmp_path.iterdir())
 
 
+def test_resume_refuses_other_settings_and_needs_no_weights_file(weights_file, image_folder, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--output-dir", "run", "--resume", "--lr", "0.01", "--batch-size", "8"])
+    assert "so --batch-size, --lr cannot change; drop them, or start again with --overwrite" in capsys.readouterr().err
+    weights = tmp_path / "weights.pth"
+    shutil.copy(weights_file, weights)
+    out = tmp_path / "run"
+    train.main(quick_args(image_folder, out, "--epochs", "1", "--schedule", "constant", "--weights", weights))
+    weights.unlink()  # the state holds the weights now
+    train.main(["--output-dir", str(out), "--resume", "--epochs", "2"])
+    assert epochs_in(out) == [1, 2]
+
+
 def test_a_bad_flag_from_the_command_line_is_one_line_and_writes_nothing(tmp_path):
     result = run_script(sys.executable, "train.py", "--output-dir", str(tmp_path / "out"), "--batch-size", "0")
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -104,10 +119,12 @@ def test_a_batch_size_above_the_training_images_is_refused(tmp_path):
 def test_a_last_batch_of_one_image_trains_and_the_printed_evaluate_command_works(image_folder, tmp_path, capsys):
     """160 training images at batch 53 leave one over; at 32x32 torchvision's stem ends in a 1x1 map, where
     BatchNorm cannot train on one image. That image is dropped for the epoch. This folder has no test/."""
-    shutil.copytree(image_folder / "train", tmp_path / "data" / "train")
-    out = tmp_path / "run"
-    train.main(quick_args(tmp_path / "data", out, "--batch-size", "53", "--max-train-samples", "160", "--epochs", "1"))
-    command = capsys.readouterr().out.split("evaluate: ")[-1].split()
+    shutil.copytree(image_folder / "train", tmp_path / "my data" / "train")
+    out = tmp_path / "my run"  # spaces: the printed command quotes them
+    train.main(
+        quick_args(tmp_path / "my data", out, "--batch-size", "53", "--max-train-samples", "160", "--epochs", "1")
+    )
+    command = shlex.split(capsys.readouterr().out.split("evaluate: ")[-1])
     assert command[:3] == ["python", "evaluate.py", f"{out}/best.safetensors"] and "--split" in command
     result = run_script(sys.executable, *command[1:], "--no-plots", "--json", str(tmp_path / "r.json"))
     assert result.returncode == 0, result.stderr
@@ -188,21 +205,31 @@ def test_an_empty_state_tmp_left_by_a_crash_before_the_first_save_does_not_block
 def test_output_dir_problems_are_one_line_errors(image_folder, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("mine")
-    for out, message in ((blocker, "is a file; pass a folder"), (blocker / "run", "cannot write to")):
+    cases = (
+        (blocker, "is a file; pass a folder"),
+        (blocker / "run", "a-file is a file"),
+        ("/proc/run", "cannot write to"),
+    )
+    for out, message in cases:
         result = run_script(sys.executable, "train.py", *quick_args(image_folder, out))
         assert result.returncode == 1 and one_error_line(result.stderr), result.stderr
         assert message in result.stderr
     assert blocker.read_text() == "mine"
 
 
-def test_a_full_disk_keeps_the_last_good_files_and_resume_continues(image_folder, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "full",
+    [
+        OSError(errno.ENOSPC, "No space left on device"),
+        SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+    ],
+)
+def test_a_full_disk_keeps_the_last_good_files_and_resume_continues(image_folder, tmp_path, monkeypatch, full):
     out = tmp_path / "run"
-    calls = []
 
     def disk_full_in_epoch_2(model, path, metadata):
-        calls.append(path)
         if metadata["epoch"] == 2:
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise full
         real_save(model, path, metadata)
 
     real_save = train.save_checkpoint
@@ -257,7 +284,7 @@ def test_a_run_whose_validation_loss_is_never_finite_fails(image_folder, tmp_pat
     real_validate = train.validate
     monkeypatch.setattr(train, "validate", lambda *a: real_validate(*a) | {"val_loss": float("nan")})
     out = tmp_path / "run"
-    with pytest.raises(SystemExit, match="validation loss is nan after epoch 1; lower --lr. nothing was saved"):
+    with pytest.raises(SystemExit, match="validation loss is nan after epoch 1; no checkpoint was saved. Lower --lr"):
         train.main(quick_args(image_folder, out))
     assert not (out / "best.safetensors").exists()
 
@@ -322,3 +349,30 @@ def test_sigterm_to_accelerate_launch_stops_the_trainer_with_its_state_saved(ima
             pytest.fail("the trainer outlived its launcher")
     assert "stopped during epoch" in output and "--resume" in output, output[-2000:]
     assert train.latest_state(out) == out / "state" and len(epochs_in(out)) < 50
+
+
+def test_odd_data_dirs_and_images_are_refused_or_skipped(tmp_path, image_folder):
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(data.UserError, match="is a file; pass a folder"):
+        data.load_images(tmp_path / "a-file", "train")
+    with pytest.raises(data.UserError, match="not train/ itself"):
+        data.load_images(image_folder / "train", "train")  # the class folders, one level too deep
+    folder = tiny_folder(tmp_path / "data", 3)
+    (folder / "train" / "ant" / "broken.png").symlink_to(tmp_path / "nowhere.png")
+    images, labels, classes = data.load_images(folder, "train")  # the broken link is skipped and counted
+    assert (
+        len(images) == 9 and data.fingerprint(folder, "train", images, labels, classes)["images_per_class"]["ant"] == 3
+    )
+
+
+def test_a_failed_download_removes_every_folder_it_made(tmp_path, monkeypatch):
+    import torchvision
+
+    def offline(self):
+        Path(self.root).mkdir(parents=True, exist_ok=True)
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "download", offline)
+    with pytest.raises(data.UserError):
+        data.load_images(tmp_path / "new" / "cifar", "train")
+    assert list(tmp_path.iterdir()) == []

@@ -51,6 +51,7 @@ def test_weights_of_another_model_name_the_first_mismatch(tmp_path):
 def test_checkpoint_round_trip_and_plain_torchvision_loading(tmp_path):
     model = build_model(10, stem="imagenet", weights="none")
     metadata = {"arch": "resnet18", "stem": "imagenet", "classes": list("abcdefghij"), "epoch": 3, "val_acc": 0.5}
+    metadata |= {"mean": [0.5] * 3, "std": [0.5] * 3, "seed": 0, "val_fraction": 0.2}
     path = tmp_path / "ckpt.safetensors"
     save_checkpoint(model.to(memory_format=torch.channels_last), path, metadata)
     loaded, read = load_checkpoint(path)
@@ -78,7 +79,10 @@ def test_two_stage_checkpoint_round_trip(tmp_path):
     model = build_model(10, stem="imagenet", weights="none", groups=groups)
     path = tmp_path / "two.safetensors"
     save_checkpoint(
-        model, path, {"arch": "resnet18", "stem": "imagenet", "classes": list("abcdefghij"), "groups": groups}
+        model,
+        path,
+        {"arch": "resnet18", "stem": "imagenet", "classes": list("abcdefghij"), "groups": groups}
+        | {"mean": [0.5] * 3, "std": [0.5] * 3, "seed": 0, "val_fraction": 0.2},
     )
     loaded, _ = load_checkpoint(path)
     assert torch.equal(loaded.fc.group_of, model.fc.group_of)

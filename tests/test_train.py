@@ -246,7 +246,7 @@ def test_class_weights_from_a_list_and_from_frequencies():
     assert train.class_weights("auto", labels, 2).tolist() == pytest.approx([0.5, 1.5])
     assert train.class_weights("1,3", labels, 2).tolist() == pytest.approx([0.5, 1.5])
     assert train.class_weights("none", labels, 2) is None
-    with pytest.raises(train.UserError, match="needs 2 non-negative weights"):
+    with pytest.raises(train.UserError, match="needs 2 finite, non-negative weights"):
         train.class_weights("1,2,3", labels, 2)
 
 

@@ -81,7 +81,8 @@ SEED_RECIPE = dict(
     mean=(0.5, 0.5, 0.5),
     std=(0.5, 0.5, 0.5),
 )
-LOG_EVERY = 20  # steps between progress-bar updates (each one waits for the device)
+LOG_EVERY = 20  # steps between reads of the loss, for the progress bar and trackers (each read waits for the device)
+VAL_BATCH_SIZE = 1024
 RUN_FILES = ("history.json", "best.safetensors", "last.safetensors")
 # accelerate's resumable state, newest first: state-tmp is being written (complete once its progress.json
 # is), state the last one, state-old the one before, during the swap. See save_state.
@@ -391,8 +392,9 @@ def sync_batchnorm_statistics(model, accelerator):
 
 
 @torch.inference_mode()
-def validate(model, loader, accelerator, args, num_classes):
-    """Loss, accuracy and per-class accuracy over the whole split, every sample counted once."""
+def validate(model, loader, accelerator, normalize, num_classes):
+    """Loss, accuracy and per-class accuracy over the whole split, every sample counted once. The
+    values stay on the device until the end: no batch waits for the one before."""
     model.eval()
     sync_batchnorm_statistics(model, accelerator)
     total_loss = torch.zeros((), device=accelerator.device)
@@ -400,12 +402,13 @@ def validate(model, loader, accelerator, args, num_classes):
     samples_per_class = torch.zeros(num_classes, device=accelerator.device)
     for images, labels in loader:
         with accelerator.autocast():
-            logits = model(data.normalize(images, args.mean, args.std, args.input_size))
+            logits = model(normalize(images))
         losses = F.cross_entropy(logits.float(), labels, reduction="none")
         losses, hits, labels = accelerator.gather_for_metrics((losses, logits.argmax(1) == labels, labels))
         total_loss += losses.sum()
-        hits_per_class += torch.bincount(labels, weights=hits.float(), minlength=num_classes)
-        samples_per_class += torch.bincount(labels, minlength=num_classes)
+        # not bincount: on a GPU it reads the largest label back to size its output
+        hits_per_class.index_add_(0, labels, hits.float())
+        samples_per_class.index_add_(0, labels, torch.ones_like(hits, dtype=samples_per_class.dtype))
     count = samples_per_class.sum().item()
     return dict(
         val_loss=total_loss.item() / count,
@@ -434,8 +437,12 @@ def update_ema(ema, model, step, decay):
             average.copy_(current)
 
 
-def train_epoch(epoch, model, loader, optimizer, scheduler, criterion, accelerator, args, stop, targeted, ema):
-    """One pass over the training split. Returns (loss, accuracy) or None when stopped early."""
+def train_epoch(
+    epoch, model, loader, optimizer, scheduler, criterion, accelerator, args, stop, targeted, normalize, ema
+):
+    """One pass over the training split. Returns (loss, accuracy) or None when stopped early. Nothing
+    but the loss every LOG_EVERY steps is read back from the device, so on a GPU the host queues the
+    next steps while the device runs this one."""
     model.train()
     # Augmentation randomness depends only on (seed, epoch, process), so a resumed epoch replays exactly.
     generator = torch.Generator(accelerator.device).manual_seed(
@@ -447,7 +454,7 @@ def train_epoch(epoch, model, loader, optimizer, scheduler, criterion, accelerat
     bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, disable=not accelerator.is_local_main_process)
     for step, (images, labels) in enumerate(bar, 1):
         augmented = data.augment(images, labels, generator, args.crop_padding, targeted)
-        inputs = data.normalize(augmented, args.mean, args.std, args.input_size)
+        inputs = normalize(augmented)
         with accelerator.autocast():
             logits = model(inputs)
             loss = criterion(logits, labels)
@@ -460,12 +467,12 @@ def train_epoch(epoch, model, loader, optimizer, scheduler, criterion, accelerat
         total_loss += F.cross_entropy(logits.detach().float(), labels, reduction="sum")
         correct += (logits.argmax(1) == labels).sum()
         if step % LOG_EVERY == 0 or step == len(loader):
-            if not math.isfinite(loss.item()):
+            value, lr = loss.item(), scheduler.get_last_lr()[0]
+            if not math.isfinite(value):
                 raise UserError(
-                    f"the loss is {loss.item()} at epoch {epoch}, step {step}; lower --lr. "
-                    f"The last checkpoint is untouched."
+                    f"the loss is {value} at epoch {epoch}, step {step}; lower --lr. The last checkpoint is untouched."
                 )
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.4g}")
+            bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.4g}")
             if step == LOG_EVERY and stop.estimate and accelerator.is_main_process:
                 stop.estimate = False
                 tqdm.write(
@@ -567,12 +574,13 @@ def train(args):
     # The last partial batch is dropped (a batch of one image breaks BatchNorm); each epoch's new
     # order puts other images there, so every image is still trained on.
     train_loader = data.make_loader(images[train_idx], labels[train_idx], args.batch_size, True, drop_last=True)
-    val_loader = data.make_loader(images[val_idx], labels[val_idx], 1024, shuffle=False)
+    val_loader = data.make_loader(images[val_idx], labels[val_idx], VAL_BATCH_SIZE, shuffle=False)
     accelerator.print(
         f"data: {len(train_idx)} train / {len(val_idx)} val images, {len(classes)} classes, from {args.data_dir}"
     )
 
     targeted = torch.tensor(data.class_indices(args.targeted_augment, classes), device=accelerator.device)
+    normalize = data.normalizer(args.mean, args.std, args.input_size, accelerator.device)
     groups = two_stage_groups(classes) if args.two_stage else None
     weights = class_weights(args.class_weights, labels[train_idx].cpu(), len(classes))
     model = build_model(len(classes), args.stem, args.weights, groups, args.zero_init_residual)
@@ -620,7 +628,18 @@ def train(args):
             train_loader.set_epoch(epoch)
             started = time.perf_counter()
             result = train_epoch(
-                epoch, model, train_loader, optimizer, scheduler, criterion, accelerator, args, stop, targeted, ema
+                epoch,
+                model,
+                train_loader,
+                optimizer,
+                scheduler,
+                criterion,
+                accelerator,
+                args,
+                stop,
+                targeted,
+                normalize,
+                ema,
             )
             seconds = time.perf_counter() - started
             if result is None:
@@ -633,7 +652,7 @@ def train(args):
                 epoch=epoch,
                 train_loss=result[0],
                 train_acc=result[1],
-                **validate(evaluated, val_loader, accelerator, args, len(classes)),
+                **validate(evaluated, val_loader, accelerator, normalize, len(classes)),
                 lr=scheduler.get_last_lr()[0],
                 seconds=round(seconds, 2),
             )

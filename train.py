@@ -427,14 +427,16 @@ def two_stage_groups(classes):
 
 @torch.no_grad()
 def update_ema(ema, model, step, decay):
-    """ema <- decay * ema + (1 - decay) * model, with the decay ramped up over the first steps (as
-    timm does) so the random initial weights fade out fast. BatchNorm statistics are averaged too."""
+    """ema <- decay * ema + (1 - decay) * model, with the decay ramped up as (1 + step) / (10 + step)
+    (TensorFlow's ExponentialMovingAverage with num_updates) so the random initial weights fade out
+    fast. BatchNorm statistics are averaged too; its batch counters are copied."""
     decay = min(decay, (1 + step) / (10 + step))
-    for average, current in zip(ema.state_dict().values(), model.state_dict().values()):
-        if average.dtype.is_floating_point:
-            average.lerp_(current, 1 - decay)
-        else:
-            average.copy_(current)
+    pairs = list(zip(ema.state_dict().values(), model.state_dict().values()))
+    floating = [pair for pair in pairs if pair[0].is_floating_point()]
+    counters = [pair for pair in pairs if not pair[0].is_floating_point()]
+    torch._foreach_lerp_(*zip(*floating), 1 - decay)  # one call for every tensor
+    if counters:
+        torch._foreach_copy_(*zip(*counters))
 
 
 def train_epoch(

@@ -83,6 +83,10 @@ SEED_RECIPE = dict(
 )
 LOG_EVERY = 20  # steps between reads of the loss, for the progress bar and trackers (each read waits for the device)
 VAL_BATCH_SIZE = 1024
+# --compile: inductor's default mode fuses BatchNorm, ReLU and the residual adds of the training step.
+# reduce-overhead and max-autotune add CUDA graphs and kernel autotuning: nothing on a CPU but compile
+# time; on a GPU, max-autotune may be worth the longer compile (untested here: README, Speed).
+COMPILE_MODE = "default"
 RUN_FILES = ("history.json", "best.safetensors", "last.safetensors")
 # accelerate's resumable state, newest first: state-tmp is being written (complete once its progress.json
 # is), state the last one, state-old the one before, during the swap. See save_state.
@@ -134,9 +138,10 @@ def parse_args(argv=None):
     add("--targeted-augment", default="none", help="rotation, jitter, erasing for: none, all, a group or classes")
     add("--class-weights", default="none", help="none, auto, a run's history.json or checkpoint, or w0,w1,...")
     add("--two-stage", action="store_true", help="animals-vs-vehicles head, then a head per group (off)")
-    add("--resume", action="store_true", help="continue the run in --output-dir; only --epochs may change")
+    add("--resume", action="store_true", help="continue the run in --output-dir; --epochs, --compile may change")
     add("--overwrite", action="store_true", help="replace the run in --output-dir")
     add("--ema", type=bounded(float, 0, 1, open_high=True), default=0.0, help="EMA decay of the weights (0: off)")
+    add("--compile", action="store_true", help=f"torch.compile the training step, mode {COMPILE_MODE} (off)")
     # Recipe settings: None means "take it from --recipe".
     add("--epochs", type=bounded(int, 1), help=recipe_help("epochs"))
     add("--batch-size", type=bounded(int, 2), help=recipe_help("batch_size", "per process, 2 or more for BatchNorm"))
@@ -174,11 +179,13 @@ def parse_args(argv=None):
 
 
 def resumed_settings(args, progress):
-    """A resumed run keeps its own settings; only a new --epochs (to extend it) is taken. Settings
-    that train.py gained after the run started take their defaults for the run's recipe."""
+    """A resumed run keeps its own settings; only a new --epochs (to extend it) is taken, and how it runs
+    (--compile) comes from the command line. Settings that train.py gained after the run started take
+    their defaults for the run's recipe."""
     saved = progress["config"]
     defaults = vars(parse_args(["--recipe", saved["recipe"], "--weights", saved["weights"]]))
-    config = defaults | saved | {"resume": True, "output_dir": args.output_dir}
+    machinery = {"compile": args.compile}
+    config = defaults | saved | machinery | {"resume": True, "output_dir": args.output_dir}
     if args.epochs is not None:
         config["epochs"] = args.epochs
     return argparse.Namespace(**config | {"mean": tuple(config["mean"]), "std": tuple(config["std"])})
@@ -464,8 +471,9 @@ def train_epoch(
         accelerator.backward(loss)
         optimizer.step()
         scheduler.step()
+        global_step = (epoch - 1) * len(loader) + step
         if ema is not None:
-            update_ema(ema, accelerator.unwrap_model(model), (epoch - 1) * len(loader) + step, args.ema)
+            update_ema(ema, accelerator.unwrap_model(model, keep_torch_compile=False), global_step, args.ema)
         total_loss += F.cross_entropy(logits.detach().float(), labels, reduction="sum")
         correct += (logits.argmax(1) == labels).sum()
         if step % LOG_EVERY == 0 or step == len(loader):
@@ -605,16 +613,21 @@ def train(args):
         model, optimizer, train_loader, val_loader, scheduler
     )
     # The EMA copy is not wrapped for data parallel: every process updates it from the same weights.
-    ema = copy.deepcopy(accelerator.unwrap_model(model)).requires_grad_(False) if args.ema else None
+    network = accelerator.unwrap_model(model, keep_torch_compile=False)  # also under the launcher's --dynamo_backend
+    ema = copy.deepcopy(network).requires_grad_(False) if args.ema else None
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
+    # Validation runs eagerly: compiling it too would cost another compilation per batch size for little.
     evaluated = ema if ema is not None else model
+    checkpointed = ema if ema is not None else network  # torchvision's names
+    if args.compile:  # last, as accelerate's own; the state it saves keeps the names of the uncompiled model
+        model = torch.compile(model, mode=COMPILE_MODE)
     out, held_lock = start_output_dir(out, args, accelerator)  # noqa: F841 (the lock lasts while it is referenced)
     args.output_dir = str(out)
     accelerator.print(
         f"recipe: {args.recipe}, {args.epochs} epochs, batch {args.batch_size} per process, lr {args.lr} "
         f"({args.schedule}, {args.warmup_epochs} warmup), weights {args.weights}, stem {args.stem}, "
-        f"input {args.input_size}x{args.input_size}\noutput: {out}"
+        f"input {args.input_size}x{args.input_size}{', compiled' if args.compile else ''}\noutput: {out}"
     )
 
     history, best_val_loss = [], math.inf
@@ -666,9 +679,9 @@ def train(args):
             best_val_loss = min(best_val_loss, record["val_loss"])
             if accelerator.is_main_process:
                 metadata = checkpoint_metadata(args, classes, groups, accelerator, record)
-                save_checkpoint(accelerator.unwrap_model(evaluated), out / "last.safetensors", metadata)
+                save_checkpoint(checkpointed, out / "last.safetensors", metadata)
                 if improved:
-                    save_checkpoint(accelerator.unwrap_model(evaluated), out / "best.safetensors", metadata)
+                    save_checkpoint(checkpointed, out / "best.safetensors", metadata)
                 write_json(out / "history.json", history)
             save_state(accelerator, out, dict(config=vars(args), history=history, best_val_loss=best_val_loss))
             accelerator.print(

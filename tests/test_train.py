@@ -6,9 +6,11 @@ import time
 
 import pytest
 import torch
+import torchvision
 from conftest import ROOT, quick_args, run_script
 from safetensors import safe_open
 from safetensors.torch import load_file
+from torch._dynamo.testing import CompileCounterWithBackend
 
 import train
 
@@ -292,3 +294,29 @@ def test_resume_of_a_run_saved_before_newer_settings_existed(image_folder, tmp_p
     progress_file.write_text(json.dumps(progress))
     train.main(["--output-dir", str(out), "--resume", "--epochs", "2"])
     assert [r["epoch"] for r in json.loads((out / "history.json").read_text())] == [1, 2]
+
+
+def test_compile_trains_resumes_either_way_and_saves_plain_torchvision_weights(image_folder, tmp_path, monkeypatch):
+    """--compile on tiny runs, with and without the EMA. The test compiles with AOTAutograd but not
+    inductor's code generation, which takes a minute or more on 2 cores before the first step
+    (bench/throughput.py times the real thing); the wrapper, its names, the EMA and the state are the same."""
+    counter = CompileCounterWithBackend("aot_eager")
+    modes, torch_compile = [], torch.compile
+
+    def compile_quickly(model, mode):
+        modes.append(mode)
+        return torch_compile(model, backend=counter)
+
+    monkeypatch.setattr(torch, "compile", compile_quickly)
+    plain, averaged = tmp_path / "plain", tmp_path / "averaged"
+    train.main(quick_args(image_folder, plain, "--epochs", "1", "--compile"))
+    for name in ("best", "last"):  # no _orig_mod. prefix: plain torchvision loads them
+        torchvision.models.resnet18(num_classes=10).load_state_dict(load_file(plain / f"{name}.safetensors"))
+    train.main(["--output-dir", str(plain), "--resume", "--epochs", "2"])  # eager now: the state is the same
+    train.main(quick_args(image_folder, averaged, "--epochs", "1", "--compile", "--ema", "0.9"))
+    train.main(["--output-dir", str(averaged), "--resume", "--epochs", "2", "--compile"])
+    assert modes == [train.COMPILE_MODE] * 3 and counter.frame_count > 0
+    for run in (plain, averaged):
+        assert [r["epoch"] for r in json.loads((run / "history.json").read_text())] == [1, 2]
+    # The EMA followed the compiled model: it copies the BatchNorm batch counter at each of the 20 steps.
+    assert load_file(averaged / "last.safetensors")["bn1.num_batches_tracked"].item() == 20

@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
+from accelerate.tracking import get_available_trackers
+from accelerate.utils import DataLoaderConfiguration, LoggerType, broadcast_object_list, set_seed
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
@@ -87,7 +88,8 @@ VAL_BATCH_SIZE = 1024
 # reduce-overhead and max-autotune add CUDA graphs and kernel autotuning: nothing on a CPU but compile
 # time; on a GPU, max-autotune may be worth the longer compile (untested here: README, Speed).
 COMPILE_MODE = "default"
-RUN_FILES = ("history.json", "best.safetensors", "last.safetensors")
+TRACKER_PROJECT = "resnet18-cifar10"  # accelerate's project name: the tracker's project; TensorBoard's subfolder
+RUN_FILES = ("history.json", "best.safetensors", "last.safetensors", TRACKER_PROJECT)
 # accelerate's resumable state, newest first: state-tmp is being written (complete once its progress.json
 # is), state the last one, state-old the one before, during the swap. See save_state.
 STATE_DIRS = ("state-tmp", "state", "state-old")
@@ -138,10 +140,15 @@ def parse_args(argv=None):
     add("--targeted-augment", default="none", help="rotation, jitter, erasing for: none, all, a group or classes")
     add("--class-weights", default="none", help="none, auto, a run's history.json or checkpoint, or w0,w1,...")
     add("--two-stage", action="store_true", help="animals-vs-vehicles head, then a head per group (off)")
-    add("--resume", action="store_true", help="continue the run in --output-dir; --epochs, --compile may change")
+    add(
+        "--resume",
+        action="store_true",
+        help="continue the run in --output-dir; --epochs, --compile, --log-with may change",
+    )
     add("--overwrite", action="store_true", help="replace the run in --output-dir")
     add("--ema", type=bounded(float, 0, 1, open_high=True), default=0.0, help="EMA decay of the weights (0: off)")
     add("--compile", action="store_true", help=f"torch.compile the training step, mode {COMPILE_MODE} (off)")
+    add("--log-with", choices=[str(t) for t in LoggerType], help="also log to this tracker, through accelerate (none)")
     # Recipe settings: None means "take it from --recipe".
     add("--epochs", type=bounded(int, 1), help=recipe_help("epochs"))
     add("--batch-size", type=bounded(int, 2), help=recipe_help("batch_size", "per process, 2 or more for BatchNorm"))
@@ -180,11 +187,11 @@ def parse_args(argv=None):
 
 def resumed_settings(args, progress):
     """A resumed run keeps its own settings; only a new --epochs (to extend it) is taken, and how it runs
-    (--compile) comes from the command line. Settings that train.py gained after the run started take
-    their defaults for the run's recipe."""
+    (--compile, --log-with) comes from the command line. Settings that train.py gained after the run
+    started take their defaults for the run's recipe."""
     saved = progress["config"]
     defaults = vars(parse_args(["--recipe", saved["recipe"], "--weights", saved["weights"]]))
-    machinery = {"compile": args.compile}
+    machinery = {"compile": args.compile, "log_with": args.log_with}
     config = defaults | saved | machinery | {"resume": True, "output_dir": args.output_dir}
     if args.epochs is not None:
         config["epochs"] = args.epochs
@@ -483,6 +490,7 @@ def train_epoch(
                     f"the loss is {value} at epoch {epoch}, step {step}; lower --lr. The last checkpoint is untouched."
                 )
             bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.4g}")
+            accelerator.log({"step/loss": value, "step/lr": lr}, step=global_step)
             if step == LOG_EVERY and stop.estimate and accelerator.is_main_process:
                 stop.estimate = False
                 tqdm.write(
@@ -544,6 +552,30 @@ def checkpoint_metadata(args, classes, groups, accelerator, record):
     }
 
 
+def trackers(name):
+    """--log-with, checked: accelerate would skip a tracker whose package is missing with a debug message."""
+    available = [str(tracker) for tracker in get_available_trackers()]
+    if name == "all" and not available:
+        raise UserError("--log-with all found no tracker installed; pip install tensorboard, or another one")
+    if name not in (None, "all", *available):
+        raise UserError(f"--log-with {name} needs the {name} package; pip install {name}")
+    return name
+
+
+def start_trackers(accelerator, out, args):
+    """Trackers that write files (TensorBoard) write them into the run's folder, known only now."""
+    accelerator.project_configuration.logging_dir = str(out)
+    # TensorBoard's hyperparameters take numbers and strings only
+    config = {key: str(value) if isinstance(value, (list, tuple)) else value for key, value in vars(args).items()}
+    accelerator.init_trackers(TRACKER_PROJECT, config=config)
+
+
+def tracked_values(record, classes):
+    """The epoch's history record, with the per-class validation accuracy as one value per class."""
+    values = {key: value for key, value in record.items() if key != "val_per_class"}
+    return values | {f"val_acc/{name}": acc for name, acc in zip(classes, record["val_per_class"])}
+
+
 def main(argv=None):
     try:
         train(parse_args(argv))
@@ -557,6 +589,8 @@ def train(args):
     accelerator = Accelerator(
         cpu=not torch.accelerator.is_available(),  # else two CPU processes train separately (DistributedType.NO)
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        log_with=trackers(args.log_with),
+        project_dir=".",  # a logging folder must be named now; start_trackers sets the run's
     )
     follow_launcher(accelerator)
     out = Path(args.output_dir) if args.output_dir else None
@@ -624,6 +658,7 @@ def train(args):
         model = torch.compile(model, mode=COMPILE_MODE)
     out, held_lock = start_output_dir(out, args, accelerator)  # noqa: F841 (the lock lasts while it is referenced)
     args.output_dir = str(out)
+    start_trackers(accelerator, out, args)
     accelerator.print(
         f"recipe: {args.recipe}, {args.epochs} epochs, batch {args.batch_size} per process, lr {args.lr} "
         f"({args.schedule}, {args.warmup_epochs} warmup), weights {args.weights}, stem {args.stem}, "
@@ -675,6 +710,7 @@ def train(args):
                 kept = f"best.safetensors (epoch {best_epoch(history)}) is kept" if history else "nothing was saved"
                 raise UserError(f"the validation loss is {record['val_loss']} after epoch {epoch}; lower --lr. {kept}")
             history.append(record)
+            accelerator.log(tracked_values(record, classes), step=epoch * steps_per_epoch)
             improved = record["val_loss"] < best_val_loss
             best_val_loss = min(best_val_loss, record["val_loss"])
             if accelerator.is_main_process:
@@ -697,6 +733,7 @@ def train(args):
             f"could not write to {out} ({error.strerror}); the files of the last finished epoch are whole. "
             f"Free space, then resume: accelerate launch train.py --output-dir {out} --resume"
         ) from error
+    accelerator.end_training()
     best = min(history, key=lambda r: r["val_loss"])
     folder = Path(args.data_dir)
     split = " --split val" if (folder / "train").is_dir() and not (folder / "test").is_dir() else ""

@@ -140,11 +140,7 @@ def parse_args(argv=None):
     add("--targeted-augment", default="none", help="rotation, jitter, erasing for: none, all, a group or classes")
     add("--class-weights", default="none", help="none, auto, a run's history.json or checkpoint, or w0,w1,...")
     add("--two-stage", action="store_true", help="animals-vs-vehicles head, then a head per group (off)")
-    add(
-        "--resume",
-        action="store_true",
-        help="continue the run in --output-dir; --epochs, --compile, --log-with may change",
-    )
+    add("--resume", action="store_true", help="continue the run in --output-dir (new --epochs, --compile, --log-with)")
     add("--overwrite", action="store_true", help="replace the run in --output-dir")
     add("--ema", type=bounded(float, 0, 1, open_high=True), default=0.0, help="EMA decay of the weights (0: off)")
     add("--compile", action="store_true", help=f"torch.compile the training step, mode {COMPILE_MODE} (off)")
@@ -453,9 +449,7 @@ def update_ema(ema, model, step, decay):
         torch._foreach_copy_(*zip(*counters))
 
 
-def train_epoch(
-    epoch, model, loader, optimizer, scheduler, criterion, accelerator, args, stop, targeted, normalize, ema
-):
+def train_epoch(epoch, model, loader, optimizer, scheduler, criterion, accelerator, args, stop, inputs, ema):
     """One pass over the training split. Returns (loss, accuracy) or None when stopped early. Nothing
     but the loss every LOG_EVERY steps is read back from the device, so on a GPU the host queues the
     next steps while the device runs this one."""
@@ -469,10 +463,8 @@ def train_epoch(
     started = time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, disable=not accelerator.is_local_main_process)
     for step, (images, labels) in enumerate(bar, 1):
-        augmented = data.augment(images, labels, generator, args.crop_padding, targeted)
-        inputs = normalize(augmented)
         with accelerator.autocast():
-            logits = model(inputs)
+            logits = model(inputs(images, labels, generator))
             loss = criterion(logits, labels)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
@@ -625,6 +617,10 @@ def train(args):
 
     targeted = torch.tensor(data.class_indices(args.targeted_augment, classes), device=accelerator.device)
     normalize = data.normalizer(args.mean, args.std, args.input_size, accelerator.device)
+
+    def inputs(images, labels, generator):  # the network's training inputs, augmented on the device
+        return normalize(data.augment(images, labels, generator, args.crop_padding, targeted))
+
     groups = two_stage_groups(classes) if args.two_stage else None
     weights = class_weights(args.class_weights, labels[train_idx].cpu(), len(classes))
     model = build_model(len(classes), args.stem, args.weights, groups, args.zero_init_residual)
@@ -651,9 +647,9 @@ def train(args):
     ema = copy.deepcopy(network).requires_grad_(False) if args.ema else None
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
-    # Validation runs eagerly: compiling it too would cost another compilation per batch size for little.
-    evaluated = ema if ema is not None else model
-    checkpointed = ema if ema is not None else network  # torchvision's names
+    # Validated and saved: uncompiled (compiling validation too would cost a compilation per batch size),
+    # so with torchvision's names.
+    evaluated = ema if ema is not None else network
     if args.compile:  # last, as accelerate's own; the state it saves keeps the names of the uncompiled model
         model = torch.compile(model, mode=COMPILE_MODE)
     out, held_lock = start_output_dir(out, args, accelerator)  # noqa: F841 (the lock lasts while it is referenced)
@@ -678,18 +674,7 @@ def train(args):
             train_loader.set_epoch(epoch)
             started = time.perf_counter()
             result = train_epoch(
-                epoch,
-                model,
-                train_loader,
-                optimizer,
-                scheduler,
-                criterion,
-                accelerator,
-                args,
-                stop,
-                targeted,
-                normalize,
-                ema,
+                epoch, model, train_loader, optimizer, scheduler, criterion, accelerator, args, stop, inputs, ema
             )
             seconds = time.perf_counter() - started
             if result is None:
@@ -715,9 +700,9 @@ def train(args):
             best_val_loss = min(best_val_loss, record["val_loss"])
             if accelerator.is_main_process:
                 metadata = checkpoint_metadata(args, classes, groups, accelerator, record)
-                save_checkpoint(checkpointed, out / "last.safetensors", metadata)
+                save_checkpoint(evaluated, out / "last.safetensors", metadata)
                 if improved:
-                    save_checkpoint(checkpointed, out / "best.safetensors", metadata)
+                    save_checkpoint(evaluated, out / "best.safetensors", metadata)
                 write_json(out / "history.json", history)
             save_state(accelerator, out, dict(config=vars(args), history=history, best_val_loss=best_val_loss))
             accelerator.print(

@@ -4,6 +4,7 @@
     accelerate launch train.py --recipe seed          # the seed write-up's recipe, exactly
     accelerate launch train.py --data-dir DIR --weights none --stem imagenet --epochs 2
     accelerate launch --multi_gpu --num_processes 2 --mixed_precision bf16 train.py
+    accelerate launch train.py --compile --log-with tensorboard
 
 The same script runs on CPU, one GPU or several: accelerate picks the device and the processes.
 On a CPU the default (cifar stem) takes hours; --stem imagenet --input-size 32 is about 10x faster.
@@ -460,9 +461,10 @@ def train_epoch(epoch, model, loader, optimizer, scheduler, criterion, accelerat
     )
     total_loss = torch.zeros((), device=accelerator.device)
     correct = torch.zeros((), dtype=torch.long, device=accelerator.device)
-    started = time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, disable=not accelerator.is_local_main_process)
     for step, (images, labels) in enumerate(bar, 1):
+        if step == 2:
+            started = time.perf_counter()  # the time estimate leaves out the first step, which compiles
         with accelerator.autocast():
             logits = model(inputs(images, labels, generator))
             loss = criterion(logits, labels)
@@ -486,7 +488,7 @@ def train_epoch(epoch, model, loader, optimizer, scheduler, criterion, accelerat
             if step == LOG_EVERY and stop.estimate and accelerator.is_main_process:
                 stop.estimate = False
                 tqdm.write(
-                    time_estimate((time.perf_counter() - started) / step * len(loader), epoch, args, accelerator)
+                    time_estimate((time.perf_counter() - started) / (step - 1) * len(loader), epoch, args, accelerator)
                 )
         if stop.requested and accelerator.check_trigger():
             return None

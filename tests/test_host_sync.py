@@ -36,8 +36,8 @@ class Steps:
         monkeypatch.setattr(train, "VAL_BATCH_SIZE", 8)
         for name in ("train_epoch", "validate"):
             monkeypatch.setattr(train, name, self.phase_of(getattr(train, name)))
-        monkeypatch.setattr(data, "augment", self.marked(data.augment, "train"))
-        monkeypatch.setattr(Accelerator, "gather_for_metrics", self.marked(Accelerator.gather_for_metrics, "validate"))
+        monkeypatch.setattr(data, "augment", self.marked(data.augment))
+        monkeypatch.setattr(Accelerator, "gather_for_metrics", self.marked(Accelerator.gather_for_metrics))
 
     def phase_of(self, function):
         @functools.wraps(function)
@@ -51,7 +51,7 @@ class Steps:
 
         return wrapper
 
-    def marked(self, function, phase):
+    def marked(self, function):
         @functools.wraps(function)
         def wrapper(*args, **kwargs):
             if self.phase is not None:
@@ -96,9 +96,13 @@ def test_no_step_reads_from_the_device_outside_logging_steps(image_folder, tmp_p
     def from_python(data, *args, device=None, **kwargs):
         return device is not None and not isinstance(data, torch.Tensor)
 
-    def to_another_device(tensor, *args, non_blocking=False, **kwargs):
-        target = next((a for a in (*args, kwargs.get("device")) if isinstance(a, (str, torch.device))), None)
-        return target is not None and torch.device(target).type != tensor.device.type and not non_blocking
+    def crosses_devices(tensor, *args, non_blocking=False, **kwargs):
+        """A blocking copy from one device to another: to(device), to(tensor) or copy_(source). On a
+        machine without a GPU there is none: host and device are one."""
+        kinds = (str, torch.device, torch.Tensor)
+        other = next((a for a in (*args, kwargs.get("device")) if isinstance(a, kinds)), None)
+        device = other.device if isinstance(other, torch.Tensor) else other
+        return device is not None and torch.device(device).type != tensor.device.type and not non_blocking
 
     def boolean_mask(tensor, index):
         parts = index if isinstance(index, tuple) else (index,)
@@ -111,9 +115,7 @@ def test_no_step_reads_from_the_device_outside_logging_steps(image_folder, tmp_p
     for name in ("tensor", "as_tensor"):
         monkeypatch.setattr(torch, name, counted(getattr(torch, name), f"torch.{name}(device=)", from_python))
     for name in ("to", "copy_"):
-        monkeypatch.setattr(
-            torch.Tensor, name, counted(getattr(torch.Tensor, name), f"Tensor.{name}", to_another_device)
-        )
+        monkeypatch.setattr(torch.Tensor, name, counted(getattr(torch.Tensor, name), f"Tensor.{name}", crosses_devices))
     monkeypatch.setattr(torch.Tensor, "__getitem__", counted(torch.Tensor.__getitem__, "mask[]", boolean_mask))
     Steps(monkeypatch, on_step)
 

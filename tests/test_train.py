@@ -10,7 +10,6 @@ import torchvision
 from conftest import ROOT, quick_args, run_script
 from safetensors import safe_open
 from safetensors.torch import load_file
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import train
@@ -326,11 +325,12 @@ def test_compile_trains_resumes_either_way_and_saves_plain_torchvision_weights(i
 def test_tensorboard_holds_the_history_per_epoch_and_the_loss_every_log_every_steps(
     image_folder, tmp_path, monkeypatch
 ):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
     monkeypatch.setattr(train, "LOG_EVERY", 4)
     out = tmp_path / "run"
     train.main(quick_args(image_folder, out, "--log-with", "tensorboard"))  # 2 epochs of 10 steps
     history = json.loads((out / "history.json").read_text())
-    events = EventAccumulator(str(out / train.TRACKER_PROJECT)).Reload()
+    events = event_accumulator.EventAccumulator(str(out / train.TRACKER_PROJECT)).Reload()
     for key in ("train_loss", "val_loss", "val_acc", "lr"):
         logged = [(event.step, event.value) for event in events.Scalars(key)]
         assert logged == [(10, pytest.approx(history[0][key])), (20, pytest.approx(history[1][key]))], key

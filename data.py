@@ -214,7 +214,10 @@ class TensorDataset(torch.utils.data.Dataset):
         return self.images[index], self.labels[index]
 
     def __getitems__(self, indices):
-        index = torch.as_tensor(indices, device=self.labels.device)
+        index = torch.tensor(indices)
+        if self.labels.is_cuda:  # from pinned memory the copy is queued, instead of waiting for the GPU
+            index = index.pin_memory()
+        index = index.to(self.labels.device, non_blocking=True)
         return self.images[index], self.labels[index]
 
 
@@ -272,13 +275,18 @@ def color_jitter(images, strength, generator):
     def factor():
         return _uniform(n, 1 - strength, 1 + strength, images, generator)[:, None, None, None]
 
-    gray_weights = torch.tensor([0.299, 0.587, 0.114], device=images.device)[None, :, None, None]
     images = images * factor()
-    mean = (images * gray_weights).sum(1, keepdim=True).mean((2, 3), keepdim=True)
+    mean = _gray(images).mean((2, 3), keepdim=True)
     images = (images - mean) * factor() + mean
-    gray = (images * gray_weights).sum(1, keepdim=True)
+    gray = _gray(images)
     images = (images - gray) * factor() + gray
     return images.clamp(0, 1)
+
+
+def _gray(images):
+    """Luma, [N, 1, H, W]; Python weights, as a tensor of them would be a copy to the device per batch."""
+    red, green, blue = images.split(1, dim=1)
+    return 0.299 * red + 0.587 * green + 0.114 * blue
 
 
 def random_erase(images, probability, generator):
@@ -316,15 +324,21 @@ def augment(images, labels, generator, padding=4, targeted_labels=None):
     return images
 
 
-def normalize(images, mean, std, size=IMAGE_SIZE):
-    """uint8 or [0, 1] float batch -> normalised float batch of size x size pixels, channels_last."""
-    if images.dtype == torch.uint8:
-        images = images.float().div_(255)
-    if images.shape[-2:] != (size, size):
-        images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=size < images.shape[-1])
-    mean = torch.tensor(mean, device=images.device)[None, :, None, None]
-    std = torch.tensor(std, device=images.device)[None, :, None, None]
-    return ((images - mean) / std).contiguous(memory_format=torch.channels_last)
+def normalizer(mean, std, size, device):
+    """A function: uint8 or [0, 1] float batch -> normalised float batch of size x size pixels,
+    channels_last. Its constants are put on the device here, once: made from the tuples for every
+    batch, they would be two blocking host-to-device copies per step on a GPU."""
+    mean = torch.tensor(mean, device=device)[:, None, None]
+    std = torch.tensor(std, device=device)[:, None, None]
+
+    def normalize(images):
+        if images.dtype == torch.uint8:
+            images = images.float().div_(255)
+        if images.shape[-2:] != (size, size):
+            images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=size < images.shape[-1])
+        return ((images - mean) / std).contiguous(memory_format=torch.channels_last)
+
+    return normalize
 
 
 def class_indices(spec, classes):

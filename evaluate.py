@@ -93,10 +93,10 @@ def load_split(args, metadata):
 def predict(model, images, metadata, batch_size, tta, device):
     """Logits for every image, in large batches; with tta, averaged with the mirrored image's."""
     model.eval().to(device, memory_format=torch.channels_last)
+    normalize = data.normalizer(metadata["mean"], metadata["std"], metadata.get("input_size", data.IMAGE_SIZE), device)
     logits = []
     for start in range(0, len(images), batch_size):
-        batch = images[start : start + batch_size].to(device)
-        batch = data.normalize(batch, metadata["mean"], metadata["std"], metadata.get("input_size", data.IMAGE_SIZE))
+        batch = normalize(images[start : start + batch_size].to(device))
         out = model(batch)
         if tta:
             out = (out + model(batch.flip(3))) / 2

@@ -4,6 +4,7 @@
     accelerate launch train.py --recipe seed          # the seed write-up's recipe, exactly
     accelerate launch train.py --data-dir DIR --weights none --stem imagenet --epochs 2
     accelerate launch --multi_gpu --num_processes 2 --mixed_precision bf16 train.py
+    accelerate launch train.py --compile --log-with tensorboard
 
 The same script runs on CPU, one GPU or several: accelerate picks the device and the processes.
 On a CPU the default (cifar stem) takes hours; --stem imagenet --input-size 32 is about 10x faster.
@@ -51,7 +52,8 @@ from datetime import datetime  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
-from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed  # noqa: E402
+from accelerate.tracking import get_available_trackers  # noqa: E402
+from accelerate.utils import DataLoaderConfiguration, LoggerType, broadcast_object_list, set_seed  # noqa: E402
 from safetensors import SafetensorError, safe_open  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
@@ -104,8 +106,14 @@ SEED_RECIPE = dict(
     mean=(0.5, 0.5, 0.5),
     std=(0.5, 0.5, 0.5),
 )
-LOG_EVERY = 20  # steps between progress-bar updates (each one waits for the device)
-RUN_FILES = ("history.json", "best.safetensors", "last.safetensors")
+LOG_EVERY = 20  # steps between reads of the loss, for the progress bar and trackers (each read waits for the device)
+VAL_BATCH_SIZE = 1024
+# --compile: inductor's default mode fuses BatchNorm, ReLU and the residual adds of the training step.
+# reduce-overhead and max-autotune add CUDA graphs and kernel autotuning: nothing on a CPU but compile
+# time; on a GPU, max-autotune may be worth the longer compile (untested here: README, Speed).
+COMPILE_MODE = "default"
+TRACKER_PROJECT = "resnet18-cifar10"  # accelerate's project name: the tracker's project; TensorBoard's subfolder
+RUN_FILES = ("history.json", "best.safetensors", "last.safetensors", TRACKER_PROJECT)
 # accelerate's resumable state, newest first: state-tmp is being written (complete once its progress.json
 # is), state the last one, state-old the one before, during the swap. See save_state.
 STATE_DIRS = ("state-tmp", "state", "state-old")
@@ -158,9 +166,15 @@ def parse_args(argv=None):
     )
     add("--class-weights", default="none", help="none, auto, a run's history.json or checkpoint, or w0,w1,... (none)")
     add("--two-stage", action="store_true", help="animals-vs-vehicles head, then a head per group (off)")
-    add("--resume", action="store_true", help="continue the run in --output-dir; only --epochs, --data-dir may change")
+    add(
+        "--resume",
+        action="store_true",
+        help="continue the run in --output-dir (may change: --epochs, --data-dir, --compile, --log-with)",
+    )
     add("--overwrite", action="store_true", help="replace the run in --output-dir")
     add("--ema", type=bounded(float, 0, 1, open_high=True), default=0.0, help="EMA decay of the weights (0: off)")
+    add("--compile", action="store_true", help=f"torch.compile the training step, mode {COMPILE_MODE} (off)")
+    add("--log-with", choices=[str(t) for t in LoggerType], help="also log to this tracker, through accelerate (none)")
     # Recipe settings: None means "take it from --recipe".
     add("--epochs", type=bounded(int, 1), help=recipe_help("epochs", "passes over the training split"))
     add("--batch-size", type=bounded(int, 2), help=recipe_help("batch_size", "per process, 2 or more for BatchNorm"))
@@ -194,7 +208,7 @@ def parse_args(argv=None):
     if args.resume:  # the run's saved settings apply; see resumed_settings
         if not args.output_dir:
             parser.error("--resume needs --output-dir, the folder of the run to continue")
-        kept = ("resume", "output_dir", "epochs", "data_dir")
+        kept = ("resume", "output_dir", "epochs", "data_dir", "compile", "log_with")
         changed = [
             f"--{k.replace('_', '-')}" for k, v in vars(args).items() if k not in kept and v != parser.get_default(k)
         ]
@@ -219,11 +233,13 @@ def parse_args(argv=None):
 
 def resumed_settings(args, progress):
     """A resumed run keeps its own settings; only a new --epochs (to extend it) and --data-dir (the
-    same data, moved: checked against its fingerprint) are taken. Settings that train.py gained after
-    the run started take their defaults for the run's recipe."""
+    same data, moved: checked against its fingerprint) are taken, and how it runs (--compile,
+    --log-with) comes from the command line. Settings that train.py gained after the run started
+    take their defaults for the run's recipe."""
     saved = progress["config"]
     defaults = vars(parse_args(["--recipe", saved["recipe"], "--weights", saved["weights"]]))
-    config = defaults | {"data_fingerprint": None} | saved | {"resume": True, "output_dir": args.output_dir}
+    machinery = {"compile": args.compile, "log_with": args.log_with, "resume": True, "output_dir": args.output_dir}
+    config = defaults | {"data_fingerprint": None} | saved | machinery
     for key in ("epochs", "data_dir"):
         if getattr(args, key) is not None:
             config[key] = getattr(args, key)
@@ -433,8 +449,9 @@ def sync_batchnorm_statistics(model, accelerator):
 
 
 @torch.inference_mode()
-def validate(model, loader, accelerator, args, num_classes):
-    """Loss, accuracy and per-class accuracy over the whole split, every sample counted once."""
+def validate(model, loader, accelerator, normalize, num_classes):
+    """Loss, accuracy and per-class accuracy over the whole split, every sample counted once. The
+    values stay on the device until the end: no batch waits for the one before."""
     model.eval()
     sync_batchnorm_statistics(model, accelerator)
     total_loss = torch.zeros((), device=accelerator.device)
@@ -442,12 +459,13 @@ def validate(model, loader, accelerator, args, num_classes):
     samples_per_class = torch.zeros(num_classes, device=accelerator.device)
     for images, labels in loader:
         with accelerator.autocast():
-            logits = model(data.normalize(images, args.mean, args.std, args.input_size))
+            logits = model(normalize(images))
         losses = F.cross_entropy(logits.float(), labels, reduction="none")
         losses, hits, labels = accelerator.gather_for_metrics((losses, logits.argmax(1) == labels, labels))
         total_loss += losses.sum()
-        hits_per_class += torch.bincount(labels, weights=hits.float(), minlength=num_classes)
-        samples_per_class += torch.bincount(labels, minlength=num_classes)
+        # not bincount: on a GPU it reads the largest label back to size its output
+        hits_per_class.index_add_(0, labels, hits.float())
+        samples_per_class.index_add_(0, labels, torch.ones_like(hits, dtype=samples_per_class.dtype))
     count = samples_per_class.sum().item()
     return dict(
         val_loss=total_loss.item() / count,
@@ -466,18 +484,22 @@ def two_stage_groups(classes):
 
 @torch.no_grad()
 def update_ema(ema, model, step, decay):
-    """ema <- decay * ema + (1 - decay) * model, with the decay ramped up over the first steps (as
-    timm does) so the random initial weights fade out fast. BatchNorm statistics are averaged too."""
+    """ema <- decay * ema + (1 - decay) * model, with the decay ramped up as (1 + step) / (10 + step)
+    (TensorFlow's ExponentialMovingAverage with num_updates) so the random initial weights fade out
+    fast. BatchNorm statistics are averaged too; its batch counters are copied."""
     decay = min(decay, (1 + step) / (10 + step))
-    for average, current in zip(ema.state_dict().values(), model.state_dict().values()):
-        if average.dtype.is_floating_point:
-            average.lerp_(current, 1 - decay)
-        else:
-            average.copy_(current)
+    pairs = list(zip(ema.state_dict().values(), model.state_dict().values()))
+    floating = [pair for pair in pairs if pair[0].is_floating_point()]
+    counters = [pair for pair in pairs if not pair[0].is_floating_point()]
+    torch._foreach_lerp_(*zip(*floating), 1 - decay)  # one call for every tensor
+    if counters:
+        torch._foreach_copy_(*zip(*counters))
 
 
-def train_epoch(epoch, model, loader, optimizer, scheduler, criterion, accelerator, args, stop, targeted, ema):
-    """One pass over the training split. Returns (loss, accuracy) or None when stopped early."""
+def train_epoch(epoch, model, loader, optimizer, scheduler, criterion, accelerator, args, stop, inputs, ema):
+    """One pass over the training split. Returns (loss, accuracy) or None when stopped early. Nothing
+    but the loss every LOG_EVERY steps is read back from the device, so on a GPU the host queues the
+    next steps while the device runs this one."""
     model.train()
     # Augmentation randomness depends only on (seed, epoch, process), so a resumed epoch replays exactly.
     generator = torch.Generator(accelerator.device).manual_seed(
@@ -485,33 +507,35 @@ def train_epoch(epoch, model, loader, optimizer, scheduler, criterion, accelerat
     )
     total_loss = torch.zeros((), device=accelerator.device)
     correct = torch.zeros((), dtype=torch.long, device=accelerator.device)
-    started = time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, disable=not accelerator.is_local_main_process)
     for step, (images, labels) in enumerate(bar, 1):
-        augmented = data.augment(images, labels, generator, args.crop_padding, targeted)
-        inputs = data.normalize(augmented, args.mean, args.std, args.input_size)
+        if step == 2:
+            started = time.perf_counter()  # the time estimate leaves out the first step, which compiles
         with accelerator.autocast():
-            logits = model(inputs)
+            logits = model(inputs(images, labels, generator))
             loss = criterion(logits, labels)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         optimizer.step()
         scheduler.step()
+        global_step = (epoch - 1) * len(loader) + step
         if ema is not None:
-            update_ema(ema, accelerator.unwrap_model(model), (epoch - 1) * len(loader) + step, args.ema)
+            update_ema(ema, accelerator.unwrap_model(model, keep_torch_compile=False), global_step, args.ema)
         total_loss += F.cross_entropy(logits.detach().float(), labels, reduction="sum")
         correct += (logits.argmax(1) == labels).sum()
         if step % LOG_EVERY == 0 or step == len(loader):
-            if not math.isfinite(loss.item()):
+            value, lr = loss.item(), scheduler.get_last_lr()[0]
+            if not math.isfinite(value):
                 raise UserError(
-                    f"the loss is {loss.item()} at epoch {epoch}, step {step}; the last checkpoint is untouched. "
+                    f"the loss is {value} at epoch {epoch}, step {step}; the last checkpoint is untouched. "
                     f"Lower --lr and start again with --overwrite"
                 )
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.4g}")
+            bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.4g}")
+            accelerator.log({"step/loss": value, "step/lr": lr}, step=global_step)
             if step == LOG_EVERY and stop.estimate and accelerator.is_main_process:
                 stop.estimate = False
                 tqdm.write(
-                    time_estimate((time.perf_counter() - started) / step * len(loader), epoch, args, accelerator)
+                    time_estimate((time.perf_counter() - started) / (step - 1) * len(loader), epoch, args, accelerator)
                 )
         if stop.requested and accelerator.check_trigger():
             return None
@@ -584,6 +608,30 @@ def checkpoint_metadata(args, classes, groups, accelerator, record):
     )
 
 
+def trackers(name):
+    """--log-with, checked: accelerate would skip a tracker whose package is missing with a debug message."""
+    available = [str(tracker) for tracker in get_available_trackers()]
+    if name == "all" and not available:
+        raise UserError("--log-with all found no tracker installed; pip install tensorboard, or another one")
+    if name not in (None, "all", *available):
+        raise UserError(f"--log-with {name} needs the {name} package; pip install {name}")
+    return name
+
+
+def start_trackers(accelerator, out, args):
+    """Trackers that write files (TensorBoard) write them into the run's folder, known only now."""
+    accelerator.project_configuration.logging_dir = str(out)
+    # TensorBoard's hyperparameters take numbers and strings only
+    config = {key: str(value) if isinstance(value, (list, tuple)) else value for key, value in vars(args).items()}
+    accelerator.init_trackers(TRACKER_PROJECT, config=config)
+
+
+def tracked_values(record, classes):
+    """The epoch's history record, with the per-class validation accuracy as one value per class."""
+    values = {key: value for key, value in record.items() if key != "val_per_class"}
+    return values | {f"val_acc/{name}": acc for name, acc in zip(classes, record["val_per_class"])}
+
+
 def main(argv=None):
     try:
         train(parse_args(argv))
@@ -597,6 +645,8 @@ def train(args):
     accelerator = Accelerator(
         cpu=not torch.accelerator.is_available(),  # else two CPU processes train separately (DistributedType.NO)
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        log_with=trackers(args.log_with),
+        project_dir=".",  # a logging folder must be named now; start_trackers sets the run's
     )
     use_all_cores(accelerator)
     out = Path(args.output_dir) if args.output_dir else None
@@ -625,12 +675,17 @@ def train(args):
     # The last partial batch is dropped (a batch of one image breaks BatchNorm); each epoch's new
     # order puts other images there, so every image is still trained on.
     train_loader = data.make_loader(images[train_idx], labels[train_idx], args.batch_size, True, drop_last=True)
-    val_loader = data.make_loader(images[val_idx], labels[val_idx], 1024, shuffle=False)
+    val_loader = data.make_loader(images[val_idx], labels[val_idx], VAL_BATCH_SIZE, shuffle=False)
     accelerator.print(
         f"data: {len(train_idx)} train / {len(val_idx)} val images, {len(classes)} classes, from {args.data_dir}"
     )
 
     targeted = torch.tensor(data.class_indices(args.targeted_augment, classes), device=accelerator.device)
+    normalize = data.normalizer(args.mean, args.std, args.input_size, accelerator.device)
+
+    def inputs(images, labels, generator):  # the network's training inputs, augmented on the device
+        return normalize(data.augment(images, labels, generator, args.crop_padding, targeted))
+
     groups = two_stage_groups(classes) if args.two_stage else None
     loss_weights = class_weights(args.class_weights, labels[train_idx].cpu(), len(classes))
     weights = "none" if progress else args.weights  # a resumed run's weights come from its state
@@ -656,16 +711,22 @@ def train(args):
         model, optimizer, train_loader, val_loader, scheduler
     )
     # The EMA copy is not wrapped for data parallel: every process updates it from the same weights.
-    ema = copy.deepcopy(accelerator.unwrap_model(model)).requires_grad_(False) if args.ema else None
+    network = accelerator.unwrap_model(model, keep_torch_compile=False)  # also under the launcher's --dynamo_backend
+    ema = copy.deepcopy(network).requires_grad_(False) if args.ema else None
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
-    evaluated = ema if ema is not None else model
+    # Validated and saved: uncompiled (compiling validation too would cost a compilation per batch size),
+    # so with torchvision's names.
+    evaluated = ema if ema is not None else network
+    if args.compile:  # last, as accelerate's own; the state it saves keeps the names of the uncompiled model
+        model = torch.compile(model, mode=COMPILE_MODE)
     out, held_lock = start_output_dir(out, args, accelerator)
     args.output_dir = str(out)
+    start_trackers(accelerator, out, args)
     accelerator.print(
         f"recipe: {args.recipe}, {args.epochs} epochs, batch {args.batch_size} per process, lr {args.lr} "
         f"({args.schedule}, {args.warmup_epochs} warmup), weights {args.weights}, stem {args.stem}, "
-        f"input {args.input_size}x{args.input_size}\noutput: {out}"
+        f"input {args.input_size}x{args.input_size}{', compiled' if args.compile else ''}\noutput: {out}"
     )
 
     history, best_val_loss = [], math.inf
@@ -681,7 +742,7 @@ def train(args):
             train_loader.set_epoch(epoch)
             started = time.perf_counter()
             result = train_epoch(
-                epoch, model, train_loader, optimizer, scheduler, criterion, accelerator, args, stop, targeted, ema
+                epoch, model, train_loader, optimizer, scheduler, criterion, accelerator, args, stop, inputs, ema
             )
             seconds = time.perf_counter() - started
             if result is None:
@@ -694,7 +755,7 @@ def train(args):
                 epoch=epoch,
                 train_loss=result[0],
                 train_acc=result[1],
-                **validate(evaluated, val_loader, accelerator, args, len(classes)),
+                **validate(evaluated, val_loader, accelerator, normalize, len(classes)),
                 lr=scheduler.get_last_lr()[0],
                 seconds=round(seconds, 2),
             )
@@ -707,13 +768,14 @@ def train(args):
                     f"Lower --lr and start again with --overwrite"
                 )
             history.append(record)
+            accelerator.log(tracked_values(record, classes), step=epoch * steps_per_epoch)
             improved = record["val_loss"] < best_val_loss
             best_val_loss = min(best_val_loss, record["val_loss"])
             if accelerator.is_main_process:
                 metadata = checkpoint_metadata(args, classes, groups, accelerator, record)
-                save_checkpoint(accelerator.unwrap_model(evaluated), out / "last.safetensors", metadata)
+                save_checkpoint(evaluated, out / "last.safetensors", metadata)
                 if improved:
-                    save_checkpoint(accelerator.unwrap_model(evaluated), out / "best.safetensors", metadata)
+                    save_checkpoint(evaluated, out / "best.safetensors", metadata)
                 write_json(out / "history.json", history)
             save_state(accelerator, out, dict(config=vars(args), history=history, best_val_loss=best_val_loss))
             accelerator.print(
@@ -732,6 +794,7 @@ def train(args):
     finally:
         if held_lock is not None:
             held_lock.close()
+    accelerator.end_training()
     best = min(history, key=lambda r: r["val_loss"])
     folder = Path(args.data_dir)
     split = " --split val" if (folder / "train").is_dir() and not (folder / "test").is_dir() else ""

@@ -1,23 +1,35 @@
 """Training and evaluation throughput on this machine, side by side, in one run.
 
-    python bench/throughput.py                   # 40,000 training images, as a real run
-    python bench/throughput.py --images 8000     # quicker
+    python bench/throughput.py                        # CPU: 40,000 training images, as a real run
+    python bench/throughput.py --before a1691e8       # also train.py as it was at that commit
+    python bench/throughput.py --images 2000 --only bare,train   # quicker, some rows
+    bench/gpu.sh                                      # GPU: the --device cuda table, on CIFAR-10
 
-Rows:
-- bare step: forward + backward + SGD on one batch already in memory (the ceiling for any loop);
-- train.py: whole training epochs of `train.py --recipe seed` (data, augmentation, step,
-  logging; validation excluded), as history.json records them;
+CPU rows (--recipe seed, torchvision's stem at 32x32, from scratch, batch 128, float32 unless said):
+- bare step: forward + backward + SGD on one batch already in memory (the ceiling for any loop),
+  also in bf16 autocast and compiled (torch.compile, its compilation timed);
+- train.py: whole epochs of `train.py --recipe seed` (data, augmentation, step, logging;
+  validation excluded), as history.json records them: the first epoch, and the last one as the
+  steady speed; then with --compile (the first epoch includes a cold compilation: inductor's cache
+  starts empty, as on a new machine), with bf16 autocast, and as it was at --before REV;
 - plain loop: what users usually write: torchvision's ImageFolder with per-sample transforms, a
-  DataLoader with 2 workers, NCHW, eager, the same recipe and split. Both report the validation
-  accuracy they reach, to show the speed costs no accuracy;
+  DataLoader with 2 workers, NCHW, eager, the same recipe and split;
 - evaluation: evaluate.py's forward passes over 10,000 images.
-Data: the shared CIFAR-10 JPEGs (../shared/data) when present, else random 32x32 images of the
-same shape written to a temporary folder. Model: ResNet18 with torchvision's stem, from scratch,
-float32, batch 128, on the CPU threads torch uses here.
+Every train.py row and the plain loop report the validation accuracy they reach.
+
+--device cuda: bare step and train.py for float32 and bf16 autocast, each eager and compiled, at
+batch 128 and 512 (channels_last, the default recipe's CIFAR stem), then the wall time of a
+30-epoch default run and its validation accuracy.
+
+Data: --data-dir, else the shared CIFAR-10 JPEGs (../shared/data) when present, else random 32x32
+images of the same shape written to a temporary folder.
 """
 
 import argparse
+import functools
 import json
+import os
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -35,11 +47,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import evaluate  # noqa: E402
-import train  # noqa: E402
 from model import build_model  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data" / "cifar10-jpeg-train.tar.gz"
 BATCH = 128
+CPU_ROWS = ("bare", "compile", "train", "bf16", "before", "plain", "eval")
+LONG_RUN_EPOCHS = 30
 
 
 def prepare_data(folder, images):
@@ -58,10 +71,12 @@ def prepare_data(folder, images):
     return "generated random JPEGs"
 
 
-def bare_step(batch_size, channels_last, steps, compile=False):
-    """Images/s of forward + backward + SGD on a fixed in-memory batch."""
-    model = build_model(10, stem="imagenet", weights="none")
-    inputs, labels = torch.randn(batch_size, 3, 32, 32), torch.randint(0, 10, (batch_size,))
+def bare_step(batch_size, steps, channels_last=True, compile=False, bf16=False, stem="imagenet", device="cpu"):
+    """Images/s of forward + backward + SGD on a fixed in-memory batch, and the seconds of the
+    first two steps (compilation included)."""
+    model = build_model(10, stem=stem, weights="none").to(device)
+    inputs = torch.randn(batch_size, 3, 32, 32, device=device)
+    labels = torch.randint(0, 10, (batch_size,), device=device)
     if channels_last:
         model, inputs = (
             model.to(memory_format=torch.channels_last),
@@ -71,31 +86,58 @@ def bare_step(batch_size, channels_last, steps, compile=False):
     forward = torch.compile(model) if compile else model
 
     def step():
-        loss = torch.nn.functional.cross_entropy(forward(inputs), labels)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            loss = torch.nn.functional.cross_entropy(forward(inputs), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
+    def finished():  # a GPU runs behind the host: wait for it before reading the clock
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
     started = time.perf_counter()
     step()
     step()  # warm-up (and compilation)
-    warmup = time.perf_counter() - started
+    warmup = finished() - started
     started = time.perf_counter()
     for _ in range(steps):
         step()
-    return steps * batch_size / (time.perf_counter() - started), warmup
+    return steps * batch_size / (finished() - started), warmup
 
 
-def train_py_run(folder, images, epochs, out):
-    """Images/s of train.py's training epochs, as history.json records them, and its final
-    validation accuracy."""
-    train.main(["--data-dir", str(folder), "--recipe", "seed", "--weights", "none", "--epochs", str(epochs),
-                "--max-train-samples", str(images), "--output-dir", str(out)])  # fmt: skip
-    _, labels, _ = data.load_images(folder, "train")
-    n_train = len(data.train_val_indices(labels, 0.2, 0, images)[0])
+def train_py_run(folder, images, epochs, out, *flags, env=None, script=ROOT / "train.py"):
+    """train.py in its own process, as a user runs it (its compilation caches and threads its own).
+    Returns (first epoch seconds, last epoch images/s, last validation accuracy, wall seconds)."""
+    command = [sys.executable, str(script), "--data-dir", str(folder), "--epochs", str(epochs),
+               "--max-train-samples", str(images), "--output-dir", str(out), *flags]  # fmt: skip
+    started = time.perf_counter()
+    subprocess.run(command, cwd=script.parent, env=os.environ | (env or {}), check=True, stdout=sys.stderr)
+    wall = time.perf_counter() - started
     history = json.loads((out / "history.json").read_text())
-    seconds = sum(record["seconds"] for record in history) / epochs
-    return n_train / seconds, n_train, seconds, history[-1]["val_acc"]
+    return history[0]["seconds"], train_images(folder, images) / history[-1]["seconds"], history[-1]["val_acc"], wall
+
+
+@functools.cache
+def train_images(folder, images):
+    _, labels, classes = data.load_images(folder, "train")
+    return len(data.train_val_indices(labels, classes, 0.2, 0, images)[0])
+
+
+def cold_inductor(scratch):
+    """An empty inductor cache, so that a compiled run's first epoch includes the whole compilation."""
+    cache = Path(tempfile.mkdtemp(dir=scratch, prefix="inductor-"))
+    return {"TORCHINDUCTOR_CACHE_DIR": str(cache)}
+
+
+def checkout(revision, scratch):
+    """The scripts as they were at revision, in a folder of their own."""
+    folder = Path(tempfile.mkdtemp(dir=scratch, prefix="before-"))
+    archive = subprocess.run(["git", "archive", revision, "train.py", "data.py", "model.py"], cwd=ROOT,
+                             check=True, capture_output=True).stdout  # fmt: skip
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return folder / "train.py"
 
 
 def plain_loop(folder, images, epochs):
@@ -104,7 +146,7 @@ def plain_loop(folder, images, epochs):
     normalize = [T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3)]
     augment = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), *normalize])
     dataset = torchvision.datasets.ImageFolder(folder / "train", transform=augment)
-    train_idx, val_idx = data.train_val_indices(torch.tensor(dataset.targets), 0.2, 0, images)
+    train_idx, val_idx = data.train_val_indices(torch.tensor(dataset.targets), dataset.classes, 0.2, 0, images)
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(dataset, train_idx.tolist()), batch_size=BATCH, shuffle=True, num_workers=2
     )
@@ -150,44 +192,105 @@ def arithmetic_ceiling():
     return flops_per_image, matmul_flops
 
 
+def cpu_table(args, folder, scratch):
+    """The CPU rows; returns the lines to print."""
+    rows, lines, seed = [], [], ("--recipe", "seed", "--weights", "none")
+    bare = train = plain = None
+    if "bare" in args.only:
+        for batch_size, channels_last in ((BATCH, False), (BATCH, True), (256, True)):
+            speed, _ = bare_step(batch_size, args.steps, channels_last)
+            rows.append((f"bare step, batch {batch_size}, {'channels_last' if channels_last else 'NCHW'}", speed, ""))
+        bare = rows[1][1]
+        speed, _ = bare_step(BATCH, args.steps, bf16=True)
+        rows.append(("bare step, batch 128, channels_last, bf16 autocast", speed, f"{speed / bare:.2f}x float32"))
+    if "compile" in args.only:
+        os.environ.update(cold_inductor(scratch))  # this process compiles next; train.py gets its own below
+        speed, warmup = bare_step(BATCH, args.steps, compile=True)
+        rows.append(("bare step, batch 128, channels_last, torch.compile", speed, f"first 2 steps {warmup:.0f}s"))
+    runs = {
+        "train": ("train.py --recipe seed", (), None),
+        "compile": ("train.py --recipe seed --compile", ("--compile",), cold_inductor(scratch)),
+        "bf16": ("train.py --recipe seed, bf16 autocast", (), {"ACCELERATE_MIXED_PRECISION": "bf16"}),
+        "before": (f"train.py --recipe seed at {args.before}", (), None),
+    }
+    for part, (name, flags, env) in runs.items():
+        if part not in args.only or (part == "before" and not args.before):
+            continue
+        script = checkout(args.before, scratch) if part == "before" else ROOT / "train.py"
+        out = Path(tempfile.mkdtemp(dir=scratch)) / "run"
+        first, speed, acc, _ = train_py_run(
+            folder, args.images, args.epochs, out, *seed, *flags, env=env, script=script
+        )
+        train = speed if part == "train" else train
+        note = f"epoch 1 {first:.1f}s; val acc {acc:.2%}" + (f"; {speed / bare:.2f}x bare" if bare else "")
+        rows.append((name, speed, note))
+    if "plain" in args.only and (folder / "train").is_dir():
+        plain, plain_acc = plain_loop(folder, args.images, args.epochs)
+        rows.append(("plain loop (ImageFolder, 2 workers)", plain, f"val acc {plain_acc:.2%}"))
+    lines.append(f"{'what':<52} {'img/s':>7}  note")
+    lines += [f"{name:<52} {speed:7.0f}  {note}" for name, speed, note in rows]
+    if train and bare:
+        lines.append(f"\ntrain.py / bare step: {train / bare:.2f}x (at least 0.95 expected)")
+    if train and plain:
+        lines.append(f"train.py / plain loop: {train / plain:.2f}x (at least 1.3 expected)")
+    if "eval" in args.only:
+        flops, matmul = arithmetic_ceiling()
+        lines.append(f"\ntraining FLOPs per image {flops / 1e6:.0f} M; float32 matmul {matmul / 1e9:.0f} GFLOP/s;")
+        lines.append(
+            f"arithmetic ceiling {matmul / flops:.0f} img/s"
+            + (f"; bare step {bare / (matmul / flops):.0%}" if bare else "")
+        )
+        lines.append(f"evaluation, 10,000 images, batch 1024, inference mode: {evaluation_seconds():.1f}s")
+    return lines
+
+
+def gpu_table(args, folder, scratch):
+    """The GPU rows: bare step and train.py per batch size, precision and compilation."""
+    lines = [f"{'batch':>5} {'precision':<9} {'compile':<7} {'bare img/s':>10} {'train.py img/s':>14} "
+             f"{'ratio':>5} {'epoch 1':>8} {'val acc':>7}"]  # fmt: skip
+    for batch_size in (128, 512):
+        for bf16 in (False, True):
+            for compile in (False, True):
+                bare, _ = bare_step(batch_size, args.steps, compile=compile, bf16=bf16, stem="cifar", device="cuda")
+                flags = ["--weights", "none", "--batch-size", str(batch_size)] + (["--compile"] if compile else [])
+                env = ({"ACCELERATE_MIXED_PRECISION": "bf16"} if bf16 else {}) | cold_inductor(scratch)
+                out = Path(tempfile.mkdtemp(dir=scratch)) / "run"
+                first, speed, acc, _ = train_py_run(folder, args.images, args.epochs, out, *flags, env=env)
+                lines.append(f"{batch_size:>5} {'bf16' if bf16 else 'float32':<9} {'yes' if compile else 'no':<7} "
+                             f"{bare:10.0f} {speed:14.0f} {speed / bare:5.2f} {first:7.1f}s {acc:7.2%}")  # fmt: skip
+    out = Path(tempfile.mkdtemp(dir=scratch)) / "run"
+    _, _, acc, wall = train_py_run(folder, 10**9, LONG_RUN_EPOCHS, out, "--weights", args.weights)
+    lines.append(f"\n{LONG_RUN_EPOCHS}-epoch default run (float32, eager, --weights {args.weights}): "
+                 f"{wall / 60:.1f} min wall, {acc:.2%} validation accuracy")  # fmt: skip
+    return lines
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--data-dir", type=Path, help="an image folder with train/, or CIFAR-10's (made if not given)")
     parser.add_argument("--images", type=int, default=40_000, help="training images per epoch")
-    parser.add_argument("--steps", type=int, default=30, help="timed steps of the bare loop")
-    parser.add_argument("--epochs", type=int, default=2, help="epochs of train.py and of the plain loop")
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile on the bare step")
+    parser.add_argument("--steps", type=int, help="timed steps of the bare loop (30 on a CPU, 300 on a GPU)")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs of each train.py run and of the plain loop")
+    parser.add_argument("--only", default=",".join(CPU_ROWS), help=f"CPU rows, comma-separated: {','.join(CPU_ROWS)}")
+    parser.add_argument("--before", help="a git revision: also time train.py as it was there")
+    parser.add_argument("--weights", default="imagenet", help="--device cuda: the 30-epoch run's --weights")
     args = parser.parse_args()
+    args.only = args.only.split(",")
+    if not set(args.only) <= set(CPU_ROWS):
+        parser.error(f"--only takes some of {','.join(CPU_ROWS)}")
+    args.steps = args.steps or (300 if args.device == "cuda" else 30)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: --device cuda needs a GPU that torch can use")
     with tempfile.TemporaryDirectory() as scratch:
-        folder = Path(scratch)
-        source = prepare_data(folder, args.images)
-        rows = []
-        for batch_size, channels_last in ((BATCH, False), (BATCH, True), (256, True)):
-            speed, _ = bare_step(batch_size, channels_last, args.steps)
-            layout = "channels_last" if channels_last else "NCHW"
-            rows.append((f"bare step, batch {batch_size}, {layout}", speed, ""))
-        bare = rows[1][1]
-        if args.compile:
-            speed, warmup = bare_step(BATCH, True, args.steps, compile=True)
-            rows.append(("bare step, batch 128, channels_last, torch.compile", speed, f"compile {warmup:.0f}s"))
-        train_speed, n_train, seconds, train_acc = train_py_run(folder, args.images, args.epochs, folder / "run")
-        note = f"{seconds:.1f}s/epoch, {train_speed / bare:.2f}x bare; val acc {train_acc:.2%}"
-        rows.append(("train.py (--recipe seed)", train_speed, note))
-        plain, plain_acc = plain_loop(folder, args.images, args.epochs)
-        note = f"train.py is {train_speed / plain:.2f}x faster; val acc {plain_acc:.2%}"
-        rows.append(("plain loop (ImageFolder, 2 workers)", plain, note))
-        flops, matmul = arithmetic_ceiling()
-        eval_seconds = evaluation_seconds()
-    print(f"\ndata: {source}, {n_train} training images, {args.epochs} epochs of --recipe seed from scratch,")
-    print(
-        f"validation accuracy on the same 20% split; {torch.get_num_threads()} CPU threads, torch {torch.__version__}"
-    )
-    print(f"{'what':<52} {'img/s':>7}  note")
-    for name, speed, note in rows:
-        print(f"{name:<52} {speed:7.0f}  {note}")
-    ceiling = matmul / flops
-    print(f"\ntraining FLOPs per image {flops / 1e6:.0f} M; float32 matmul {matmul / 1e9:.0f} GFLOP/s;")
-    print(f"arithmetic ceiling {ceiling:.0f} img/s; the bare step reaches {bare / ceiling:.0%} of it")
-    print(f"evaluation, 10,000 images, batch 1024, inference mode: {eval_seconds:.1f}s")
+        folder = args.data_dir or Path(scratch) / "data"
+        source = str(args.data_dir) if args.data_dir else prepare_data(folder, args.images)
+        table = (gpu_table if args.device == "cuda" else cpu_table)(args, folder, Path(scratch))
+        n_train = train_images(folder, args.images)
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    print(f"\ndata: {source}, {n_train} training images, {args.epochs} epochs per train.py row, from scratch;")
+    print(f"validation accuracy on the same 20% split; {device}, torch {torch.__version__}")
+    print("\n".join(table))
 
 
 if __name__ == "__main__":

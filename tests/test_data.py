@@ -57,10 +57,10 @@ def test_crop_and_flip_are_drawn_per_image():
 
 def test_normalize_resizes_to_the_input_size_only_when_it_differs():
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
-    same = data.normalize(images, (0.5,) * 3, (0.5,) * 3)
+    same = data.normalizer((0.5,) * 3, (0.5,) * 3, 32, "cpu")(images)
     assert same.shape == (4, 3, 32, 32) and same.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(same, images.float() / 127.5 - 1)
-    larger = data.normalize(images, (0.5,) * 3, (0.5,) * 3, size=48)
+    larger = data.normalizer((0.5,) * 3, (0.5,) * 3, 48, "cpu")(images)
     assert larger.shape == (4, 3, 48, 48) and larger.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(larger.mean((2, 3)), same.mean((2, 3)), atol=0.05)  # the same images, upsampled
 

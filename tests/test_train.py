@@ -6,9 +6,11 @@ import time
 
 import pytest
 import torch
+import torchvision
 from conftest import ROOT, quick_args, run_script
 from safetensors import safe_open
 from safetensors.torch import load_file
+from torch._dynamo.testing import CompileCounterWithBackend
 
 import train
 
@@ -292,3 +294,61 @@ def test_resume_of_a_run_saved_before_newer_settings_existed(image_folder, tmp_p
     progress_file.write_text(json.dumps(progress))
     train.main(["--output-dir", str(out), "--resume", "--epochs", "2"])
     assert [r["epoch"] for r in json.loads((out / "history.json").read_text())] == [1, 2]
+
+
+def test_compile_trains_resumes_either_way_and_saves_plain_torchvision_weights(image_folder, tmp_path, monkeypatch):
+    """--compile on tiny runs, with and without the EMA. The test compiles with AOTAutograd but not
+    inductor's code generation, which takes a minute or more on 2 cores before the first step
+    (bench/throughput.py times the real thing); the wrapper, its names, the EMA and the state are the same."""
+    counter = CompileCounterWithBackend("aot_eager")
+    modes, torch_compile = [], torch.compile
+
+    def compile_quickly(model, mode):
+        modes.append(mode)
+        return torch_compile(model, backend=counter)
+
+    monkeypatch.setattr(torch, "compile", compile_quickly)
+    plain, averaged = tmp_path / "plain", tmp_path / "averaged"
+    train.main(quick_args(image_folder, plain, "--epochs", "1", "--compile"))
+    for name in ("best", "last"):  # no _orig_mod. prefix: plain torchvision loads them
+        torchvision.models.resnet18(num_classes=10).load_state_dict(load_file(plain / f"{name}.safetensors"))
+    train.main(["--output-dir", str(plain), "--resume", "--epochs", "2"])  # eager now: the state is the same
+    train.main(quick_args(image_folder, averaged, "--epochs", "1", "--compile", "--ema", "0.9"))
+    train.main(["--output-dir", str(averaged), "--resume", "--epochs", "2", "--compile"])
+    assert modes == [train.COMPILE_MODE] * 3 and counter.frame_count > 0
+    for run in (plain, averaged):
+        assert [r["epoch"] for r in json.loads((run / "history.json").read_text())] == [1, 2]
+    # The EMA followed the compiled model: it copies the BatchNorm batch counter at each of the 20 steps.
+    assert load_file(averaged / "last.safetensors")["bn1.num_batches_tracked"].item() == 20
+
+
+def test_tensorboard_holds_the_history_per_epoch_and_the_loss_every_log_every_steps(
+    image_folder, tmp_path, monkeypatch
+):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    monkeypatch.setattr(train, "LOG_EVERY", 4)
+    out = tmp_path / "run"
+    train.main(quick_args(image_folder, out, "--log-with", "tensorboard"))  # 2 epochs of 10 steps
+    history = json.loads((out / "history.json").read_text())
+    events = event_accumulator.EventAccumulator(str(out / train.TRACKER_PROJECT)).Reload()
+    for key in ("train_loss", "val_loss", "val_acc", "lr"):
+        logged = [(event.step, event.value) for event in events.Scalars(key)]
+        assert logged == [(10, pytest.approx(history[0][key])), (20, pytest.approx(history[1][key]))], key
+    assert [event.step for event in events.Scalars("step/loss")] == [4, 8, 10, 14, 18, 20]
+    assert events.Scalars("val_acc/cat")[-1].value == pytest.approx(history[1]["val_per_class"][3])
+
+
+@pytest.mark.parametrize(
+    "tracker, advice",
+    [
+        ("wandb", "needs the wandb package; pip install wandb"),
+        ("all", "found no tracker installed; pip install tensorboard"),
+    ],
+)
+def test_a_tracker_not_installed_is_one_error_line_naming_the_package(
+    image_folder, tmp_path, monkeypatch, tracker, advice
+):
+    monkeypatch.setattr(train, "get_available_trackers", lambda: [])
+    with pytest.raises(SystemExit, match=f"^error: --log-with {tracker} {advice}"):
+        train.main(quick_args(image_folder, tmp_path / "run", "--log-with", tracker))
+    assert not (tmp_path / "run").exists()

@@ -622,7 +622,9 @@ def start_trackers(accelerator, out, args):
     """Trackers that write files (TensorBoard) write them into the run's folder, known only now."""
     accelerator.project_configuration.logging_dir = str(out)
     # TensorBoard's hyperparameters take numbers and strings only
-    config = {key: str(value) if isinstance(value, (list, tuple)) else value for key, value in vars(args).items()}
+    config = {
+        key: value if isinstance(value, (int, float, str, bool)) else str(value) for key, value in vars(args).items()
+    }
     accelerator.init_trackers(TRACKER_PROJECT, config=config)
 
 

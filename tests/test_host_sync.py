@@ -73,6 +73,7 @@ def reads_the_loss(phase, index):
 def a_short_run(tmp_path, image_folder):
     """One epoch with the parts of the step that options add: EMA, targeted augmentation, class weights."""
     flags = ["--epochs", "1", "--ema", "0.9", "--targeted-augment", "animals", "--class-weights", "auto"]
+    flags += ["--max-train-samples", "160"]  # all of them: STEPS steps
     train.main(quick_args(image_folder, tmp_path / "run", *flags))
 
 

@@ -87,7 +87,7 @@ def load_image_folder(folder):
     if not folder.is_dir():
         raise UserError(f"{folder} does not exist; expected {folder}/<class>/*.png|jpg")
     try:
-        listing = DatasetFolder(folder, loader=str, extensions=IMAGE_EXTENSIONS)
+        listing = ClassFolders(folder, loader=str, extensions=IMAGE_EXTENSIONS)
     except (FileNotFoundError, RuntimeError) as error:
         raise UserError(f"no images in {folder} ({error}); expected {folder}/<class>/*.png|jpg") from error
     images, labels, skipped = [], [], []
@@ -108,6 +108,16 @@ def load_image_folder(folder):
         raise UserError(f"none of the images in {folder} could be read")
     images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     return images, torch.tensor(labels), list(listing.classes)
+
+
+class ClassFolders(DatasetFolder):
+    """torchvision's folder listing, without hidden folders (.ipynb_checkpoints, .cache) as classes."""
+
+    def find_classes(self, directory):
+        classes = sorted(entry.name for entry in os.scandir(directory) if entry.is_dir() and entry.name[0] != ".")
+        if not classes:
+            raise FileNotFoundError(f"no class folders in {directory}")
+        return classes, {name: index for index, name in enumerate(classes)}
 
 
 def to_rgb(image):

@@ -359,10 +359,10 @@ def test_odd_data_dirs_and_images_are_refused_or_skipped(tmp_path, image_folder)
         data.load_images(image_folder / "train", "train")  # the class folders, one level too deep
     folder = tiny_folder(tmp_path / "data", 3)
     (folder / "train" / "ant" / "broken.png").symlink_to(tmp_path / "nowhere.png")
+    (folder / "train" / ".ipynb_checkpoints").mkdir()  # Jupyter's, not a class
     images, labels, classes = data.load_images(folder, "train")  # the broken link is skipped and counted
-    assert (
-        len(images) == 9 and data.fingerprint(folder, "train", images, labels, classes)["images_per_class"]["ant"] == 3
-    )
+    assert len(images) == 9 and classes == ["ant", "bee", "cat"]
+    assert data.fingerprint(folder, "train", images, labels, classes)["images_per_class"]["ant"] == 3
 
 
 def test_a_failed_download_removes_every_folder_it_made(tmp_path, monkeypatch):

@@ -763,7 +763,9 @@ def train(args):
             )
             if not math.isfinite(record["val_loss"]):
                 kept = (
-                    f"best.safetensors (epoch {best_epoch(history)}) is kept" if history else "no checkpoint was saved"
+                    f"best.safetensors (epoch {best_record(history)['epoch']}) is kept"
+                    if history
+                    else "no checkpoint was saved"
                 )
                 raise UserError(
                     f"the validation loss is {record['val_loss']} after epoch {epoch}; {kept}. "
@@ -785,7 +787,7 @@ def train(args):
                 f"val loss {record['val_loss']:.4f} acc {record['val_acc']:6.2%}  {seconds:6.1f}s "
                 f"({len(train_idx) / seconds:.0f} img/s){'  *best' if improved else ''}"
             )
-            if args.patience and epoch - best_epoch(history) >= args.patience:
+            if args.patience and epoch - best_record(history)["epoch"] >= args.patience:
                 accelerator.print(f"early stop: no lower validation loss for {args.patience} epochs")
                 break
     except (OSError, SafetensorError) as error:  # safetensors reports a full disk as its own error
@@ -797,7 +799,7 @@ def train(args):
         if held_lock is not None:
             held_lock.close()
     accelerator.end_training()
-    best = min(history, key=lambda r: r["val_loss"])
+    best = best_record(history)
     folder = Path(args.data_dir)
     split = " --split val" if (folder / "train").is_dir() and not (folder / "test").is_dir() else ""
     accelerator.print(
@@ -818,8 +820,9 @@ def resume_command(out, accelerator):
     return shlex.join([*launch, "train.py", "--output-dir", str(out), "--resume"])
 
 
-def best_epoch(history):
-    return min(history, key=lambda r: r["val_loss"])["epoch"]
+def best_record(history):
+    """The epoch with the lowest validation loss: the one best.safetensors holds."""
+    return min(history, key=lambda r: r["val_loss"])
 
 
 if __name__ == "__main__":

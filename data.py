@@ -6,9 +6,11 @@ its own random numbers, so no per-sample Python runs in the training loop.
 """
 
 import hashlib
+import itertools
 import math
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +19,22 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.datasets import CIFAR10, DatasetFolder
 
-IMAGE_SIZE = 32  # images of any other size are resized to this when loaded
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+VAL_FOLDERS = ("val", "valid", "validation")  # DIR/<one of these>/ beside DIR/train/ is the validation split
+# Sizes. CIFAR-10, and folders of images no larger (median shorter side), are kept at 32x32 and
+# trained with a padded random crop. Larger images are photos: kept at STORED_SCALE x the crop
+# (256 for 224, ImageNet's resize before its centre crop), trained on random-resized crops and
+# evaluated on the centre crop. Every image is stored as its shorter side resized, then the centre square.
+IMAGE_SIZE = 32
+PHOTO_INPUT_SIZE = 224  # the crop ImageNet-pretrained ResNet18 was trained on
+STORED_SCALE = 8 / 7  # 224 -> 256
+CROP_AREA = (0.08, 1.0)  # random-resized crop: fraction of the stored image, and its aspect ratio (torchvision's)
+CROP_RATIO = (3 / 4, 4 / 3)
+MEMORY_SHARE = 0.5  # the decoded images may take this share of the free memory; training needs the rest
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # photos: the statistics the pretrained weights were trained with
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Class groups, used for the vehicles-vs-animals report, the two-stage head and the default
 # targets of --targeted-augment. Edit here for another dataset.
@@ -45,22 +59,31 @@ class UserError(Exception):
 # ---------------------------------------------------------------------------------- loading
 
 
-def load_images(data_dir, split):
-    """Return (images uint8 [N, 3, H, W], labels int64 [N], class names) for split 'train' or 'test'.
-
-    An image folder when data_dir has a train/ folder, else torchvision's CIFAR-10 (downloaded if
-    missing)."""
+def list_images(data_dir, split):
+    """(items, labels int64 [N], class names) of split 'train', 'test' or a validation folder's name:
+    an image folder's file paths when data_dir has a train/ folder, else torchvision's CIFAR-10
+    (downloaded if missing), whose items are its decoded uint8 images [N, 3, 32, 32]. Nothing of a
+    folder is decoded yet: see decode."""
     root = Path(data_dir)
     if root.exists() and not root.is_dir():
         raise UserError(f"--data-dir {root} is a file; pass a folder")
     if (root / "train").is_dir():
-        return load_image_folder(root / split)
+        return list_folder(root / split)
     if any(child.is_dir() and child.name != "cifar-10-batches-py" for child in root.glob("*")):
         raise UserError(
             f"--data-dir {root} has folders but no train/ folder; for your own images pass the folder that "
             f"holds train/<class>/ (not train/ itself), for CIFAR-10 a folder of its own"
         )
     return load_cifar10(root, train=split == "train")
+
+
+def load_images(data_dir, split, side=IMAGE_SIZE, expected_classes=None):
+    """Every image of a split, decoded: (images uint8 [N, 3, side, side], labels, class names)."""
+    items, labels, classes = list_images(data_dir, split)
+    check_classes(classes, expected_classes, data_dir)
+    check_memory(len(labels), side)
+    images, labels = decode(items, labels, torch.arange(len(labels)), side)
+    return images, labels, classes
 
 
 def load_cifar10(root, train):
@@ -81,33 +104,15 @@ def load_cifar10(root, train):
     return images, torch.tensor(dataset.targets), list(dataset.classes)
 
 
-def load_image_folder(folder):
-    """Decode every image under folder/<class>/ into one tensor. Unreadable images are skipped and
-    counted, so one bad file does not cost a run; the count is printed."""
+def list_folder(folder):
     if not folder.is_dir():
         raise UserError(f"{folder} does not exist; expected {folder}/<class>/*.png|jpg")
     try:
         listing = ClassFolders(folder, loader=str, extensions=IMAGE_EXTENSIONS)
     except (FileNotFoundError, RuntimeError) as error:
         raise UserError(f"no images in {folder} ({error}); expected {folder}/<class>/*.png|jpg") from error
-    images, labels, skipped = [], [], []
-    for path, label in listing.samples:
-        try:
-            with Image.open(path) as image:
-                image = to_rgb(image)
-                if image.size != (IMAGE_SIZE, IMAGE_SIZE):
-                    image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)
-                images.append(np.asarray(image))
-        except (OSError, Image.DecompressionBombError):  # truncated, unidentifiable, or far too large
-            skipped.append(path)
-            continue
-        labels.append(label)
-    if skipped:
-        print(f"warning: skipped {len(skipped)} unreadable image(s) in {folder}, e.g. {skipped[0]}")
-    if not images:
-        raise UserError(f"none of the images in {folder} could be read")
-    images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-    return images, torch.tensor(labels), list(listing.classes)
+    paths = [path for path, _ in listing.samples]
+    return paths, torch.tensor([label for _, label in listing.samples]), list(listing.classes)
 
 
 class ClassFolders(DatasetFolder):
@@ -120,6 +125,147 @@ class ClassFolders(DatasetFolder):
         return classes, {name: index for index, name in enumerate(classes)}
 
 
+def validation_folder(data_dir):
+    """DIR/val/ (or valid/, validation/) beside DIR/train/: the user's own validation split; None if none."""
+    root = Path(data_dir)
+    if not (root / "train").is_dir():
+        return None
+    return next((root / name for name in VAL_FOLDERS if (root / name).is_dir()), None)
+
+
+def load_split(
+    data_dir,
+    side,
+    val_fraction,
+    seed,
+    max_train_samples=None,
+    device=None,
+    parts=("train", "val"),
+    expected_classes=None,
+):
+    """The run's training and validation images at side x side: DIR/val/ when there is one, else a
+    stratified val_fraction of train/; the training part optionally cut to about max_train_samples.
+    Only the parts asked for are decoded. Returns ({part: (images, labels)}, class names, the data's
+    fingerprint, where the validation images come from, in words)."""
+    items, labels, classes = list_images(data_dir, "train")
+    check_classes(classes, expected_classes, data_dir)
+    val_dir = validation_folder(data_dir)
+    if val_dir is None:
+        train, val = train_val_indices(labels, classes, val_fraction, seed, max_train_samples)
+        sources = {"train": (items, labels, train), "val": (items, labels, val)}
+        found = fingerprint(data_dir, items, labels, classes)
+        where = f"{val_fraction:.0%} of train/ (stratified, --seed {seed})"
+    else:
+        val_items, val_labels, val_classes = list_folder(val_dir)
+        if val_classes != classes:
+            raise UserError(
+                f"{val_dir} has the classes {val_classes} and train/ has {classes}; give both the same class folders"
+            )
+        train = torch.arange(len(labels))
+        if max_train_samples and max_train_samples < len(labels):
+            _, train = stratified_split(labels, max_train_samples / len(labels), seed)
+            if len(labels[train].unique()) < len(classes):
+                raise UserError(
+                    f"--max-train-samples {max_train_samples} leaves a class without training images; "
+                    f"raise it (at least {len(classes)}, one image a class)"
+                )
+        sources = {"train": (items, labels, train), "val": (val_items, val_labels, torch.arange(len(val_labels)))}
+        found = fingerprint(data_dir, items, torch.cat([labels, val_labels]), classes)
+        where = f"{val_dir} (--val-fraction is not used)"
+    check_memory(sum(len(sources[part][2]) for part in parts), side, device)
+    return {part: decode(*sources[part], side) for part in parts}, classes, found, where
+
+
+def check_classes(classes, expected, data_dir):
+    """A checkpoint's classes (expected) must be the folder's, before anything is decoded."""
+    if expected is not None and classes != expected:
+        raise UserError(f"the checkpoint's classes {expected} differ from those in {data_dir}: {classes}")
+
+
+def typical_side(data_dir, sample=50):
+    """The median shorter side of up to `sample` of the training images, read from their headers:
+    tells CIFAR-sized images from photos before anything is decoded."""
+    if validation_folder(data_dir) is None and not (Path(data_dir) / "train").is_dir():
+        return IMAGE_SIZE  # CIFAR-10
+    items, _, _ = list_images(data_dir, "train")
+    sides = []
+    for path in items[:: max(1, len(items) // sample)]:
+        try:
+            with Image.open(path) as image:
+                sides.append(min(image.size))
+        except (OSError, Image.DecompressionBombError):
+            pass
+    return sorted(sides)[len(sides) // 2] if sides else IMAGE_SIZE
+
+
+def check_memory(count, side, device=None):
+    """Refuse, before decoding, a dataset whose uint8 tensor would not fit comfortably: at most
+    MEMORY_SHARE of the free memory, and of the free device memory when it goes to a GPU."""
+    need = count * 3 * side * side
+    free = {"memory": available_memory()}
+    if device is not None and torch.device(device).type == "cuda":
+        free["GPU memory"] = torch.cuda.mem_get_info(device)[0]
+    for where, available in free.items():
+        if available is not None and need > MEMORY_SHARE * available:
+            raise UserError(
+                f"{count} images at {side}x{side} need {need / 2**30:.2f} GiB in {where}, more than "
+                f"{MEMORY_SHARE:.0%} of the {available / 2**30:.2f} GiB free; pass a smaller --input-size "
+                f"or --max-train-samples"
+            )
+    return need
+
+
+def available_memory():
+    """Bytes of memory free for new allocations (Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as file:
+            fields = dict(line.split(":", 1) for line in file)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def decode(items, labels, positions, side):
+    """uint8 images [M, 3, side, side] and their labels, for the items at positions. CIFAR-10's are
+    decoded already; files are decoded by a thread per core (PIL lets go of Python's lock while it
+    decodes). Unreadable images are skipped and counted, so one bad file does not cost a run."""
+    if isinstance(items, torch.Tensor):
+        return items[positions], labels[positions]
+    paths = [items[i] for i in positions.tolist()]
+    images = torch.empty(len(paths), 3, side, side, dtype=torch.uint8)  # filled in place: no second copy
+    readable = []
+    with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
+        for i, pixels in enumerate(pool.map(read_image, paths, itertools.repeat(side))):
+            if pixels is not None:
+                images[i] = pixels
+                readable.append(i)
+    kept = set(readable)
+    skipped = [path for i, path in enumerate(paths) if i not in kept]
+    if skipped:
+        print(f"warning: skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]}")
+        if not readable:
+            raise UserError(f"none of the {len(paths)} images, e.g. {paths[0]}, could be read")
+        images = images[readable]
+    return images, labels[positions][readable]
+
+
+def read_image(path, side):
+    """One image as uint8 [3, side, side]: its shorter side resized to side (bicubic), then the centre
+    side x side; None when it cannot be read (truncated, not an image, or a decompression bomb)."""
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (side, side))  # JPEG: decode at a reduced scale when still large enough
+            image = to_rgb(image)
+            scale = side / min(image.size)
+            if image.size != (side, side):
+                width, height = max(side, round(image.width * scale)), max(side, round(image.height * scale))
+                left, top = (width - side) // 2, (height - side) // 2
+                image = image.resize((width, height), Image.BICUBIC).crop((left, top, left + side, top + side))
+            return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+    except (OSError, Image.DecompressionBombError):
+        return None
+
+
 def to_rgb(image):
     """8-bit RGB with the image's true pixel values. PIL opens 16-bit grayscale PNGs as 32-bit integer
     images, and its RGB conversion clips those to 255 (all white): scale them to 8 bits first."""
@@ -129,24 +275,27 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
-def fingerprint(data_dir, split, images, labels, classes):
-    """A small record of the data a split is made from, to check later that a folder still holds
-    it: the images per class, and a hash of an image folder's relative paths and file sizes (sorted,
-    so the order files are listed in does not matter), or of CIFAR-10's pixels and labels."""
-    folder = Path(data_dir) / split
-    if (Path(data_dir) / "train").is_dir():  # an image folder, as load_images decides
-        prefix = len(str(folder))
+def fingerprint(data_dir, items, labels, classes):
+    """A small record of the data a run is split from, to check later that a folder still holds it:
+    the images per class (labels: train/'s, and a validation folder's after them), and a hash of an
+    image folder's relative paths and file sizes (sorted, so the order files are listed in does not
+    matter), or of CIFAR-10's pixels and labels (items, from list_images)."""
+    if isinstance(items, torch.Tensor):
+        content = items.numpy().tobytes() + labels.numpy().tobytes()
+    else:
+        root, val_dir = Path(data_dir), validation_folder(data_dir)
+        # train/'s paths relative to it, as before validation folders were read; val/'s relative to DIR
+        folders = [(root / "train", len(str(root / "train")))] + ([(val_dir, len(str(root)))] if val_dir else [])
         content = "\n".join(
             sorted(
                 f"{path[prefix:]}\0{os.stat(path).st_size if os.path.exists(path) else -1}"  # -1: a broken link
+                for folder, prefix in folders
                 for name in classes
                 for directory, _, files in os.walk(folder / name, followlinks=True)
                 for path in (os.path.join(directory, file) for file in files)
                 if path.lower().endswith(IMAGE_EXTENSIONS)
             )
         ).encode()
-    else:
-        content = images.numpy().tobytes() + labels.numpy().tobytes()
     counts = torch.bincount(labels, minlength=len(classes)).tolist()
     return {"sha256": hashlib.sha256(content).hexdigest()[:16], "images_per_class": dict(zip(classes, counts))}
 
@@ -270,6 +419,32 @@ def _uniform(n, low, high, like, generator):
     return low + (high - low) * torch.rand(n, device=like.device, generator=generator)
 
 
+def random_resized_crop_flip(images, size, generator):
+    """uint8 batch -> float batch [N, 3, size, size] in [0, 1]: a random-resized crop and a horizontal
+    flip as torchvision's RandomResizedCrop(size) and RandomHorizontalFlip, each image with its own
+    area, aspect ratio, position and flip, sampled in one grid_sample call for the whole batch."""
+    n, _, height, width = images.shape
+    # torchvision draws up to 10 boxes per image and takes the first that fits; so do we, all at once
+    area = _uniform(n * 10, *CROP_AREA, images, generator).view(n, 10) * height * width
+    log_ratio = _uniform(n * 10, *map(math.log, CROP_RATIO), images, generator).view(n, 10)
+    w, h = (area * log_ratio.exp()).sqrt(), (area / log_ratio.exp()).sqrt()
+    fits = (w <= width) & (h <= height)
+    first = fits.int().argmax(1, keepdim=True)  # the first box that fits; none fits: the whole image
+    found = fits.any(1)
+    w = torch.where(found, w.gather(1, first).squeeze(1), width)
+    h = torch.where(found, h.gather(1, first).squeeze(1), height)
+    left = torch.rand(n, device=images.device, generator=generator) * (width - w)
+    top = torch.rand(n, device=images.device, generator=generator) * (height - h)
+    flip = torch.rand(n, device=images.device, generator=generator) < 0.5
+    # grid_sample's coordinates run from -1 to 1 across the image: scale and shift into the box
+    scale_x = torch.where(flip, -w / width, w / width)
+    shift_x, shift_y = (2 * left + w) / width - 1, (2 * top + h) / height - 1
+    zero = torch.zeros_like(w)
+    theta = torch.stack([torch.stack([scale_x, zero, shift_x], 1), torch.stack([zero, h / height, shift_y], 1)], 1)
+    grid = F.affine_grid(theta, [n, 3, size, size], align_corners=False)
+    return F.grid_sample(images.float().div_(255), grid, mode="bilinear", align_corners=False)
+
+
 def rotate(images, degrees, generator):
     angle = _uniform(len(images), -math.radians(degrees), math.radians(degrees), images, generator)
     cos, sin, zero = angle.cos(), angle.sin(), torch.zeros_like(angle)
@@ -323,10 +498,14 @@ def targeted_augment(images, generator):
     return random_erase(images, ERASE_PROBABILITY, generator)
 
 
-def augment(images, labels, generator, padding=4, targeted_labels=None):
-    """uint8 batch -> float batch in [0, 1]: crop and flip for all; the targeted augmentation for
-    samples whose label is in targeted_labels (a tensor of class indices)."""
-    images = random_crop_flip(images, padding, generator).float().div_(255)
+def augment(images, labels, generator, padding=4, targeted_labels=None, resized_crop=None):
+    """uint8 batch -> float batch in [0, 1]: a random crop (padded; or random-resized to resized_crop
+    pixels, for photos) and a flip for all; the targeted augmentation for samples whose label is in
+    targeted_labels (a tensor of class indices)."""
+    if resized_crop:
+        images = random_resized_crop_flip(images, resized_crop, generator)
+    else:
+        images = random_crop_flip(images, padding, generator).float().div_(255)
     if targeted_labels is not None and len(targeted_labels):
         chosen = torch.isin(labels, targeted_labels)
         # Augment the whole batch and keep the chosen rows: fixed shapes, no host sync.
@@ -334,14 +513,18 @@ def augment(images, labels, generator, padding=4, targeted_labels=None):
     return images
 
 
-def normalizer(mean, std, size, device):
+def normalizer(mean, std, size, device, crop=None):
     """A function: uint8 or [0, 1] float batch -> normalised float batch of size x size pixels,
-    channels_last. Its constants are put on the device here, once: made from the tuples for every
-    batch, they would be two blocking host-to-device copies per step on a GPU."""
+    channels_last. Batches larger than crop (stored photos, in evaluation) are centre-cropped to it
+    first; training batches arrive cropped. Its constants are put on the device here, once: made
+    from the tuples for every batch, they would be two blocking host-to-device copies per step on a GPU."""
     mean = torch.tensor(mean, device=device)[:, None, None]
     std = torch.tensor(std, device=device)[:, None, None]
 
     def normalize(images):
+        if crop and images.shape[-1] > crop:
+            top, left = (images.shape[-2] - crop) // 2, (images.shape[-1] - crop) // 2
+            images = images[..., top : top + crop, left : left + crop]
         if images.dtype == torch.uint8:
             images = images.float().div_(255)
         if images.shape[-2:] != (size, size):

@@ -1,18 +1,27 @@
-"""Evaluate a checkpoint written by train.py: accuracy, per-class analysis, and the run's curves.
+"""Evaluate a checkpoint written by train.py: accuracy, per-class analysis, the run's curves; or
+classify new images.
 
     python evaluate.py runs/<name>/best.safetensors                  # CIFAR-10 test set
     python evaluate.py runs/<name>/best.safetensors --split val      # the run's own validation split
     python evaluate.py CKPT --data-dir DIR --json results.json --tta
+    python evaluate.py CKPT --predict photo.jpg more/photos/ --csv predictions.csv
 
 Prints overall and per-class accuracy, precision/recall/F1, the vehicles-vs-animals gap, the most
 confused pairs and, from the history.json beside the checkpoint, an overfitting analysis. Writes
-curves.png and, named after what was evaluated, <stem>_<split>[_tta]_confusion.png and
-<stem>_<split>[_tta]_per_class.png (e.g. best_val_confusion.png) beside the checkpoint or to
---plot-dir. Bad input gets one `error:` line and a non-zero exit, and nothing is written.
+curves.png and, named after what was evaluated, <stem>_<split>[_tta]_confusion.png,
+_per_class.png and _mistakes.png (e.g. best_val_mistakes.png: the most confident mistakes of the
+most confused pairs) beside the checkpoint or to --plot-dir.
+--predict prints each image's most likely classes, and writes contact sheets of the images with
+their predicted labels (<stem>_predictions[_N].png) and, with --csv, a table.
+Images are preprocessed as the checkpoint records that training did. Bad input gets one `error:`
+line and a non-zero exit, and nothing is written.
 """
 
 import argparse
 import contextlib
+import csv
+import functools
+import itertools
 import json
 import os
 import sys
@@ -30,6 +39,8 @@ import data  # noqa: E402
 from model import group_index, load_checkpoint  # noqa: E402
 
 TOP_CONFUSIONS = 5
+MISTAKE_PAIRS, MISTAKES_PER_PAIR = 4, 6  # mistakes.png: rows of the most confused pairs, their worst images
+SHEET_COLUMNS, SHEET_ROWS = 8, 6  # --predict: images per contact sheet
 GROUP_COLORS = {"vehicles": "tab:blue", "animals": "tab:orange"}
 HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")
 
@@ -57,24 +68,35 @@ def parse_args(argv=None):
         action="store_true",
         help="--split val on a folder that is not the run's data: evaluate anyway, said in the report (off)",
     )
-    return parser.parse_args(argv)
+    parser.add_argument("--predict", nargs="+", metavar="PATH", help="classify these images or folders of them")
+    parser.add_argument("--csv", help="--predict: also write the predictions to this CSV file (off)")
+    parser.add_argument("--top-k", type=positive_int, default=3, help="--predict: classes shown per image (3)")
+    args = parser.parse_args(argv)
+    if args.csv and not args.predict:
+        parser.error("--csv goes with --predict; for an evaluation's results pass --json")
+    if args.json and args.predict:
+        parser.error("--json goes with an evaluation; for --predict's results pass --csv")
+    return args
 
 
 def load_split(args, metadata):
     """The images to evaluate on: the test split, or the exact validation split of the run, and what
     was checked of the data: the validation split is only the run's own when the folder holds the
     data the run was split from."""
-    images, labels, classes = data.load_images(args.data_dir, "train" if args.split == "val" else "test")
-    if classes != metadata["classes"]:
-        raise data.UserError(
-            f"the checkpoint's classes {metadata['classes']} differ from those in {args.data_dir}: {classes}"
-        )
+    side = stored_side(metadata)
     if args.split == "test":
+        images, labels, _ = data.load_images(args.data_dir, "test", side, expected_classes=metadata["classes"])
         return images, labels, "any labelled test set is fair"
-    expected = metadata.get("config", {}).get("data_fingerprint")
-    difference = expected and data.data_difference(
-        expected, data.fingerprint(args.data_dir, "train", images, labels, classes)
+    splits, _, found, _ = data.load_split(
+        args.data_dir,
+        side,
+        metadata["val_fraction"],
+        metadata["seed"],
+        parts=("val",),
+        expected_classes=metadata["classes"],
     )
+    expected = metadata.get("config", {}).get("data_fingerprint")
+    difference = expected and data.data_difference(expected, found)
     if expected is None:
         check = "unchecked: the checkpoint predates data fingerprints"
         print(f"warning: {check}; the validation split is the run's only if {args.data_dir} is its data")
@@ -85,15 +107,21 @@ def load_split(args, metadata):
         )
     else:
         check = f"skipped (--skip-data-check): {difference}" if difference else "the run's own data"
-    _, val = data.train_val_indices(labels, classes, metadata["val_fraction"], metadata["seed"])
-    return images[val], labels[val], check
+    return *splits["val"], check
+
+
+def stored_side(metadata):
+    """The side images were kept at in training (checkpoints from before photos: 32)."""
+    return metadata.get("image_size", data.IMAGE_SIZE)
 
 
 @torch.inference_mode()
 def predict(model, images, metadata, batch_size, tta, device):
     """Logits for every image, in large batches; with tta, averaged with the mirrored image's."""
     model.eval().to(device, memory_format=torch.channels_last)
-    normalize = data.normalizer(metadata["mean"], metadata["std"], metadata.get("input_size", data.IMAGE_SIZE), device)
+    side = stored_side(metadata)
+    size, crop = metadata.get("input_size", data.IMAGE_SIZE), metadata.get("eval_crop", side)
+    normalize = data.normalizer(metadata["mean"], metadata["std"], size, device, crop=crop)
     logits = []
     for start in range(0, len(images), batch_size):
         batch = normalize(images[start : start + batch_size].to(device))
@@ -303,6 +331,45 @@ def plot_per_class(per_class, classes, title):
     return figure
 
 
+def show(axis, image, title):
+    """One image of a grid (uint8 [3, H, W]), with a title under it; an empty cell when image is None."""
+    axis.axis("off")
+    if image is not None:
+        axis.imshow(image.permute(1, 2, 0).numpy(), interpolation="nearest" if image.shape[-1] <= 64 else "antialiased")
+        axis.set_title(title, fontsize=8)
+
+
+def plot_mistakes(images, labels, probabilities, confusions, classes, title):
+    """A row per most confused pair: its images predicted wrongly with the highest confidence."""
+    rows = confusions[:MISTAKE_PAIRS]
+    figure, axes = plt.subplots(len(rows), MISTAKES_PER_PAIR, figsize=(1.9 * MISTAKES_PER_PAIR, 2.2 * len(rows) + 0.6))
+    for row, pair in zip(axes.reshape(len(rows), -1), rows):
+        true, predicted = classes.index(pair["true"]), classes.index(pair["pred"])
+        wrong = ((labels == true) & (probabilities.argmax(1) == predicted)).nonzero().flatten()
+        wrong = wrong[probabilities[wrong, predicted].argsort(descending=True)][:MISTAKES_PER_PAIR].tolist()
+        for axis, i in itertools.zip_longest(row, wrong):
+            label = None if i is None else f"{pair['true']} -> {pair['pred']}\n{probabilities[i, predicted]:.0%}"
+            show(axis, None if i is None else images[i], label)
+    figure.suptitle(f"most confident mistakes of the most confused pairs (true -> predicted, probability)\n{title}")
+    figure.tight_layout()
+    return figure
+
+
+def plot_sheet(images, names, probabilities, classes, title):
+    """A contact sheet: each image with its predicted class and probability, and its file name."""
+    figure, axes = plt.subplots(SHEET_ROWS, SHEET_COLUMNS, figsize=(1.9 * SHEET_COLUMNS, 2.3 * SHEET_ROWS + 0.5))
+    for axis, image, name, p in itertools.zip_longest(axes.flatten(), images, names, probabilities):
+        label = None if p is None else f"{classes[p.argmax()]} {p.max():.0%}\n{shorten(name)}"
+        show(axis, image, label)
+    figure.suptitle(title)
+    figure.tight_layout()
+    return figure
+
+
+def shorten(name, width=22):
+    return name if len(name) <= width else "..." + name[-width + 3 :]
+
+
 # ---------------------------------------------------------------------------------- outputs
 
 
@@ -315,10 +382,11 @@ def output_folders(args):
     cannot be written is refused at once; created once the inputs have loaded, so that bad input
     leaves nothing behind."""
     folders = []
-    if args.json:
-        if Path(args.json).is_dir():
-            raise data.UserError(f"--json {args.json} is a folder; pass a file name such as {args.json}/results.json")
-        folders.append(("--json", args.json, Path(args.json).parent))
+    for flag, path in (("--json", args.json), ("--csv", args.csv)):
+        if path and Path(path).is_dir():
+            raise data.UserError(f"{flag} {path} is a folder; pass a file name in it")
+        if path:
+            folders.append((flag, path, Path(path).parent))
     if not args.no_plots:
         folders.append(("--plot-dir", plot_folder(args), plot_folder(args)))
     for flag, given, folder in folders:
@@ -341,7 +409,7 @@ def writing(path, flag):
         ) from error
 
 
-def write_plots(args, results, confusion, classes, history):
+def write_plots(args, results, confusion, classes, history, shown):
     """Named after checkpoint, split and TTA, so that evaluations sharing a folder do not overwrite
     each other; the curves come from the run's history, the same for best and last."""
     folder = plot_folder(args)
@@ -351,9 +419,19 @@ def write_plots(args, results, confusion, classes, history):
         f"{prefix}_confusion.png": lambda: plot_confusion(confusion, classes, title),
         f"{prefix}_per_class.png": lambda: plot_per_class(results["per_class"], classes, title),
     }
+    if results["top_confusions"]:
+        images, labels, probabilities = shown
+        figures[f"{prefix}_mistakes.png"] = lambda: plot_mistakes(
+            images, labels, probabilities, results["top_confusions"], classes, title
+        )
     if history:
         source = Path(args.checkpoint).with_name("history.json")
         figures["curves.png"] = lambda: plot_curves(history, f"training curves: {source}")
+    save_figures(folder, figures)
+
+
+def save_figures(folder, figures):
+    """Draw, write and close each figure ({file name: drawing function}); print where they went."""
     for name, draw in figures.items():
         figure = draw()
         with writing(folder / name, "--plot-dir"):
@@ -364,7 +442,8 @@ def write_plots(args, results, confusion, classes, history):
 
 def main(argv=None):
     try:
-        evaluate(parse_args(argv))
+        args = parse_args(argv)
+        (classify if args.predict else evaluate)(args)
     except data.UserError as error:
         sys.exit(f"error: {' '.join(str(error).split())}")  # one line, whatever the message
     except KeyboardInterrupt:
@@ -411,7 +490,64 @@ def evaluate(args):
             Path(args.json).write_text(json.dumps(results, indent=1))
         print(f"\nresults: {args.json}")
     if not args.no_plots:
-        write_plots(args, results, confusion, classes, history)
+        write_plots(args, results, confusion, classes, history, (images, labels, logits.softmax(1)))
+
+
+def image_files(paths):
+    """The image files the --predict paths name: files, and the images in folders (searched through)."""
+    files = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise data.UserError(f"--predict {path} does not exist; pass image files or folders of them")
+        found = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        images = [p for p in found if p.suffix.lower() in data.IMAGE_EXTENSIONS]
+        if not images:
+            raise data.UserError(f"--predict {path}: no {', '.join(data.IMAGE_EXTENSIONS)} images there")
+        files += images
+    return files
+
+
+def classify(args):
+    """--predict: the checkpoint's top classes for each image, printed, as contact sheets and in a CSV."""
+    model, metadata = load_checkpoint(args.checkpoint)
+    classes = metadata["classes"]
+    folders = output_folders(args)
+    files = image_files(args.predict)
+    side = stored_side(metadata)
+    data.check_memory(len(files), side)
+    # labels: each file's own index, which tells the ones that could be read
+    images, kept = data.decode(list(map(str, files)), torch.arange(len(files)), torch.arange(len(files)), side)
+    files = [files[i] for i in kept.tolist()]
+    for flag, _, folder in folders:
+        with writing(folder, flag):
+            folder.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    probabilities = predict(model, images, metadata, args.batch_size, args.tta, device).softmax(1)
+    top = probabilities.topk(min(args.top_k, len(classes)))
+    ranked = [[(classes[c], p) for p, c in zip(values.tolist(), indices.tolist())] for values, indices in zip(*top)]
+    print(f"{args.checkpoint}: {len(files)} image(s); {metadata.get('preprocessing', 'stored 32x32')}")
+    width = max(len(str(path)) for path in files)
+    for path, classes_and_p in zip(files, ranked):
+        print(f"{str(path):<{width}}  " + "  ".join(f"{name} {p:6.1%}" for name, p in classes_and_p))
+    if args.csv:
+        with writing(args.csv, "--csv"), open(args.csv, "w", newline="") as file:
+            table = csv.writer(file)
+            table.writerow(["path", "class", "probability", f"top_{top.indices.shape[1]}"])
+            for path, classes_and_p in zip(files, ranked):
+                name, p = classes_and_p[0]
+                table.writerow([path, name, f"{p:.4f}", "; ".join(f"{n} {q:.4f}" for n, q in classes_and_p)])
+        print(f"\npredictions: {args.csv}")
+    if not args.no_plots:
+        per_sheet = SHEET_COLUMNS * SHEET_ROWS
+        starts = range(0, len(files), per_sheet)
+        figures = {}
+        for n, start in enumerate(starts, 1):
+            name = f"{Path(args.checkpoint).stem}_predictions{f'_{n}' if len(starts) > 1 else ''}.png"
+            part = slice(start, start + per_sheet)
+            title = f"predictions of {args.checkpoint} (sheet {n} of {len(starts)})"
+            names = [path.name for path in files[part]]
+            figures[name] = functools.partial(plot_sheet, images[part], names, probabilities[part], classes, title)
+        save_figures(plot_folder(args), figures)
 
 
 if __name__ == "__main__":

@@ -301,7 +301,7 @@ def test_help_shows_every_flag_with_its_default(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for shown in ("(default 30; seed recipe 50)", "peak; 0.2 with --weights none (default 0.05; seed recipe 0.001)"):
+    for shown in ("(default 30; seed recipe 50)", "peak; 0.2 with --weights none; photos: x32/128 (default 0.05;"):
         assert shown in text
     assert "--mixed_precision bf16 train.py" in text  # the launcher's flags go before the script
     import evaluate
@@ -362,7 +362,8 @@ def test_odd_data_dirs_and_images_are_refused_or_skipped(tmp_path, image_folder)
     (folder / "train" / ".ipynb_checkpoints").mkdir()  # Jupyter's, not a class
     images, labels, classes = data.load_images(folder, "train")  # the broken link is skipped and counted
     assert len(images) == 9 and classes == ["ant", "bee", "cat"]
-    assert data.fingerprint(folder, "train", images, labels, classes)["images_per_class"]["ant"] == 3
+    paths, labels, classes = data.list_images(folder, "train")
+    assert data.fingerprint(folder, paths, labels, classes)["images_per_class"]["ant"] == 4  # files, as listed
 
 
 def test_a_failed_download_removes_every_folder_it_made(tmp_path, monkeypatch):

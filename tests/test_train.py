@@ -46,19 +46,25 @@ def test_run_writes_checkpoints_and_history(trained_run):
 
 
 def test_seed_recipe_takes_the_write_up_settings_and_explicit_flags_win():
-    args = train.parse_args(["--recipe", "seed", "--epochs", "2"])
+    args = settings(["--recipe", "seed", "--epochs", "2"])
     assert (args.lr, args.momentum, args.batch_size, args.weight_decay) == (1e-3, 0.9, 128, 0.0)
     assert (args.schedule, args.stem, args.mean, args.epochs) == ("constant", "imagenet", (0.5, 0.5, 0.5), 2)
     assert not args.zero_init_residual and train.parse_args([]).zero_init_residual
-    assert train.parse_args([]).lr == train.DEFAULT_RECIPE["lr"]
-    assert train.parse_args(["--weights", "none"]).lr == train.SCRATCH_LR
+    assert settings([]).lr == train.DEFAULT_RECIPE["lr"]
+    assert settings(["--weights", "none"]).lr == train.SCRATCH_LR
+
+
+def settings(argv, photos=False):
+    args = train.parse_args(argv)
+    train.data_settings(args, photos)
+    return args
 
 
 def test_input_size_follows_the_stem_unless_given():
-    assert train.parse_args([]).input_size == 32
-    assert train.parse_args(["--stem", "imagenet"]).input_size == train.IMAGENET_STEM_INPUT_SIZE
-    assert train.parse_args(["--recipe", "seed"]).input_size == 32  # the write-up trained at 32x32
-    assert train.parse_args(["--stem", "imagenet", "--input-size", "40"]).input_size == 40
+    assert settings([]).input_size == 32
+    assert settings(["--stem", "imagenet"]).input_size == train.IMAGENET_STEM_INPUT_SIZE
+    assert settings(["--recipe", "seed"]).input_size == 32  # the write-up trained at 32x32
+    assert settings(["--stem", "imagenet", "--input-size", "40"]).input_size == 40
 
 
 # The last step's factor: cosine is all but zero; linear is one step above it, 1 - 89/90.

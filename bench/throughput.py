@@ -1,7 +1,7 @@
 """Training and evaluation throughput on this machine, side by side, in one run.
 
     python bench/throughput.py                        # CPU: 40,000 training images, as a real run
-    python bench/throughput.py --before a1691e8       # also train.py as it was at that commit
+    python bench/throughput.py --before a1691e8,2f3d6ec   # also train.py as it was at these commits
     python bench/throughput.py --images 2000 --only bare,train   # quicker, some rows
     bench/gpu.sh                                      # GPU: the --device cuda table, on CIFAR-10
 
@@ -11,10 +11,12 @@ CPU rows (--recipe seed, torchvision's stem at 32x32, from scratch, batch 128, f
 - train.py: whole epochs of `train.py --recipe seed` (data, augmentation, step, logging;
   validation excluded), as history.json records them: the first epoch, and the last one as the
   steady speed; then with --compile (the first epoch includes a cold compilation: inductor's cache
-  starts empty, as on a new machine), with bf16 autocast, and as it was at --before REV;
+  starts empty, as on a new machine), with bf16 autocast, and as it was at each --before revision;
 - plain loop: what users usually write: torchvision's ImageFolder with per-sample transforms, a
   DataLoader with 2 workers, NCHW, eager, the same recipe and split;
-- evaluation: evaluate.py's forward passes over 10,000 images.
+- evaluation: evaluate.py's forward passes over 10,000 images;
+- photos: the shared ants/bees photos (245, about 500x375) decoded at 256x256, and `train.py` on
+  them at its photo defaults (224x224 random-resized crops, torchvision's stem), from scratch.
 Every train.py row and the plain loop report the validation accuracy they reach.
 
 --device cuda: bare step and train.py for float32 and bf16 autocast, each eager and compiled, at
@@ -50,8 +52,9 @@ import evaluate  # noqa: E402
 from model import build_model  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data" / "cifar10-jpeg-train.tar.gz"
+PHOTOS = ROOT.parent / "shared" / "data" / "photos-ants-bees-train.tar.gz"
 BATCH = 128
-CPU_ROWS = ("bare", "compile", "train", "bf16", "before", "plain", "eval")
+CPU_ROWS = ("bare", "compile", "train", "bf16", "before", "plain", "eval", "photos")
 LONG_RUN_EPOCHS = 30
 
 
@@ -121,7 +124,7 @@ def train_py_run(folder, images, epochs, out, *flags, env=None, script=ROOT / "t
 
 @functools.cache
 def train_images(folder, images):
-    _, labels, classes = data.load_images(folder, "train")
+    _, labels, classes = data.list_images(folder, "train")
     return len(data.train_val_indices(labels, classes, 0.2, 0, images)[0])
 
 
@@ -192,6 +195,24 @@ def arithmetic_ceiling():
     return flops_per_image, matmul_flops
 
 
+def photo_rows(scratch, epochs):
+    """(load seconds, images, train.py img/s, val acc) on the shared ants/bees photos."""
+    folder = Path(tempfile.mkdtemp(dir=scratch, prefix="photos-"))
+    with tarfile.open(PHOTOS) as archive:
+        archive.extractall(folder, filter="data")
+    side = round(data.PHOTO_INPUT_SIZE * data.STORED_SCALE)
+    started = time.perf_counter()
+    splits, _, _, _ = data.load_split(folder, side, 0.2, 0)
+    load = time.perf_counter() - started
+    count = sum(len(labels) for _, labels in splits.values())
+    out = Path(tempfile.mkdtemp(dir=scratch)) / "run"
+    command = [sys.executable, "train.py", "--data-dir", str(folder), "--epochs", str(epochs), "--weights", "none",
+               "--batch-size", "32", "--output-dir", str(out)]  # fmt: skip
+    subprocess.run(command, cwd=ROOT, check=True, stdout=sys.stderr)
+    history = json.loads((out / "history.json").read_text())
+    return load, count, len(splits["train"][1]) // 32 * 32 / history[-1]["seconds"], history[-1]["val_acc"]
+
+
 def cpu_table(args, folder, scratch):
     """The CPU rows; returns the lines to print."""
     rows, lines, seed = [], [], ("--recipe", "seed", "--weights", "none")
@@ -207,16 +228,16 @@ def cpu_table(args, folder, scratch):
         os.environ.update(cold_inductor(scratch))  # this process compiles next; train.py gets its own below
         speed, warmup = bare_step(BATCH, args.steps, compile=True)
         rows.append(("bare step, batch 128, channels_last, torch.compile", speed, f"first 2 steps {warmup:.0f}s"))
-    runs = {
-        "train": ("train.py --recipe seed", (), None),
-        "compile": ("train.py --recipe seed --compile", ("--compile",), cold_inductor(scratch)),
-        "bf16": ("train.py --recipe seed, bf16 autocast", (), {"ACCELERATE_MIXED_PRECISION": "bf16"}),
-        "before": (f"train.py --recipe seed at {args.before}", (), None),
-    }
-    for part, (name, flags, env) in runs.items():
-        if part not in args.only or (part == "before" and not args.before):
+    runs = [  # (row, name, flags, environment, revision)
+        ("train", "train.py --recipe seed", (), None, None),
+        ("compile", "train.py --recipe seed --compile", ("--compile",), cold_inductor(scratch), None),
+        ("bf16", "train.py --recipe seed, bf16 autocast", (), {"ACCELERATE_MIXED_PRECISION": "bf16"}, None),
+        *(("before", f"train.py --recipe seed at {revision}", (), None, revision) for revision in args.before),
+    ]
+    for part, name, flags, env, revision in runs:
+        if part not in args.only:
             continue
-        script = checkout(args.before, scratch) if part == "before" else ROOT / "train.py"
+        script = checkout(revision, scratch) if revision else ROOT / "train.py"
         out = Path(tempfile.mkdtemp(dir=scratch)) / "run"
         first, speed, acc, _ = train_py_run(
             folder, args.images, args.epochs, out, *seed, *flags, env=env, script=script
@@ -241,6 +262,14 @@ def cpu_table(args, folder, scratch):
             + (f"; bare step {bare / (matmul / flops):.0%}" if bare else "")
         )
         lines.append(f"evaluation, 10,000 images, batch 1024, inference mode: {evaluation_seconds():.1f}s")
+    if "photos" in args.only and PHOTOS.is_file():
+        load, count, speed, acc = photo_rows(scratch, args.epochs)
+        cores = len(os.sched_getaffinity(0))
+        lines += [
+            f"\nphotos: {count} images decoded at 256x256 in {load:.1f}s ({cores} decoding threads);",
+            f"train.py at 224x224, batch 32, from scratch: {speed:.1f} img/s, "
+            f"val acc {acc:.2%} after {args.epochs} epochs",
+        ]
     return lines
 
 
@@ -273,10 +302,12 @@ def main():
     parser.add_argument("--steps", type=int, help="timed steps of the bare loop (30 on a CPU, 300 on a GPU)")
     parser.add_argument("--epochs", type=int, default=2, help="epochs of each train.py run and of the plain loop")
     parser.add_argument("--only", default=",".join(CPU_ROWS), help=f"CPU rows, comma-separated: {','.join(CPU_ROWS)}")
-    parser.add_argument("--before", help="a git revision: also time train.py as it was there")
+    parser.add_argument(
+        "--before", default="", help="git revisions, comma-separated: also time train.py as it was there"
+    )
     parser.add_argument("--weights", default="imagenet", help="--device cuda: the 30-epoch run's --weights")
     args = parser.parse_args()
-    args.only = args.only.split(",")
+    args.only, args.before = args.only.split(","), [rev for rev in args.before.split(",") if rev]
     if not set(args.only) <= set(CPU_ROWS):
         parser.error(f"--only takes some of {','.join(CPU_ROWS)}")
     args.steps = args.steps or (300 if args.device == "cuda" else 30)

@@ -227,41 +227,44 @@ def available_memory():
 
 def decode(items, labels, positions, side):
     """uint8 images [M, 3, side, side] and their labels, for the items at positions. CIFAR-10's are
-    decoded already; files are decoded by a thread per core (PIL lets go of Python's lock while it
-    decodes). Unreadable images are skipped and counted, so one bad file does not cost a run."""
+    decoded already. Photos are decoded by a thread per core (PIL lets go of Python's lock while it
+    decodes and resizes); small images in this thread, as Python's own work per image dominates
+    them and threads would only wait for its lock. Unreadable images are skipped and counted, so
+    one bad file does not cost a run."""
     if isinstance(items, torch.Tensor):
         return items[positions], labels[positions]
     paths = [items[i] for i in positions.tolist()]
-    images = torch.empty(len(paths), 3, side, side, dtype=torch.uint8)  # filled in place: no second copy
+    pixels = np.empty((len(paths), side, side, 3), dtype=np.uint8)  # as PIL gives them: height, width, channel
     readable = []
-    with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
-        for i, pixels in enumerate(pool.map(read_image, paths, itertools.repeat(side))):
-            if pixels is not None:
-                images[i] = pixels
+    threads = 1 if side <= 2 * IMAGE_SIZE else len(os.sched_getaffinity(0))
+    with ThreadPoolExecutor(threads) as pool:
+        for i, image in enumerate((pool.map if threads > 1 else map)(read_image, paths, itertools.repeat(side))):
+            if image is not None:
+                pixels[i] = image
                 readable.append(i)
-    kept = set(readable)
-    skipped = [path for i, path in enumerate(paths) if i not in kept]
-    if skipped:
+    if len(readable) < len(paths):
+        kept = set(readable)
+        skipped = [path for i, path in enumerate(paths) if i not in kept]
         print(f"warning: skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]}")
         if not readable:
             raise UserError(f"none of the {len(paths)} images, e.g. {paths[0]}, could be read")
-        images = images[readable]
-    return images, labels[positions][readable]
+        pixels = pixels[readable]
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), labels[positions][readable]
 
 
 def read_image(path, side):
-    """One image as uint8 [3, side, side]: its shorter side resized to side (bicubic), then the centre
+    """One image as uint8 [side, side, 3]: its shorter side resized to side (bicubic), then the centre
     side x side; None when it cannot be read (truncated, not an image, or a decompression bomb)."""
     try:
         with Image.open(path) as image:
             image.draft("RGB", (side, side))  # JPEG: decode at a reduced scale when still large enough
             image = to_rgb(image)
-            scale = side / min(image.size)
             if image.size != (side, side):
+                scale = side / min(image.size)
                 width, height = max(side, round(image.width * scale)), max(side, round(image.height * scale))
                 left, top = (width - side) // 2, (height - side) // 2
                 image = image.resize((width, height), Image.BICUBIC).crop((left, top, left + side, top + side))
-            return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+            return np.asarray(image)
     except (OSError, Image.DecompressionBombError):
         return None
 

@@ -281,7 +281,8 @@ def describe_sizes(args):
         train = f"random crop with padding {args.crop_padding}, flip"
         evaluation = "the whole image"
     else:
-        train = f"random-resized crop (area {data.CROP_AREA}, aspect ratio {data.CROP_RATIO}), flip"
+        (low, high), (narrow, wide) = data.CROP_AREA, data.CROP_RATIO
+        train = f"random-resized crop (area {low:.0%}-{high:.0%}, aspect ratio {narrow:.2f}-{wide:.2f}), flip"
         evaluation = f"the centre {args.eval_crop}x{args.eval_crop}"
     network = f"at {args.input_size}x{args.input_size}"
     return f"stored: {stored}; training: {train}, {network}; evaluation: {evaluation}, {network}"
@@ -591,7 +592,7 @@ def train_epoch(epoch, model, loader, optimizer, scheduler, criterion, accelerat
                 )
             bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.4g}")
             accelerator.log({"step/loss": value, "step/lr": lr}, step=global_step)
-            if step == LOG_EVERY and stop.estimate and accelerator.is_main_process:
+            if step == min(LOG_EVERY, len(loader)) > 1 and stop.estimate and accelerator.is_main_process:
                 stop.estimate = False
                 tqdm.write(
                     time_estimate((time.perf_counter() - started) / (step - 1) * len(loader), epoch, args, accelerator)

@@ -30,7 +30,8 @@ PHOTO_INPUT_SIZE = 224  # the crop ImageNet-pretrained ResNet18 was trained on
 STORED_SCALE = 8 / 7  # 224 -> 256
 CROP_AREA = (0.08, 1.0)  # random-resized crop: fraction of the stored image, and its aspect ratio (torchvision's)
 CROP_RATIO = (3 / 4, 4 / 3)
-MEMORY_SHARE = 0.5  # the decoded images may take this share of the free memory; training needs the rest
+MEMORY_SHARE = 0.5  # of the free memory, for the decoded images: decoding holds two copies for a moment
+TRAINING_ADVICE = "pass a smaller --input-size or --max-train-samples"  # when they would not fit
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # photos: the statistics the pretrained weights were trained with
@@ -81,7 +82,7 @@ def load_images(data_dir, split, side=IMAGE_SIZE, expected_classes=None):
     """Every image of a split, decoded: (images uint8 [N, 3, side, side], labels, class names)."""
     items, labels, classes = list_images(data_dir, split)
     check_classes(classes, expected_classes, data_dir)
-    check_memory(len(labels), side)
+    check_memory(len(labels), side, advice=f"free memory, or evaluate part of {split}/ at a time")
     images, labels = decode(items, labels, torch.arange(len(labels)), side)
     return images, labels, classes
 
@@ -172,7 +173,8 @@ def load_split(
         sources = {"train": (items, labels, train), "val": (val_items, val_labels, torch.arange(len(val_labels)))}
         found = fingerprint(data_dir, items, torch.cat([labels, val_labels]), classes)
         where = f"{val_dir} (--val-fraction is not used)"
-    check_memory(sum(len(sources[part][2]) for part in parts), side, device)
+    count = sum(len(sources[part][2]) for part in parts)
+    check_memory(count, side, device, TRAINING_ADVICE if "train" in parts else "free memory first")
     return {part: decode(*sources[part], side) for part in parts}, classes, found, where
 
 
@@ -185,7 +187,7 @@ def check_classes(classes, expected, data_dir):
 def typical_side(data_dir, sample=50):
     """The median shorter side of up to `sample` of the training images, read from their headers:
     tells CIFAR-sized images from photos before anything is decoded."""
-    if validation_folder(data_dir) is None and not (Path(data_dir) / "train").is_dir():
+    if not (Path(data_dir) / "train").is_dir():
         return IMAGE_SIZE  # CIFAR-10
     items, _, _ = list_images(data_dir, "train")
     sides = []
@@ -198,7 +200,7 @@ def typical_side(data_dir, sample=50):
     return sorted(sides)[len(sides) // 2] if sides else IMAGE_SIZE
 
 
-def check_memory(count, side, device=None):
+def check_memory(count, side, device=None, advice=TRAINING_ADVICE):
     """Refuse, before decoding, a dataset whose uint8 tensor would not fit comfortably: at most
     MEMORY_SHARE of the free memory, and of the free device memory when it goes to a GPU."""
     need = count * 3 * side * side
@@ -209,8 +211,7 @@ def check_memory(count, side, device=None):
         if available is not None and need > MEMORY_SHARE * available:
             raise UserError(
                 f"{count} images at {side}x{side} need {need / 2**30:.2f} GiB in {where}, more than "
-                f"{MEMORY_SHARE:.0%} of the {available / 2**30:.2f} GiB free; pass a smaller --input-size "
-                f"or --max-train-samples"
+                f"{MEMORY_SHARE:.0%} of the {available / 2**30:.2f} GiB free; {advice}"
             )
     return need
 

@@ -514,7 +514,7 @@ def classify(args):
     folders = output_folders(args)
     files = image_files(args.predict)
     side = stored_side(metadata)
-    data.check_memory(len(files), side)
+    data.check_memory(len(files), side, advice="pass fewer images at a time")
     # labels: each file's own index, which tells the ones that could be read
     images, kept = data.decode(list(map(str, files)), torch.arange(len(files)), torch.arange(len(files)), side)
     files = [files[i] for i in kept.tolist()]

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.datasets import CIFAR10, DatasetFolder
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -143,10 +143,12 @@ def load_split(
     device=None,
     parts=("train", "val"),
     expected_classes=None,
+    reserved=0,
 ):
     """The run's training and validation images at side x side: DIR/val/ when there is one, else a
     stratified val_fraction of train/; the training part optionally cut to about max_train_samples.
-    Only the parts asked for are decoded. Returns ({part: (images, labels)}, class names, the data's
+    Only the parts asked for are decoded, once they are known to fit in memory with `reserved` bytes
+    more (training's own). Returns ({part: (images, labels)}, class names, the data's
     fingerprint, where the validation images come from, in words)."""
     items, labels, classes = list_images(data_dir, "train")
     check_classes(classes, expected_classes, data_dir)
@@ -174,8 +176,16 @@ def load_split(
         found = fingerprint(data_dir, items, torch.cat([labels, val_labels]), classes)
         where = f"{val_dir} (--val-fraction is not used)"
     count = sum(len(sources[part][2]) for part in parts)
-    check_memory(count, side, device, TRAINING_ADVICE if "train" in parts else "free memory first")
-    return {part: decode(*sources[part], side) for part in parts}, classes, found, where
+    check_memory(count, side, device, TRAINING_ADVICE if "train" in parts else "free memory first", reserved)
+    splits = {part: decode(*sources[part], side) for part in parts}
+    for part, (_, decoded) in splits.items():  # a class whose images could none be read is gone
+        empty = [name for name, n in zip(classes, torch.bincount(decoded, minlength=len(classes))) if n == 0]
+        if empty:
+            raise UserError(
+                f"none of the {part} images of class {empty[0]!r} could be read (see the warning above); "
+                f"replace them, or remove the class folder"
+            )
+    return splits, classes, found, where
 
 
 def check_classes(classes, expected, data_dir):
@@ -200,17 +210,19 @@ def typical_side(data_dir, sample=50):
     return sorted(sides)[len(sides) // 2] if sides else IMAGE_SIZE
 
 
-def check_memory(count, side, device=None, advice=TRAINING_ADVICE):
-    """Refuse, before decoding, a dataset whose uint8 tensor would not fit comfortably: at most
-    MEMORY_SHARE of the free memory, and of the free device memory when it goes to a GPU."""
-    need = count * 3 * side * side
+def check_memory(count, side, device=None, advice=TRAINING_ADVICE, reserved=0):
+    """Refuse, before decoding, a dataset whose uint8 tensor would not fit comfortably: with `reserved`
+    bytes more, at most MEMORY_SHARE of the free memory, and of the free device memory when it goes
+    to a GPU."""
+    need = count * 3 * side * side + reserved
     free = {"memory": available_memory()}
     if device is not None and torch.device(device).type == "cuda":
         free["GPU memory"] = torch.cuda.mem_get_info(device)[0]
     for where, available in free.items():
         if available is not None and need > MEMORY_SHARE * available:
             raise UserError(
-                f"{count} images at {side}x{side} need {need / 2**30:.2f} GiB in {where}, more than "
+                f"{count} images at {side}x{side}{' and training' if reserved else ''} need "
+                f"{need / 2**30:.2f} GiB in {where}, more than "
                 f"{MEMORY_SHARE:.0%} of the {available / 2**30:.2f} GiB free; {advice}"
             )
     return need
@@ -246,7 +258,8 @@ def decode(items, labels, positions, side):
     if len(readable) < len(paths):
         kept = set(readable)
         skipped = [path for i, path in enumerate(paths) if i not in kept]
-        print(f"warning: skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]}")
+        named = ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+        print(f"warning: skipped {len(skipped)} unreadable image(s): {named}")
         if not readable:
             raise UserError(f"none of the {len(paths)} images, e.g. {paths[0]}, could be read")
         pixels = pixels[readable]
@@ -259,7 +272,7 @@ def read_image(path, side):
     try:
         with Image.open(path) as image:
             image.draft("RGB", (side, side))  # JPEG: decode at a reduced scale when still large enough
-            image = to_rgb(image)
+            image = to_rgb(ImageOps.exif_transpose(image))  # upright, as phones mark their photos
             if image.size != (side, side):
                 scale = side / min(image.size)
                 width, height = max(side, round(image.width * scale)), max(side, round(image.height * scale))

@@ -39,6 +39,7 @@ import data  # noqa: E402
 from model import group_index, load_checkpoint  # noqa: E402
 
 TOP_CONFUSIONS = 5
+BATCH_PIXELS = 1024 * 32**2  # a pass's input pixels by default: 1024 CIFAR images, or 20 photos at 224x224
 MISTAKE_PAIRS, MISTAKES_PER_PAIR = 4, 6  # mistakes.png: rows of the most confused pairs, their worst images
 SHEET_COLUMNS, SHEET_ROWS = 8, 6  # --predict: images per contact sheet
 GROUP_COLORS = {"vehicles": "tab:blue", "animals": "tab:orange"}
@@ -54,11 +55,17 @@ def positive_int(text):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a .safetensors file written by train.py")
-    parser.add_argument("--data-dir", default="./data", help="CIFAR-10 location, or an image folder (%(default)s)")
+    parser.add_argument(
+        "--data-dir", help="CIFAR-10 location, or an image folder (default: the run's, as its checkpoint says; ./data)"
+    )
     parser.add_argument(
         "--split", choices=["test", "val"], default="test", help="test/, or the run's validation split (%(default)s)"
     )
-    parser.add_argument("--batch-size", type=positive_int, default=1024, help="images per pass, >= 1 (%(default)s)")
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        help=f"images per pass, >= 1 ({BATCH_PIXELS // 32**2} at 32x32, as many pixels at larger inputs: 20 at 224)",
+    )
     parser.add_argument("--tta", action="store_true", help="average each image's logits with its mirror's (off)")
     parser.add_argument("--json", help="also write the results to this JSON file (off)")
     parser.add_argument("--plot-dir", help="where the PNGs go (default: the checkpoint's folder)")
@@ -84,6 +91,11 @@ def load_split(args, metadata):
     was checked of the data: the validation split is only the run's own when the folder holds the
     data the run was split from."""
     side = stored_side(metadata)
+    root = Path(args.data_dir)
+    if args.split == "test" and (root / "train").is_dir() and not (root / "test").is_dir():
+        raise data.UserError(
+            f"{root} has no test/ folder; pass --split val for the run's validation images, or add {root}/test/<class>/"
+        )
     if args.split == "test":
         images, labels, _ = data.load_images(args.data_dir, "test", side, expected_classes=metadata["classes"])
         return images, labels, "any labelled test set is fair"
@@ -122,6 +134,7 @@ def predict(model, images, metadata, batch_size, tta, device):
     side = stored_side(metadata)
     size, crop = metadata.get("input_size", data.IMAGE_SIZE), metadata.get("eval_crop", side)
     normalize = data.normalizer(metadata["mean"], metadata["std"], size, device, crop=crop)
+    batch_size = batch_size or max(1, BATCH_PIXELS // size**2)
     logits = []
     for start in range(0, len(images), batch_size):
         batch = normalize(images[start : start + batch_size].to(device))
@@ -357,7 +370,8 @@ def plot_mistakes(images, labels, probabilities, confusions, classes, title):
 
 def plot_sheet(images, names, probabilities, classes, title):
     """A contact sheet: each image with its predicted class and probability, and its file name."""
-    figure, axes = plt.subplots(SHEET_ROWS, SHEET_COLUMNS, figsize=(1.9 * SHEET_COLUMNS, 2.3 * SHEET_ROWS + 0.5))
+    rows = -(-len(images) // SHEET_COLUMNS)  # a last, short sheet is no taller than its images need
+    figure, axes = plt.subplots(rows, SHEET_COLUMNS, figsize=(1.9 * SHEET_COLUMNS, 2.3 * rows + 0.5), squeeze=False)
     for axis, image, name, p in itertools.zip_longest(axes.flatten(), images, names, probabilities):
         label = None if p is None else f"{classes[p.argmax()]} {p.max():.0%}\n{shorten(name)}"
         show(axis, image, label)
@@ -453,6 +467,7 @@ def main(argv=None):
 def evaluate(args):
     model, metadata = load_checkpoint(args.checkpoint)
     classes = metadata["classes"]
+    args.data_dir = args.data_dir or metadata.get("config", {}).get("data_dir") or "./data"
     folders = output_folders(args)
     images, labels, data_check = load_split(args, metadata)
     for flag, _, folder in folders:

@@ -108,6 +108,10 @@ SEED_RECIPE = dict(
     mean=(0.5, 0.5, 0.5),
     std=(0.5, 0.5, 0.5),
 )
+# Training's own memory, roughly, for the check before decoding: the activations a step keeps for the
+# backward pass, about 500 bytes per input pixel of the batch with torchvision's stem (a review measured
+# 16.8 GB at 1024x1024, batch 32), 16x that with the cifar stem, whose maps are 4x larger on each side.
+ACTIVATION_BYTES_PER_PIXEL = 500
 LOG_EVERY = 20  # steps between reads of the loss, for the progress bar and trackers (each read waits for the device)
 VAL_BATCH_SIZE = 1024
 # --compile: inductor's default mode fuses BatchNorm, ReLU and the residual adds of the training step.
@@ -594,9 +598,10 @@ def train_epoch(epoch, model, loader, optimizer, scheduler, criterion, accelerat
             accelerator.log({"step/loss": value, "step/lr": lr}, step=global_step)
             if step == min(LOG_EVERY, len(loader)) > 1 and stop.estimate and accelerator.is_main_process:
                 stop.estimate = False
-                tqdm.write(
-                    time_estimate((time.perf_counter() - started) / (step - 1) * len(loader), epoch, args, accelerator)
-                )
+                seconds = (time.perf_counter() - started) / (step - 1) * len(loader)
+                estimate = time_estimate(seconds, epoch, args, accelerator)
+                if estimate:
+                    tqdm.write(estimate)
         if stop.requested and accelerator.check_trigger():
             return None
     total_loss, correct = accelerator.reduce(total_loss, "sum"), accelerator.reduce(correct, "sum")
@@ -605,8 +610,10 @@ def train_epoch(epoch, model, loader, optimizer, scheduler, criterion, accelerat
 
 
 def time_estimate(epoch_seconds, epoch, args, accelerator):
-    """Said once, from the first steps, before the hours go by."""
+    """Said once, from the first steps, before the hours go by; None for a run of a few minutes."""
     total = epoch_seconds * (args.epochs - epoch + 1)
+    if total < 300:
+        return None
     line = (
         f"estimate: {epoch_seconds / 60:.1f} min an epoch, {total / 3600:.1f} h for the {args.epochs - epoch + 1} left"
     )
@@ -701,8 +708,16 @@ def load_data(args, accelerator):
         if not args.resume:
             data_settings(args, photos=data.typical_side(args.data_dir) > data.IMAGE_SIZE)
         started = time.perf_counter()
+        stem_factor = 16 if args.stem == "cifar" else 1
+        activations = args.batch_size * args.input_size**2 * ACTIVATION_BYTES_PER_PIXEL * stem_factor
         splits, classes, found, val_source = data.load_split(
-            args.data_dir, args.image_size, args.val_fraction, args.seed, args.max_train_samples, accelerator.device
+            args.data_dir,
+            args.image_size,
+            args.val_fraction,
+            args.seed,
+            args.max_train_samples,
+            accelerator.device,
+            reserved=activations,
         )
     check_data(args, found, accelerator)
     (train_images, train_labels), (val_images, val_labels) = splits["train"], splits["val"]
@@ -720,8 +735,10 @@ def load_data(args, accelerator):
     train_loader = data.make_loader(
         train_images.to(accelerator.device), train_labels.to(accelerator.device), args.batch_size, True, drop_last=True
     )
+    # photos are validated in training-sized batches: 1024 at 224x224 would hold gigabytes of activations
+    val_batch = VAL_BATCH_SIZE if args.train_crop == "padded" else args.batch_size
     val_loader = data.make_loader(
-        val_images.to(accelerator.device), val_labels.to(accelerator.device), VAL_BATCH_SIZE, shuffle=False
+        val_images.to(accelerator.device), val_labels.to(accelerator.device), val_batch, shuffle=False
     )
     return train_loader, val_loader, train_labels, classes
 
@@ -865,7 +882,7 @@ def train(args):
             accelerator.print(
                 f"epoch {epoch:3d}/{args.epochs}  train loss {result[0]:.4f} acc {result[1]:6.2%}  "
                 f"val loss {record['val_loss']:.4f} acc {record['val_acc']:6.2%}  {seconds:6.1f}s "
-                f"({len(train_labels) / seconds:.0f} img/s){'  *best' if improved else ''}"
+                f"({len(train_labels) / seconds:.3g} img/s){'  *best' if improved else ''}"
             )
             if args.patience and epoch - best_record(history)["epoch"] >= args.patience:
                 accelerator.print(f"early stop: no lower validation loss for {args.patience} epochs")

@@ -309,7 +309,7 @@ def test_help_shows_every_flag_with_its_default(capsys):
     with pytest.raises(SystemExit):
         evaluate.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert all(shown in text for shown in ("image folder (./data)", "split (test)", ">= 1 (1024)"))
+    assert all(shown in text for shown in ("image folder (default: the run's", "split (test)", ">= 1 (1024 at 32x32"))
 
 
 def test_the_time_estimate_warns_about_the_cifar_stem_on_a_cpu():

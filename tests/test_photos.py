@@ -139,6 +139,35 @@ def test_the_log_says_where_validation_comes_from_and_the_sizes(photo_folder, tm
     assert "random-resized crop" in printed and "8 train / 8 val images" in printed
 
 
+def test_jpegs_marked_as_rotated_are_loaded_upright(tmp_path):
+    folder = tmp_path / "train" / "phone"
+    folder.mkdir(parents=True)
+    pixels = np.zeros((40, 60, 3), dtype=np.uint8)
+    pixels[:, :30] = 255  # left half white: stored sideways, as a phone does, with EXIF orientation 6
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to show
+    Image.fromarray(pixels).save(folder / "sideways.jpg", exif=exif)
+    Image.fromarray(pixels).save(folder / "plain.jpg")
+    images, _, _ = data.load_images(tmp_path, "train", side=40)
+    plain, upright = images  # sorted: plain.jpg, sideways.jpg
+    assert plain[:, :, :15].float().mean() > 200 and plain[:, :, -15:].float().mean() < 50
+    assert upright[:, :15].float().mean() > 200 and upright[:, -15:].float().mean() < 50  # white on top now
+
+
+def test_a_class_whose_images_cannot_be_read_stops_the_run(tmp_path, capsys):
+    write_photos(tmp_path / "train", ["ant", "bee"], 4)
+    for path in (tmp_path / "train" / "bee").iterdir():
+        path.write_bytes(b"not an image")
+    with pytest.raises(SystemExit, match=r"^error: none of the train images of class 'bee' could be read"):
+        train.main(quick_args(tmp_path, tmp_path / "run", "--batch-size", "2", "--val-fraction", "0.5"))
+    assert "warning: skipped" in capsys.readouterr().out and not (tmp_path / "run").exists()
+
+
+def test_evaluate_finds_the_run_s_own_data_without_data_dir(photo_run, capsys):
+    evaluate.main([str(photo_run / "best.safetensors"), "--split", "val", "--no-plots"])
+    assert "8 images" in capsys.readouterr().out
+
+
 def test_a_val_folder_with_other_classes_is_refused(photo_folder, tmp_path):
     write_photos(tmp_path / "train", ["ant", "bee"], 4)
     write_photos(tmp_path / "valid", ["ant", "wasp"], 2)
@@ -154,7 +183,10 @@ def test_the_memory_check_refuses_before_decoding(photo_folder, tmp_path, monkey
     with pytest.raises(SystemExit) as refusal:
         train.main(["--data-dir", str(photo_folder), "--output-dir", str(tmp_path / "run"), "--weights", "none"])
     message = str(refusal.value.code)
-    assert message.startswith("error: 40 images at 256x256 need 0.01 GiB in memory") and "--input-size" in message
+    assert (
+        message.startswith("error: 40 images at 256x256 and training need 0.76 GiB in memory")
+        and "--input-size" in message
+    )
     assert decoded == [] and not (tmp_path / "run").exists()
 
 

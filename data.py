@@ -164,14 +164,12 @@ def load_split(
             raise UserError(
                 f"{val_dir} has the classes {val_classes} and train/ has {classes}; give both the same class folders"
             )
-        train = torch.arange(len(labels))
-        if max_train_samples and max_train_samples < len(labels):
-            _, train = stratified_split(labels, max_train_samples / len(labels), seed)
-            if len(labels[train].unique()) < len(classes):
-                raise UserError(
-                    f"--max-train-samples {max_train_samples} leaves a class without training images; "
-                    f"raise it (at least {len(classes)}, one image a class)"
-                )
+        train = training_subset(labels, torch.arange(len(labels)), max_train_samples, seed)
+        if len(labels[train].unique()) < len(classes):  # only a subset can leave a class out
+            raise UserError(
+                f"--max-train-samples {max_train_samples} leaves a class without training images; "
+                f"raise it (at least {len(classes)}, one image a class)"
+            )
         sources = {"train": (items, labels, train), "val": (val_items, val_labels, torch.arange(len(val_labels)))}
         found = fingerprint(data_dir, items, torch.cat([labels, val_labels]), classes)
         where = f"{val_dir} (--val-fraction is not used)"
@@ -225,7 +223,6 @@ def check_memory(count, side, device=None, advice=TRAINING_ADVICE, reserved=0):
                 f"{need / 2**30:.2f} GiB in {where}, more than "
                 f"{MEMORY_SHARE:.0%} of the {available / 2**30:.2f} GiB free; {advice}"
             )
-    return need
 
 
 def available_memory():
@@ -347,15 +344,21 @@ def stratified_split(labels, fraction, seed):
     return torch.cat(rest).sort().values, torch.cat(taken).sort().values
 
 
+def training_subset(labels, train, max_train_samples, seed):
+    """The training indices cut to a stratified subset of about max_train_samples (None: all)."""
+    if max_train_samples and max_train_samples < len(train):
+        _, keep = stratified_split(labels[train], max_train_samples / len(train), seed)
+        train = train[keep]
+    return train
+
+
 def train_val_indices(labels, classes, val_fraction, seed, max_train_samples=None):
     """The run's train and validation indices; the training part optionally cut to a stratified
     subset of about max_train_samples. Refuses a split that leaves a class without a training or
     a validation image."""
     train, val = stratified_split(labels, val_fraction, seed)
     subset = bool(max_train_samples and max_train_samples < len(train))
-    if subset:
-        _, keep = stratified_split(labels[train], max_train_samples / len(train), seed)
-        train = train[keep]
+    train = training_subset(labels, train, max_train_samples, seed)
     counts = [torch.bincount(labels[part], minlength=len(classes)).tolist() for part in (train, val)]
     for name, n_train, n_val in zip(classes, *counts):
         if n_train and n_val:

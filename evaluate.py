@@ -412,6 +412,13 @@ def output_folders(args):
     return folders
 
 
+def create(folders):
+    """Make the output folders (output_folders), once the inputs have proved good."""
+    for flag, _, folder in folders:
+        with writing(folder, flag):
+            folder.mkdir(parents=True, exist_ok=True)
+
+
 @contextlib.contextmanager
 def writing(path, flag):
     """A write that fails (disk full, permissions changed) becomes one error line, not a traceback."""
@@ -470,9 +477,7 @@ def evaluate(args):
     args.data_dir = args.data_dir or metadata.get("config", {}).get("data_dir") or "./data"
     folders = output_folders(args)
     images, labels, data_check = load_split(args, metadata)
-    for flag, _, folder in folders:
-        with writing(folder, flag):
-            folder.mkdir(parents=True, exist_ok=True)
+    create(folders)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     logits = predict(model, images, metadata, args.batch_size, args.tta, device)
     predictions = logits.argmax(1)
@@ -533,9 +538,7 @@ def classify(args):
     # labels: each file's own index, which tells the ones that could be read
     images, kept = data.decode(list(map(str, files)), torch.arange(len(files)), torch.arange(len(files)), side)
     files = [files[i] for i in kept.tolist()]
-    for flag, _, folder in folders:
-        with writing(folder, flag):
-            folder.mkdir(parents=True, exist_ok=True)
+    create(folders)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     probabilities = predict(model, images, metadata, args.batch_size, args.tta, device).softmax(1)
     top = probabilities.topk(min(args.top_k, len(classes)))

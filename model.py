@@ -126,9 +126,15 @@ def save_checkpoint(model, path, metadata):
     intact."""
     state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
     text = {key: value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items()}
+    write_atomically(path, lambda temporary: save_file(state, temporary, metadata=text))
+
+
+def write_atomically(path, write):
+    """write(temporary) next to path, then rename it over path: a crash or a full disk at any point
+    leaves the old file whole, and no temporary file behind."""
     temporary = Path(f"{path}.tmp")
     try:
-        save_file(state, temporary, metadata=text)
+        write(temporary)
         usual_permissions(temporary)
         os.replace(temporary, path)
     finally:

@@ -59,7 +59,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 import data  # noqa: E402
 from data import UserError  # noqa: E402
-from model import ARCH, build_model, decode_metadata, save_checkpoint, usual_permissions  # noqa: E402
+from model import ARCH, build_model, decode_metadata, save_checkpoint, usual_permissions, write_atomically  # noqa: E402
 
 try:
     import fcntl  # the run folder's lock; Windows has none
@@ -496,12 +496,7 @@ def save_state(accelerator, out, progress):
 
 
 def write_json(path, obj):
-    temporary = Path(f"{path}.tmp")
-    try:
-        temporary.write_text(json.dumps(obj, indent=1))
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    write_atomically(path, lambda temporary: temporary.write_text(json.dumps(obj, indent=1)))
 
 
 def sync_batchnorm_statistics(model, accelerator):

@@ -3,6 +3,7 @@
     python bench/throughput.py                        # CPU: 40,000 training images, as a real run
     python bench/throughput.py --before a1691e8,2f3d6ec   # also train.py as it was at these commits
     python bench/throughput.py --images 2000 --only bare,train   # quicker, some rows
+    python bench/throughput.py --images 10000 --rounds 3 --only bare,train,plain  # the speed goals
     bench/gpu.sh                                      # GPU: the --device cuda table, on CIFAR-10
 
 CPU rows (--recipe seed, torchvision's stem at 32x32, from scratch, batch 128, float32 unless said):
@@ -17,7 +18,9 @@ CPU rows (--recipe seed, torchvision's stem at 32x32, from scratch, batch 128, f
 - evaluation: evaluate.py's forward passes over 10,000 images;
 - photos: the shared ants/bees photos (245, about 500x375) decoded at 256x256, and `train.py` on
   them at its photo defaults (224x224 random-resized crops, torchvision's stem), from scratch.
-Every train.py row and the plain loop report the validation accuracy they reach.
+Every train.py row and the plain loop report the validation accuracy they reach. A shared machine's
+speed drifts within minutes: --rounds N times the training rows N times in turn, and each ratio is
+taken within a round, so that it compares runs a minute apart.
 
 --device cuda: bare step and train.py for float32 and bf16 autocast, each eager and compiled, at
 batch 128 and 512 (channels_last, the default recipe's CIFAR stem), then the wall time of a
@@ -31,6 +34,7 @@ import argparse
 import functools
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -213,21 +217,22 @@ def photo_rows(scratch, epochs):
     return load, count, len(splits["train"][1]) // 32 * 32 / history[-1]["seconds"], history[-1]["val_acc"]
 
 
-def cpu_table(args, folder, scratch):
-    """The CPU rows; returns the lines to print."""
-    rows, lines, seed = [], [], ("--recipe", "seed", "--weights", "none")
-    bare = train = plain = None
+BARE = "bare step, batch 128, channels_last"
+PLAIN = "plain loop (ImageFolder, 2 workers)"
+
+
+def cpu_round(args, folder, scratch, scripts):
+    """One pass over the selected training rows: {row: (img/s, note)}."""
+    results, seed = {}, ("--recipe", "seed", "--weights", "none")
     if "bare" in args.only:
         for batch_size, channels_last in ((BATCH, False), (BATCH, True), (256, True)):
             speed, _ = bare_step(batch_size, args.steps, channels_last)
-            rows.append((f"bare step, batch {batch_size}, {'channels_last' if channels_last else 'NCHW'}", speed, ""))
-        bare = rows[1][1]
-        speed, _ = bare_step(BATCH, args.steps, bf16=True)
-        rows.append(("bare step, batch 128, channels_last, bf16 autocast", speed, f"{speed / bare:.2f}x float32"))
+            results[f"bare step, batch {batch_size}, {'channels_last' if channels_last else 'NCHW'}"] = (speed, "")
+        results[f"{BARE}, bf16 autocast"] = (bare_step(BATCH, args.steps, bf16=True)[0], "")
     if "compile" in args.only:
         os.environ.update(cold_inductor(scratch))  # this process compiles next; train.py gets its own below
         speed, warmup = bare_step(BATCH, args.steps, compile=True)
-        rows.append(("bare step, batch 128, channels_last, torch.compile", speed, f"first 2 steps {warmup:.0f}s"))
+        results[f"{BARE}, torch.compile"] = (speed, f"first 2 steps {warmup:.0f}s")
     runs = [  # (row, name, flags, environment, revision)
         ("train", "train.py --recipe seed", (), None, None),
         ("compile", "train.py --recipe seed --compile", ("--compile",), cold_inductor(scratch), None),
@@ -235,28 +240,47 @@ def cpu_table(args, folder, scratch):
         *(("before", f"train.py --recipe seed at {revision}", (), None, revision) for revision in args.before),
     ]
     for part, name, flags, env, revision in runs:
-        if part not in args.only:
-            continue
-        script = checkout(revision, scratch) if revision else ROOT / "train.py"
-        out = Path(tempfile.mkdtemp(dir=scratch)) / "run"
-        first, speed, acc, _ = train_py_run(
-            folder, args.images, args.epochs, out, *seed, *flags, env=env, script=script
-        )
-        train = speed if part == "train" else train
-        note = f"epoch 1 {first:.1f}s; val acc {acc:.2%}" + (f"; {speed / bare:.2f}x bare" if bare else "")
-        rows.append((name, speed, note))
+        if part in args.only:
+            out = Path(tempfile.mkdtemp(dir=scratch)) / "run"
+            first, speed, acc, _ = train_py_run(
+                folder, args.images, args.epochs, out, *seed, *flags, env=env, script=scripts[revision]
+            )
+            results[name] = (speed, f"epoch 1 {first:.1f}s; val acc {acc:.2%}")
     if "plain" in args.only and (folder / "train").is_dir():
-        plain, plain_acc = plain_loop(folder, args.images, args.epochs)
-        rows.append(("plain loop (ImageFolder, 2 workers)", plain, f"val acc {plain_acc:.2%}"))
-    lines.append(f"{'what':<52} {'img/s':>7}  note")
-    lines += [f"{name:<52} {speed:7.0f}  {note}" for name, speed, note in rows]
-    if train and bare:
-        lines.append(f"\ntrain.py / bare step: {train / bare:.2f}x (at least 0.95 expected)")
-    if train and plain:
-        lines.append(f"train.py / plain loop: {train / plain:.2f}x (at least 1.3 expected)")
+        speed, acc = plain_loop(folder, args.images, args.epochs)
+        results[PLAIN] = (speed, f"val acc {acc:.2%}")
+    return results
+
+
+def ratio(rounds, row, to, label=""):
+    """row's speed over to's, taken within each round (the machine's speed drifts between rounds):
+    the median, and every round's when there are several."""
+    ratios = sorted(r[row][0] / r[to][0] for r in rounds)
+    spread = f" (rounds: {', '.join(f'{x:.2f}' for x in ratios)})" if len(ratios) > 1 else ""
+    return f"{statistics.median(ratios):.2f}x{label}{spread}"
+
+
+def cpu_table(args, folder, scratch):
+    """The CPU rows, each timed --rounds times in turn; returns the lines to print."""
+    scripts = {None: ROOT / "train.py"} | {revision: checkout(revision, scratch) for revision in args.before}
+    rounds = [cpu_round(args, folder, scratch, scripts) for _ in range(args.rounds)]
+    several = " (median)" if args.rounds > 1 else ""
+    lines = [f"{'what':<52} {'img/s' + several:>14}  note"]
+    for row in rounds[0]:
+        speed = statistics.median(r[row][0] for r in rounds)
+        note = rounds[-1][row][1]
+        if BARE in rounds[0] and row != BARE:
+            note = "; ".join(filter(None, [note, ratio(rounds, row, BARE, " bare")]))
+        lines.append(f"{row:<52} {speed:14.0f}  {note}")
+    train = "train.py --recipe seed"
+    if train in rounds[0] and BARE in rounds[0]:
+        lines.append(f"\ntrain.py / bare step: {ratio(rounds, train, BARE)}; at least 0.95 expected")
+    if train in rounds[0] and PLAIN in rounds[0]:
+        lines.append(f"train.py / plain loop: {ratio(rounds, train, PLAIN)}; at least 1.3 expected")
     if "eval" in args.only:
         flops, matmul = arithmetic_ceiling()
         lines.append(f"\ntraining FLOPs per image {flops / 1e6:.0f} M; float32 matmul {matmul / 1e9:.0f} GFLOP/s;")
+        bare = statistics.median(r[BARE][0] for r in rounds) if BARE in rounds[0] else None
         lines.append(
             f"arithmetic ceiling {matmul / flops:.0f} img/s"
             + (f"; bare step {bare / (matmul / flops):.0%}" if bare else "")
@@ -301,6 +325,9 @@ def main():
     parser.add_argument("--images", type=int, default=40_000, help="training images per epoch")
     parser.add_argument("--steps", type=int, help="timed steps of the bare loop (30 on a CPU, 300 on a GPU)")
     parser.add_argument("--epochs", type=int, default=2, help="epochs of each train.py run and of the plain loop")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="CPU: time the training rows this many times in turn; medians"
+    )
     parser.add_argument("--only", default=",".join(CPU_ROWS), help=f"CPU rows, comma-separated: {','.join(CPU_ROWS)}")
     parser.add_argument(
         "--before", default="", help="git revisions, comma-separated: also time train.py as it was there"

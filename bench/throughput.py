@@ -221,11 +221,15 @@ BARE = "bare step, batch 128, channels_last"
 PLAIN = "plain loop (ImageFolder, 2 workers)"
 
 
-def cpu_round(args, folder, scratch, scripts):
-    """One pass over the selected training rows: {row: (img/s, note)}."""
+def cpu_round(args, folder, scratch, scripts, first):
+    """One pass over the selected training rows: {row: (img/s, note)}. The bare step that the
+    ratios compare with is timed at the start and at the end, and averaged, so that a drift of the
+    machine's speed during the round weighs on both sides; its variants only in the first round."""
     results, seed = {}, ("--recipe", "seed", "--weights", "none")
     if "bare" in args.only:
-        for batch_size, channels_last in ((BATCH, False), (BATCH, True), (256, True)):
+        results[BARE] = (bare_step(BATCH, args.steps)[0], "")
+    if "bare" in args.only and first:
+        for batch_size, channels_last in ((BATCH, False), (256, True)):
             speed, _ = bare_step(batch_size, args.steps, channels_last)
             results[f"bare step, batch {batch_size}, {'channels_last' if channels_last else 'NCHW'}"] = (speed, "")
         results[f"{BARE}, bf16 autocast"] = (bare_step(BATCH, args.steps, bf16=True)[0], "")
@@ -249,13 +253,15 @@ def cpu_round(args, folder, scratch, scripts):
     if "plain" in args.only and (folder / "train").is_dir():
         speed, acc = plain_loop(folder, args.images, args.epochs)
         results[PLAIN] = (speed, f"val acc {acc:.2%}")
+    if "bare" in args.only:
+        results[BARE] = ((results[BARE][0] + bare_step(BATCH, args.steps)[0]) / 2, "")
     return results
 
 
 def ratio(rounds, row, to, label=""):
     """row's speed over to's, taken within each round (the machine's speed drifts between rounds):
     the median, and every round's when there are several."""
-    ratios = sorted(r[row][0] / r[to][0] for r in rounds)
+    ratios = sorted(r[row][0] / r[to][0] for r in rounds if row in r)
     spread = f" (rounds: {', '.join(f'{x:.2f}' for x in ratios)})" if len(ratios) > 1 else ""
     return f"{statistics.median(ratios):.2f}x{label}{spread}"
 
@@ -263,11 +269,11 @@ def ratio(rounds, row, to, label=""):
 def cpu_table(args, folder, scratch):
     """The CPU rows, each timed --rounds times in turn; returns the lines to print."""
     scripts = {None: ROOT / "train.py"} | {revision: checkout(revision, scratch) for revision in args.before}
-    rounds = [cpu_round(args, folder, scratch, scripts) for _ in range(args.rounds)]
+    rounds = [cpu_round(args, folder, scratch, scripts, first=n == 0) for n in range(args.rounds)]
     several = " (median)" if args.rounds > 1 else ""
     lines = [f"{'what':<52} {'img/s' + several:>14}  note"]
     for row in rounds[0]:
-        speed = statistics.median(r[row][0] for r in rounds)
+        speed = statistics.median(r[row][0] for r in rounds if row in r)
         note = rounds[-1][row][1]
         if BARE in rounds[0] and row != BARE:
             note = "; ".join(filter(None, [note, ratio(rounds, row, BARE, " bare")]))
@@ -323,7 +329,7 @@ def main():
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--data-dir", type=Path, help="an image folder with train/, or CIFAR-10's (made if not given)")
     parser.add_argument("--images", type=int, default=40_000, help="training images per epoch")
-    parser.add_argument("--steps", type=int, help="timed steps of the bare loop (30 on a CPU, 300 on a GPU)")
+    parser.add_argument("--steps", type=int, help="timed steps of the bare loop (60 on a CPU, 300 on a GPU)")
     parser.add_argument("--epochs", type=int, default=2, help="epochs of each train.py run and of the plain loop")
     parser.add_argument(
         "--rounds", type=int, default=1, help="CPU: time the training rows this many times in turn; medians"
@@ -337,7 +343,7 @@ def main():
     args.only, args.before = args.only.split(","), [rev for rev in args.before.split(",") if rev]
     if not set(args.only) <= set(CPU_ROWS):
         parser.error(f"--only takes some of {','.join(CPU_ROWS)}")
-    args.steps = args.steps or (300 if args.device == "cuda" else 30)
+    args.steps = args.steps or (300 if args.device == "cuda" else 60)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device cuda needs a GPU that torch can use")
     with tempfile.TemporaryDirectory() as scratch:

@@ -269,12 +269,16 @@ def ratio(rounds, row, to, label=""):
 def cpu_table(args, folder, scratch):
     """The CPU rows, each timed --rounds times in turn; returns the lines to print."""
     scripts = {None: ROOT / "train.py"} | {revision: checkout(revision, scratch) for revision in args.before}
-    rounds = [cpu_round(args, folder, scratch, scripts, first=n == 0) for n in range(args.rounds)]
+    rounds = []
+    for n in range(args.rounds):
+        rounds.append(cpu_round(args, folder, scratch, scripts, first=n == 0))
+        speeds = ", ".join(f"{row} {speed:.0f}" for row, (speed, _) in rounds[-1].items())
+        print(f"round {n + 1}: {speeds} img/s", file=sys.stderr)
     several = " (median)" if args.rounds > 1 else ""
     lines = [f"{'what':<52} {'img/s' + several:>14}  note"]
     for row in rounds[0]:
         speed = statistics.median(r[row][0] for r in rounds if row in r)
-        note = rounds[-1][row][1]
+        note = next(r[row][1] for r in reversed(rounds) if row in r)
         if BARE in rounds[0] and row != BARE:
             note = "; ".join(filter(None, [note, ratio(rounds, row, BARE, " bare")]))
         lines.append(f"{row:<52} {speed:14.0f}  {note}")

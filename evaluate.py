@@ -23,7 +23,6 @@ import csv
 import functools
 import itertools
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -36,7 +35,7 @@ import torch.nn.functional as F  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 import data  # noqa: E402
-from model import group_index, load_checkpoint  # noqa: E402
+from model import check_folder_can_be_made, group_index, load_checkpoint  # noqa: E402
 
 TOP_CONFUSIONS = 5
 BATCH_PIXELS = 1024 * 32**2  # a pass's input pixels by default: 1024 CIFAR images, or 20 photos at 224x224
@@ -404,11 +403,7 @@ def output_folders(args):
     if not args.no_plots:
         folders.append(("--plot-dir", plot_folder(args), plot_folder(args)))
     for flag, given, folder in folders:
-        existing = next(path for path in (folder, *folder.parents) if path.exists())
-        if not existing.is_dir():
-            raise data.UserError(f"{flag} {given}: {existing} is a file, not a folder; pass another {flag}")
-        if not os.access(existing, os.W_OK | os.X_OK):
-            raise data.UserError(f"{flag} {given}: cannot write in {existing}; pass a {flag} you can write to")
+        check_folder_can_be_made(folder, flag, given)
     return folders
 
 

@@ -40,31 +40,34 @@ LAUNCHER = launcher_of_this_process()
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
-import itertools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import shlex  # noqa: E402
-import shutil  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from datetime import datetime  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from accelerate.tracking import get_available_trackers  # noqa: E402
-from accelerate.utils import DataLoaderConfiguration, LoggerType, broadcast_object_list, set_seed  # noqa: E402
+from accelerate.utils import DataLoaderConfiguration, LoggerType, set_seed  # noqa: E402
 from safetensors import SafetensorError, safe_open  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import data  # noqa: E402
 from data import UserError  # noqa: E402
-from model import ARCH, build_model, decode_metadata, save_checkpoint, usual_permissions, write_atomically  # noqa: E402
-
-try:
-    import fcntl  # the run folder's lock; Windows has none
-except ImportError:
-    fcntl = None
+from model import (  # noqa: E402
+    ARCH,
+    TRACKER_PROJECT,
+    build_model,
+    check_output_dir,
+    decode_metadata,
+    latest_state,
+    save_checkpoint,
+    save_state,
+    start_output_dir,
+    write_json,
+)
 
 # The default recipe. Every value is a flag; the README explains each choice.
 DEFAULT_RECIPE = dict(
@@ -118,11 +121,6 @@ VAL_BATCH_SIZE = 1024
 # reduce-overhead and max-autotune add CUDA graphs and kernel autotuning: nothing on a CPU but compile
 # time; on a GPU, max-autotune may be worth the longer compile (untested here: README, Speed).
 COMPILE_MODE = "default"
-TRACKER_PROJECT = "resnet18-cifar10"  # accelerate's project name: the tracker's project; TensorBoard's subfolder
-RUN_FILES = ("history.json", "best.safetensors", "last.safetensors", TRACKER_PROJECT)
-# accelerate's resumable state, newest first: state-tmp is being written (complete once its progress.json
-# is), state the last one, state-old the one before, during the swap. See save_state.
-STATE_DIRS = ("state-tmp", "state", "state-old")
 
 
 def bounded(kind, low, high=math.inf, open_low=False, open_high=False):
@@ -395,110 +393,6 @@ def per_class_accuracy_of_run(path):
         raise UserError(f"no per-class validation accuracy in {path} ({error}); pass a run's history.json") from error
 
 
-def latest_state(out):
-    """The newest complete state folder, whichever point of save_state a crash stopped at."""
-    return next((out / name for name in STATE_DIRS if (out / name / "progress.json").is_file()), None)
-
-
-def check_output_dir(out, args):
-    """Refuse, before any work: a file in the way, nothing to resume, or a run not to be touched."""
-    existing = next(path for path in (out, *out.absolute().parents) if path.exists())
-    if not existing.is_dir():
-        raise UserError(f"--output-dir {out}: {existing} is a file; pass a folder")
-    if args.resume and not latest_state(out):
-        raise UserError(f"nothing to resume in {out}; start a new run without --resume")
-    finished = any((out / name).exists() for name in RUN_FILES) or latest_state(out)
-    if finished and not (args.resume or args.overwrite):
-        raise UserError(
-            f"{out} already holds a run; pass --resume to continue it, --overwrite to replace it, "
-            f"or another --output-dir"
-        )
-
-
-def new_run_dir():
-    """runs/<timestamp>, made here; -2, -3, ... for runs started in the same second (mkdir is atomic,
-    so two runs never share a folder)."""
-    stamp = f"runs/{datetime.now():%Y-%m-%d_%H-%M-%S}"
-    for out in itertools.chain([Path(stamp)], (Path(f"{stamp}-{n}") for n in itertools.count(2))):
-        try:
-            out.mkdir(parents=True)
-            return out
-        except FileExistsError:
-            pass
-
-
-def lock(out):
-    """Hold out/.lock for as long as this process lives; the system lets go of it when the process
-    ends, crashed or not, so a second run in the same folder is refused and a crash never jams it."""
-    handle = open(out / ".lock", "a")
-    if fcntl is not None:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"another train.py is running in {out}; wait for it or pass another --output-dir") from None
-    return handle
-
-
-def start_output_dir(out, args, accelerator):
-    """Create, lock and prepare the run's folder once the inputs have proved good; returns (folder,
-    lock). Checked again under the lock: another run may have started here meanwhile."""
-    name, held = [None], None
-    if accelerator.is_main_process:
-        try:
-            out = out or new_run_dir()
-            out.mkdir(parents=True, exist_ok=True)
-            held = lock(out)
-            check_output_dir(out, args)
-            newest = latest_state(out)
-            if args.resume and newest.name != "state":  # a crash stopped save_state halfway: finish it
-                discard(out / "state")
-                newest.rename(out / "state")
-            leftovers = [n for n in STATE_DIRS if n != "state"] if args.resume else [*RUN_FILES, *STATE_DIRS]
-            for name in leftovers:
-                discard(out / name)
-        except OSError as error:
-            raise UserError(
-                f"cannot write to {out or 'runs/'} ({error.strerror}); pass another --output-dir"
-            ) from error
-        name = [str(out)]
-    broadcast_object_list(name)
-    return Path(name[0]), held
-
-
-def discard(path):
-    """Remove a file or folder. A state folder loses its progress.json first, so that one half
-    removed by a crash never looks complete."""
-    if path.is_dir():
-        (path / "progress.json").unlink(missing_ok=True)
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def save_state(accelerator, out, progress):
-    """accelerate's save_state, made atomic: write state-tmp (progress.json last), then swap it in
-    by renaming. latest_state finds a complete state after a crash at any point."""
-    tmp, state, old = (out / name for name in STATE_DIRS)
-    if accelerator.is_main_process:
-        discard(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    if accelerator.is_main_process:
-        for file in tmp.iterdir():
-            usual_permissions(file)
-        write_json(tmp / "progress.json", progress)
-        discard(old)
-        if state.exists():
-            state.rename(old)
-        tmp.rename(state)
-        discard(old)
-    accelerator.wait_for_everyone()
-
-
-def write_json(path, obj):
-    write_atomically(path, lambda temporary: temporary.write_text(json.dumps(obj, indent=1)))
-
-
 def sync_batchnorm_statistics(model, accelerator):
     """Each process updates its own BatchNorm running statistics; use the main process's, the
     ones that are saved, everywhere, so validation measures the checkpoint."""
@@ -758,7 +652,7 @@ def train(args):
     out = Path(args.output_dir) if args.output_dir else None
     progress = None
     if out:
-        check_output_dir(out, args)
+        check_output_dir(out, args.resume, args.overwrite)
         if args.resume:
             progress = json.loads((latest_state(out) / "progress.json").read_text())
             saved_epochs = progress["config"]["epochs"]
@@ -814,7 +708,7 @@ def train(args):
     evaluated = ema if ema is not None else network
     if args.compile:  # last, as accelerate's own; the state it saves keeps the names of the uncompiled model
         model = torch.compile(model, mode=COMPILE_MODE)
-    out, held_lock = start_output_dir(out, args, accelerator)
+    out, held_lock = start_output_dir(out, args.resume, args.overwrite, accelerator)
     args.output_dir = str(out)
     start_trackers(accelerator, out, args)
     accelerator.print(

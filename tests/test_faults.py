@@ -22,8 +22,8 @@ from PIL import Image
 from safetensors import SafetensorError
 
 import data
+import model
 import train
-from model import load_checkpoint
 
 
 def one_error_line(stderr):
@@ -206,7 +206,7 @@ def test_output_dir_problems_are_one_line_errors(image_folder, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("mine")
     cases = (
-        (blocker, "is a file; pass a folder"),
+        (blocker, "is a file, not a folder; pass another --output-dir"),
         (blocker / "run", "a-file is a file"),
         ("/proc/run", "cannot write to"),
     )
@@ -237,7 +237,7 @@ def test_a_full_disk_keeps_the_last_good_files_and_resume_continues(image_folder
     with pytest.raises(SystemExit, match="No space left on device.*Free space, then resume"):
         train.main(quick_args(image_folder, out, "--epochs", "3"))
     monkeypatch.undo()
-    assert load_checkpoint(out / "last.safetensors")[1]["epoch"] == 1
+    assert model.load_checkpoint(out / "last.safetensors")[1]["epoch"] == 1
     train.main(["--output-dir", str(out), "--resume"])
     assert epochs_in(out) == [1, 2, 3]
 
@@ -256,7 +256,7 @@ def test_a_second_run_in_a_locked_folder_is_refused_and_a_stale_lock_file_is_not
 
 def test_default_run_folders_started_in_the_same_second_differ(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    first, second = train.new_run_dir(), train.new_run_dir()
+    first, second = model.new_run_dir(), model.new_run_dir()
     assert first != second and first.is_dir() and second.is_dir()
 
 
@@ -348,7 +348,7 @@ def test_sigterm_to_accelerate_launch_stops_the_trainer_with_its_state_saved(ima
             os.kill(trainer, signal.SIGKILL)
             pytest.fail("the trainer outlived its launcher")
     assert "stopped during epoch" in output and "--resume" in output, output[-2000:]
-    assert train.latest_state(out) == out / "state" and len(epochs_in(out)) < 50
+    assert model.latest_state(out) == out / "state" and len(epochs_in(out)) < 50
 
 
 def test_odd_data_dirs_and_images_are_refused_or_skipped(tmp_path, image_folder):

@@ -123,7 +123,9 @@ def train_py_run(folder, images, epochs, out, *flags, env=None, script=ROOT / "t
     subprocess.run(command, cwd=script.parent, env=os.environ | (env or {}), check=True, stdout=sys.stderr)
     wall = time.perf_counter() - started
     history = json.loads((out / "history.json").read_text())
-    return history[0]["seconds"], train_images(folder, images) / history[-1]["seconds"], history[-1]["val_acc"], wall
+    batch_size = json.loads((out / "state" / "progress.json").read_text())["config"]["batch_size"]
+    trained = train_images(folder, images) // batch_size * batch_size  # train.py drops the last partial batch
+    return history[0]["seconds"], trained / history[-1]["seconds"], history[-1]["val_acc"], wall
 
 
 @functools.cache
@@ -224,7 +226,8 @@ PLAIN = "plain loop (ImageFolder, 2 workers)"
 def cpu_round(args, folder, scratch, scripts, first):
     """One pass over the selected training rows: {row: (img/s, note)}. The bare step that the
     ratios compare with is timed at the start and at the end, and averaged, so that a drift of the
-    machine's speed during the round weighs on both sides; its variants only in the first round."""
+    machine's speed during the round weighs on both sides; its variants (other batch and layout,
+    bf16, compiled) only in the first round."""
     results, seed = {}, ("--recipe", "seed", "--weights", "none")
     if "bare" in args.only:
         results[BARE] = (bare_step(BATCH, args.steps)[0], "")
@@ -233,7 +236,7 @@ def cpu_round(args, folder, scratch, scripts, first):
             speed, _ = bare_step(batch_size, args.steps, channels_last)
             results[f"bare step, batch {batch_size}, {'channels_last' if channels_last else 'NCHW'}"] = (speed, "")
         results[f"{BARE}, bf16 autocast"] = (bare_step(BATCH, args.steps, bf16=True)[0], "")
-    if "compile" in args.only:
+    if "compile" in args.only and first:
         os.environ.update(cold_inductor(scratch))  # this process compiles next; train.py gets its own below
         speed, warmup = bare_step(BATCH, args.steps, compile=True)
         results[f"{BARE}, torch.compile"] = (speed, f"first 2 steps {warmup:.0f}s")
@@ -260,10 +263,14 @@ def cpu_round(args, folder, scratch, scripts, first):
 
 def ratio(rounds, row, to, label=""):
     """row's speed over to's, taken within each round (the machine's speed drifts between rounds):
-    the median, and every round's when there are several."""
-    ratios = sorted(r[row][0] / r[to][0] for r in rounds if row in r)
-    spread = f" (rounds: {', '.join(f'{x:.2f}' for x in ratios)})" if len(ratios) > 1 else ""
-    return f"{statistics.median(ratios):.2f}x{label}{spread}"
+    the median, then every round's in round order; or the one round that timed row."""
+    ratios = [(n, r[row][0] / r[to][0]) for n, r in enumerate(rounds, 1) if row in r]
+    median = statistics.median(x for _, x in ratios)
+    if len(rounds) == 1:
+        return f"{median:.2f}x{label}"
+    if len(ratios) == 1:
+        return f"{median:.2f}x{label} (round {ratios[0][0]})"
+    return f"{median:.2f}x{label} (rounds: {', '.join(f'{x:.2f}' for _, x in ratios)})"
 
 
 def cpu_table(args, folder, scratch):
@@ -328,15 +335,21 @@ def gpu_table(args, folder, scratch):
     return lines
 
 
+def positive(text):
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number, at least 1; got {text!r}")
+    return int(text)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--data-dir", type=Path, help="an image folder with train/, or CIFAR-10's (made if not given)")
-    parser.add_argument("--images", type=int, default=40_000, help="training images per epoch")
-    parser.add_argument("--steps", type=int, help="timed steps of the bare loop (60 on a CPU, 300 on a GPU)")
-    parser.add_argument("--epochs", type=int, default=2, help="epochs of each train.py run and of the plain loop")
+    parser.add_argument("--images", type=positive, default=40_000, help="training images per epoch")
+    parser.add_argument("--steps", type=positive, help="timed steps of the bare loop (60 on a CPU, 300 on a GPU)")
+    parser.add_argument("--epochs", type=positive, default=2, help="epochs of each train.py run and of the plain loop")
     parser.add_argument(
-        "--rounds", type=int, default=1, help="CPU: time the training rows this many times in turn; medians"
+        "--rounds", type=positive, default=1, help="CPU: time the training rows this many times in turn; medians"
     )
     parser.add_argument("--only", default=",".join(CPU_ROWS), help=f"CPU rows, comma-separated: {','.join(CPU_ROWS)}")
     parser.add_argument(
@@ -348,15 +361,27 @@ def main():
     if not set(args.only) <= set(CPU_ROWS):
         parser.error(f"--only takes some of {','.join(CPU_ROWS)}")
     args.steps = args.steps or (300 if args.device == "cuda" else 60)
+    try:  # the data, before anything is timed
+        if args.data_dir:
+            data.list_images(args.data_dir, "train")
+    except data.UserError as error:
+        parser.error(str(error))
+    for revision in args.before:
+        if subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{revision}^{{commit}}"], cwd=ROOT).returncode:
+            parser.error(f"--before {revision} is not a revision of this repository")
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device cuda needs a GPU that torch can use")
     with tempfile.TemporaryDirectory() as scratch:
         folder = args.data_dir or Path(scratch) / "data"
         source = str(args.data_dir) if args.data_dir else prepare_data(folder, args.images)
-        table = (gpu_table if args.device == "cuda" else cpu_table)(args, folder, Path(scratch))
+        try:
+            table = (gpu_table if args.device == "cuda" else cpu_table)(args, folder, Path(scratch))
+        except subprocess.CalledProcessError as error:  # train.py has printed its own error line
+            sys.exit(f"error: {Path(error.cmd[1]).name} stopped with exit code {error.returncode}; see above")
         n_train = train_images(folder, args.images)
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} CPU threads"
-    print(f"\ndata: {source}, {n_train} training images, {args.epochs} epochs per train.py row, from scratch;")
+    epochs = f"{args.epochs} epoch{'s' if args.epochs > 1 else ''}"
+    print(f"\ndata: {source}, {n_train} training images, {epochs} per train.py row, from scratch;")
     print(f"validation accuracy on the same 20% split; {device}, torch {torch.__version__}")
     print("\n".join(table))
 

@@ -398,6 +398,10 @@ def output_folders(args):
     for flag, path in (("--json", args.json), ("--csv", args.csv)):
         if path and Path(path).is_dir():
             raise data.UserError(f"{flag} {path} is a folder; pass a file name in it")
+        kind = flag.removeprefix("--")
+        # the name guards what the user has: a mistyped --json CKPT would replace the checkpoint
+        if path and (Path(path).suffix.lower() != f".{kind}" or Path(path).name == "history.json"):
+            raise data.UserError(f"{flag} {path}: pass a new .{kind} file name, such as results.{kind}")
         if path:
             folders.append((flag, path, Path(path).parent))
     if not args.no_plots:

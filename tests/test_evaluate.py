@@ -349,6 +349,20 @@ def test_missing_output_folders_are_created(tmp_path, capsys):
     assert files_under(plots) == ["best_test_confusion.png", "best_test_mistakes.png", "best_test_per_class.png"]
 
 
+@pytest.mark.parametrize("name", ["best.safetensors", "history.json", "notes.txt"])
+def test_json_and_csv_never_replace_a_file_of_another_kind(name, tmp_path):
+    checkpoint, data_dir = small_run(tmp_path, ["cat", "dog"])
+    target = checkpoint.with_name(name)
+    if not target.exists():
+        target.write_text("[]")
+    before = target.read_bytes()
+    with pytest.raises(SystemExit, match=r"^error: --json .*pass a new \.json file name"):
+        evaluate.main([str(checkpoint), "--data-dir", str(data_dir), "--json", str(target), "--no-plots"])
+    with pytest.raises(SystemExit, match=r"^error: --csv .*pass a new \.csv file name"):
+        evaluate.main([str(checkpoint), "--predict", str(data_dir), "--csv", str(target), "--no-plots"])
+    assert target.read_bytes() == before
+
+
 def test_bad_input_leaves_no_output_folders(tmp_path):
     checkpoint, data_dir = small_run(tmp_path / "input", ["cat", "dog"])
     shutil.rmtree(data_dir / "test")

@@ -40,6 +40,7 @@ LAUNCHER = launcher_of_this_process()
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
+import errno  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import shlex  # noqa: E402
@@ -63,6 +64,7 @@ from model import (  # noqa: E402
     check_output_dir,
     decode_metadata,
     latest_state,
+    lock,
     save_checkpoint,
     save_state,
     start_output_dir,
@@ -652,6 +654,8 @@ def train(args):
     out = Path(args.output_dir) if args.output_dir else None
     progress = None
     if out:
+        if accelerator.is_main_process and (out / ".lock").is_file():
+            lock(out).close()  # another run busy here: say so now, not after loading the data
         check_output_dir(out, args.resume, args.overwrite)
         if args.resume:
             progress = json.loads((latest_state(out) / "progress.json").read_text())
@@ -698,6 +702,7 @@ def train(args):
     model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, val_loader, scheduler
     )
+    images_per_epoch = len(train_loader) * args.batch_size * accelerator.num_processes  # full batches: drop_last
     # The EMA copy is not wrapped for data parallel: every process updates it from the same weights.
     network = accelerator.unwrap_model(model, keep_torch_compile=False)  # also under the launcher's --dynamo_backend
     ema = copy.deepcopy(network).requires_grad_(False) if args.ema else None
@@ -771,15 +776,17 @@ def train(args):
             accelerator.print(
                 f"epoch {epoch:3d}/{args.epochs}  train loss {result[0]:.4f} acc {result[1]:6.2%}  "
                 f"val loss {record['val_loss']:.4f} acc {record['val_acc']:6.2%}  {seconds:6.1f}s "
-                f"({len(train_labels) / seconds:.3g} img/s){'  *best' if improved else ''}"
+                f"({images_per_epoch / seconds:.3g} img/s){'  *best' if improved else ''}"
             )
             if args.patience and epoch - best_record(history)["epoch"] >= args.patience:
                 accelerator.print(f"early stop: no lower validation loss for {args.patience} epochs")
                 break
     except (OSError, SafetensorError) as error:  # safetensors reports a full disk as its own error
+        full = getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error)
         raise UserError(
             f"could not write to {out} ({getattr(error, 'strerror', None) or error}); the files of the last "
-            f"finished epoch are whole. Free space, then resume: {resume_command(out, accelerator)}"
+            f"finished epoch are whole. {'Free space' if full else 'Make the folder writable'}, then resume: "
+            f"{resume_command(out, accelerator)}"
         ) from error
     finally:
         if held_lock is not None:

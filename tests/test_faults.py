@@ -218,23 +218,29 @@ def test_output_dir_problems_are_one_line_errors(image_folder, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "full",
+    "failure, advice",
     [
-        OSError(errno.ENOSPC, "No space left on device"),
-        SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+        (OSError(errno.ENOSPC, "No space left on device"), "No space left on device.*Free space, then resume"),
+        (
+            SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+            "No space left on device.*Free space, then resume",
+        ),
+        (PermissionError(errno.EACCES, "Permission denied"), "Permission denied.*Make the folder writable, then"),
     ],
 )
-def test_a_full_disk_keeps_the_last_good_files_and_resume_continues(image_folder, tmp_path, monkeypatch, full):
+def test_a_failed_write_keeps_the_last_good_files_and_resume_continues(
+    image_folder, tmp_path, monkeypatch, failure, advice
+):
     out = tmp_path / "run"
 
-    def disk_full_in_epoch_2(model, path, metadata):
+    def failing_in_epoch_2(model, path, metadata):
         if metadata["epoch"] == 2:
-            raise full
+            raise failure
         real_save(model, path, metadata)
 
     real_save = train.save_checkpoint
-    monkeypatch.setattr(train, "save_checkpoint", disk_full_in_epoch_2)
-    with pytest.raises(SystemExit, match="No space left on device.*Free space, then resume"):
+    monkeypatch.setattr(train, "save_checkpoint", failing_in_epoch_2)
+    with pytest.raises(SystemExit, match=advice):
         train.main(quick_args(image_folder, out, "--epochs", "3"))
     monkeypatch.undo()
     assert model.load_checkpoint(out / "last.safetensors")[1]["epoch"] == 1
@@ -252,6 +258,18 @@ def test_a_second_run_in_a_locked_folder_is_refused_and_a_stale_lock_file_is_not
     assert not (out / "history.json").exists()
     train.main(quick_args(image_folder, out, "--epochs", "1"))  # the file is still there, the lock is not
     assert epochs_in(out) == [1]
+
+
+def test_a_busy_finished_run_says_so_before_loading_any_data(image_folder, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train.main(quick_args(image_folder, out, "--epochs", "1"))
+    monkeypatch.setattr(data, "load_split", lambda *a, **k: pytest.fail("the data was loaded"))
+    with open(out / ".lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # not "already holds a run; pass --resume": resuming would not help either
+        for argv in (quick_args(image_folder, out), ["--output-dir", str(out), "--resume", "--epochs", "2"]):
+            with pytest.raises(SystemExit, match="another train.py is running in"):
+                train.main(argv)
 
 
 def test_default_run_folders_started_in_the_same_second_differ(tmp_path, monkeypatch):

@@ -17,15 +17,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
-from torchvision.datasets import CIFAR10, DatasetFolder
+from torchvision.datasets import CIFAR10
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+# torchvision ImageFolder's formats, and GIF (its first frame); matched whatever the case (.JPG)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+DEFAULT_DATA_DIR = "./data"  # the only folder CIFAR-10 is downloaded into unless the user made one for it
+TRANSPARENT_BACKGROUND = (255, 255, 255)  # transparent pixels (PNG, GIF) become white, as on a page
 VAL_FOLDERS = ("val", "valid", "validation")  # DIR/<one of these>/ beside DIR/train/ is the validation split
-# Sizes. CIFAR-10, and folders of images no larger (median shorter side), are kept at 32x32 and
-# trained with a padded random crop. Larger images are photos: kept at STORED_SCALE x the crop
-# (256 for 224, ImageNet's resize before its centre crop), trained on random-resized crops and
-# evaluated on the centre crop. Every image is stored as its shorter side resized, then the centre square.
+# Sizes, from the median shorter side of the training images. CIFAR-10, and folders of images no
+# larger, are kept at 32x32; small images up to SMALL_SIDE (Tiny ImageNet's 64x64) at that median
+# side. Both are trained with a padded random crop. Larger images are photos: kept at STORED_SCALE x
+# the crop (256 for 224, ImageNet's resize before its centre crop), trained on random-resized crops
+# and evaluated on the centre crop. Every image is stored as its shorter side resized, then the centre square.
 IMAGE_SIZE = 32
+SMALL_SIDE = 64
 PHOTO_INPUT_SIZE = 224  # the crop ImageNet-pretrained ResNet18 was trained on
 STORED_SCALE = 8 / 7  # 224 -> 256
 CROP_AREA = (0.08, 1.0)  # random-resized crop: fraction of the stored image, and its aspect ratio (torchvision's)
@@ -62,9 +67,8 @@ class UserError(Exception):
 
 def list_images(data_dir, split):
     """(items, labels int64 [N], class names) of split 'train', 'test' or a validation folder's name:
-    an image folder's file paths when data_dir has a train/ folder, else torchvision's CIFAR-10
-    (downloaded if missing), whose items are its decoded uint8 images [N, 3, 32, 32]. Nothing of a
-    folder is decoded yet: see decode."""
+    an image folder's file paths when data_dir has a train/ folder, else torchvision's CIFAR-10,
+    whose items are its decoded uint8 images [N, 3, 32, 32]. Nothing of a folder is decoded yet: see decode."""
     root = Path(data_dir)
     if root.exists() and not root.is_dir():
         raise UserError(f"--data-dir {root} is a file; pass a folder")
@@ -75,7 +79,26 @@ def list_images(data_dir, split):
             f"--data-dir {root} has folders but no train/ folder; for your own images pass the folder that "
             f"holds train/<class>/ (not train/ itself), for CIFAR-10 a folder of its own"
         )
+    if not is_cifar10_location(root):
+        found = "neither train/<class>/ nor CIFAR-10 there" if root.exists() else "no such folder"
+        raise UserError(
+            f"--data-dir {root}: {found}; pass the folder that holds train/<class>/ or CIFAR-10's "
+            f"cifar-10-batches-py/. CIFAR-10 is downloaded only into {DEFAULT_DATA_DIR} (the default) "
+            f"or into an empty folder you made for it"
+        )
     return load_cifar10(root, train=split == "train")
+
+
+def is_cifar10_location(root):
+    """The default ./data, a folder that holds CIFAR-10's files, or an empty one made for the download:
+    a misspelled --data-dir is not taken as a place to download CIFAR-10 into."""
+    if os.path.abspath(root) == os.path.abspath(DEFAULT_DATA_DIR):
+        return True
+    return root.is_dir() and (
+        (root / "cifar-10-batches-py").is_dir()
+        or (root / "cifar-10-python.tar.gz").is_file()
+        or not any(root.iterdir())
+    )
 
 
 def load_images(data_dir, split, side=IMAGE_SIZE, expected_classes=None):
@@ -106,24 +129,83 @@ def load_cifar10(root, train):
 
 
 def list_folder(folder):
+    """(paths, labels, class names) of folder/<class>/..., in torchvision ImageFolder's order (sorted
+    folders, then sorted names), each image once (see find_images). Hidden folders (.ipynb_checkpoints)
+    are not classes."""
     if not folder.is_dir():
-        raise UserError(f"{folder} does not exist; expected {folder}/<class>/*.png|jpg")
-    try:
-        listing = ClassFolders(folder, loader=str, extensions=IMAGE_EXTENSIONS)
-    except (FileNotFoundError, RuntimeError) as error:
-        raise UserError(f"no images in {folder} ({error}); expected {folder}/<class>/*.png|jpg") from error
-    paths = [path for path, _ in listing.samples]
-    return paths, torch.tensor([label for _, label in listing.samples]), list(listing.classes)
+        raise UserError(f"{folder} does not exist; expected {folder}/<class>/ folders of images")
+    classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir() and entry.name[0] != ".")
+    if not classes:
+        raise UserError(f"no class folders in {folder}; expected {folder}/<class>/ folders of images")
+    seen = Seen({os.path.realpath(path) for path in (folder, *(folder / name for name in classes))})
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        found = find_images(folder / name, seen)
+        if not found:
+            raise UserError(f"class folder {folder / name} holds no images; add some, or remove the folder")
+        paths += found
+        labels += [label] * len(found)
+    seen.report(folder)
+    return paths, torch.tensor(labels), classes
 
 
-class ClassFolders(DatasetFolder):
-    """torchvision's folder listing, without hidden folders (.ipynb_checkpoints, .cache) as classes."""
+class Seen:
+    """What find_images met: the real folders entered and files taken, and what it passed over."""
 
-    def find_classes(self, directory):
-        classes = sorted(entry.name for entry in os.scandir(directory) if entry.is_dir() and entry.name[0] != ".")
-        if not classes:
-            raise FileNotFoundError(f"no class folders in {directory}")
-        return classes, {name: index for index, name in enumerate(classes)}
+    def __init__(self, folders=()):
+        self.folders, self.files, self.others, self.links = set(folders), set(), [], 0
+
+    def report(self, where):
+        """One line each for what was passed over: files that are not images, and links."""
+        if self.others:
+            example = Path(sorted(self.others)[0]).name
+            print(f"{where}: skipped {len(self.others)} file(s) that are not images, e.g. {example}")
+        if self.links:
+            print(f"{where}: skipped {self.links} link(s) to folders or images already listed; each image is read once")
+
+
+def find_images(folder, seen):
+    """The image files under folder, sorted by folder, then name. Links are followed, but no folder is
+    entered twice and no file taken twice (seen: a Seen, shared by the calls of one listing): a link
+    loop would multiply a class's images onto both sides of the split."""
+    walk = []
+    for directory, subfolders, files in os.walk(folder, followlinks=True):
+        kept = []
+        for sub in subfolders:
+            real = os.path.realpath(os.path.join(directory, sub))
+            if sub[0] == ".":
+                continue
+            if real in seen.folders:  # a link to a folder listed already: a loop, or a second way in
+                seen.links += 1
+                continue
+            seen.folders.add(real)
+            kept.append(sub)
+        subfolders[:] = sorted(kept)
+        walk.append((directory, files))
+    paths = []
+    for directory, files in sorted(walk):
+        for path in (os.path.join(directory, file) for file in sorted(files)):
+            real = os.path.realpath(path)
+            if not path.lower().endswith(IMAGE_EXTENSIONS):
+                seen.others.append(path)
+            elif real in seen.files:
+                seen.links += 1
+            else:
+                seen.files.add(real)
+                paths.append(path)
+    return paths
+
+
+def one_class_error(folder, name):
+    """A folder with one class would train a model that is always right: say what was probably meant."""
+    inner = sorted(entry.name for entry in os.scandir(folder / name) if entry.is_dir() and entry.name[0] != ".")
+    if len(inner) > 1:
+        shown = ", ".join(inner[:3]) + (", ..." if len(inner) > 3 else "")
+        return UserError(
+            f"{folder} has one class folder, {name}, whose subfolders ({shown}) hold the images: they look like "
+            f"the classes; move them directly under {folder}/ ({folder}/{inner[0]}/, ...)"
+        )
+    return UserError(f"{folder} has one class folder, {name}; a classifier needs two or more: add a folder per class")
 
 
 def validation_folder(data_dir):
@@ -144,14 +226,18 @@ def load_split(
     parts=("train", "val"),
     expected_classes=None,
     reserved=0,
+    listing=None,
 ):
     """The run's training and validation images at side x side: DIR/val/ when there is one, else a
     stratified val_fraction of train/; the training part optionally cut to about max_train_samples.
     Only the parts asked for are decoded, once they are known to fit in memory with `reserved` bytes
-    more (training's own). Returns ({part: (images, labels)}, class names, the data's
-    fingerprint, where the validation images come from, in words)."""
-    items, labels, classes = list_images(data_dir, "train")
+    more (training's own). listing: list_images(data_dir, "train") when the caller has it already.
+    Returns ({part: (images, labels)}, class names, the data's fingerprint, where the validation
+    images come from, in words)."""
+    items, labels, classes = listing or list_images(data_dir, "train")
     check_classes(classes, expected_classes, data_dir)
+    if len(classes) == 1:  # a model that is always right: loss 0, 100% accuracy
+        raise one_class_error(Path(data_dir) / "train", classes[0])
     val_dir = validation_folder(data_dir)
     if val_dir is None:
         train, val = train_val_indices(labels, classes, val_fraction, seed, max_train_samples)
@@ -171,7 +257,7 @@ def load_split(
                 f"raise it (at least {len(classes)}, one image a class)"
             )
         sources = {"train": (items, labels, train), "val": (val_items, val_labels, torch.arange(len(val_labels)))}
-        found = fingerprint(data_dir, items, torch.cat([labels, val_labels]), classes)
+        found = fingerprint(data_dir, items, torch.cat([labels, val_labels]), classes, val_items)
         where = f"{val_dir} (--val-fraction is not used)"
     count = sum(len(sources[part][2]) for part in parts)
     check_memory(count, side, device, TRAINING_ADVICE if "train" in parts else "free memory first", reserved)
@@ -192,20 +278,27 @@ def check_classes(classes, expected, data_dir):
         raise UserError(f"the checkpoint's classes {expected} differ from those in {data_dir}: {classes}")
 
 
-def typical_side(data_dir, sample=50):
-    """The median shorter side of up to `sample` of the training images, read from their headers:
-    tells CIFAR-sized images from photos before anything is decoded."""
-    if not (Path(data_dir) / "train").is_dir():
+def typical_side(items, sample=50):
+    """The median shorter side of up to `sample` of a listing's images (list_images), read from their
+    headers: tells CIFAR-sized and small images from photos before anything is decoded."""
+    if isinstance(items, torch.Tensor):
         return IMAGE_SIZE  # CIFAR-10
-    items, _, _ = list_images(data_dir, "train")
     sides = []
     for path in items[:: max(1, len(items) // sample)]:
         try:
             with Image.open(path) as image:
                 sides.append(min(image.size))
-        except (OSError, Image.DecompressionBombError):
+        except Exception:  # unreadable: decode names it
             pass
     return sorted(sides)[len(sides) // 2] if sides else IMAGE_SIZE
+
+
+def small_image_side(typical):
+    """The side small images are kept at, from their median shorter side (typical_side): CIFAR's 32
+    for images no larger, their own up to SMALL_SIDE; None for photos."""
+    if typical > SMALL_SIDE:
+        return None
+    return max(IMAGE_SIZE, typical)
 
 
 def check_memory(count, side, device=None, advice=TRAINING_ADVICE, reserved=0):
@@ -246,12 +339,15 @@ def decode(items, labels, positions, side):
     paths = [items[i] for i in positions.tolist()]
     pixels = np.empty((len(paths), side, side, 3), dtype=np.uint8)  # as PIL gives them: height, width, channel
     readable = []
-    threads = 1 if side <= 2 * IMAGE_SIZE else len(os.sched_getaffinity(0))
-    with ThreadPoolExecutor(threads) as pool:
+    threads = 1 if side <= SMALL_SIDE else len(os.sched_getaffinity(0))
+    pool = ThreadPoolExecutor(threads)
+    try:
         for i, image in enumerate((pool.map if threads > 1 else map)(read_image, paths, itertools.repeat(side))):
             if image is not None:
                 pixels[i] = image
                 readable.append(i)
+    finally:  # on Ctrl-C, drop the images not started: waiting for them all would look like a hang
+        pool.shutdown(wait=False, cancel_futures=True)
     if len(readable) < len(paths):
         kept = set(readable)
         skipped = [path for i, path in enumerate(paths) if i not in kept]
@@ -265,7 +361,8 @@ def decode(items, labels, positions, side):
 
 def read_image(path, side):
     """One image as uint8 [side, side, 3]: its shorter side resized to side (bicubic), then the centre
-    side x side; None when it cannot be read (truncated, not an image, or a decompression bomb)."""
+    side x side; None when it cannot be read (truncated, not an image, a decompression bomb, bad EXIF
+    data: decoders raise OSError, ValueError, SyntaxError, struct.error and more)."""
     try:
         with Image.open(path) as image:
             image.draft("RGB", (side, side))  # JPEG: decode at a reduced scale when still large enough
@@ -276,38 +373,40 @@ def read_image(path, side):
                 left, top = (width - side) // 2, (height - side) // 2
                 image = image.resize((width, height), Image.BICUBIC).crop((left, top, left + side, top + side))
             return np.asarray(image)
-    except (OSError, Image.DecompressionBombError):
+    except Exception:
         return None
 
 
 def to_rgb(image):
-    """8-bit RGB with the image's true pixel values. PIL opens 16-bit grayscale PNGs as 32-bit integer
-    images, and its RGB conversion clips those to 255 (all white): scale them to 8 bits first."""
+    """8-bit RGB with the image's true colours, whatever its mode (grayscale, palette, CMYK, 16-bit).
+    PIL opens 16-bit grayscale PNGs as 32-bit integer images, and its RGB conversion clips those to
+    255 (all white): scale them to 8 bits first. Transparent pixels go onto TRANSPARENT_BACKGROUND:
+    converted straight to RGB they would keep whatever colour hides under them."""
     if image.mode.startswith("I"):
         pixels = np.asarray(image, dtype=np.uint32) >> 8  # 0..65535 -> 0..255
         image = Image.fromarray(pixels.astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        image = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", image.size, (*TRANSPARENT_BACKGROUND, 255)), image)
     return image.convert("RGB")
 
 
-def fingerprint(data_dir, items, labels, classes):
+def fingerprint(data_dir, items, labels, classes, val_items=()):
     """A small record of the data a run is split from, to check later that a folder still holds it:
     the images per class (labels: train/'s, and a validation folder's after them), and a hash of an
-    image folder's relative paths and file sizes (sorted, so the order files are listed in does not
-    matter), or of CIFAR-10's pixels and labels (items, from list_images)."""
+    image folder's listed images (items, and a validation folder's val_items) as relative paths and
+    file sizes, sorted so that the order files are listed in does not matter; or of CIFAR-10's
+    pixels and labels (items, from list_images)."""
     if isinstance(items, torch.Tensor):
         content = items.numpy().tobytes() + labels.numpy().tobytes()
     else:
-        root, val_dir = Path(data_dir), validation_folder(data_dir)
         # train/'s paths relative to it, as before validation folders were read; val/'s relative to DIR
-        folders = [(root / "train", len(str(root / "train")))] + ([(val_dir, len(str(root)))] if val_dir else [])
+        root = Path(data_dir)
+        relative = [(path, len(str(root / "train"))) for path in items] + [(path, len(str(root))) for path in val_items]
         content = "\n".join(
             sorted(
                 f"{path[prefix:]}\0{os.stat(path).st_size if os.path.exists(path) else -1}"  # -1: a broken link
-                for folder, prefix in folders
-                for name in classes
-                for directory, _, files in os.walk(folder / name, followlinks=True)
-                for path in (os.path.join(directory, file) for file in files)
-                if path.lower().endswith(IMAGE_EXTENSIONS)
+                for path, prefix in relative
             )
         ).encode()
     counts = torch.bincount(labels, minlength=len(classes)).tolist()

@@ -23,19 +23,28 @@ import csv
 import functools
 import itertools
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
-import matplotlib
+if __name__ == "__main__":  # Ctrl-C during the slow imports below: exit quietly, as main() does later
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
+
+import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+from PIL import Image  # noqa: E402
 
 import data  # noqa: E402
 from model import check_folder_can_be_made, group_index, load_checkpoint  # noqa: E402
+
+if __name__ == "__main__":  # imported: from here on main() handles Ctrl-C
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 TOP_CONFUSIONS = 5
 BATCH_PIXELS = 1024 * 32**2  # a pass's input pixels by default: 1024 CIFAR images, or 20 photos at 224x224
@@ -242,11 +251,16 @@ def describe(results):
     return f"{results['checkpoint']}, {results['split']} split, TTA {'on' if results['tta'] else 'off'}"
 
 
-def best_and_worst(order):
-    """Marks for the best three and worst two classes; fewer with few classes, so none gets both."""
+def best_and_worst(accuracies):
+    """Marks for the best three and worst two classes (index: "best" or "worst"); fewer with few
+    classes, so none gets both. A class tied with one left unmarked is not marked: of ten classes at
+    0.00%, none is "best"."""
+    order = sorted(range(len(accuracies)), key=lambda i: -accuracies[i])
     n_marked = len(order) // 2
-    best = {i: "best" for i in order[: min(3, n_marked)]}
-    return best | {i: "worst" for i in order[len(order) - min(2, n_marked) :]}
+    n_best, n_worst = min(3, n_marked), min(2, n_marked)
+    best = [i for i in order[:n_best] if accuracies[i] > accuracies[order[n_best]]]
+    worst = [i for i in order[len(order) - n_worst :] if accuracies[i] < accuracies[order[-n_worst - 1]]]
+    return {i: "best" for i in best} | {i: "worst" for i in worst}
 
 
 def print_report(results, classes):
@@ -254,8 +268,9 @@ def print_report(results, classes):
     if results["split"] == "val":
         print(f"data: {results['data_check']}")
     print(f"accuracy {results['accuracy']:.2%}   loss {results['loss']:.4f}\n")
-    order = sorted(range(len(classes)), key=lambda i: -results["per_class"][classes[i]])
-    marks = best_and_worst(order)
+    accuracies = [results["per_class"][name] for name in classes]
+    order = sorted(range(len(classes)), key=lambda i: -accuracies[i])
+    marks = best_and_worst(accuracies)
     width = max(len("macro"), *(len(c) for c in classes))
     # A class's accuracy is its recall (the share of its images predicted as it): one column for both.
     columns = ("per_class", "per_class_precision", "per_class_f1")
@@ -444,20 +459,37 @@ def write_plots(args, results, confusion, classes, history, shown):
         figures[f"{prefix}_mistakes.png"] = lambda: plot_mistakes(
             images, labels, probabilities, results["top_confusions"], classes, title
         )
+    shows = f"evaluate.py {Path(args.checkpoint).resolve()} --split {args.split}{' --tta' if args.tta else ''}"
+    shown = dict.fromkeys(figures, shows)
     if history:
         source = Path(args.checkpoint).with_name("history.json")
         figures["curves.png"] = lambda: plot_curves(history, f"training curves: {source}")
-    save_figures(folder, figures)
+        shown["curves.png"] = f"evaluate.py curves of {source.resolve()}"
+    save_figures(folder, figures, shown)
 
 
-def save_figures(folder, figures):
-    """Draw, write and close each figure ({file name: drawing function}); print where they went."""
+def save_figures(folder, figures, shown):
+    """Draw, write and close each figure ({file name: drawing function}); print where they went. Each
+    PNG records what it shows (shown: {file name: words}, as the PNG's Source), so that replacing a
+    file that showed something else (another checkpoint, split or set of images) is said."""
+    replaced = [name for name in figures if (folder / name).is_file() and png_source(folder / name) != shown[name]]
     for name, draw in figures.items():
         figure = draw()
         with writing(folder / name, "--plot-dir"):
-            figure.savefig(folder / name, dpi=120)
+            figure.savefig(folder / name, dpi=120, metadata={"Source": shown[name]})
         plt.close(figure)
     print("\nplots: " + ", ".join(str(folder / name) for name in figures))
+    if replaced:
+        print(f"replaced {len(replaced)} plot(s) of another checkpoint, split or set of images: {', '.join(replaced)}")
+
+
+def png_source(path):
+    """What an earlier PNG of ours shows (save_figures), or None (not ours, or unreadable)."""
+    try:
+        with Image.open(path) as image:
+            return image.text.get("Source")
+    except Exception:  # not a PNG, or broken: what it showed is unknown
+        return None
 
 
 def main(argv=None):
@@ -468,6 +500,9 @@ def main(argv=None):
         sys.exit(f"error: {' '.join(str(error).split())}")  # one line, whatever the message
     except KeyboardInterrupt:
         sys.exit(130)
+    except BrokenPipeError:  # `evaluate.py | head` has read all it wants: stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        sys.exit(1)
 
 
 def evaluate(args):
@@ -513,16 +548,18 @@ def evaluate(args):
 
 
 def image_files(paths):
-    """The image files the --predict paths name: files, and the images in folders (searched through)."""
-    files = []
+    """The image files the --predict paths name: files, and the images in folders (searched through,
+    each image once, as data.find_images lists training folders)."""
+    files, seen = [], data.Seen()
     for path in map(Path, paths):
         if not path.exists():
             raise data.UserError(f"--predict {path} does not exist; pass image files or folders of them")
-        found = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-        images = [p for p in found if p.suffix.lower() in data.IMAGE_EXTENSIONS]
-        if not images:
-            raise data.UserError(f"--predict {path}: no {', '.join(data.IMAGE_EXTENSIONS)} images there")
+        images = [path] if path.is_file() else list(map(Path, data.find_images(path, seen)))
+        if not images or images[0].suffix.lower() not in data.IMAGE_EXTENSIONS:
+            kinds = ", ".join(data.IMAGE_EXTENSIONS[:3])
+            raise data.UserError(f"--predict {path}: no images there ({kinds}, ...: see data.IMAGE_EXTENSIONS)")
         files += images
+    seen.report("--predict")
     return files
 
 
@@ -555,16 +592,23 @@ def classify(args):
                 table.writerow([path, name, f"{p:.4f}", "; ".join(f"{n} {q:.4f}" for n, q in classes_and_p)])
         print(f"\npredictions: {args.csv}")
     if not args.no_plots:
-        per_sheet = SHEET_COLUMNS * SHEET_ROWS
-        starts = range(0, len(files), per_sheet)
-        figures = {}
-        for n, start in enumerate(starts, 1):
-            name = f"{Path(args.checkpoint).stem}_predictions{f'_{n}' if len(starts) > 1 else ''}.png"
-            part = slice(start, start + per_sheet)
-            title = f"predictions of {args.checkpoint} (sheet {n} of {len(starts)})"
-            names = [path.name for path in files[part]]
-            figures[name] = functools.partial(plot_sheet, images[part], names, probabilities[part], classes, title)
-        save_figures(plot_folder(args), figures)
+        write_sheets(args, files, images, probabilities, classes)
+
+
+def write_sheets(args, files, images, probabilities, classes):
+    """--predict's contact sheets, SHEET_COLUMNS x SHEET_ROWS images each."""
+    per_sheet = SHEET_COLUMNS * SHEET_ROWS
+    starts = range(0, len(files), per_sheet)
+    figures = {}
+    for n, start in enumerate(starts, 1):
+        name = f"{Path(args.checkpoint).stem}_predictions{f'_{n}' if len(starts) > 1 else ''}.png"
+        part = slice(start, start + per_sheet)
+        title = f"predictions of {args.checkpoint} (sheet {n} of {len(starts)})"
+        names = [path.name for path in files[part]]
+        figures[name] = functools.partial(plot_sheet, images[part], names, probabilities[part], classes, title)
+    inputs = " ".join(str(Path(path).resolve()) for path in args.predict)
+    shows = f"evaluate.py {Path(args.checkpoint).resolve()} --predict {inputs}"
+    save_figures(plot_folder(args), figures, dict.fromkeys(figures, shows))
 
 
 if __name__ == "__main__":

@@ -205,6 +205,8 @@ def load_checkpoint(path):
 
 TRACKER_PROJECT = "resnet18-cifar10"  # accelerate's project name: the tracker's project; TensorBoard's subfolder
 RUN_FILES = ("history.json", "best.safetensors", "last.safetensors", TRACKER_PROJECT)
+# what evaluate.py draws beside a checkpoint: --overwrite removes them with the run they showed
+EVALUATION_PLOTS = ("curves.png", "*_confusion.png", "*_per_class.png", "*_mistakes.png", "*_predictions*.png")
 # accelerate's resumable state, newest first: state-tmp is being written (complete once its progress.json
 # is), state the last one, state-old the one before, during the swap. See save_state.
 STATE_DIRS = ("state-tmp", "state", "state-old")
@@ -275,9 +277,16 @@ def start_output_dir(out, resume, overwrite, accelerator):
             if resume and newest.name != "state":  # a crash stopped save_state halfway: finish it
                 discard(out / "state")
                 newest.rename(out / "state")
-            leftovers = [n for n in STATE_DIRS if n != "state"] if resume else [*RUN_FILES, *STATE_DIRS]
+            if resume:
+                leftovers = [n for n in STATE_DIRS if n != "state"]
+            else:  # --overwrite, or a new folder
+                plots = [path.name for pattern in EVALUATION_PLOTS for path in out.glob(pattern)]
+                leftovers = [*RUN_FILES, *STATE_DIRS, *plots]
             for name in leftovers:
                 discard(out / name)
+            kept = sorted(path.name for path in out.iterdir() if path.name != ".lock")
+            if overwrite and kept:
+                print(f"--overwrite: kept {', '.join(kept)}, not files of the run or its plots")
         except OSError as error:
             raise UserError(
                 f"cannot write to {out or 'runs/'} ({error.strerror}); pass another --output-dir"

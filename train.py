@@ -15,7 +15,11 @@ a resumable state/ to --output-dir.
 import ctypes
 import os
 import signal
+import sys
 from pathlib import Path
+
+if __name__ == "__main__":  # Ctrl-C during the slow imports below: exit quietly, as main() does later
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
 
 
 def launcher_of_this_process():
@@ -44,7 +48,6 @@ import errno  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import shlex  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
@@ -71,6 +74,9 @@ from model import (  # noqa: E402
     write_json,
 )
 
+if __name__ == "__main__":  # imported: from here on main() handles Ctrl-C
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 # The default recipe. Every value is a flag; the README explains each choice.
 DEFAULT_RECIPE = dict(
     epochs=30,
@@ -88,6 +94,7 @@ DEFAULT_RECIPE = dict(
     mean=None,  # the data's: CIFAR-10's, or ImageNet's for photos (data_settings)
     std=None,
 )
+RUN_WEIGHT_FLOOR = 0.1  # --class-weights RUN: a class the run got all right weighs a tenth of the mean error
 SCRATCH_LR = 0.2  # --weights none: no features to protect; measured +1.3 points over 0.1 (README, Accuracy)
 # Photos: a folder of a few hundred would make one or two steps an epoch at batch 128. The recipe's lr is
 # scaled with the batch (the linear scaling rule, Goyal et al. 2017) unless --lr is given.
@@ -228,20 +235,19 @@ def parse_args(argv=None):
         f"(default {data.PHOTO_INPUT_SIZE})",
     )
     args = parser.parse_args(argv)
+    # recorded absolute, so that evaluate.py and --resume find it from any working folder
+    args.data_dir = os.path.abspath(args.data_dir) if args.data_dir else None
     if args.resume:  # the run's saved settings apply; see resumed_settings
         if not args.output_dir:
             parser.error("--resume needs --output-dir, the folder of the run to continue")
-        kept = ("resume", "output_dir", "epochs", "data_dir", "compile", "log_with")
-        changed = [
-            f"--{k.replace('_', '-')}" for k, v in vars(args).items() if k not in kept and v != parser.get_default(k)
-        ]
-        if changed:
-            parser.error(
-                f"--resume continues the run with its own settings, so {', '.join(changed)} cannot change; "
-                f"drop them, or start again with --overwrite"
-            )
+        if args.overwrite:
+            parser.error("--resume continues the run in --output-dir and --overwrite replaces it; pass one of them")
+        # the flags on the command line, to compare with the run's own values once they are read
+        unset = object()
+        parser.set_defaults(**dict.fromkeys(vars(args), unset))
+        args.given = {key: value for key, value in vars(parser.parse_args(argv)).items() if value is not unset}
         return args
-    args.data_dir = args.data_dir or "./data"
+    args.data_dir = args.data_dir or os.path.abspath(data.DEFAULT_DATA_DIR)
     recipe = SEED_RECIPE if args.recipe == "seed" else DEFAULT_RECIPE
     for key, value in recipe.items():
         if getattr(args, key, None) is None and key not in ("stem", "batch_size", "lr"):  # see data_settings
@@ -250,12 +256,15 @@ def parse_args(argv=None):
     return args
 
 
-def data_settings(args, photos):
-    """The settings that depend on the images: CIFAR-sized ones stay 32x32 in memory, take a padded
-    random crop and, with torchvision's stem, are upsampled per batch; photos are stored a bit larger
-    than the network's input (256 for 224) for random-resized crops, evaluated on the centre crop,
-    and get torchvision's stem (the cifar stem would cost 16x the compute at 224 for nothing) and a
-    smaller batch. Flags given explicitly win."""
+def data_settings(args, typical_side):
+    """The settings that depend on the images, from their median shorter side: CIFAR-sized ones stay
+    32x32 in memory, small ones (up to data.SMALL_SIDE) their own size; both take a padded random crop
+    and, with torchvision's stem, are upsampled per batch to at least 48. Photos are stored a bit
+    larger than the network's input (256 for 224) for random-resized crops, evaluated on the centre
+    crop, and get torchvision's stem (the cifar stem would cost 16x the compute at 224 for nothing)
+    and a smaller batch. Flags given explicitly win. Returns the rule applied, in words."""
+    small = data.small_image_side(typical_side)
+    photos = small is None
     recipe = SEED_RECIPE if args.recipe == "seed" else DEFAULT_RECIPE
     if args.lr is None:
         args.lr = SCRATCH_LR if args.recipe == "default" and args.weights == "none" else recipe["lr"]
@@ -271,11 +280,16 @@ def data_settings(args, photos):
     else:
         args.stem = args.stem or recipe["stem"]
         upsampled = args.stem == "imagenet" and args.recipe == "default"
-        args.input_size = args.input_size or (IMAGENET_STEM_INPUT_SIZE if upsampled else data.IMAGE_SIZE)
-        args.image_size = args.eval_crop = data.IMAGE_SIZE
+        args.input_size = args.input_size or (max(small, IMAGENET_STEM_INPUT_SIZE) if upsampled else small)
+        args.image_size = args.eval_crop = small
         args.train_crop = "padded"
         mean, std = data.CIFAR10_MEAN, data.CIFAR10_STD
     args.mean, args.std = tuple(args.mean or mean), tuple(args.std or std)
+    if photos:
+        return f"median shorter side {typical_side} px, above {data.SMALL_SIDE}: photos"
+    if small > data.IMAGE_SIZE:
+        return f"median shorter side {typical_side} px, at most {data.SMALL_SIDE}: small images, kept at their size"
+    return f"median shorter side {typical_side} px: CIFAR-sized, kept at {data.IMAGE_SIZE}x{data.IMAGE_SIZE}"
 
 
 def describe_sizes(args):
@@ -292,11 +306,15 @@ def describe_sizes(args):
     return f"stored: {stored}; training: {train}, {network}; evaluation: {evaluation}, {network}"
 
 
+RESUME_MAY_CHANGE = ("epochs", "data_dir", "compile", "log_with")  # the rest of a resumed run is its own
+
+
 def resumed_settings(args, progress):
     """A resumed run keeps its own settings; only a new --epochs (to extend it) and --data-dir (the
     same data, moved: checked against its fingerprint) are taken, and how it runs (--compile,
-    --log-with) comes from the command line. Settings that train.py gained after the run started
-    take their defaults for the run's recipe."""
+    --log-with) comes from the command line. Any other flag given must equal the run's value, so the
+    command that started the run, with --resume added, continues it. Settings that train.py gained
+    after the run started take their defaults for the run's recipe."""
     saved = progress["config"]
     defaults = vars(parse_args(["--recipe", saved["recipe"], "--weights", saved["weights"]]))
     machinery = {"compile": args.compile, "log_with": args.log_with, "resume": True, "output_dir": args.output_dir}
@@ -304,6 +322,16 @@ def resumed_settings(args, progress):
     older = dict(data_fingerprint=None, train_crop="padded")
     older |= dict.fromkeys(("input_size", "image_size", "eval_crop"), data.IMAGE_SIZE)
     config = defaults | older | saved | machinery
+    changed = [
+        f"--{key.replace('_', '-')} {value} (the run's: {config[key]})"
+        for key, value in args.given.items()
+        if key not in (*RESUME_MAY_CHANGE, "resume", "output_dir") and value != config[key]
+    ]
+    if changed:
+        raise UserError(
+            f"--resume continues the run with its own settings, and {'; '.join(changed)} differ; "
+            f"drop them, or start again with --overwrite"
+        )
     for key in ("epochs", "data_dir"):
         if getattr(args, key) is not None:
             config[key] = getattr(args, key)
@@ -349,11 +377,19 @@ def extend_schedule(args, saved_epochs, epochs_done, steps_per_epoch, warmup_ste
             f"the run's {args.schedule} schedule has brought the learning rate to 0, so more epochs would not "
             f"change it; start a new run instead (--weights {args.output_dir}/best.safetensors starts from its weights)"
         )
-    if step >= warmup_steps and args.schedule != "constant":
-        args.decay_start = (step, factor)
+    change = f"--epochs {args.epochs} instead of {saved_epochs}: after epoch {epochs_done} the learning rate"
+    if step < warmup_steps:  # the warmup is counted in epochs and stays as it was; the decay after it is stretched
+        then = "stays there" if args.schedule == "constant" else f"follows the {args.schedule} schedule to 0"
+        return (
+            f"{change} is still warming up: it rises from {args.lr * factor:.3g} to {args.lr:.3g} at epoch "
+            f"{warmup_steps / steps_per_epoch:g}, then {then} at the new end, epoch {args.epochs}"
+        )
+    if args.schedule == "constant":
+        return f"{change} stays at {args.lr:.3g} to the new end, epoch {args.epochs}"
+    args.decay_start = (step, factor)
     return (
-        f"--epochs {args.epochs} instead of {saved_epochs}: after epoch {epochs_done} the learning rate goes on "
-        f"from {args.lr * factor:.3g} and follows the {args.schedule} schedule to its new end at epoch {args.epochs}"
+        f"{change} goes on from {args.lr * factor:.3g} and follows the {args.schedule} schedule "
+        f"to 0 at its new end, epoch {args.epochs}"
     )
 
 
@@ -364,14 +400,18 @@ def parameter_groups(model, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def class_weights(spec, train_labels, num_classes):
-    """Cross-entropy weight per class, scaled to mean 1 (see --class-weights), or None."""
+def class_weights(spec, train_labels, classes):
+    """Cross-entropy weight per class, scaled to mean 1 (see --class-weights), or None. From a run,
+    in proportion to its per-class error, never below RUN_WEIGHT_FLOOR of the mean error: a class
+    the run got all right would otherwise weigh 0 and never be learnt."""
+    num_classes = len(classes)
     if spec == "none":
         return None
     if spec == "auto":
         weights = 1 / torch.bincount(train_labels, minlength=num_classes).clamp(min=1).double()
     elif Path(spec).is_file():
-        weights = 1 - torch.tensor(per_class_accuracy_of_run(Path(spec)), dtype=torch.double)
+        errors = 1 - torch.tensor(per_class_accuracy_of_run(Path(spec), classes), dtype=torch.double)
+        weights = errors.clamp(min=RUN_WEIGHT_FLOOR * errors.mean().item()) if errors.any() else torch.ones(num_classes)
     else:
         try:
             weights = torch.tensor([float(w) for w in spec.split(",")], dtype=torch.double)
@@ -384,15 +424,28 @@ def class_weights(spec, train_labels, num_classes):
     return (weights * num_classes / weights.sum()).float()
 
 
-def per_class_accuracy_of_run(path):
-    """Per-class validation accuracy at a previous run's lowest validation loss."""
+def per_class_accuracy_of_run(path, classes):
+    """Per-class validation accuracy at a previous run's lowest validation loss, from its checkpoint
+    or its history.json (whose class names come from the checkpoint beside it); the run's classes
+    must be these."""
+    beside = [path.with_name(name) for name in ("best.safetensors", "last.safetensors")]
+    checkpoint = path if path.suffix == ".safetensors" else next((p for p in beside if p.is_file()), beside[0])
     try:
+        with safe_open(checkpoint, framework="pt") as file:
+            metadata = decode_metadata(file.metadata())
+        run_classes = metadata["classes"]
         if path.suffix == ".safetensors":
-            with safe_open(path, framework="pt") as file:
-                return decode_metadata(file.metadata())["val_per_class"]
-        return min(json.loads(path.read_text()), key=lambda r: r["val_loss"])["val_per_class"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise UserError(f"no per-class validation accuracy in {path} ({error}); pass a run's history.json") from error
+            accuracy = metadata["val_per_class"]
+        else:
+            accuracy = min(json.loads(path.read_text()), key=lambda r: r["val_loss"])["val_per_class"]
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
+        raise UserError(
+            f"--class-weights {path}: no per-class validation accuracy with class names ({error}); "
+            f"pass a run's best.safetensors, or its history.json with best.safetensors beside it"
+        ) from error
+    if run_classes != classes:
+        raise UserError(f"--class-weights {path}: that run's classes {run_classes} are not these {classes}")
+    return accuracy
 
 
 def sync_batchnorm_statistics(model, accelerator):
@@ -596,9 +649,9 @@ def load_data(args, accelerator):
     """The training and validation loaders, on the training device, the training labels and the class
     names. A new run's sizes follow the images (data_settings); a resumed run's are its own."""
     with accelerator.main_process_first():  # one process downloads, the others then read
-        if not args.resume:
-            data_settings(args, photos=data.typical_side(args.data_dir) > data.IMAGE_SIZE)
         started = time.perf_counter()
+        listing = data.list_images(args.data_dir, "train")
+        rule = data_settings(args, data.typical_side(listing[0])) if not args.resume else "the run's"
         stem_factor = 16 if args.stem == "cifar" else 1
         activations = args.batch_size * args.input_size**2 * ACTIVATION_BYTES_PER_PIXEL * stem_factor
         splits, classes, found, val_source = data.load_split(
@@ -609,17 +662,21 @@ def load_data(args, accelerator):
             args.max_train_samples,
             accelerator.device,
             reserved=activations,
+            listing=listing,
         )
     check_data(args, found, accelerator)
     (train_images, train_labels), (val_images, val_labels) = splits["train"], splits["val"]
-    if len(train_labels) < args.batch_size:
+    global_batch = args.batch_size * accelerator.num_processes  # every process needs a full batch a step
+    if len(train_labels) < global_batch:
+        processes = f" x {accelerator.num_processes} processes" if accelerator.num_processes > 1 else ""
         raise UserError(
-            f"--batch-size {args.batch_size} is more than the {len(train_labels)} training images; lower it"
+            f"--batch-size {args.batch_size}{processes} needs {global_batch} training images a step, and there are "
+            f"{len(train_labels)}; lower --batch-size{' or the process count' if processes else ''}"
         )
     accelerator.print(
         f"data: {len(train_labels)} train / {len(val_labels)} val images, {len(classes)} classes, "
         f"from {args.data_dir}, loaded in {time.perf_counter() - started:.1f}s\n"
-        f"validation: {val_source}\nsizes: {describe_sizes(args)}"
+        f"validation: {val_source}\nsizes ({rule}): {describe_sizes(args)}"
     )
     # The last partial batch is dropped (a batch of one image breaks BatchNorm); each epoch's new
     # order puts other images there, so every image is still trained on.
@@ -641,6 +698,9 @@ def main(argv=None):
         sys.exit(f"error: {' '.join(str(error).split())}")  # one line, whatever the message
     except KeyboardInterrupt:  # before training started; from then on StopRequest handles it
         sys.exit(130)
+    except BrokenPipeError:  # `train.py | head` has read all it wants: stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        sys.exit(1)
 
 
 def train(args):
@@ -651,6 +711,11 @@ def train(args):
         project_dir=".",  # a logging folder must be named now; start_trackers sets the run's
     )
     use_all_cores(accelerator)
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise UserError(
+            "--mixed_precision fp16 does not run on a CPU: accelerate would train in float32 and call it fp16; "
+            "pass --mixed_precision bf16 (fast only on CPUs with AVX512-BF16 or AMX: README) or no"
+        )
     out = Path(args.output_dir) if args.output_dir else None
     progress = None
     if out:
@@ -661,12 +726,19 @@ def train(args):
             progress = json.loads((latest_state(out) / "progress.json").read_text())
             saved_epochs = progress["config"]["epochs"]
             args = resumed_settings(args, progress)
-            if args.epochs < len(progress["history"]):
-                raise UserError(f"{out} has already trained {len(progress['history'])} epochs; pass a larger --epochs")
+            check_resumable(out, args, progress, accelerator)
+            finished = finished_run(args, progress["history"], saved_epochs)
+            if finished:
+                accelerator.print(f"{out}: {finished}")
+                accelerator.end_training()  # with several processes, also leaves their group cleanly
+                return
     set_seed(args.seed)
+    precision = {"no": "float32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}.get(
+        accelerator.mixed_precision, f"{accelerator.mixed_precision} mixed precision"
+    )
     accelerator.print(
         f"{accelerator.num_processes} process(es) ({accelerator.distributed_type.value}) on {accelerator.device}, "
-        f"{torch.get_num_threads()} CPU thread(s) each, mixed precision {accelerator.mixed_precision}"
+        f"{torch.get_num_threads()} CPU thread(s) each, {precision}"
     )
 
     train_loader, val_loader, train_labels, classes = load_data(args, accelerator)
@@ -679,7 +751,9 @@ def train(args):
         return normalize(data.augment(images, labels, generator, args.crop_padding, targeted, resized_crop))
 
     groups = two_stage_groups(classes) if args.two_stage else None
-    loss_weights = class_weights(args.class_weights, train_labels, len(classes))
+    loss_weights = class_weights(args.class_weights, train_labels, classes)
+    if loss_weights is not None:
+        accelerator.print("class weights: " + ", ".join(f"{c} {w:.3g}" for c, w in zip(classes, loss_weights.tolist())))
     weights = "none" if progress else args.weights  # a resumed run's weights come from its state
     model = build_model(len(classes), args.stem, weights, groups, args.zero_init_residual)
     model = model.to(memory_format=torch.channels_last)
@@ -781,6 +855,8 @@ def train(args):
             if args.patience and epoch - best_record(history)["epoch"] >= args.patience:
                 accelerator.print(f"early stop: no lower validation loss for {args.patience} epochs")
                 break
+    except BrokenPipeError:  # not the run folder: the output piped to `head` has closed (main)
+        raise
     except (OSError, SafetensorError) as error:  # safetensors reports a full disk as its own error
         full = getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error)
         raise UserError(
@@ -792,22 +868,69 @@ def train(args):
         if held_lock is not None:
             held_lock.close()
     accelerator.end_training()
+    accelerator.print(final_summary(out, args, history))
+
+
+def final_summary(out, args, history):
+    """The best epoch, the run's files as they are (a resumed run may have lost its best.safetensors,
+    and rewrites it only when an epoch improves on it), and the command that evaluates it."""
     best = best_record(history)
     folder = Path(args.data_dir)
     split = " --split val" if (folder / "train").is_dir() and not (folder / "test").is_dir() else ""
-    accelerator.print(
-        f"best: epoch {best['epoch']}, val loss {best['val_loss']:.4f}, val acc {best['val_acc']:.2%}\n"
-        f"wrote {out}/best.safetensors, last.safetensors, history.json\n"
-        f"evaluate: {shlex.join(['python', 'evaluate.py', str(out / 'best.safetensors'), '--data-dir', args.data_dir])}"
-        f"{split}"
-    )
+    lines = [f"best: epoch {best['epoch']}, val loss {best['val_loss']:.4f}, val acc {best['val_acc']:.2%}"]
+    checkpoint = out / "best.safetensors"
+    if checkpoint.is_file():
+        lines.append(f"files: {out}/best.safetensors (epoch {best['epoch']}), last.safetensors, history.json")
+    else:
+        lines.append(
+            f"warning: {checkpoint} is missing (removed?), and no epoch since epoch {best['epoch']} had a lower "
+            f"validation loss to write it again; {out}/last.safetensors holds epoch {history[-1]['epoch']}"
+        )
+        checkpoint = out / "last.safetensors"
+    command = shlex.join(["python", "evaluate.py", str(checkpoint), "--data-dir", args.data_dir])
+    return "\n".join(lines + [f"evaluate: {command}{split}"])
 
 
-def resume_command(out, accelerator):
-    """The command that continues this run, with the launcher settings it ran with, quoted for a shell."""
+def check_resumable(out, args, progress, accelerator):
+    """Refuse a resume with fewer epochs than the run has trained. Say what changes when it resumes
+    with another process count: the global batch (per-process batch x processes), so the steps an
+    epoch and the images per step. The schedule counts images, so the learning rate at each point
+    of the run stays as planned; the random state comes from process 0's file."""
+    done = len(progress["history"])
+    if args.epochs < done:
+        raise UserError(f"{out} has already trained {done} epochs; pass a larger --epochs")
+    had = len(list(latest_state(out).glob("random_states_*.pkl")))  # accelerate saves one per process
+    now = accelerator.num_processes
+    if had and had != now:
+        accelerator.print(
+            f"warning: {out} was trained by {had} process(es), a global batch of {had * args.batch_size}; it goes on "
+            f"with {now}, a global batch of {now * args.batch_size} ({args.batch_size} per process, the same learning "
+            f"rate schedule per image), so it will not match a run with {had}. For that: "
+            f"{resume_command(out, accelerator, had)}"
+        )
+
+
+def finished_run(args, history, saved_epochs):
+    """Why a resumed run has nothing left to train, in words; None when it has. A run that --patience
+    stopped is finished unless --epochs asks for more than it was planned for."""
+    best = best_record(history)["epoch"] if history else 0
+    if args.patience and history and len(history) - best >= args.patience and args.epochs <= saved_epochs:
+        return (
+            f"finished: --patience {args.patience} stopped it after epoch {len(history)} (no lower validation "
+            f"loss since epoch {best}, which best.safetensors holds); nothing to train"
+        )
+    if len(history) == args.epochs:
+        return f"finished: all {args.epochs} epochs are trained; nothing to train. --epochs N continues it to epoch N"
+    return None
+
+
+def resume_command(out, accelerator, processes=None):
+    """The command that continues this run, with the launcher settings it ran with (processes: that
+    many instead of this launch's), quoted for a shell."""
     launch = ["accelerate", "launch"]
-    if accelerator.num_processes > 1:
-        launch += ["--multi_gpu", "--num_processes", str(accelerator.num_processes)]
+    processes = processes or accelerator.num_processes
+    if processes > 1:
+        launch += ["--multi_gpu", "--num_processes", str(processes)]
     if accelerator.mixed_precision != "no":
         launch += ["--mixed_precision", accelerator.mixed_precision]
     return shlex.join([*launch, "train.py", "--output-dir", str(out), "--resume"])

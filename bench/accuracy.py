@@ -95,7 +95,12 @@ def main():
     for name in names:
         if not (args.runs_dir / name / "best.safetensors").exists():
             train(name, RUNS[name], args.data_dir, args.runs_dir)
-    print(f"Validation split of {args.data_dir}. Each run is trained with\n")
+    # the data by what it is and how to make it: a path of this machine means nothing on another
+    print(
+        "Validation split of the shared CIFAR-10 JPEG training set (`../shared/data/cifar10-jpeg-train.tar.gz`,\n"
+        "unpacked to `DIR`: `mkdir -p DIR && tar xzf ../shared/data/cifar10-jpeg-train.tar.gz -C DIR`).\n"
+        "Each run is trained with\n"
+    )
     print(f"    accelerate launch train.py --data-dir DIR --output-dir RUNS/<run> {' '.join(COMMON)} <flags>\n")
     print("and reported by `evaluate.py RUNS/<run>/best.safetensors --split val [--tta]`.\n")
     print("| run | flags | epochs | val acc | with flip TTA | cat | vehicles | animals | gap (points) | stage 1 |")

@@ -84,7 +84,7 @@ def test_groups_cover_cifar_classes_and_skip_unknown_names():
 
 def test_folder_without_images_is_a_clear_error(tmp_path):
     (tmp_path / "train" / "cat").mkdir(parents=True)
-    with pytest.raises(data.UserError, match="no images in"):
+    with pytest.raises(data.UserError, match="cat holds no images"):
         data.load_images(tmp_path, "train")
 
 

@@ -239,9 +239,23 @@ def test_plot_titles_say_what_was_evaluated_and_curves_show_whole_epochs():
 
 @pytest.mark.parametrize("n, best, worst", [(1, 0, 0), (2, 1, 1), (3, 1, 1), (5, 2, 2), (10, 3, 2)])
 def test_best_and_worst_marks_never_overlap(n, best, worst):
-    marks = evaluate.best_and_worst(list(range(n)))
+    marks = evaluate.best_and_worst([1 - i / n for i in range(n)])  # class 0 best, n - 1 worst
     assert [i for i, mark in marks.items() if mark == "best"] == list(range(best))
     assert [i for i, mark in marks.items() if mark == "worst"] == list(range(n - worst, n))
+
+
+@pytest.mark.parametrize(
+    "accuracies, best, worst",
+    [
+        ([0.0] * 10, [], []),  # all tied at 0.00%: none is best
+        ([0.9, 0.5, 0.5, 0.5, 0.0], [0], [4]),  # the tied middle is neither
+        ([1.0, 1.0, 1.0, 1.0, 0.2, 0.1], [], [4, 5]),  # four tied at the top for three places
+    ],
+)
+def test_tied_classes_are_not_marked_best_or_worst_by_chance(accuracies, best, worst):
+    marks = evaluate.best_and_worst(accuracies)
+    assert [i for i, mark in marks.items() if mark == "best"] == best
+    assert [i for i, mark in marks.items() if mark == "worst"] == worst
 
 
 @pytest.mark.parametrize(

@@ -64,16 +64,21 @@ def test_resume_without_an_output_dir_is_refused_before_any_folder_is_made(tmp_p
     assert "--resume needs --output-dir" in capsys.readouterr().err and not list(tmp_path.iterdir())
 
 
-def test_resume_refuses_other_settings_and_needs_no_weights_file(weights_file, image_folder, tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        train.parse_args(["--output-dir", "run", "--resume", "--lr", "0.01", "--batch-size", "8"])
-    assert "so --batch-size, --lr cannot change; drop them, or start again with --overwrite" in capsys.readouterr().err
+def test_resume_takes_the_starting_command_refuses_changed_settings_and_needs_no_weights_file(
+    weights_file, image_folder, tmp_path
+):
     weights = tmp_path / "weights.pth"
     shutil.copy(weights_file, weights)
     out = tmp_path / "run"
-    train.main(quick_args(image_folder, out, "--epochs", "1", "--schedule", "constant", "--weights", weights))
+    started = quick_args(image_folder, out, "--epochs", "1", "--schedule", "constant", "--weights", weights)
+    train.main(started)
     weights.unlink()  # the state holds the weights now
-    train.main(["--output-dir", str(out), "--resume", "--epochs", "2"])
+    with pytest.raises(SystemExit) as refusal:
+        train.main([*started, "--resume", "--lr", "0.01", "--batch-size", "8"])
+    message = str(refusal.value.code)
+    assert message.startswith("error: --resume continues the run with its own settings")
+    assert "--batch-size 8 (the run's: 16); --lr 0.01 (the run's: 0.05) differ" in message
+    train.main([*started, "--resume", "--epochs", "2"])  # up-arrow, add --resume: every other flag is the run's
     assert epochs_in(out) == [1, 2]
 
 
@@ -111,7 +116,7 @@ def test_splits_that_leave_a_class_empty_are_refused_with_the_numbers(tmp_path, 
 
 def test_a_batch_size_above_the_training_images_is_refused(tmp_path):
     folder = tiny_folder(tmp_path / "data", 5)
-    with pytest.raises(SystemExit, match="--batch-size 16 is more than the 12 training images"):
+    with pytest.raises(SystemExit, match="--batch-size 16 needs 16 training images a step, and there are 12"):
         train.main(quick_args(folder, tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
@@ -149,8 +154,9 @@ def test_a_failed_cifar_download_leaves_no_data_folder(tmp_path, monkeypatch):
         raise OSError("network unreachable")
 
     monkeypatch.setattr(torchvision.datasets.CIFAR10, "download", offline)
+    monkeypatch.chdir(tmp_path)  # ./data, the default: the one folder CIFAR-10 is downloaded into unasked
     with pytest.raises(data.UserError, match="could not be downloaded"):
-        data.load_images(tmp_path / "data", "train")
+        data.load_images("data", "train")
     assert not (tmp_path / "data").exists()
 
 

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 import torchvision
-from conftest import ROOT, quick_args, run_script
+from conftest import CLASSES, ROOT, quick_args, run_script
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -56,7 +56,7 @@ def test_seed_recipe_takes_the_write_up_settings_and_explicit_flags_win():
 
 def settings(argv, photos=False):
     args = train.parse_args(argv)
-    train.data_settings(args, photos)
+    train.data_settings(args, 375 if photos else 32)
     return args
 
 
@@ -189,7 +189,7 @@ def test_two_cpu_processes_train_data_parallel(image_folder, tmp_path):
     results = json.loads((tmp_path / "r.json").read_text())
     assert results["accuracy"] == pytest.approx(history[0]["val_acc"], abs=1e-9)
     assert results["loss"] == pytest.approx(history[0]["val_loss"], rel=1e-4)
-    # a checkpoint written by 2 processes resumes in 1
+    # a checkpoint written by 2 processes resumes in 1, and says what that changes
     train.main(["--output-dir", str(out), "--resume", "--epochs", "2"])
     assert [r["epoch"] for r in json.loads((out / "history.json").read_text())] == [1, 2]
 
@@ -205,7 +205,7 @@ def test_a_non_finite_loss_stops_the_run_with_a_message(image_folder, tmp_path):
     "flags, message",
     [
         (["--weights", "missing.pth"], "not found"),
-        (["--data-dir", "empty"], "no images in"),
+        (["--data-dir", "empty"], "cat holds no images"),
         (["--output-dir", "run", "--resume"], "nothing to resume"),
     ],
 )
@@ -243,7 +243,7 @@ def test_recommendation_flags_train_and_evaluate(image_folder, tmp_path, capsys)
     evaluate.main([str(out / "best.safetensors"), "--data-dir", str(image_folder), "--no-plots"])
     assert "stage 1 (vehicles or animals) accuracy" in capsys.readouterr().out
     # weights that follow a previous run's per-class validation error
-    weights = train.class_weights(str(history), torch.zeros(1, dtype=torch.long), 10)
+    weights = train.class_weights(str(history), torch.zeros(1, dtype=torch.long), CLASSES)
     per_class = torch.tensor(json.loads(history.read_text())[0]["val_per_class"])
     assert weights.mean().item() == pytest.approx(1.0)
     assert weights.argmax() == per_class.argmin()
@@ -251,11 +251,11 @@ def test_recommendation_flags_train_and_evaluate(image_folder, tmp_path, capsys)
 
 def test_class_weights_from_a_list_and_from_frequencies():
     labels = torch.tensor([0, 0, 0, 1])
-    assert train.class_weights("auto", labels, 2).tolist() == pytest.approx([0.5, 1.5])
-    assert train.class_weights("1,3", labels, 2).tolist() == pytest.approx([0.5, 1.5])
-    assert train.class_weights("none", labels, 2) is None
+    assert train.class_weights("auto", labels, ["a", "b"]).tolist() == pytest.approx([0.5, 1.5])
+    assert train.class_weights("1,3", labels, ["a", "b"]).tolist() == pytest.approx([0.5, 1.5])
+    assert train.class_weights("none", labels, ["a", "b"]) is None
     with pytest.raises(train.UserError, match="needs 2 finite, non-negative weights"):
-        train.class_weights("1,2,3", labels, 2)
+        train.class_weights("1,2,3", labels, ["a", "b"])
 
 
 def test_ema_follows_the_weights_with_a_short_warmup():

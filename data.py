@@ -7,9 +7,11 @@ its own random numbers, so no per-sample Python runs in the training loop.
 
 import hashlib
 import itertools
+import json
 import math
 import os
 import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,6 +20,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torchvision.datasets import CIFAR10
+from tqdm.auto import tqdm
+
+try:
+    import fcntl  # the cache's lock; Windows has none
+except ImportError:
+    fcntl = None
 
 # torchvision ImageFolder's formats, and GIF (its first frame); matched whatever the case (.JPG)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
@@ -101,13 +109,14 @@ def is_cifar10_location(root):
     )
 
 
-def load_images(data_dir, split, side=IMAGE_SIZE, expected_classes=None):
-    """Every image of a split, decoded: (images uint8 [N, 3, side, side], labels, class names)."""
+def load_images(data_dir, split, side=IMAGE_SIZE, expected_classes=None, cache_dir=None):
+    """Every image of a split, decoded (or read from the cache in cache_dir): (images uint8
+    [N, 3, side, side], labels, class names)."""
     items, labels, classes = list_images(data_dir, split)
     check_classes(classes, expected_classes, data_dir)
     check_memory(len(labels), side, advice=f"free memory, or evaluate part of {split}/ at a time")
-    images, labels = decode(items, labels, torch.arange(len(labels)), side)
-    return images, labels, classes
+    part = load_part(items, labels, torch.arange(len(labels)), side, Path(data_dir) / split, cache_dir, {})
+    return part.in_memory().images, part.labels, classes
 
 
 def load_cifar10(root, train):
@@ -227,13 +236,18 @@ def load_split(
     expected_classes=None,
     reserved=0,
     listing=None,
+    cache_dir=None,
+    data_on="device",
 ):
     """The run's training and validation images at side x side: DIR/val/ when there is one, else a
     stratified val_fraction of train/; the training part optionally cut to about max_train_samples.
     Only the parts asked for are decoded, once they are known to fit in memory with `reserved` bytes
     more (training's own). listing: list_images(data_dir, "train") when the caller has it already.
-    Returns ({part: (images, labels)}, class names, the data's fingerprint, where the validation
-    images come from, in words)."""
+    An image folder is decoded once, whole, into a cache in cache_dir (None: no cache), unless a
+    subset is asked for. data_on: "device", the splits in memory (for the caller to put on the
+    training device); "disk", read batch by batch from the cache; "auto", device when it fits.
+    Returns ({part: Split}, class names, the data's fingerprint, where the validation images come
+    from, in words)."""
     items, labels, classes = listing or list_images(data_dir, "train")
     check_classes(classes, expected_classes, data_dir)
     if len(classes) == 1:  # a model that is always right: loss 0, 100% accuracy
@@ -259,11 +273,17 @@ def load_split(
         sources = {"train": (items, labels, train), "val": (val_items, val_labels, torch.arange(len(val_labels)))}
         found = fingerprint(data_dir, items, torch.cat([labels, val_labels]), classes, val_items)
         where = f"{val_dir} (--val-fraction is not used)"
-    count = sum(len(sources[part][2]) for part in parts)
-    check_memory(count, side, device, TRAINING_ADVICE if "train" in parts else "free memory first", reserved)
-    splits = {part: decode(*sources[part], side) for part in parts}
-    for part, (_, decoded) in splits.items():  # a class whose images could none be read is gone
-        empty = [name for name, n in zip(classes, torch.bincount(decoded, minlength=len(classes))) if n == 0]
+    folders = {"train": Path(data_dir) / "train", "val": val_dir or Path(data_dir) / "train"}
+    subset = len(sources["train"][2]) < len(labels) - (len(sources["val"][2]) if val_dir is None else 0)
+    cached = cache_dir is not None and not isinstance(items, torch.Tensor) and not subset
+    data_on = place_data(data_on, cached, cache_dir, subset, sources, parts, side, device, reserved)
+    opened = {}  # train/'s cache serves both parts when the validation split is cut from it
+    splits = {}
+    for part in parts:
+        split = load_part(*sources[part], side, folders[part], cache_dir if cached else None, opened)
+        splits[part] = split if data_on == "disk" else split.in_memory()
+    for part, split in splits.items():  # a class whose images could none be read is gone
+        empty = [name for name, n in zip(classes, torch.bincount(split.labels, minlength=len(classes))) if n == 0]
         if empty:
             raise UserError(
                 f"none of the {part} images of class {empty[0]!r} could be read (see the warning above); "
@@ -318,6 +338,14 @@ def check_memory(count, side, device=None, advice=TRAINING_ADVICE, reserved=0):
             )
 
 
+def fits_in_memory(count, side, device=None, reserved=0):
+    try:
+        check_memory(count, side, device, reserved=reserved)
+        return True
+    except UserError:
+        return False
+
+
 def available_memory():
     """Bytes of memory free for new allocations (Linux's MemAvailable), or None where unknown."""
     try:
@@ -328,35 +356,206 @@ def available_memory():
         return None
 
 
+def place_data(data_on, cached, cache_dir, subset, sources, parts, side, device, reserved):
+    """Where the splits are held: "device" (in memory, checked to fit) or "disk" (the cache, read
+    batch by batch); "auto" is device when the images fit the memory check, else disk."""
+    count = sum(len(sources[part][2]) for part in parts)
+    advice = TRAINING_ADVICE if "train" in parts else "free memory first"
+    if data_on != "device" and not cached:
+        if data_on == "disk" and cache_dir is None:
+            raise UserError("--data-on disk reads batches from the cache; drop --cache-dir none")
+        if data_on == "disk":
+            why = "--max-train-samples decodes its subset and writes no cache" if subset else "CIFAR-10 is in memory"
+            print(f"data: held in memory, not on disk: {why}")
+        data_on = "device"
+    if data_on == "auto":
+        data_on = "device" if fits_in_memory(count, side, device, reserved) else "disk"
+        if data_on == "disk":
+            print(f"data: {count} images at {side}x{side} do not fit in memory; training reads them from the cache")
+    if data_on == "device":
+        check_memory(count, side, device, f"pass --data-on disk, or {advice}" if cached else advice, reserved)
+    return data_on
+
+
+def load_part(items, labels, positions, side, folder, cache_dir, opened):
+    """A Split of the items at positions: decoded into memory, or (cache_dir) rows of folder's cache,
+    built first when there is none (opened: the caches opened so far, by folder). A cache that cannot
+    be written costs only the cache: the images are decoded into memory, as said in a warning."""
+    if cache_dir is not None and folder not in opened:
+        try:
+            opened[folder] = open_or_build_cache(items, side, folder, cache_dir)
+            say_unreadable(opened[folder][2], len(items), f" of {folder}")
+        except CacheUnavailable as why:
+            print(f"warning: {why}; decoding into memory, without a cache")
+            opened[folder] = None
+    if cache_dir is None or opened[folder] is None:
+        return Split(*decode(items, labels, positions, side))
+    pixels, readable, _ = opened[folder]
+    keep = positions[readable[positions]]
+    return Split(pixels, labels[keep], rows=keep)
+
+
+# ---------------------------------------------------------------------------------- the cache
+# An image folder is decoded once, whole, at its stored side into a file of raw uint8 pixels that
+# every later run (and every process of a run) maps into memory: the page cache holds one copy for
+# all of them. A cache is a folder <cache_dir>/<folder>-<side>px-<key>/ holding images.npy
+# [N, 3, side, side], readable.npy [N] and manifest.json, the last file written; it is built in a
+# temporary folder and renamed into place, so a build that is killed leaves nothing to be taken for
+# a cache. The key hashes CACHE_VERSION, the side and every image's path, size and modification
+# time: a changed folder gets a new cache.
+
+CACHE_VERSION = 1  # raise it when read_image stores other pixels: old caches are then never read
+CACHE_RULE = "shorter side resized to the side (bicubic), centre square; EXIF upright; 8-bit RGB, transparent white"
+
+
+class CacheUnavailable(Exception):
+    """The cache cannot be written: a file in the way, no permission, or too little free space."""
+
+
+def default_cache_dir():
+    """$XDG_CACHE_HOME/resnet18-cifar10, else ~/.cache/resnet18-cifar10: not the data folder, which
+    may be read-only or shared."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "resnet18-cifar10"
+
+
+def cache_location(flag):
+    """--cache-dir: a folder, 'none' (no cache: None), or not given (default_cache_dir)."""
+    if flag == "none":
+        return None
+    return Path(flag) if flag else default_cache_dir()
+
+
+def cache_folder(paths, side, folder, cache_dir):
+    key = hashlib.sha256(f"{CACHE_VERSION}\0{side}\0".encode())
+    for path in paths:
+        stat = os.stat(path) if os.path.exists(path) else None  # a broken link
+        key.update(f"{os.path.abspath(path)}\0{stat and stat.st_size}\0{stat and stat.st_mtime_ns}\n".encode())
+    name = f"{Path(folder).absolute().parent.name}-{Path(folder).name}-{side}px-{key.hexdigest()[:16]}"
+    return Path(cache_dir) / name
+
+
+def open_or_build_cache(paths, side, folder, cache_dir):
+    """(pixels uint8 [N, 3, side, side] memory-mapped, readable bool [N], unreadable paths) of every
+    path, from folder's cache in cache_dir, which is built first when missing or broken. One
+    process builds it while the others wait for its lock, then read it."""
+    where = cache_folder(paths, side, folder, cache_dir)
+    prepare_cache_dir(Path(cache_dir))
+    with open(f"{where}.lock", "a") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process ends
+        if (where / "manifest.json").is_file():
+            try:
+                found = open_cache(where, len(paths), side)
+                print(f"data: {folder}: {len(paths)} images from the cache {where}")
+                return found
+            except (OSError, ValueError, KeyError) as error:
+                print(f"warning: the cache {where} is broken ({error}); decoding again")
+        shutil.rmtree(where, ignore_errors=True)  # broken, or left without its manifest
+        build_cache(paths, side, folder, where)
+    return open_cache(where, len(paths), side)
+
+
+def prepare_cache_dir(cache_dir):
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CacheUnavailable(f"--cache-dir {cache_dir} cannot be made ({error.strerror})") from error
+    if not os.access(cache_dir, os.W_OK | os.X_OK):
+        raise CacheUnavailable(f"--cache-dir {cache_dir} is not writable")
+
+
+def build_cache(paths, side, folder, where):
+    """Decode every path into a temporary folder beside where, then rename it into place."""
+    need = len(paths) * 3 * side * side
+    free = shutil.disk_usage(where.parent).free
+    if need > free:
+        raise CacheUnavailable(
+            f"the cache of {folder} needs {in_units(need)} and {where.parent} has {in_units(free)} free "
+            f"(free space, or pass another --cache-dir)"
+        )
+    for stale in where.parent.glob(f"{where.name}.tmp-*"):  # left by a killed build: this one holds the lock
+        shutil.rmtree(stale, ignore_errors=True)
+    temporary = Path(f"{where}.tmp-{os.getpid()}")
+    started = time.perf_counter()
+    try:
+        temporary.mkdir()
+        pixels = np.lib.format.open_memmap(temporary / "images.npy", "w+", np.uint8, (len(paths), 3, side, side))
+        readable = decode_into(paths, side, pixels)
+        pixels.flush()
+        del pixels
+        np.save(temporary / "readable.npy", readable)
+        unreadable = [path for path, ok in zip(paths, readable) if not ok]
+        manifest = dict(
+            version=CACHE_VERSION, key=where.name, folder=str(Path(folder).absolute()), side=side,
+            rule=CACHE_RULE, images=len(paths), unreadable=unreadable,
+        )  # fmt: skip
+        (temporary / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        os.rename(temporary, where)
+    except OSError as error:
+        raise CacheUnavailable(f"could not write the cache {where} ({error.strerror or error})") from error
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+    seconds = time.perf_counter() - started
+    print(f"data: {folder}: decoded {len(paths)} images in {seconds:.1f}s into the cache {where}")
+
+
+def in_units(size):
+    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+
+
+def open_cache(where, count, side):
+    manifest = json.loads((where / "manifest.json").read_text())
+    pixels = np.load(where / "images.npy", mmap_mode="c")  # copy-on-write: shared pages, and a writable array
+    readable = np.load(where / "readable.npy")
+    if pixels.shape != (count, 3, side, side) or readable.shape != (count,) or manifest["images"] != count:
+        raise ValueError(f"it holds {pixels.shape[0]} images of {pixels.shape[1:]}, not {count} of (3, {side}, {side})")
+    return torch.from_numpy(pixels), torch.from_numpy(readable), manifest["unreadable"]
+
+
 def decode(items, labels, positions, side):
     """uint8 images [M, 3, side, side] and their labels, for the items at positions. CIFAR-10's are
-    decoded already. Photos are decoded by a thread per core (PIL lets go of Python's lock while it
-    decodes and resizes); small images in this thread, as Python's own work per image dominates
-    them and threads would only wait for its lock. Unreadable images are skipped and counted, so
-    one bad file does not cost a run."""
+    decoded already. Unreadable images are skipped and counted, so one bad file does not cost a run."""
     if isinstance(items, torch.Tensor):
         return items[positions], labels[positions]
     paths = [items[i] for i in positions.tolist()]
-    pixels = np.empty((len(paths), side, side, 3), dtype=np.uint8)  # as PIL gives them: height, width, channel
-    readable = []
+    pixels = np.empty((len(paths), 3, side, side), dtype=np.uint8)
+    readable = decode_into(paths, side, pixels)
+    say_unreadable([path for path, ok in zip(paths, readable) if not ok], len(paths))
+    if not readable.all():
+        pixels = pixels[readable]
+    return torch.from_numpy(pixels), labels[positions][torch.from_numpy(readable)]
+
+
+def decode_into(paths, side, pixels):
+    """Decode every path into pixels (uint8 [N, 3, side, side]: memory, or a cache file being written),
+    with a progress bar; returns which could be read (bool [N]). Photos are decoded by a thread per
+    core (PIL lets go of Python's lock while it decodes and resizes); small images in this thread, as
+    Python's own work per image dominates them and threads would only wait for its lock."""
+    readable = np.zeros(len(paths), dtype=bool)
     threads = 1 if side <= SMALL_SIDE else len(os.sched_getaffinity(0))
     pool = ThreadPoolExecutor(threads)
+    images = (pool.map if threads > 1 else map)(read_image, paths, itertools.repeat(side))
+    bar = tqdm(images, total=len(paths), desc="decoding", unit="img", leave=False, disable=None)  # None: a terminal
     try:
-        for i, image in enumerate((pool.map if threads > 1 else map)(read_image, paths, itertools.repeat(side))):
+        for i, image in enumerate(bar):
             if image is not None:
-                pixels[i] = image
-                readable.append(i)
+                pixels[i] = image.transpose(2, 0, 1)  # PIL's height, width, channel -> channel first
+                readable[i] = True
     finally:  # on Ctrl-C, drop the images not started: waiting for them all would look like a hang
+        bar.close()
         pool.shutdown(wait=False, cancel_futures=True)
-    if len(readable) < len(paths):
-        kept = set(readable)
-        skipped = [path for i, path in enumerate(paths) if i not in kept]
-        named = ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else "")
-        print(f"warning: skipped {len(skipped)} unreadable image(s): {named}")
-        if not readable:
-            raise UserError(f"none of the {len(paths)} images, e.g. {paths[0]}, could be read")
-        pixels = pixels[readable]
-    return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), labels[positions][readable]
+    return readable
+
+
+def say_unreadable(unreadable, count, where=""):
+    """The warning line that names the images that could not be read (the first five); an error
+    when none could."""
+    if not unreadable:
+        return
+    if len(unreadable) == count:
+        raise UserError(f"none of the {count} images{where}, e.g. {unreadable[0]}, could be read")
+    named = ", ".join(unreadable[:5]) + (", ..." if len(unreadable) > 5 else "")
+    print(f"warning: skipped {len(unreadable)} unreadable image(s){where}: {named}")
 
 
 def read_image(path, side):
@@ -478,38 +677,58 @@ def train_val_indices(labels, classes, val_fraction, seed, max_train_samples=Non
 # ---------------------------------------------------------------------------------- batches
 
 
-class TensorDataset(torch.utils.data.Dataset):
-    """Images and labels as tensors. DataLoader fetches a whole batch with one indexing call
-    (__getitems__), and accelerate still shards, pads and skips batches as for any dataset."""
+class Split(torch.utils.data.Dataset):
+    """A split's images and labels, fetched a whole batch at a time (__getitems__: one indexing call;
+    accelerate still shards, pads and skips batches as for any dataset). images: uint8 [N, 3, S, S]
+    in memory or on the training device, labels beside them; or (rows given) a folder's
+    memory-mapped cache, of which rows are the split's: each batch is gathered from the page cache
+    on the host, and the loader pins it and moves it to the device (make_loader)."""
 
-    def __init__(self, images, labels):
-        self.images, self.labels = images, labels
+    def __init__(self, images, labels, rows=None):
+        self.images, self.labels, self.rows = images, labels, rows
 
     def __len__(self):
         return len(self.labels)
 
     def __getitem__(self, index):
-        return self.images[index], self.labels[index]
+        return self.__getitems__([index])
 
     def __getitems__(self, indices):
         index = torch.tensor(indices)
+        if self.rows is not None:
+            return self.images[self.rows[index]], self.labels[index]
         if self.labels.is_cuda:  # from pinned memory the copy is queued, instead of waiting for the GPU
             index = index.pin_memory()
         index = index.to(self.labels.device, non_blocking=True)
         return self.images[index], self.labels[index]
+
+    def in_memory(self):
+        """The split held in this process's memory: a cache's rows gathered (a copy)."""
+        return self if self.rows is None else Split(self.images[self.rows], self.labels)
+
+    def to(self, device):
+        """The split on the training device; one on disk stays there (its batches move one by one)."""
+        return self if self.rows is not None else Split(self.images.to(device), self.labels.to(device))
 
 
 def _keep_batch(batch):
     return batch  # __getitems__ already returns a stacked batch
 
 
-def make_loader(images, labels, batch_size, shuffle, drop_last=False):
+def make_loader(split, batch_size, shuffle, drop_last=False):
+    """Batches of a Split. From disk to a GPU, two worker processes gather the next batches while
+    the GPU trains, into pinned memory for a copy that does not block; elsewhere the batch is one
+    indexing call in this process."""
+    from_disk_to_gpu = split.rows is not None and torch.cuda.is_available()
     return torch.utils.data.DataLoader(
-        TensorDataset(images, labels),
+        split,
         batch_size=batch_size,
         shuffle=shuffle,
         drop_last=drop_last,
         collate_fn=_keep_batch,
+        num_workers=2 if from_disk_to_gpu else 0,
+        pin_memory=from_disk_to_gpu,
+        persistent_workers=from_disk_to_gpu,
     )
 
 

@@ -74,6 +74,10 @@ def parse_args(argv=None):
         type=positive_int,
         help=f"images per pass, >= 1 ({BATCH_PIXELS // 32**2} at 32x32, as many pixels at larger inputs: 20 at 224)",
     )
+    parser.add_argument(
+        "--cache-dir",
+        help=f"where train.py's decoded image folders are kept; none: decode ({data.default_cache_dir()})",
+    )
     parser.add_argument("--tta", action="store_true", help="average each image's logits with its mirror's (off)")
     parser.add_argument("--json", help="also write the results to this JSON file (off)")
     parser.add_argument("--plot-dir", help="where the PNGs go (default: the checkpoint's folder)")
@@ -105,7 +109,8 @@ def load_split(args, metadata):
             f"{root} has no test/ folder; pass --split val for the run's validation images, or add {root}/test/<class>/"
         )
     if args.split == "test":
-        images, labels, _ = data.load_images(args.data_dir, "test", side, expected_classes=metadata["classes"])
+        cache = data.cache_location(args.cache_dir)
+        images, labels, _ = data.load_images(args.data_dir, "test", side, metadata["classes"], cache)
         return images, labels, "any labelled test set is fair"
     splits, _, found, _ = data.load_split(
         args.data_dir,
@@ -114,6 +119,7 @@ def load_split(args, metadata):
         metadata["seed"],
         parts=("val",),
         expected_classes=metadata["classes"],
+        cache_dir=data.cache_location(args.cache_dir),
     )
     expected = metadata.get("config", {}).get("data_fingerprint")
     difference = expected and data.data_difference(expected, found)
@@ -127,7 +133,7 @@ def load_split(args, metadata):
         )
     else:
         check = f"skipped (--skip-data-check): {difference}" if difference else "the run's own data"
-    return *splits["val"], check
+    return splits["val"].images, splits["val"].labels, check
 
 
 def stored_side(metadata):

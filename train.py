@@ -186,6 +186,18 @@ def parse_args(argv=None):
     )
     add("--overwrite", action="store_true", help="replace the run in --output-dir")
     add("--ema", type=bounded(float, 0, 1, open_high=True), default=0.0, help="EMA decay of the weights (0: off)")
+    add(
+        "--cache-dir",
+        help=f"where image folders are decoded once, to be read by later runs; none: decode in memory each time "
+        f"({data.default_cache_dir()})",
+    )
+    add(
+        "--data-on",
+        choices=["auto", "device", "disk"],
+        default="auto",
+        help="device: the images in the training device's memory; disk: read batch by batch from the cache; "
+        "auto: device when they fit (%(default)s)",
+    )
     add("--compile", action="store_true", help=f"torch.compile the training step, mode {COMPILE_MODE} (off)")
     add("--log-with", choices=[str(t) for t in LoggerType], help="also log to this tracker, through accelerate (none)")
     # Recipe settings: None means "take it from --recipe".
@@ -306,7 +318,14 @@ def describe_sizes(args):
     return f"stored: {stored}; training: {train}, {network}; evaluation: {evaluation}, {network}"
 
 
-RESUME_MAY_CHANGE = ("epochs", "data_dir", "compile", "log_with")  # the rest of a resumed run is its own
+RESUME_MAY_CHANGE = (
+    "epochs",
+    "data_dir",
+    "cache_dir",
+    "data_on",
+    "compile",
+    "log_with",
+)  # the rest of a resumed run is its own
 
 
 def resumed_settings(args, progress):
@@ -317,7 +336,8 @@ def resumed_settings(args, progress):
     after the run started take their defaults for the run's recipe."""
     saved = progress["config"]
     defaults = vars(parse_args(["--recipe", saved["recipe"], "--weights", saved["weights"]]))
-    machinery = {"compile": args.compile, "log_with": args.log_with, "resume": True, "output_dir": args.output_dir}
+    machinery = {key: getattr(args, key) for key in ("cache_dir", "data_on", "compile", "log_with", "output_dir")}
+    machinery["resume"] = True
     # what runs from before these settings existed did: no fingerprint, CIFAR-sized images at 32x32
     older = dict(data_fingerprint=None, train_crop="padded")
     older |= dict.fromkeys(("input_size", "image_size", "eval_crop"), data.IMAGE_SIZE)
@@ -663,9 +683,12 @@ def load_data(args, accelerator):
             accelerator.device,
             reserved=activations,
             listing=listing,
+            cache_dir=data.cache_location(args.cache_dir),
+            data_on=args.data_on,
         )
     check_data(args, found, accelerator)
-    (train_images, train_labels), (val_images, val_labels) = splits["train"], splits["val"]
+    train_split, val_split = (splits[part].to(accelerator.device) for part in ("train", "val"))
+    train_labels, val_labels = train_split.labels, val_split.labels
     global_batch = args.batch_size * accelerator.num_processes  # every process needs a full batch a step
     if len(train_labels) < global_batch:
         processes = f" x {accelerator.num_processes} processes" if accelerator.num_processes > 1 else ""
@@ -673,21 +696,18 @@ def load_data(args, accelerator):
             f"--batch-size {args.batch_size}{processes} needs {global_batch} training images a step, and there are "
             f"{len(train_labels)}; lower --batch-size{' or the process count' if processes else ''}"
         )
+    held = "read batch by batch from the cache on disk" if train_split.rows is not None else "held in memory"
     accelerator.print(
         f"data: {len(train_labels)} train / {len(val_labels)} val images, {len(classes)} classes, "
-        f"from {args.data_dir}, loaded in {time.perf_counter() - started:.1f}s\n"
+        f"from {args.data_dir}, loaded in {time.perf_counter() - started:.1f}s, {held}\n"
         f"validation: {val_source}\nsizes ({rule}): {describe_sizes(args)}"
     )
     # The last partial batch is dropped (a batch of one image breaks BatchNorm); each epoch's new
     # order puts other images there, so every image is still trained on.
-    train_loader = data.make_loader(
-        train_images.to(accelerator.device), train_labels.to(accelerator.device), args.batch_size, True, drop_last=True
-    )
+    train_loader = data.make_loader(train_split, args.batch_size, True, drop_last=True)
     # photos are validated in training-sized batches: 1024 at 224x224 would hold gigabytes of activations
     val_batch = VAL_BATCH_SIZE if args.train_crop == "padded" else args.batch_size
-    val_loader = data.make_loader(
-        val_images.to(accelerator.device), val_labels.to(accelerator.device), val_batch, shuffle=False
-    )
+    val_loader = data.make_loader(val_split, val_batch, shuffle=False)
     return train_loader, val_loader, train_labels, classes
 
 
@@ -706,7 +726,8 @@ def main(argv=None):
 def train(args):
     accelerator = Accelerator(
         cpu=not torch.accelerator.is_available(),  # else two CPU processes train separately (DistributedType.NO)
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        # non_blocking: batches read from disk go to a GPU from pinned memory without waiting (data.make_loader)
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed, non_blocking=True),
         log_with=trackers(args.log_with),
         project_dir=".",  # a logging folder must be named now; start_trackers sets the run's
     )

@@ -210,7 +210,7 @@ def photo_rows(scratch, epochs):
     started = time.perf_counter()
     splits, _, _, _ = data.load_split(folder, side, 0.2, 0)
     load = time.perf_counter() - started
-    count = sum(len(labels) for _, labels in splits.values())
+    count = sum(len(split) for split in splits.values())
     out = Path(tempfile.mkdtemp(dir=scratch)) / "run"
     command = [sys.executable, "train.py", "--data-dir", str(folder), "--epochs", str(epochs), "--weights", "none",
                "--batch-size", "32", "--output-dir", str(out)]  # fmt: skip

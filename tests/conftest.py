@@ -1,10 +1,13 @@
 """Small, self-made data for the tests: an image folder, a fake CIFAR-10 in torchvision's on-disk
 format, and a local ResNet18 weights file. Nothing is downloaded and ../shared is never read."""
 
+import atexit
 import os
 import pickle
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 # The tests' models are tiny: one thread each keeps them fast, also beside other work on the machine
@@ -18,6 +21,9 @@ import torchvision
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+# Decoded image folders are cached under $XDG_CACHE_HOME: the tests' own, never the user's, removed at the end.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="resnet18-tests-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 sys.path.insert(0, str(ROOT))
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

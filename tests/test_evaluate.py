@@ -74,7 +74,8 @@ def test_evaluate_prints_every_class_and_writes_json_and_plots(trained_run, imag
     )
     printed = capsys.readouterr().out
     assert all(name in printed for name in CLASSES)
-    assert f"{trained_run / 'best.safetensors'}, val split, TTA off: 40 images" in printed.splitlines()[0]
+    report = [line for line in printed.splitlines() if not line.startswith("data: ")]  # where the images came from
+    assert f"{trained_run / 'best.safetensors'}, val split, TTA off: 40 images" in report[0]
     header = next(line for line in printed.splitlines() if line.startswith("class"))
     assert header.split("(")[0].split() == ["class", "accuracy", "precision", "F1"]  # accuracy = recall: once
     assert "accuracy = recall" in header
@@ -112,7 +113,8 @@ def test_test_split_and_tta(trained_run, image_folder, tmp_path, capsys):
     )
     results = json.loads(out.read_text())
     assert results["split"] == "test" and results["num_samples"] == 50 and results["tta"]
-    assert capsys.readouterr().out.startswith(f"{trained_run / 'best.safetensors'}, test split, TTA on: 50 images")
+    report = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("data: ")]
+    assert report[0].startswith(f"{trained_run / 'best.safetensors'}, test split, TTA on: 50 images")
     assert files_under(tmp_path) == ["results.json"] and files_under(trained_run) == run_files  # --no-plots
 
 

@@ -182,10 +182,14 @@ def test_the_memory_check_refuses_before_decoding(photo_folder, tmp_path, monkey
     decoded = []
     monkeypatch.setattr(data, "read_image", lambda *args: decoded.append(args))
     with pytest.raises(SystemExit) as refusal:
-        train.main(["--data-dir", str(photo_folder), "--output-dir", str(tmp_path / "run"), "--weights", "none"])
+        train.main([
+            "--data-dir", str(photo_folder), "--output-dir", str(tmp_path / "run"), "--weights", "none",
+            "--data-on", "device",
+        ])  # fmt: skip
     message = str(refusal.value.code)
     assert (
         message.startswith("error: 40 images at 256x256 and training need 0.76 GiB in memory")
+        and "pass --data-on disk, or" in message
         and "--input-size" in message
     )
     assert decoded == [] and not (tmp_path / "run").exists()

@@ -4,6 +4,7 @@
     python bench/throughput.py --before a1691e8,2f3d6ec   # also train.py as it was at these commits
     python bench/throughput.py --images 2000 --only bare,train   # quicker, some rows
     python bench/throughput.py --images 10000 --rounds 3 --only bare,train,plain  # the speed goals
+    python bench/throughput.py --images 10000 --rounds 3 --only disk,cache,pss   # the decode-once cache
     bench/gpu.sh                                      # GPU: the --device cuda table, on CIFAR-10
 
 CPU rows (--recipe seed, torchvision's stem at 32x32, from scratch, batch 128, float32 unless said):
@@ -17,20 +18,27 @@ CPU rows (--recipe seed, torchvision's stem at 32x32, from scratch, batch 128, f
   DataLoader with 2 workers, NCHW, eager, the same recipe and split;
 - evaluation: evaluate.py's forward passes over 10,000 images;
 - photos: the shared ants/bees photos (245, about 500x375) decoded at 256x256, and `train.py` on
-  them at its photo defaults (224x224 random-resized crops, torchvision's stem), from scratch.
+  them at its photo defaults (224x224 random-resized crops, torchvision's stem), from scratch;
+- disk: train.py --data-on device against --data-on disk (the page cache warm), on a folder of links
+  to the first images of each class (a --max-train-samples cut would write no cache);
+- cache: load times of the training folder and of --photos made 500x375 JPEGs: decoded, decoded
+  into a new cache, read from it;
+- pss: the summed proportional set size of train.py's processes, 1 and 2, --data-on disk and device.
 Every train.py row and the plain loop report the validation accuracy they reach. A shared machine's
 speed drifts within minutes: --rounds N times the training rows N times in turn, and each ratio is
 taken within a round, so that it compares runs a minute apart.
 
---device cuda: bare step and train.py for float32 and bf16 autocast, each eager and compiled, at
-batch 128 and 512 (channels_last, the default recipe's CIFAR stem), then the wall time of a
-30-epoch default run and its validation accuracy.
+--device cuda (or --table gpu on a CPU, to rehearse it on tiny data): bare step and train.py for
+float32 and bf16 autocast, eager and compiled, at batch 512 and 128, --data-on device and disk
+(channels_last, the default recipe's CIFAR stem), and the wall time of a 30-epoch default run and
+its validation accuracy; most important first, within --budget seconds.
 
 Data: --data-dir, else the shared CIFAR-10 JPEGs (../shared/data) when present, else random 32x32
 images of the same shape written to a temporary folder.
 """
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -58,7 +66,7 @@ from model import build_model  # noqa: E402
 SHARED = ROOT.parent / "shared" / "data" / "cifar10-jpeg-train.tar.gz"
 PHOTOS = ROOT.parent / "shared" / "data" / "photos-ants-bees-train.tar.gz"
 BATCH = 128
-CPU_ROWS = ("bare", "compile", "train", "bf16", "before", "plain", "eval", "photos")
+CPU_ROWS = ("bare", "compile", "train", "disk", "bf16", "before", "plain", "eval", "photos", "cache", "pss")
 LONG_RUN_EPOCHS = 30
 
 
@@ -132,6 +140,85 @@ def train_py_run(folder, images, epochs, out, *flags, env=None, script=ROOT / "t
 def train_images(folder, images):
     _, labels, classes = data.list_images(folder, "train")
     return len(data.train_val_indices(labels, classes, 0.2, 0, images)[0])
+
+
+def subset_folder(folder, images, scratch):
+    """A folder of links to the first images / 0.8 of each class's images, so that train.py's split of it
+    holds about `images` training images with no --max-train-samples cut (a cut subset writes no cache)."""
+    _, labels, classes = data.list_images(folder, "train")
+    per_class = -(-images * 5 // 4 // len(classes))
+    subset = Path(tempfile.mkdtemp(dir=scratch, prefix="subset-"))
+    for name in classes:
+        (subset / "train" / name).mkdir(parents=True)
+        for path in sorted((folder / "train" / name).iterdir())[:per_class]:
+            (subset / "train" / name / path.name).symlink_to(path.resolve())
+    return subset
+
+
+def load_seconds(folder, side, cache):
+    started = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stderr):  # its log lines are not the table's
+        data.load_split(folder, side, 0.2, 0, cache_dir=cache)
+    return time.perf_counter() - started
+
+
+def cache_rows(folder, scratch, count):
+    """Load times of an image folder (train/ and the validation split): decoded, decoded into a new
+    cache, and read from that cache; for folder and for a photo folder made here."""
+    photos = Path(tempfile.mkdtemp(dir=scratch, prefix="photos-"))
+    rng = np.random.default_rng(0)
+    for i in range(count):  # smooth colour fields with a little noise: JPEGs of photo-like size
+        low = rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)
+        image = Image.fromarray(low).resize((500, 375), Image.BICUBIC)
+        noisy = np.clip(np.asarray(image) + rng.normal(0, 8, (375, 500, 3)), 0, 255).astype(np.uint8)
+        (photos / "train" / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(noisy).save(photos / "train" / f"class{i % 2}" / f"{i:05d}.jpg", quality=85)
+    lines = []
+    for name, where, side in (("the training folder", folder, data.IMAGE_SIZE), ("photos 500x375", photos, 256)):
+        count = len(data.list_images(where, "train")[1])
+        cache = Path(tempfile.mkdtemp(dir=scratch, prefix="cache-"))
+        decoded, built, read = (load_seconds(where, side, c) for c in (None, cache, cache))
+        lines.append(f"load {count} images ({name}) at {side}x{side}: decoded {decoded:.1f}s; into a new cache "
+                     f"{built:.1f}s; from the cache {read:.2f}s ({decoded / read:.0f}x faster)")  # fmt: skip
+    return lines
+
+
+def pss_kib(marker):
+    """The summed proportional set size of the processes whose command line holds marker (Linux)."""
+    total = 0
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker in (proc / "cmdline").read_bytes():
+                rollup = (proc / "smaps_rollup").read_text()
+                total += int(next(line for line in rollup.splitlines() if line.startswith("Pss:")).split()[1])
+        except (OSError, StopIteration):
+            pass  # gone meanwhile
+    return total
+
+
+def peak_pss(folder, scratch, processes, data_on):
+    """The highest summed PSS (GiB) of a 1-epoch train.py --recipe seed run's processes, sampled every 0.2 s."""
+    out = Path(tempfile.mkdtemp(dir=scratch)) / "run"
+    launch = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes), "-q"]
+    command = [sys.executable, *(launch if processes > 1 else []), "train.py", "--data-dir", str(folder),
+               "--epochs", "1", "--recipe", "seed", "--weights", "none", "--data-on", data_on,
+               "--output-dir", str(out)]  # fmt: skip
+    run = subprocess.Popen(command, cwd=ROOT, stdout=sys.stderr)
+    peak = 0
+    while run.poll() is None:
+        peak = max(peak, pss_kib(str(out).encode()))
+        time.sleep(0.2)
+    if run.returncode:
+        raise subprocess.CalledProcessError(run.returncode, command)
+    return peak / 2**20
+
+
+def pss_rows(folder, scratch):
+    rows = [(1, "disk"), (2, "disk"), (1, "device"), (2, "device")]
+    peaks = {row: peak_pss(folder, scratch, *row) for row in rows}
+    lines = ["memory of the training processes (summed PSS, peak, 1 epoch):"]
+    lines += [f"  --data-on {on:<6} {n} process(es): {peaks[(n, on)]:.2f} GiB" for n, on in rows]
+    return lines
 
 
 def cold_inductor(scratch):
@@ -242,6 +329,8 @@ def cpu_round(args, folder, scratch, scripts, first):
         results[f"{BARE}, torch.compile"] = (speed, f"first 2 steps {warmup:.0f}s")
     runs = [  # (row, name, flags, environment, revision)
         ("train", "train.py --recipe seed", (), None, None),
+        ("disk", "train.py --recipe seed --data-on device", ("--data-on", "device"), None, None),
+        ("disk", "train.py --recipe seed --data-on disk", ("--data-on", "disk"), None, None),
         ("compile", "train.py --recipe seed --compile", ("--compile",), cold_inductor(scratch), None),
         ("bf16", "train.py --recipe seed, bf16 autocast", (), {"ACCELERATE_MIXED_PRECISION": "bf16"}, None),
         *(("before", f"train.py --recipe seed at {revision}", (), None, revision) for revision in args.before),
@@ -249,8 +338,10 @@ def cpu_round(args, folder, scratch, scripts, first):
     for part, name, flags, env, revision in runs:
         if part in args.only:
             out = Path(tempfile.mkdtemp(dir=scratch)) / "run"
+            # from disk, the folder must be whole (a --max-train-samples cut writes no cache): its linked subset
+            where, images = (args.subset, 10**9) if part == "disk" else (folder, args.images)
             first, speed, acc, _ = train_py_run(
-                folder, args.images, args.epochs, out, *seed, *flags, env=env, script=scripts[revision]
+                where, images, args.epochs, out, *seed, *flags, env=env, script=scripts[revision]
             )
             results[name] = (speed, f"epoch 1 {first:.1f}s; val acc {acc:.2%}")
     if "plain" in args.only and (folder / "train").is_dir():
@@ -294,6 +385,15 @@ def cpu_table(args, folder, scratch):
         lines.append(f"\ntrain.py / bare step: {ratio(rounds, train, BARE)}; at least 0.95 expected")
     if train in rounds[0] and PLAIN in rounds[0]:
         lines.append(f"train.py / plain loop: {ratio(rounds, train, PLAIN)}; at least 1.3 expected")
+    disk, device = (f"{train} --data-on {on}" for on in ("disk", "device"))
+    if disk in rounds[0]:
+        lines.append(
+            f"train.py --data-on disk / --data-on device: {ratio(rounds, disk, device)}; at least 0.9 expected"
+        )
+    if "cache" in args.only:
+        lines += ["", *cache_rows(folder, scratch, args.photos)]
+    if "pss" in args.only:
+        lines += ["", *pss_rows(args.subset, scratch)]
     if "eval" in args.only:
         flops, matmul = arithmetic_ceiling()
         lines.append(f"\ntraining FLOPs per image {flops / 1e6:.0f} M; float32 matmul {matmul / 1e9:.0f} GFLOP/s;")
@@ -314,24 +414,64 @@ def cpu_table(args, folder, scratch):
     return lines
 
 
+# The GPU table's rows, most important first, measured while the --budget allows:
+# (batch, bf16, compile, --data-on); "long" is the 30-epoch default run.
+GPU_ROWS = [
+    (512, False, False, "device"),
+    "long",
+    (512, True, False, "device"),
+    (512, False, False, "disk"),
+    (512, True, True, "device"),
+    (128, False, False, "device"),
+    (128, True, False, "device"),
+    (512, False, True, "device"),
+    (128, False, True, "device"),
+    (128, True, True, "device"),
+]
+
+
 def gpu_table(args, folder, scratch):
-    """The GPU rows: bare step and train.py per batch size, precision and compilation."""
-    lines = [f"{'batch':>5} {'precision':<9} {'compile':<7} {'bare img/s':>10} {'train.py img/s':>14} "
+    """The GPU rows in GPU_ROWS order: bare step and train.py per batch size, precision, compilation
+    and --data-on, and the 30-epoch default run; a row is left out when the time it is expected to
+    take (the last row's, or for the long run 30 of the first row's epochs) would pass --budget."""
+    device = "cuda" if args.device == "cuda" else "cpu"  # cpu: a rehearsal of the table, on tiny data
+    started, last, epoch_seconds = time.perf_counter(), 0.0, None
+    lines = [f"{'batch':>5} {'precision':<9} {'compile':<7} {'data on':<7} {'bare img/s':>10} {'train.py img/s':>14} "
              f"{'ratio':>5} {'epoch 1':>8} {'val acc':>7}"]  # fmt: skip
-    for batch_size in (128, 512):
-        for bf16 in (False, True):
-            for compile in (False, True):
-                bare, _ = bare_step(batch_size, args.steps, compile=compile, bf16=bf16, stem="cifar", device="cuda")
-                flags = ["--weights", "none", "--batch-size", str(batch_size)] + (["--compile"] if compile else [])
-                env = ({"ACCELERATE_MIXED_PRECISION": "bf16"} if bf16 else {}) | cold_inductor(scratch)
-                out = Path(tempfile.mkdtemp(dir=scratch)) / "run"
-                first, speed, acc, _ = train_py_run(folder, args.images, args.epochs, out, *flags, env=env)
-                lines.append(f"{batch_size:>5} {'bf16' if bf16 else 'float32':<9} {'yes' if compile else 'no':<7} "
-                             f"{bare:10.0f} {speed:14.0f} {speed / bare:5.2f} {first:7.1f}s {acc:7.2%}")  # fmt: skip
-    out = Path(tempfile.mkdtemp(dir=scratch)) / "run"
-    _, _, acc, wall = train_py_run(folder, 10**9, LONG_RUN_EPOCHS, out, "--weights", args.weights)
-    lines.append(f"\n{LONG_RUN_EPOCHS}-epoch default run (float32, eager, --weights {args.weights}): "
-                 f"{wall / 60:.1f} min wall, {acc:.2%} validation accuracy")  # fmt: skip
+    skipped = []
+    for row in GPU_ROWS:
+        expected = LONG_RUN_EPOCHS * epoch_seconds if row == "long" and epoch_seconds else last
+        if time.perf_counter() - started + expected > args.budget:
+            skipped.append("30-epoch default run" if row == "long" else "batch {}, {}, compile {}, data on {}".format(
+                row[0], "bf16" if row[1] else "float32", "yes" if row[2] else "no", row[3]))  # fmt: skip
+            continue
+        row_started = time.perf_counter()
+        if row == "long":
+            out = Path(tempfile.mkdtemp(dir=scratch)) / "run"
+            _, _, acc, wall = train_py_run(folder, 10**9, LONG_RUN_EPOCHS, out, "--weights", args.weights)
+            long_line = (f"\n{LONG_RUN_EPOCHS}-epoch default run (float32, eager, --weights {args.weights}): "
+                         f"{wall / 60:.1f} min wall, {acc:.2%} validation accuracy")  # fmt: skip
+        else:
+            batch_size, bf16, compile, data_on = row
+            bare, _ = bare_step(batch_size, args.steps, compile=compile, bf16=bf16, stem="cifar", device=device)
+            flags = ["--weights", "none", "--batch-size", str(batch_size), "--data-on", data_on] + compile * [
+                "--compile"
+            ]
+            env = ({"ACCELERATE_MIXED_PRECISION": "bf16"} if bf16 else {}) | cold_inductor(scratch)
+            out = Path(tempfile.mkdtemp(dir=scratch)) / "run"
+            images = 10**9 if data_on == "disk" else args.images  # from disk the folder is whole: no cut, a cache
+            first, speed, acc, _ = train_py_run(folder, images, args.epochs, out, *flags, env=env)
+            epoch_seconds = epoch_seconds or json.loads((out / "history.json").read_text())[-1]["seconds"]
+            precision, compiled = "bf16" if bf16 else "float32", "yes" if compile else "no"
+            lines.append(f"{batch_size:>5} {precision:<9} {compiled:<7} {data_on:<7} {bare:10.0f} {speed:14.0f} "
+                         f"{speed / bare:5.2f} {first:7.1f}s {acc:7.2%}")  # fmt: skip
+        last = time.perf_counter() - row_started
+    if not any("30-epoch" in name for name in skipped):
+        lines.append(long_line)
+    spent = time.perf_counter() - started
+    lines.append(
+        f"\nbudget: {spent:.0f}s of {args.budget:.0f}s spent" + (f"; left out: {'; '.join(skipped)}" if skipped else "")
+    )
     return lines
 
 
@@ -344,6 +484,15 @@ def positive(text):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument(
+        "--table", choices=["cpu", "gpu"], help="the rows: cpu, or gpu (the default on cuda; on a cpu, a rehearsal)"
+    )
+    parser.add_argument(
+        "--budget",
+        type=positive,
+        default=420,
+        help="GPU table: seconds it may take; rows that would pass it are left out",
+    )
     parser.add_argument("--data-dir", type=Path, help="an image folder with train/, or CIFAR-10's (made if not given)")
     parser.add_argument("--images", type=positive, default=40_000, help="training images per epoch")
     parser.add_argument("--steps", type=positive, help="timed steps of the bare loop (60 on a CPU, 300 on a GPU)")
@@ -355,6 +504,7 @@ def main():
     parser.add_argument(
         "--before", default="", help="git revisions, comma-separated: also time train.py as it was there"
     )
+    parser.add_argument("--photos", type=positive, default=2000, help="cache rows: the photos (500x375 JPEGs) made")
     parser.add_argument("--weights", default="imagenet", help="--device cuda: the 30-epoch run's --weights")
     args = parser.parse_args()
     args.only, args.before = args.only.split(","), [rev for rev in args.before.split(",") if rev]
@@ -372,10 +522,14 @@ def main():
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device cuda needs a GPU that torch can use")
     with tempfile.TemporaryDirectory() as scratch:
+        os.environ["XDG_CACHE_HOME"] = str(Path(scratch) / "cache")  # train.py's caches: gone with the scratch
         folder = args.data_dir or Path(scratch) / "data"
         source = str(args.data_dir) if args.data_dir else prepare_data(folder, args.images)
+        if {"disk", "pss"} & set(args.only):
+            args.subset = subset_folder(folder, args.images, Path(scratch))
         try:
-            table = (gpu_table if args.device == "cuda" else cpu_table)(args, folder, Path(scratch))
+            gpu = (args.table or ("gpu" if args.device == "cuda" else "cpu")) == "gpu"
+            table = (gpu_table if gpu else cpu_table)(args, folder, Path(scratch))
         except subprocess.CalledProcessError as error:  # train.py has printed its own error line
             sys.exit(f"error: {Path(error.cmd[1]).name} stopped with exit code {error.returncode}; see above")
         n_train = train_images(folder, args.images)

@@ -1,30 +1,20 @@
-"""Model: torchvision's ResNet18 with a new last layer for our classes, its checkpoint format, and
-the run folder that holds the checkpoints.
+"""Model: torchvision's ResNet18 with a new last layer for our classes, and its checkpoint format.
 
 A checkpoint is a safetensors file holding the plain torchvision state dict (no wrapper prefix)
 and string metadata that says what it holds: enough to rebuild the model with nothing else.
 """
 
-import itertools
 import json
 import math
 import os
-import shutil
-from datetime import datetime
 from pathlib import Path
 
 import torch
 import torchvision
-from accelerate.utils import broadcast_object_list
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from data import UserError
-
-try:
-    import fcntl  # the run folder's lock; Windows has none
-except ImportError:
-    fcntl = None
 
 ARCH = "resnet18"
 FEATURES = 512  # width of ResNet18's pooled features, the input of the last layer
@@ -159,6 +149,15 @@ def usual_permissions(path):
     os.chmod(path, 0o666 & ~umask)
 
 
+def check_folder_can_be_made(folder, flag, given):
+    """Refuse, before any work, a folder that could not be made or written in."""
+    existing = next(path for path in (folder, *folder.absolute().parents) if path.exists())
+    if not existing.is_dir():
+        raise UserError(f"{flag} {given}: {existing} is a file, not a folder; pass another {flag}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {given}: cannot write in {existing}; pass a {flag} you can write to")
+
+
 def decode_metadata(text):
     def decode(value):
         try:
@@ -196,135 +195,3 @@ def load_checkpoint(path):
         )
     model.load_state_dict(state)
     return model, metadata
-
-
-# ---------------------------------------------------------------------------------- the run folder
-# train.py's --output-dir: the checkpoints, history.json, the trackers' files and accelerate's
-# resumable state. Written so that a crash at any point leaves a run that resumes, and locked so
-# that two runs never share it.
-
-TRACKER_PROJECT = "resnet18-cifar10"  # accelerate's project name: the tracker's project; TensorBoard's subfolder
-RUN_FILES = ("history.json", "best.safetensors", "last.safetensors", TRACKER_PROJECT)
-# what evaluate.py draws beside a checkpoint: --overwrite removes them with the run they showed
-EVALUATION_PLOTS = ("curves.png", "*_confusion.png", "*_per_class.png", "*_mistakes.png", "*_predictions*.png")
-# accelerate's resumable state, newest first: state-tmp is being written (complete once its progress.json
-# is), state the last one, state-old the one before, during the swap. See save_state.
-STATE_DIRS = ("state-tmp", "state", "state-old")
-
-
-def check_folder_can_be_made(folder, flag, given):
-    """Refuse, before any work, a folder that could not be made or written in."""
-    existing = next(path for path in (folder, *folder.absolute().parents) if path.exists())
-    if not existing.is_dir():
-        raise UserError(f"{flag} {given}: {existing} is a file, not a folder; pass another {flag}")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {given}: cannot write in {existing}; pass a {flag} you can write to")
-
-
-def latest_state(out):
-    """The newest complete state folder, whichever point of save_state a crash stopped at."""
-    return next((out / name for name in STATE_DIRS if (out / name / "progress.json").is_file()), None)
-
-
-def check_output_dir(out, resume, overwrite):
-    """Refuse, before any work: a file in the way, nothing to resume, or a run not to be touched."""
-    check_folder_can_be_made(out, "--output-dir", out)
-    if resume and not latest_state(out):
-        raise UserError(f"nothing to resume in {out}; start a new run without --resume")
-    finished = any((out / name).exists() for name in RUN_FILES) or latest_state(out)
-    if finished and not (resume or overwrite):
-        raise UserError(
-            f"{out} already holds a run; pass --resume to continue it, --overwrite to replace it, "
-            f"or another --output-dir"
-        )
-
-
-def new_run_dir():
-    """runs/<timestamp>, made here; -2, -3, ... for runs started in the same second (mkdir is atomic,
-    so two runs never share a folder)."""
-    stamp = f"runs/{datetime.now():%Y-%m-%d_%H-%M-%S}"
-    for out in itertools.chain([Path(stamp)], (Path(f"{stamp}-{n}") for n in itertools.count(2))):
-        try:
-            out.mkdir(parents=True)
-            return out
-        except FileExistsError:
-            pass
-
-
-def lock(out):
-    """Hold out/.lock for as long as this process lives; the system lets go of it when the process
-    ends, crashed or not, so a second run in the same folder is refused and a crash never jams it."""
-    handle = open(out / ".lock", "a")
-    if fcntl is not None:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"another train.py is running in {out}; wait for it or pass another --output-dir") from None
-    return handle
-
-
-def start_output_dir(out, resume, overwrite, accelerator):
-    """Create, lock and prepare the run's folder once the inputs have proved good; returns (folder,
-    lock). Checked again under the lock: another run may have started here meanwhile."""
-    name, held = [None], None
-    if accelerator.is_main_process:
-        try:
-            out = out or new_run_dir()
-            out.mkdir(parents=True, exist_ok=True)
-            held = lock(out)
-            check_output_dir(out, resume, overwrite)
-            newest = latest_state(out)
-            if resume and newest.name != "state":  # a crash stopped save_state halfway: finish it
-                discard(out / "state")
-                newest.rename(out / "state")
-            if resume:
-                leftovers = [n for n in STATE_DIRS if n != "state"]
-            else:  # --overwrite, or a new folder
-                plots = [path.name for pattern in EVALUATION_PLOTS for path in out.glob(pattern)]
-                leftovers = [*RUN_FILES, *STATE_DIRS, *plots]
-            for name in leftovers:
-                discard(out / name)
-            kept = sorted(path.name for path in out.iterdir() if path.name != ".lock")
-            if overwrite and kept:
-                print(f"--overwrite: kept {', '.join(kept)}, not files of the run or its plots")
-        except OSError as error:
-            raise UserError(
-                f"cannot write to {out or 'runs/'} ({error.strerror}); pass another --output-dir"
-            ) from error
-        name = [str(out)]
-    broadcast_object_list(name)
-    return Path(name[0]), held
-
-
-def discard(path):
-    """Remove a file or folder. A state folder loses its progress.json first, so that one half
-    removed by a crash never looks complete."""
-    if path.is_dir():
-        (path / "progress.json").unlink(missing_ok=True)
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def save_state(accelerator, out, progress):
-    """accelerate's save_state, made atomic: write state-tmp (progress.json last), then swap it in
-    by renaming. latest_state finds a complete state after a crash at any point."""
-    tmp, state, old = (out / name for name in STATE_DIRS)
-    if accelerator.is_main_process:
-        discard(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    if accelerator.is_main_process:
-        for file in tmp.iterdir():
-            usual_permissions(file)
-        write_json(tmp / "progress.json", progress)
-        discard(old)
-        if state.exists():
-            state.rename(old)
-        tmp.rename(state)
-        discard(old)
-    accelerator.wait_for_everyone()
-
-
-def write_json(path, obj):
-    write_atomically(path, lambda temporary: temporary.write_text(json.dumps(obj, indent=1)))

@@ -45,33 +45,38 @@ LAUNCHER = launcher_of_this_process()
 import argparse  # noqa: E402
 import copy  # noqa: E402
 import errno  # noqa: E402
+import itertools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import shlex  # noqa: E402
+import shutil  # noqa: E402
 import time  # noqa: E402
+from datetime import datetime  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from accelerate.tracking import get_available_trackers  # noqa: E402
-from accelerate.utils import DataLoaderConfiguration, LoggerType, set_seed  # noqa: E402
+from accelerate.utils import DataLoaderConfiguration, LoggerType, broadcast_object_list, set_seed  # noqa: E402
 from safetensors import SafetensorError, safe_open  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
+
+try:
+    import fcntl  # the run folder's lock; Windows has none
+except ImportError:
+    fcntl = None
 
 import data  # noqa: E402
 from data import UserError  # noqa: E402
 from model import (  # noqa: E402
     ARCH,
-    TRACKER_PROJECT,
     build_model,
-    check_output_dir,
+    check_folder_can_be_made,
     decode_metadata,
-    latest_state,
-    lock,
     save_checkpoint,
-    save_state,
-    start_output_dir,
-    write_json,
+    usual_permissions,
+    write_atomically,
 )
 
 if __name__ == "__main__":  # imported: from here on main() handles Ctrl-C
@@ -524,10 +529,18 @@ def update_ema(ema, model, step, decay):
         torch._foreach_copy_(*zip(*counters))
 
 
-def train_epoch(epoch, model, loader, optimizer, scheduler, criterion, accelerator, args, stop, inputs, ema):
+def train_epoch(epoch, run, accelerator, args, stop):
     """One pass over the training split. Returns (loss, accuracy) or None when stopped early. Nothing
     but the loss every LOG_EVERY steps is read back from the device, so on a GPU the host queues the
     next steps while the device runs this one."""
+    model, loader, optimizer, scheduler, criterion = (
+        run.model,
+        run.train_loader,
+        run.optimizer,
+        run.scheduler,
+        run.criterion,
+    )
+    inputs, ema = run.inputs, run.ema
     model.train()
     # Augmentation randomness depends only on (seed, epoch, process), so a resumed epoch replays exactly.
     generator = torch.Generator(accelerator.device).manual_seed(
@@ -724,6 +737,60 @@ def main(argv=None):
 
 
 def train(args):
+    accelerator = make_accelerator(args)
+    args, out, progress = open_run(args, accelerator)
+    if args is None:  # a resumed run with nothing left to train
+        return
+    run = setup(args, out, progress, accelerator)
+    stop = StopRequest(accelerator)
+    try:  # the lock is let go of at the end, also when train() is called again in one process
+        if not progress:  # a state before the first step, so that even a run killed in epoch 1 resumes
+            save_state(accelerator, run.out, dict(config=vars(args), history=[], best_val_loss=math.inf))
+        for epoch in range(len(run.history) + 1, args.epochs + 1):
+            run.train_loader.set_epoch(epoch)
+            started = time.perf_counter()
+            result = train_epoch(epoch, run, accelerator, args, stop)
+            seconds = time.perf_counter() - started
+            if result is None:
+                accelerator.print(
+                    f"\nstopped during epoch {epoch}; {run.out} holds the state from before it. Resume with:\n"
+                    f"  {resume_command(run.out, accelerator)}"
+                )
+                sys.exit(130)
+            record = dict(
+                epoch=epoch,
+                train_loss=result[0],
+                train_acc=result[1],
+                **validate(run.evaluated, run.val_loader, accelerator, run.normalize, len(run.classes)),
+                lr=run.scheduler.get_last_lr()[0],
+                seconds=round(seconds, 2),
+            )
+            improved = end_epoch(run, record, args, accelerator)
+            accelerator.print(
+                f"epoch {epoch:3d}/{args.epochs}  train loss {result[0]:.4f} acc {result[1]:6.2%}  "
+                f"val loss {record['val_loss']:.4f} acc {record['val_acc']:6.2%}  {seconds:6.1f}s "
+                f"({run.images_per_epoch / seconds:.3g} img/s){'  *best' if improved else ''}"
+            )
+            if args.patience and epoch - best_record(run.history)["epoch"] >= args.patience:
+                accelerator.print(f"early stop: no lower validation loss for {args.patience} epochs")
+                break
+    except BrokenPipeError:  # not the run folder: the output piped to `head` has closed (main)
+        raise
+    except (OSError, SafetensorError) as error:  # safetensors reports a full disk as its own error
+        full = getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error)
+        raise UserError(
+            f"could not write to {run.out} ({getattr(error, 'strerror', None) or error}); the files of the last "
+            f"finished epoch are whole. {'Free space' if full else 'Make the folder writable'}, then resume: "
+            f"{resume_command(run.out, accelerator)}"
+        ) from error
+    finally:
+        if run.lock is not None:
+            run.lock.close()
+    accelerator.end_training()
+    accelerator.print(final_summary(run.out, args, run.history))
+
+
+def make_accelerator(args):
     accelerator = Accelerator(
         cpu=not torch.accelerator.is_available(),  # else two CPU processes train separately (DistributedType.NO)
         # non_blocking: batches read from disk go to a GPU from pinned memory without waiting (data.make_loader)
@@ -737,22 +804,35 @@ def train(args):
             "--mixed_precision fp16 does not run on a CPU: accelerate would train in float32 and call it fp16; "
             "pass --mixed_precision bf16 (fast only on CPUs with AVX512-BF16 or AMX: README) or no"
         )
+    return accelerator
+
+
+def open_run(args, accelerator):
+    """The run's folder, checked before any work, and a resumed run's saved progress and settings:
+    (args, folder or None for runs/<timestamp>, progress or None for a new run); (None, ...) when a
+    resumed run has nothing left to train."""
     out = Path(args.output_dir) if args.output_dir else None
-    progress = None
-    if out:
-        if accelerator.is_main_process and (out / ".lock").is_file():
-            lock(out).close()  # another run busy here: say so now, not after loading the data
-        check_output_dir(out, args.resume, args.overwrite)
-        if args.resume:
-            progress = json.loads((latest_state(out) / "progress.json").read_text())
-            saved_epochs = progress["config"]["epochs"]
-            args = resumed_settings(args, progress)
-            check_resumable(out, args, progress, accelerator)
-            finished = finished_run(args, progress["history"], saved_epochs)
-            if finished:
-                accelerator.print(f"{out}: {finished}")
-                accelerator.end_training()  # with several processes, also leaves their group cleanly
-                return
+    if out is None:
+        return args, None, None
+    if accelerator.is_main_process and (out / ".lock").is_file():
+        lock(out).close()  # another run busy here: say so now, not after loading the data
+    check_output_dir(out, args.resume, args.overwrite)
+    if not args.resume:
+        return args, out, None
+    progress = json.loads((latest_state(out) / "progress.json").read_text())
+    args = resumed_settings(args, progress)
+    check_resumable(out, args, progress, accelerator)
+    finished = finished_run(args, progress["history"], progress["config"]["epochs"])
+    if finished:
+        accelerator.print(f"{out}: {finished}")
+        accelerator.end_training()  # with several processes, also leaves their group cleanly
+        return None, out, progress
+    return args, out, progress
+
+
+def setup(args, out, progress, accelerator):
+    """Everything the loop needs, ready: the data, the model and its optimizer, schedule and loss
+    wrapped by accelerate, the run folder (made and locked) and, resumed, the state and history."""
     set_seed(args.seed)
     precision = {"no": "float32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}.get(
         accelerator.mixed_precision, f"{accelerator.mixed_precision} mixed precision"
@@ -761,135 +841,104 @@ def train(args):
         f"{accelerator.num_processes} process(es) ({accelerator.distributed_type.value}) on {accelerator.device}, "
         f"{torch.get_num_threads()} CPU thread(s) each, {precision}"
     )
+    run = SimpleNamespace(progress=progress)
+    run.train_loader, run.val_loader, train_labels, run.classes = load_data(args, accelerator)
+    run.normalize, run.inputs = input_pipeline(args, run.classes, accelerator)
+    run.groups = two_stage_groups(run.classes) if args.two_stage else None
+    model, optimizer, scheduler, criterion, change = build_training(args, run, train_labels, progress, accelerator)
+    run.model, run.optimizer, run.train_loader, run.val_loader, run.scheduler = accelerator.prepare(
+        model, optimizer, run.train_loader, run.val_loader, scheduler
+    )
+    run.criterion = criterion
+    run.images_per_epoch = len(run.train_loader) * args.batch_size * accelerator.num_processes  # drop_last
+    # The EMA copy is not wrapped for data parallel: every process updates it from the same weights.
+    network = accelerator.unwrap_model(run.model, keep_torch_compile=False)  # also under --dynamo_backend
+    run.ema = copy.deepcopy(network).requires_grad_(False) if args.ema else None
+    if run.ema is not None:
+        accelerator.register_for_checkpointing(run.ema)
+    # Validated and saved: uncompiled (compiling validation too would cost a compilation per batch size),
+    # so with torchvision's names.
+    run.evaluated = run.ema if run.ema is not None else network
+    if args.compile:  # last, as accelerate's own; the state it saves keeps the names of the uncompiled model
+        run.model = torch.compile(run.model, mode=COMPILE_MODE)
+    run.out, run.lock = start_output_dir(out, args.resume, args.overwrite, accelerator)
+    args.output_dir = str(run.out)
+    start_trackers(accelerator, run.out, args)
+    accelerator.print(
+        f"recipe: {args.recipe}, {args.epochs} epochs, batch {args.batch_size} per process, lr {args.lr} "
+        f"({args.schedule}, {args.warmup_epochs} warmup), weights {args.weights}, stem {args.stem}, "
+        f"input {args.input_size}x{args.input_size}{', compiled' if args.compile else ''}\noutput: {run.out}"
+    )
+    run.history, run.best_val_loss = [], math.inf
+    if progress:
+        accelerator.load_state(run.out / "state")
+        run.history, run.best_val_loss = progress["history"], progress["best_val_loss"]
+        accelerator.print(f"resumed {run.out} after epoch {len(run.history)}" + (f"; {change}" if change else ""))
+    return run
 
-    train_loader, val_loader, train_labels, classes = load_data(args, accelerator)
 
+def input_pipeline(args, classes, accelerator):
+    """(normalize: evaluation batches -> network inputs; inputs: training batches -> network inputs,
+    augmented on the device)."""
     targeted = torch.tensor(data.class_indices(args.targeted_augment, classes), device=accelerator.device)
     normalize = data.normalizer(args.mean, args.std, args.input_size, accelerator.device, crop=args.eval_crop)
     resized_crop = args.input_size if args.train_crop == "random-resized" else None
 
-    def inputs(images, labels, generator):  # the network's training inputs, augmented on the device
+    def inputs(images, labels, generator):
         return normalize(data.augment(images, labels, generator, args.crop_padding, targeted, resized_crop))
 
-    groups = two_stage_groups(classes) if args.two_stage else None
-    loss_weights = class_weights(args.class_weights, train_labels, classes)
+    return normalize, inputs
+
+
+def build_training(args, run, train_labels, progress, accelerator):
+    """(model, optimizer, scheduler, criterion, what extending a resumed run changes or None)."""
+    loss_weights = class_weights(args.class_weights, train_labels, run.classes)
     if loss_weights is not None:
-        accelerator.print("class weights: " + ", ".join(f"{c} {w:.3g}" for c, w in zip(classes, loss_weights.tolist())))
+        weights = ", ".join(f"{name} {w:.3g}" for name, w in zip(run.classes, loss_weights.tolist()))
+        accelerator.print(f"class weights: {weights}")
     weights = "none" if progress else args.weights  # a resumed run's weights come from its state
-    model = build_model(len(classes), args.stem, weights, groups, args.zero_init_residual)
+    model = build_model(len(run.classes), args.stem, weights, run.groups, args.zero_init_residual)
     model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(
         parameter_groups(model, args.weight_decay), lr=args.lr, momentum=args.momentum, nesterov=args.nesterov
     )
     # Counted in batches of the whole dataset; accelerate steps the scheduler once per process.
-    steps_per_epoch = len(train_loader)
+    steps_per_epoch = len(run.train_loader)
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
-    extended = progress and args.epochs != saved_epochs
-    if extended:
-        change = extend_schedule(args, saved_epochs, len(progress["history"]), steps_per_epoch, warmup_steps)
+    change = None
+    if progress and args.epochs != progress["config"]["epochs"]:
+        saved_epochs, done = progress["config"]["epochs"], len(progress["history"])
+        change = extend_schedule(args, saved_epochs, done, steps_per_epoch, warmup_steps)
     total_steps = args.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total_steps, warmup_steps, args.schedule, args.decay_start)
     )
-    criterion = torch.nn.CrossEntropyLoss(weight=loss_weights, label_smoothing=args.label_smoothing).to(
-        accelerator.device
-    )
-    model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, val_loader, scheduler
-    )
-    images_per_epoch = len(train_loader) * args.batch_size * accelerator.num_processes  # full batches: drop_last
-    # The EMA copy is not wrapped for data parallel: every process updates it from the same weights.
-    network = accelerator.unwrap_model(model, keep_torch_compile=False)  # also under the launcher's --dynamo_backend
-    ema = copy.deepcopy(network).requires_grad_(False) if args.ema else None
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
-    # Validated and saved: uncompiled (compiling validation too would cost a compilation per batch size),
-    # so with torchvision's names.
-    evaluated = ema if ema is not None else network
-    if args.compile:  # last, as accelerate's own; the state it saves keeps the names of the uncompiled model
-        model = torch.compile(model, mode=COMPILE_MODE)
-    out, held_lock = start_output_dir(out, args.resume, args.overwrite, accelerator)
-    args.output_dir = str(out)
-    start_trackers(accelerator, out, args)
-    accelerator.print(
-        f"recipe: {args.recipe}, {args.epochs} epochs, batch {args.batch_size} per process, lr {args.lr} "
-        f"({args.schedule}, {args.warmup_epochs} warmup), weights {args.weights}, stem {args.stem}, "
-        f"input {args.input_size}x{args.input_size}{', compiled' if args.compile else ''}\noutput: {out}"
-    )
+    criterion = torch.nn.CrossEntropyLoss(weight=loss_weights, label_smoothing=args.label_smoothing)
+    return model, optimizer, scheduler, criterion.to(accelerator.device), change
 
-    history, best_val_loss = [], math.inf
-    if progress:
-        accelerator.load_state(out / "state")
-        history, best_val_loss = progress["history"], progress["best_val_loss"]
-        accelerator.print(f"resumed {out} after epoch {len(history)}" + (f"; {change}" if extended else ""))
-    stop = StopRequest(accelerator)
-    try:  # the lock is let go of at the end, also when train() is called again in one process
-        if not progress:  # a state before the first step, so that even a run killed in epoch 1 resumes
-            save_state(accelerator, out, dict(config=vars(args), history=history, best_val_loss=best_val_loss))
-        for epoch in range(len(history) + 1, args.epochs + 1):
-            train_loader.set_epoch(epoch)
-            started = time.perf_counter()
-            result = train_epoch(
-                epoch, model, train_loader, optimizer, scheduler, criterion, accelerator, args, stop, inputs, ema
-            )
-            seconds = time.perf_counter() - started
-            if result is None:
-                accelerator.print(
-                    f"\nstopped during epoch {epoch}; {out} holds the state from before it. Resume with:\n"
-                    f"  {resume_command(out, accelerator)}"
-                )
-                sys.exit(130)
-            record = dict(
-                epoch=epoch,
-                train_loss=result[0],
-                train_acc=result[1],
-                **validate(evaluated, val_loader, accelerator, normalize, len(classes)),
-                lr=scheduler.get_last_lr()[0],
-                seconds=round(seconds, 2),
-            )
-            if not math.isfinite(record["val_loss"]):
-                kept = (
-                    f"best.safetensors (epoch {best_record(history)['epoch']}) is kept"
-                    if history
-                    else "no checkpoint was saved"
-                )
-                raise UserError(
-                    f"the validation loss is {record['val_loss']} after epoch {epoch}; {kept}. "
-                    f"Lower --lr and start again with --overwrite"
-                )
-            history.append(record)
-            accelerator.log(tracked_values(record, classes), step=epoch * steps_per_epoch)
-            improved = record["val_loss"] < best_val_loss
-            best_val_loss = min(best_val_loss, record["val_loss"])
-            if accelerator.is_main_process:
-                metadata = checkpoint_metadata(args, classes, groups, accelerator, record)
-                save_checkpoint(evaluated, out / "last.safetensors", metadata)
-                if improved:
-                    save_checkpoint(evaluated, out / "best.safetensors", metadata)
-                write_json(out / "history.json", history)
-            save_state(accelerator, out, dict(config=vars(args), history=history, best_val_loss=best_val_loss))
-            accelerator.print(
-                f"epoch {epoch:3d}/{args.epochs}  train loss {result[0]:.4f} acc {result[1]:6.2%}  "
-                f"val loss {record['val_loss']:.4f} acc {record['val_acc']:6.2%}  {seconds:6.1f}s "
-                f"({images_per_epoch / seconds:.3g} img/s){'  *best' if improved else ''}"
-            )
-            if args.patience and epoch - best_record(history)["epoch"] >= args.patience:
-                accelerator.print(f"early stop: no lower validation loss for {args.patience} epochs")
-                break
-    except BrokenPipeError:  # not the run folder: the output piped to `head` has closed (main)
-        raise
-    except (OSError, SafetensorError) as error:  # safetensors reports a full disk as its own error
-        full = getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error)
+
+def end_epoch(run, record, args, accelerator):
+    """The epoch's record into the history and the trackers; last.safetensors, best.safetensors when
+    the validation loss is the lowest so far, history.json and the resumable state. Returns whether
+    it improved. A validation loss that is not finite stops the run, the last good files kept."""
+    if not math.isfinite(record["val_loss"]):
+        kept = f"best.safetensors (epoch {best_record(run.history)['epoch']}) is kept" if run.history else ""
         raise UserError(
-            f"could not write to {out} ({getattr(error, 'strerror', None) or error}); the files of the last "
-            f"finished epoch are whole. {'Free space' if full else 'Make the folder writable'}, then resume: "
-            f"{resume_command(out, accelerator)}"
-        ) from error
-    finally:
-        if held_lock is not None:
-            held_lock.close()
-    accelerator.end_training()
-    accelerator.print(final_summary(out, args, history))
+            f"the validation loss is {record['val_loss']} after epoch {record['epoch']}; "
+            f"{kept or 'no checkpoint was saved'}. Lower --lr and start again with --overwrite"
+        )
+    run.history.append(record)
+    accelerator.log(tracked_values(record, run.classes), step=record["epoch"] * len(run.train_loader))
+    improved = record["val_loss"] < run.best_val_loss
+    run.best_val_loss = min(run.best_val_loss, record["val_loss"])
+    if accelerator.is_main_process:
+        metadata = checkpoint_metadata(args, run.classes, run.groups, accelerator, record)
+        save_checkpoint(run.evaluated, run.out / "last.safetensors", metadata)
+        if improved:
+            save_checkpoint(run.evaluated, run.out / "best.safetensors", metadata)
+        write_json(run.out / "history.json", run.history)
+    save_state(accelerator, run.out, dict(config=vars(args), history=run.history, best_val_loss=run.best_val_loss))
+    return improved
 
 
 def final_summary(out, args, history):
@@ -943,6 +992,129 @@ def finished_run(args, history, saved_epochs):
     if len(history) == args.epochs:
         return f"finished: all {args.epochs} epochs are trained; nothing to train. --epochs N continues it to epoch N"
     return None
+
+
+# ---------------------------------------------------------------------------------- the run folder
+# train.py's --output-dir: the checkpoints, history.json, the trackers' files and accelerate's
+# resumable state. Written so that a crash at any point leaves a run that resumes, and locked so
+# that two runs never share it.
+
+TRACKER_PROJECT = "resnet18-cifar10"  # accelerate's project name: the tracker's project; TensorBoard's subfolder
+RUN_FILES = ("history.json", "best.safetensors", "last.safetensors", TRACKER_PROJECT)
+# what evaluate.py draws beside a checkpoint: --overwrite removes them with the run they showed
+EVALUATION_PLOTS = ("curves.png", "*_confusion.png", "*_per_class.png", "*_mistakes.png", "*_predictions*.png")
+# accelerate's resumable state, newest first: state-tmp is being written (complete once its progress.json
+# is), state the last one, state-old the one before, during the swap. See save_state.
+STATE_DIRS = ("state-tmp", "state", "state-old")
+
+
+def latest_state(out):
+    """The newest complete state folder, whichever point of save_state a crash stopped at."""
+    return next((out / name for name in STATE_DIRS if (out / name / "progress.json").is_file()), None)
+
+
+def check_output_dir(out, resume, overwrite):
+    """Refuse, before any work: a file in the way, nothing to resume, or a run not to be touched."""
+    check_folder_can_be_made(out, "--output-dir", out)
+    if resume and not latest_state(out):
+        raise UserError(f"nothing to resume in {out}; start a new run without --resume")
+    finished = any((out / name).exists() for name in RUN_FILES) or latest_state(out)
+    if finished and not (resume or overwrite):
+        raise UserError(
+            f"{out} already holds a run; pass --resume to continue it, --overwrite to replace it, "
+            f"or another --output-dir"
+        )
+
+
+def new_run_dir():
+    """runs/<timestamp>, made here; -2, -3, ... for runs started in the same second (mkdir is atomic,
+    so two runs never share a folder)."""
+    stamp = f"runs/{datetime.now():%Y-%m-%d_%H-%M-%S}"
+    for out in itertools.chain([Path(stamp)], (Path(f"{stamp}-{n}") for n in itertools.count(2))):
+        try:
+            out.mkdir(parents=True)
+            return out
+        except FileExistsError:
+            pass
+
+
+def lock(out):
+    """Hold out/.lock for as long as this process lives; the system lets go of it when the process
+    ends, crashed or not, so a second run in the same folder is refused and a crash never jams it."""
+    handle = open(out / ".lock", "a")
+    if fcntl is not None:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another train.py is running in {out}; wait for it or pass another --output-dir") from None
+    return handle
+
+
+def start_output_dir(out, resume, overwrite, accelerator):
+    """Create, lock and prepare the run's folder once the inputs have proved good; returns (folder,
+    lock). Checked again under the lock: another run may have started here meanwhile."""
+    name, held = [None], None
+    if accelerator.is_main_process:
+        try:
+            out = out or new_run_dir()
+            out.mkdir(parents=True, exist_ok=True)
+            held = lock(out)
+            check_output_dir(out, resume, overwrite)
+            newest = latest_state(out)
+            if resume and newest.name != "state":  # a crash stopped save_state halfway: finish it
+                discard(out / "state")
+                newest.rename(out / "state")
+            if resume:
+                leftovers = [n for n in STATE_DIRS if n != "state"]
+            else:  # --overwrite, or a new folder
+                plots = [path.name for pattern in EVALUATION_PLOTS for path in out.glob(pattern)]
+                leftovers = [*RUN_FILES, *STATE_DIRS, *plots]
+            for name in leftovers:
+                discard(out / name)
+            kept = sorted(path.name for path in out.iterdir() if path.name != ".lock")
+            if overwrite and kept:
+                print(f"--overwrite: kept {', '.join(kept)}, not files of the run or its plots")
+        except OSError as error:
+            raise UserError(
+                f"cannot write to {out or 'runs/'} ({error.strerror}); pass another --output-dir"
+            ) from error
+        name = [str(out)]
+    broadcast_object_list(name)
+    return Path(name[0]), held
+
+
+def discard(path):
+    """Remove a file or folder. A state folder loses its progress.json first, so that one half
+    removed by a crash never looks complete."""
+    if path.is_dir():
+        (path / "progress.json").unlink(missing_ok=True)
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def save_state(accelerator, out, progress):
+    """accelerate's save_state, made atomic: write state-tmp (progress.json last), then swap it in
+    by renaming. latest_state finds a complete state after a crash at any point."""
+    tmp, state, old = (out / name for name in STATE_DIRS)
+    if accelerator.is_main_process:
+        discard(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    if accelerator.is_main_process:
+        for file in tmp.iterdir():
+            usual_permissions(file)
+        write_json(tmp / "progress.json", progress)
+        discard(old)
+        if state.exists():
+            state.rename(old)
+        tmp.rename(state)
+        discard(old)
+    accelerator.wait_for_everyone()
+
+
+def write_json(path, obj):
+    write_atomically(path, lambda temporary: temporary.write_text(json.dumps(obj, indent=1)))
 
 
 def resume_command(out, accelerator, processes=None):

@@ -280,7 +280,7 @@ def test_a_busy_finished_run_says_so_before_loading_any_data(image_folder, tmp_p
 
 def test_default_run_folders_started_in_the_same_second_differ(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    first, second = model.new_run_dir(), model.new_run_dir()
+    first, second = train.new_run_dir(), train.new_run_dir()
     assert first != second and first.is_dir() and second.is_dir()
 
 
@@ -372,7 +372,7 @@ def test_sigterm_to_accelerate_launch_stops_the_trainer_with_its_state_saved(ima
             os.kill(trainer, signal.SIGKILL)
             pytest.fail("the trainer outlived its launcher")
     assert "stopped during epoch" in output and "--resume" in output, output[-2000:]
-    assert model.latest_state(out) == out / "state" and len(epochs_in(out)) < 50
+    assert train.latest_state(out) == out / "state" and len(epochs_in(out)) < 50
 
 
 def test_odd_data_dirs_and_images_are_refused_or_skipped(tmp_path, image_folder):

@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -63,6 +64,12 @@ JITTER = 0.4  # brightness, contrast and saturation factors drawn from [1 - JITT
 ERASE_PROBABILITY = 0.5
 ERASE_AREA = (0.02, 0.33)  # fraction of the image, as torchvision's RandomErasing
 ERASE_RATIO = (0.3, 3.3)
+
+
+# PIL warns of odd but readable files (corrupt EXIF, large images) in lines of its own; read_image
+# reads them, or skips and names them when they cannot be read.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 class UserError(Exception):
@@ -146,7 +153,12 @@ def list_folder(folder):
     classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir() and entry.name[0] != ".")
     if not classes:
         raise UserError(f"no class folders in {folder}; expected {folder}/<class>/ folders of images")
-    seen = Seen({os.path.realpath(path) for path in (folder, *(folder / name for name in classes))})
+    real = {name: os.path.realpath(folder / name) for name in classes}
+    twins = [(name, other) for name in classes for other in classes if name > other and real[name] == real[other]]
+    if twins:
+        raise UserError(f"class folder {folder / twins[0][0]} is a link to {folder / twins[0][1]}: the same images "
+                        f"under two classes; remove one")  # fmt: skip
+    seen = Seen({os.path.realpath(folder), *real.values()})
     paths, labels = [], []
     for label, name in enumerate(classes):
         found = find_images(folder / name, seen)
@@ -156,6 +168,16 @@ def list_folder(folder):
         labels += [label] * len(found)
     seen.report(folder)
     return paths, torch.tensor(labels), classes
+
+
+def file_identity(path):
+    """What makes two paths one file: its device and inode (symbolic and hard links alike), or for a
+    broken link its own path."""
+    try:
+        stat = os.stat(path)
+        return stat.st_dev, stat.st_ino
+    except OSError:
+        return path
 
 
 class Seen:
@@ -194,7 +216,7 @@ def find_images(folder, seen):
     paths = []
     for directory, files in sorted(walk):
         for path in (os.path.join(directory, file) for file in sorted(files)):
-            real = os.path.realpath(path)
+            real = file_identity(path)
             if not path.lower().endswith(IMAGE_EXTENSIONS):
                 seen.others.append(path)
             elif real in seen.files:
@@ -260,6 +282,13 @@ def load_split(
         where = f"{val_fraction:.0%} of train/ (stratified, --seed {seed})"
     else:
         val_items, val_labels, val_classes = list_folder(val_dir)
+        in_train = set(map(file_identity, items))
+        shared = [path for path in val_items if file_identity(path) in in_train]
+        if shared:
+            raise UserError(
+                f"{len(shared)} image(s) of {val_dir} are also in train/ (links to the same files), e.g. {shared[0]}: "
+                f"validation would measure training images; keep each image in one of the two folders"
+            )
         if val_classes != classes:
             raise UserError(
                 f"{val_dir} has the classes {val_classes} and train/ has {classes}; give both the same class folders"
@@ -878,7 +907,13 @@ def class_indices(spec, classes):
         return []
     if spec == "all":
         return list(range(len(classes)))
-    names = GROUPS.get(spec, spec.split(","))
+    if spec in GROUPS:  # a group's classes that this data has
+        names = [name for name in GROUPS[spec] if name in classes]
+        if not names:
+            raise UserError(f"the group {spec} ({', '.join(GROUPS[spec])}) has none of the classes {classes}; "
+                            f"name classes, or edit data.GROUPS")  # fmt: skip
+        return [classes.index(name) for name in names]
+    names = spec.split(",")
     unknown = [name for name in names if name not in classes]
     if unknown:
         raise UserError(f"unknown class {unknown[0]!r}; use all, none, {', '.join(GROUPS)} or names from {classes}")

@@ -217,13 +217,18 @@ def overfitting(history):
         return None
     best = min(history, key=lambda r: r["val_loss"])
     last = history[-1]
+
+    def ratio(a, b):  # None where a loss is 0: a perfect fit has no ratio
+        return a / b if b > 0 else None
+
+    increase = ratio(last["val_loss"] - best["val_loss"], best["val_loss"])
     return {
         "best_epoch": best["epoch"],
-        "val_loss_increase_pct": 100 * (last["val_loss"] - best["val_loss"]) / best["val_loss"],
+        "val_loss_increase_pct": None if increase is None else 100 * increase,
         "train_val_acc_gap_best": 100 * (best["train_acc"] - best["val_acc"]),
         "train_val_acc_gap_last": 100 * (last["train_acc"] - last["val_acc"]),
-        "loss_ratio_best": best["val_loss"] / best["train_loss"],
-        "loss_ratio_last": last["val_loss"] / last["train_loss"],
+        "loss_ratio_best": ratio(best["val_loss"], best["train_loss"]),
+        "loss_ratio_last": ratio(last["val_loss"], last["train_loss"]),
     }
 
 
@@ -240,8 +245,8 @@ def read_history(checkpoint):
         for number, record in enumerate(history, 1):
             numbers = record if isinstance(record, dict) else {}
             missing = [key for key in HISTORY_FIELDS if not isinstance(numbers.get(key), (int, float))]
-            if not missing and min(numbers["train_loss"], numbers["val_loss"]) <= 0:
-                missing = ["a positive loss"]  # the loss ratios divide by them
+            if not missing and min(numbers["train_loss"], numbers["val_loss"]) < 0:
+                missing = ["a loss of 0 or more"]
             if missing:
                 raise ValueError(f"record {number} has no number for {', '.join(missing)}")
     except (OSError, ValueError) as error:
@@ -296,13 +301,17 @@ def print_report(results, classes):
             print(f"  {c['true']:>{width}} -> {c['pred']:<{width}}  {c['count']}")
     o = results["overfitting"]
     if o:
+
+        def number(value, unit=""):
+            return "n/a (a loss of 0)" if value is None else f"{value:.{1 if unit else 2}f}{unit}"
+
         print(
             f"\nhistory: lowest validation loss at epoch {o['best_epoch']}; "
-            f"validation loss rose {o['val_loss_increase_pct']:.1f}% from there to the last epoch\n"
+            f"validation loss rose {number(o['val_loss_increase_pct'], '%')} from there to the last epoch\n"
             f"train-val accuracy gap: {o['train_val_acc_gap_best']:.2f} points at the best epoch, "
             f"{o['train_val_acc_gap_last']:.2f} at the last\n"
-            f"val/train loss ratio: {o['loss_ratio_best']:.2f} at the best epoch, "
-            f"{o['loss_ratio_last']:.2f} at the last"
+            f"val/train loss ratio: {number(o['loss_ratio_best'])} at the best epoch, "
+            f"{number(o['loss_ratio_last'])} at the last"
         )
 
 
@@ -465,7 +474,10 @@ def write_plots(args, results, confusion, classes, history, shown):
         figures[f"{prefix}_mistakes.png"] = lambda: plot_mistakes(
             images, labels, probabilities, results["top_confusions"], classes, title
         )
-    shows = f"evaluate.py {Path(args.checkpoint).resolve()} --split {args.split}{' --tta' if args.tta else ''}"
+    data_dir = Path(args.data_dir).resolve()
+    shows = (
+        f"evaluate.py {Path(args.checkpoint).resolve()} --data-dir {data_dir} --split {args.split}{' --tta' * args.tta}"
+    )
     shown = dict.fromkeys(figures, shows)
     if history:
         source = Path(args.checkpoint).with_name("history.json")
@@ -514,7 +526,10 @@ def main(argv=None):
 def evaluate(args):
     model, metadata = load_checkpoint(args.checkpoint)
     classes = metadata["classes"]
-    args.data_dir = args.data_dir or metadata.get("config", {}).get("data_dir") or "./data"
+    recorded = metadata.get("config", {}).get("data_dir")
+    if not args.data_dir and recorded and not Path(recorded).exists():
+        raise data.UserError(f"the run's data folder {recorded} does not exist any more (moved?); pass --data-dir")
+    args.data_dir = args.data_dir or recorded or "./data"
     folders = output_folders(args)
     images, labels, data_check = load_split(args, metadata)
     create(folders)
@@ -614,7 +629,15 @@ def write_sheets(args, files, images, probabilities, classes):
         figures[name] = functools.partial(plot_sheet, images[part], names, probabilities[part], classes, title)
     inputs = " ".join(str(Path(path).resolve()) for path in args.predict)
     shows = f"evaluate.py {Path(args.checkpoint).resolve()} --predict {inputs}"
-    save_figures(plot_folder(args), figures, dict.fromkeys(figures, shows))
+    folder = plot_folder(args)
+    stale = sorted(
+        p.name for p in folder.glob(f"{Path(args.checkpoint).stem}_predictions*.png") if p.name not in figures
+    )
+    save_figures(folder, figures, dict.fromkeys(figures, shows))
+    if stale:  # sheets of an earlier, longer --predict: they would pass for this one's
+        for name in stale:
+            (folder / name).unlink(missing_ok=True)
+        print(f"removed {len(stale)} earlier contact sheet(s) of {Path(args.checkpoint).stem}: {', '.join(stale)}")
 
 
 if __name__ == "__main__":

@@ -91,7 +91,7 @@ def read_state_dict(path):
             return load_file(path)
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        reason = str(error).strip().splitlines()[0]  # torch's unpickling errors run to many lines
+        reason = str(error).strip().splitlines()[0].split(". ")[0]  # torch's unpickling errors run to many lines
         raise UserError(
             f"could not read weights {path} ({reason}); expected a .pth or .safetensors state dict"
         ) from error
@@ -171,6 +171,8 @@ def decode_metadata(text):
 def load_checkpoint(path):
     """Rebuild the model from a checkpoint written by train.py; return (model, metadata)."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder; pass a checkpoint in it, such as {path / 'best.safetensors'}")
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found; pass the best.safetensors or last.safetensors of a run")
     try:

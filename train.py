@@ -253,7 +253,7 @@ def parse_args(argv=None):
     )
     args = parser.parse_args(argv)
     # recorded absolute, so that evaluate.py and --resume find it from any working folder
-    args.data_dir = os.path.abspath(args.data_dir) if args.data_dir else None
+    absolute_paths(vars(args))
     if args.resume:  # the run's saved settings apply; see resumed_settings
         if not args.output_dir:
             parser.error("--resume needs --output-dir, the folder of the run to continue")
@@ -263,6 +263,7 @@ def parse_args(argv=None):
         unset = object()
         parser.set_defaults(**dict.fromkeys(vars(args), unset))
         args.given = {key: value for key, value in vars(parser.parse_args(argv)).items() if value is not unset}
+        absolute_paths(args.given)
         return args
     args.data_dir = args.data_dir or os.path.abspath(data.DEFAULT_DATA_DIR)
     recipe = SEED_RECIPE if args.recipe == "seed" else DEFAULT_RECIPE
@@ -271,6 +272,17 @@ def parse_args(argv=None):
             setattr(args, key, value)
     args.decay_start = None  # set when a resumed run's --epochs changes; see lr_factor
     return args
+
+
+def absolute_paths(settings):
+    """The files and folders among the settings ({name: value}), made absolute: recorded so, the run
+    finds them again, and the command that started it matches, from any working folder."""
+    if settings.get("data_dir"):
+        settings["data_dir"] = os.path.abspath(settings["data_dir"])
+    if settings.get("weights") not in (None, "imagenet", "none"):
+        settings["weights"] = os.path.abspath(settings["weights"])
+    if settings.get("class_weights") and os.path.exists(settings["class_weights"]):
+        settings["class_weights"] = os.path.abspath(settings["class_weights"])
 
 
 def data_settings(args, typical_side):
@@ -360,6 +372,11 @@ def resumed_settings(args, progress):
     for key in ("epochs", "data_dir"):
         if getattr(args, key) is not None:
             config[key] = getattr(args, key)
+    if args.data_dir is None and not Path(config["data_dir"]).exists():
+        raise UserError(
+            f"the run's data folder {config['data_dir']} does not exist any more (moved?); resume with "
+            f"--data-dir and its new place"
+        )
     return argparse.Namespace(**config | {"mean": tuple(config["mean"]), "std": tuple(config["std"])})
 
 
@@ -728,6 +745,8 @@ def main(argv=None):
     try:
         train(parse_args(argv))
     except UserError as error:
+        if int(os.environ.get("RANK", 0)):  # several processes meet the same input: the first one says it
+            sys.exit(1)
         sys.exit(f"error: {' '.join(str(error).split())}")  # one line, whatever the message
     except KeyboardInterrupt:  # before training started; from then on StopRequest handles it
         sys.exit(130)
@@ -892,7 +911,10 @@ def input_pipeline(args, classes, accelerator):
 
 def build_training(args, run, train_labels, progress, accelerator):
     """(model, optimizer, scheduler, criterion, what extending a resumed run changes or None)."""
-    loss_weights = class_weights(args.class_weights, train_labels, run.classes)
+    if getattr(args, "loss_weights", None) is None:  # a resumed run keeps the weights it computed
+        weights = class_weights(args.class_weights, train_labels, run.classes)
+        args.loss_weights = None if weights is None else weights.tolist()
+    loss_weights = None if args.loss_weights is None else torch.tensor(args.loss_weights)
     if loss_weights is not None:
         weights = ", ".join(f"{name} {w:.3g}" for name, w in zip(run.classes, loss_weights.tolist()))
         accelerator.print(f"class weights: {weights}")
@@ -972,11 +994,12 @@ def check_resumable(out, args, progress, accelerator):
     had = len(list(latest_state(out).glob("random_states_*.pkl")))  # accelerate saves one per process
     now = accelerator.num_processes
     if had and had != now:
+        extended = args.epochs if args.epochs != progress["config"]["epochs"] else None
         accelerator.print(
             f"warning: {out} was trained by {had} process(es), a global batch of {had * args.batch_size}; it goes on "
             f"with {now}, a global batch of {now * args.batch_size} ({args.batch_size} per process, the same learning "
             f"rate schedule per image), so it will not match a run with {had}. For that: "
-            f"{resume_command(out, accelerator, had)}"
+            f"{resume_command(out, accelerator, had, extended)}"
         )
 
 
@@ -1117,16 +1140,18 @@ def write_json(path, obj):
     write_atomically(path, lambda temporary: temporary.write_text(json.dumps(obj, indent=1)))
 
 
-def resume_command(out, accelerator, processes=None):
+def resume_command(out, accelerator, processes=None, epochs=None):
     """The command that continues this run, with the launcher settings it ran with (processes: that
-    many instead of this launch's), quoted for a shell."""
+    many instead of this launch's; epochs: extended to that many), quoted for a shell."""
     launch = ["accelerate", "launch"]
     processes = processes or accelerator.num_processes
     if processes > 1:
         launch += ["--multi_gpu", "--num_processes", str(processes)]
     if accelerator.mixed_precision != "no":
         launch += ["--mixed_precision", accelerator.mixed_precision]
-    return shlex.join([*launch, "train.py", "--output-dir", str(out), "--resume"])
+    return shlex.join(
+        [*launch, "train.py", "--output-dir", str(out), "--resume", *(["--epochs", str(epochs)] if epochs else [])]
+    )
 
 
 def best_record(history):

@@ -156,7 +156,7 @@ def test_a_finished_run_resumed_says_so_and_another_process_count_is_said(tmp_pa
     train.main(["--output-dir", str(out), "--resume", "--epochs", "2"])
     printed = capsys.readouterr().out
     assert "was trained by 2 process(es), a global batch of 8; it goes on with 1, a global batch of 4" in printed
-    assert "accelerate launch --multi_gpu --num_processes 2 train.py --output-dir" in printed
+    assert f"accelerate launch --multi_gpu --num_processes 2 train.py --output-dir {out} --resume --epochs 2" in printed
     assert epochs_in(out) == [1, 2]
 
 
@@ -365,7 +365,7 @@ def test_two_processes_with_too_few_images_for_a_batch_each_are_refused(tmp_path
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu", "-q"]
     result = run_script(*launch, "train.py", *quick_args(root, tmp_path / "run", "--batch-size", "32"))
     assert result.returncode != 0
-    assert "--batch-size 32 x 2 processes needs 64 training images a step, and there are 40" in result.stderr
+    assert result.stderr.count("--batch-size 32 x 2 processes needs 64 training images a step, and there are 40") == 1
     assert not (tmp_path / "run").exists()
 
 
@@ -457,3 +457,83 @@ def test_ctrl_c_while_a_script_starts_exits_quietly(script, tmp_path):
     process.send_signal(signal.SIGINT)
     errors = process.communicate(timeout=60)[1]
     assert "Traceback" not in errors and "KeyboardInterrupt" not in errors, errors
+
+
+# ---------------------------------------------------------------------------------- from the new-user review
+
+
+def test_a_val_folder_holding_training_images_is_refused(tmp_path):
+    root = two_classes(tmp_path / "d")
+    os.symlink(root / "train", root / "val")  # validation would be the training set
+    assert "validation would measure training images" in refused(quick_args(root, tmp_path / "run"))
+    os.unlink(root / "val")
+    two_classes(tmp_path / "v")
+    (tmp_path / "v" / "train").rename(root / "val")
+    os.link(root / "train" / "ant" / "000.png", root / "val" / "ant" / "hard.png")  # a hard link: one file too
+    assert "1 image(s) of" in refused(quick_args(root, tmp_path / "run"))
+
+
+def test_hard_links_and_a_class_folder_linked_to_another_are_one_image_and_refused(tmp_path, capsys):
+    root = two_classes(tmp_path / "d", count=4)
+    os.link(root / "train" / "ant" / "000.png", root / "train" / "ant" / "again.png")
+    assert len(data.list_images(root, "train")[0]) == 8 and "skipped 1 link(s)" in capsys.readouterr().out
+    os.symlink(root / "train" / "ant", root / "train" / "cat")
+    with pytest.raises(data.UserError, match="cat is a link to .*ant: the same images under two classes"):
+        data.list_images(root, "train")
+
+
+def test_relative_paths_resume_from_anywhere_and_class_weights_stay_the_runs(tmp_path, monkeypatch, capsys):
+    project = tmp_path / "project"
+    two_classes(project / "d")
+    monkeypatch.chdir(project)
+    fake_run_checkpoint(project / "earlier", ["ant", "bee"], [0.9, 0.5])
+    command = short_run("d", "run", "--class-weights", "earlier/history.json")
+    train.main(command)
+    first = capsys.readouterr().out
+    assert "class weights: ant 0.333, bee 1.67" in first
+    (project / "earlier" / "history.json").write_text(
+        json.dumps([{"epoch": 1, "val_loss": 1, "val_per_class": [0.5, 0.9]}])
+    )
+    monkeypatch.chdir(tmp_path)  # elsewhere, the same paths spelled another way
+    again = [arg.replace("earlier/", f"{project}/./earlier/") for arg in command]
+    train.main([*again[2:], "--output-dir", str(project / "run"), "--resume", "--epochs", "2"])
+    assert "class weights: ant 0.333, bee 1.67" in capsys.readouterr().out  # the run's, not the changed file's
+    assert epochs_in(project / "run") == [1, 2]
+
+
+def test_a_moved_data_folder_is_named_as_the_runs(tmp_path):
+    root = two_classes(tmp_path / "d")
+    train.main(short_run(root, tmp_path / "run"))
+    root.rename(tmp_path / "moved")
+    message = refused(["--output-dir", tmp_path / "run", "--resume", "--epochs", "2"])
+    assert f"the run's data folder {root} does not exist any more (moved?)" in message
+    message = refused([tmp_path / "run" / "best.safetensors", "--split", "val"], main=evaluate.main)
+    assert "does not exist any more (moved?); pass --data-dir" in message
+    assert "is a folder; pass a checkpoint in it" in refused([tmp_path / "run"], main=evaluate.main)
+
+
+def test_a_loss_of_zero_is_a_history_not_an_unreadable_one():
+    history = [{"epoch": 1, "train_loss": 0.5, "train_acc": 0.9, "val_loss": 0.0, "val_acc": 1.0}]
+    figures = evaluate.overfitting(history)
+    assert figures["val_loss_increase_pct"] is None and figures["loss_ratio_best"] == 0.0
+    history.append({"epoch": 2, "train_loss": 0.0, "train_acc": 1.0, "val_loss": 0.0, "val_acc": 1.0})
+    assert evaluate.overfitting(history)["loss_ratio_last"] is None
+
+
+def test_plots_of_another_test_folder_and_stale_contact_sheets_are_said(trained_run, image_folder, tmp_path, capsys):
+    shutil.copytree(image_folder / "test", tmp_path / "other" / "test")
+    shutil.copytree(image_folder / "train", tmp_path / "other" / "train")
+    checkpoint, plots = str(trained_run / "best.safetensors"), str(tmp_path / "plots")
+    evaluate.main([checkpoint, "--data-dir", str(image_folder), "--plot-dir", plots])
+    evaluate.main([checkpoint, "--data-dir", str(tmp_path / "other"), "--plot-dir", plots])
+    assert "replaced 3 plot(s)" in capsys.readouterr().out
+    evaluate.main([checkpoint, "--predict", str(image_folder / "train"), "--plot-dir", plots])  # 200 images: 5 sheets
+    evaluate.main([checkpoint, "--predict", str(image_folder / "test" / "cat"), "--plot-dir", plots])  # 5: one
+    assert "removed 5 earlier contact sheet(s) of best: best_predictions_1.png" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "plots").glob("best_predictions*")) == ["best_predictions.png"]
+
+
+def test_a_group_takes_the_classes_the_data_has():
+    assert data.class_indices("vehicles", ["cat", "dog", "ship"]) == [2]
+    with pytest.raises(data.UserError, match="the group vehicles .* has none of the classes"):
+        data.class_indices("vehicles", ["cat", "dog"])

@@ -1,8 +1,10 @@
-"""Data: CIFAR-10 or an image folder held in memory, the train/validation split, and augmentation.
+"""Data: CIFAR-10 or an image folder, the train/validation split, and augmentation.
 
-The whole dataset is decoded once into a single uint8 tensor (50,000 CIFAR images are 150 MB).
-Batches are sliced from it and augmented as whole batches on the training device, each sample with
-its own random numbers, so no per-sample Python runs in the training loop.
+An image folder is decoded once into a cache file of raw uint8 pixels that every later run and
+process maps into memory (50,000 CIFAR images are 147 MiB). A split is held as one uint8 tensor
+on the training device, or read batch by batch from the mapped file when it does not fit. Batches
+are augmented as whole batches on the device, each sample with its own random numbers, so no
+per-sample Python runs in the training loop.
 """
 
 import hashlib
@@ -309,7 +311,7 @@ def load_split(
     opened = {}  # train/'s cache serves both parts when the validation split is cut from it
     splits = {}
     for part in parts:
-        split = load_part(*sources[part], side, folders[part], cache_dir if cached else None, opened)
+        split = load_part(*sources[part], side, folders[part], cache_dir if cached else None, opened, data_on == "disk")
         splits[part] = split if data_on == "disk" else split.in_memory()
     for part, split in splits.items():  # a class whose images could none be read is gone
         empty = [name for name, n in zip(classes, torch.bincount(split.labels, minlength=len(classes))) if n == 0]
@@ -406,15 +408,18 @@ def place_data(data_on, cached, cache_dir, subset, sources, parts, side, device,
     return data_on
 
 
-def load_part(items, labels, positions, side, folder, cache_dir, opened):
+def load_part(items, labels, positions, side, folder, cache_dir, opened, on_disk=False):
     """A Split of the items at positions: decoded into memory, or (cache_dir) rows of folder's cache,
     built first when there is none (opened: the caches opened so far, by folder). A cache that cannot
-    be written costs only the cache: the images are decoded into memory, as said in a warning."""
+    be written costs only the cache: the images are decoded into memory, as said in a warning;
+    unless they are to be read from disk (on_disk), which then cannot be."""
     if cache_dir is not None and folder not in opened:
         try:
             opened[folder] = open_or_build_cache(items, side, folder, cache_dir)
             say_unreadable(opened[folder][2], len(items), f" of {folder}")
         except CacheUnavailable as why:
+            if on_disk:
+                raise UserError(f"{why}; --data-on disk reads from the cache, and nothing else is left") from None
             print(f"warning: {why}; decoding into memory, without a cache")
             opened[folder] = None
     if cache_dir is None or opened[folder] is None:

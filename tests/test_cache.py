@@ -155,6 +155,20 @@ def test_a_cache_dir_that_is_a_file_or_a_full_disk_costs_only_the_cache(folder, 
     assert len(splits["val"]) == 6 and caches(tmp_path / "cache") + caches(tmp_path / "cache", built=False) == []
 
 
+def test_a_disk_too_full_for_the_cache_of_images_too_large_for_memory_is_refused_with_the_sizes(
+    folder, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(data, "MEMORY_SHARE", 1e-12)  # auto would read from disk
+    monkeypatch.setattr(data.shutil, "disk_usage", lambda path: type("usage", (), {"free": 1000})())
+    with pytest.raises(SystemExit) as refusal:
+        train.main(
+            [*quick_args(folder, tmp_path / "run", "--max-train-samples", "1000"), "--cache-dir", str(tmp_path / "c")]
+        )
+    message = str(refusal.value.code)
+    assert "needs 0.1 MiB and" in message and "has 0.0 MiB free" in message and "--data-on disk reads" in message
+    assert caches(tmp_path / "c") + caches(tmp_path / "c", built=False) == [] and not (tmp_path / "run").exists()
+
+
 def test_data_on_disk_without_a_cache_is_one_error_line(folder, tmp_path):
     with pytest.raises(SystemExit) as refusal:
         train.main([*quick_args(folder, tmp_path / "run"), "--cache-dir", "none", "--data-on", "disk"])

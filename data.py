@@ -283,29 +283,11 @@ def load_split(
         found = fingerprint(data_dir, items, labels, classes)
         where = f"{val_fraction:.0%} of train/ (stratified, --seed {seed})"
     else:
-        val_items, val_labels, val_classes = list_folder(val_dir)
-        in_train = set(map(file_identity, items))
-        shared = [path for path in val_items if file_identity(path) in in_train]
-        if shared:
-            raise UserError(
-                f"{len(shared)} image(s) of {val_dir} are also in train/ (links to the same files), e.g. {shared[0]}: "
-                f"validation would measure training images; keep each image in one of the two folders"
-            )
-        if val_classes != classes:
-            raise UserError(
-                f"{val_dir} has the classes {val_classes} and train/ has {classes}; give both the same class folders"
-            )
-        train = training_subset(labels, torch.arange(len(labels)), max_train_samples, seed)
-        if len(labels[train].unique()) < len(classes):  # only a subset can leave a class out
-            raise UserError(
-                f"--max-train-samples {max_train_samples} leaves a class without training images; "
-                f"raise it (at least {len(classes)}, one image a class)"
-            )
-        sources = {"train": (items, labels, train), "val": (val_items, val_labels, torch.arange(len(val_labels)))}
-        found = fingerprint(data_dir, items, torch.cat([labels, val_labels]), classes, val_items)
+        sources, found = validation_folder_sources(data_dir, val_dir, items, labels, classes, max_train_samples, seed)
         where = f"{val_dir} (--val-fraction is not used)"
     folders = {"train": Path(data_dir) / "train", "val": val_dir or Path(data_dir) / "train"}
-    subset = len(sources["train"][2]) < len(labels) - (len(sources["val"][2]) if val_dir is None else 0)
+    # a --max-train-samples cut: fewer images in the parts than in the folders they come from
+    subset = len(sources["train"][2]) + (len(sources["val"][2]) if val_dir is None else 0) < len(labels)
     cached = cache_dir is not None and not isinstance(items, torch.Tensor) and not subset
     data_on = place_data(data_on, cached, cache_dir, subset, sources, parts, side, device, reserved)
     opened = {}  # train/'s cache serves both parts when the validation split is cut from it
@@ -321,6 +303,31 @@ def load_split(
                 f"replace them, or remove the class folder"
             )
     return splits, classes, found, where
+
+
+def validation_folder_sources(data_dir, val_dir, items, labels, classes, max_train_samples, seed):
+    """({part: (items, labels, positions)}, fingerprint) when DIR/val/ is the validation split: train/
+    whole (or its subset), val/ whole. Refused: val/ with other classes, or images of train/."""
+    val_items, val_labels, val_classes = list_folder(val_dir)
+    in_train = set(map(file_identity, items))
+    shared = [path for path in val_items if file_identity(path) in in_train]
+    if shared:
+        raise UserError(
+            f"{len(shared)} image(s) of {val_dir} are also in train/ (links to the same files), e.g. {shared[0]}: "
+            f"validation would measure training images; keep each image in one of the two folders"
+        )
+    if val_classes != classes:
+        raise UserError(
+            f"{val_dir} has the classes {val_classes} and train/ has {classes}; give both the same class folders"
+        )
+    train = training_subset(labels, torch.arange(len(labels)), max_train_samples, seed)
+    if len(labels[train].unique()) < len(classes):  # only a subset can leave a class out
+        raise UserError(
+            f"--max-train-samples {max_train_samples} leaves a class without training images; "
+            f"raise it (at least {len(classes)}, one image a class)"
+        )
+    sources = {"train": (items, labels, train), "val": (val_items, val_labels, torch.arange(len(val_labels)))}
+    return sources, fingerprint(data_dir, items, torch.cat([labels, val_labels]), classes, val_items)
 
 
 def check_classes(classes, expected, data_dir):

@@ -7,6 +7,7 @@ are augmented as whole batches on the device, each sample with its own random nu
 per-sample Python runs in the training loop.
 """
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -72,6 +73,9 @@ ERASE_RATIO = (0.3, 3.3)
 # reads them, or skips and names them when they cannot be read.
 warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+LOG = print  # where data.py's lines go; train.py sends them through accelerate, one process a machine
 
 
 class UserError(Exception):
@@ -192,9 +196,9 @@ class Seen:
         """One line each for what was passed over: files that are not images, and links."""
         if self.others:
             example = Path(sorted(self.others)[0]).name
-            print(f"{where}: skipped {len(self.others)} file(s) that are not images, e.g. {example}")
+            LOG(f"{where}: skipped {len(self.others)} file(s) that are not images, e.g. {example}")
         if self.links:
-            print(f"{where}: skipped {self.links} link(s) to folders or images already listed; each image is read once")
+            LOG(f"{where}: skipped {self.links} link(s) to folders or images already listed; each image is read once")
 
 
 def find_images(folder, seen):
@@ -262,6 +266,7 @@ def load_split(
     listing=None,
     cache_dir=None,
     data_on="device",
+    check=None,
 ):
     """The run's training and validation images at side x side: DIR/val/ when there is one, else a
     stratified val_fraction of train/; the training part optionally cut to about max_train_samples.
@@ -270,8 +275,9 @@ def load_split(
     An image folder is decoded once, whole, into a cache in cache_dir (None: no cache), unless a
     subset is asked for. data_on: "device", the splits in memory (for the caller to put on the
     training device); "disk", read batch by batch from the cache; "auto", device when it fits.
-    Returns ({part: Split}, class names, the data's fingerprint, where the validation images come
-    from, in words)."""
+    check(fingerprint), when given, may refuse the data before anything is decoded. Returns
+    ({part: Split}, class names, the data's fingerprint, where the validation images come from, in
+    words)."""
     items, labels, classes = listing or list_images(data_dir, "train")
     check_classes(classes, expected_classes, data_dir)
     if len(classes) == 1:  # a model that is always right: loss 0, 100% accuracy
@@ -285,6 +291,8 @@ def load_split(
     else:
         sources, found = validation_folder_sources(data_dir, val_dir, items, labels, classes, max_train_samples, seed)
         where = f"{val_dir} (--val-fraction is not used)"
+    if check:
+        check(found)
     folders = {"train": Path(data_dir) / "train", "val": val_dir or Path(data_dir) / "train"}
     # a --max-train-samples cut: fewer images in the parts than in the folders they come from
     subset = len(sources["train"][2]) + (len(sources["val"][2]) if val_dir is None else 0) < len(labels)
@@ -404,12 +412,12 @@ def place_data(data_on, cached, cache_dir, subset, sources, parts, side, device,
             raise UserError("--data-on disk reads batches from the cache; drop --cache-dir none")
         if data_on == "disk":
             why = "--max-train-samples decodes its subset and writes no cache" if subset else "CIFAR-10 is in memory"
-            print(f"data: held in memory, not on disk: {why}")
+            LOG(f"data: held in memory, not on disk: {why}")
         data_on = "device"
     if data_on == "auto":
         data_on = "device" if fits_in_memory(count, side, device, reserved) else "disk"
         if data_on == "disk":
-            print(f"data: {count} images at {side}x{side} do not fit in memory; training reads them from the cache")
+            LOG(f"data: {count} images at {side}x{side} do not fit in memory; training reads them from the cache")
     if data_on == "device":
         check_memory(count, side, device, f"pass --data-on disk, or {advice}" if cached else advice, reserved)
     return data_on
@@ -427,10 +435,14 @@ def load_part(items, labels, positions, side, folder, cache_dir, opened, on_disk
         except CacheUnavailable as why:
             if on_disk:
                 raise UserError(f"{why}; --data-on disk reads from the cache, and nothing else is left") from None
-            print(f"warning: {why}; decoding into memory, without a cache")
+            LOG(f"warning: {why}; decoding into memory, without a cache")
             opened[folder] = None
     if cache_dir is None or opened[folder] is None:
-        return Split(*decode(items, labels, positions, side))
+        started = time.perf_counter()
+        split = Split(*decode(items, labels, positions, side))
+        if not isinstance(items, torch.Tensor):
+            LOG(f"data: {folder}: decoded {len(positions)} images in {time.perf_counter() - started:.1f}s, no cache")
+        return split
     pixels, readable, _ = opened[folder]
     keep = positions[readable[positions]]
     return Split(pixels, labels[keep], rows=keep)
@@ -461,6 +473,8 @@ def default_cache_dir():
 
 def cache_location(flag):
     """--cache-dir: a folder, 'none' (no cache: None), or not given (default_cache_dir)."""
+    if flag == "":
+        raise UserError("--cache-dir is empty; pass a folder, or none for no cache")
     if flag == "none":
         return None
     return Path(flag) if flag else default_cache_dir()
@@ -477,23 +491,55 @@ def cache_folder(paths, side, folder, cache_dir):
 
 def open_or_build_cache(paths, side, folder, cache_dir):
     """(pixels uint8 [N, 3, side, side] memory-mapped, readable bool [N], unreadable paths) of every
-    path, from folder's cache in cache_dir, which is built first when missing or broken. One
-    process builds it while the others wait for its lock, then read it."""
+    path, from folder's cache in cache_dir, which is built first when missing or broken. A complete
+    cache is only ever read, so it needs no lock, and a read-only one serves; one process builds a
+    missing one while the others wait for its lock, then read it."""
     where = cache_folder(paths, side, folder, cache_dir)
+    found = try_cache(where, len(paths), side, folder)
+    if found:
+        return found
     prepare_cache_dir(Path(cache_dir))
-    with open(f"{where}.lock", "a") as lock:
-        if fcntl is not None:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process ends
-        if (where / "manifest.json").is_file():
-            try:
-                found = open_cache(where, len(paths), side)
-                print(f"data: {folder}: {len(paths)} images from the cache {where}")
-                return found
-            except (OSError, ValueError, KeyError) as error:
-                print(f"warning: the cache {where} is broken ({error}); decoding again")
+    with cache_lock(where):
+        found = try_cache(where, len(paths), side, folder)  # built by another process meanwhile
+        if found:
+            return found
         shutil.rmtree(where, ignore_errors=True)  # broken, or left without its manifest
         build_cache(paths, side, folder, where)
     return open_cache(where, len(paths), side)
+
+
+def try_cache(where, count, side, folder):
+    """open_cache's result, or None when there is no complete cache at where (a broken one is said)."""
+    if not (where / "manifest.json").is_file():
+        return None
+    try:
+        found = open_cache(where, count, side)
+    except (OSError, ValueError, KeyError, TypeError, EOFError) as error:
+        LOG(f"warning: the cache {where} is broken ({error}); decoding again")
+        return None
+    LOG(f"data: {folder}: {count} images from the cache {where}")
+    return found
+
+
+@contextlib.contextmanager
+def cache_lock(where, wait=True):
+    """Hold where's lock file (flock: read access is enough, so a lock file left by another user
+    serves); yields False instead of waiting when wait is False and another process holds it."""
+    try:
+        handle = open(f"{where}.lock", "a")
+    except OSError:
+        try:
+            handle = open(f"{where}.lock")
+        except OSError as error:
+            raise CacheUnavailable(f"cannot use the lock file {where}.lock ({error.strerror})") from error
+    with handle:
+        try:
+            if fcntl is not None:
+                fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True  # released when the file closes, or the process ends
 
 
 def prepare_cache_dir(cache_dir):
@@ -505,8 +551,24 @@ def prepare_cache_dir(cache_dir):
         raise CacheUnavailable(f"--cache-dir {cache_dir} is not writable")
 
 
+def remove_stale_builds(where):
+    """The temporary folders of builds that were killed: where's own (the caller holds its lock), and
+    those of other caches whose lock nobody holds."""
+    for temporary in where.parent.glob("*.tmp-*"):
+        key = temporary.name.split(".tmp-")[0]
+        if key == where.name:
+            shutil.rmtree(temporary, ignore_errors=True)
+            continue
+        with cache_lock(where.parent / key, wait=False) as free:
+            if free:
+                shutil.rmtree(temporary, ignore_errors=True)
+
+
 def build_cache(paths, side, folder, where):
-    """Decode every path into a temporary folder beside where, then rename it into place."""
+    """Decode every path into a temporary folder beside where, then rename it into place. The pixel
+    file's space is reserved first, so that a disk that fills up is an error, not a crash of the
+    memory-mapped write."""
+    remove_stale_builds(where)  # before measuring the free space they hold
     need = len(paths) * 3 * side * side
     free = shutil.disk_usage(where.parent).free
     if need > free:
@@ -514,13 +576,14 @@ def build_cache(paths, side, folder, where):
             f"the cache of {folder} needs {in_units(need)} and {where.parent} has {in_units(free)} free "
             f"(free space, or pass another --cache-dir)"
         )
-    for stale in where.parent.glob(f"{where.name}.tmp-*"):  # left by a killed build: this one holds the lock
-        shutil.rmtree(stale, ignore_errors=True)
+    older = [path for path in where.parent.glob(f"{where.name[:-16]}*") if path.is_dir() and ".tmp-" not in path.name]
     temporary = Path(f"{where}.tmp-{os.getpid()}")
     started = time.perf_counter()
     try:
         temporary.mkdir()
         pixels = np.lib.format.open_memmap(temporary / "images.npy", "w+", np.uint8, (len(paths), 3, side, side))
+        with open(temporary / "images.npy", "r+b") as file:
+            os.posix_fallocate(file.fileno(), 0, os.fstat(file.fileno()).st_size)
         readable = decode_into(paths, side, pixels)
         pixels.flush()
         del pixels
@@ -531,13 +594,20 @@ def build_cache(paths, side, folder, where):
             rule=CACHE_RULE, images=len(paths), unreadable=unreadable,
         )  # fmt: skip
         (temporary / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        for name in ("images.npy", "readable.npy", "manifest.json"):  # on disk before the rename says complete
+            with open(temporary / name, "rb") as file:
+                os.fsync(file.fileno())
         os.rename(temporary, where)
     except OSError as error:
         raise CacheUnavailable(f"could not write the cache {where} ({error.strerror or error})") from error
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
     seconds = time.perf_counter() - started
-    print(f"data: {folder}: decoded {len(paths)} images in {seconds:.1f}s into the cache {where}")
+    LOG(f"data: {folder}: decoded {len(paths)} images in {seconds:.1f}s into the cache {where}")
+    if older:
+        size = sum(file.stat().st_size for path in older for file in path.iterdir())
+        LOG(f"data: {len(older)} older cache(s) of {folder} ({in_units(size)}) stay in {where.parent}; "
+            f"remove them if they are of no more use")  # fmt: skip
 
 
 def in_units(size):
@@ -550,7 +620,10 @@ def open_cache(where, count, side):
     readable = np.load(where / "readable.npy")
     if pixels.shape != (count, 3, side, side) or readable.shape != (count,) or manifest["images"] != count:
         raise ValueError(f"it holds {pixels.shape[0]} images of {pixels.shape[1:]}, not {count} of (3, {side}, {side})")
-    return torch.from_numpy(pixels), torch.from_numpy(readable), manifest["unreadable"]
+    unreadable = manifest["unreadable"]
+    if not isinstance(unreadable, list) or len(unreadable) != count - readable.sum():
+        raise ValueError("its manifest does not list the unreadable images")
+    return torch.from_numpy(pixels), torch.from_numpy(readable), unreadable
 
 
 def decode(items, labels, positions, side):
@@ -596,7 +669,7 @@ def say_unreadable(unreadable, count, where=""):
     if len(unreadable) == count:
         raise UserError(f"none of the {count} images{where}, e.g. {unreadable[0]}, could be read")
     named = ", ".join(unreadable[:5]) + (", ..." if len(unreadable) > 5 else "")
-    print(f"warning: skipped {len(unreadable)} unreadable image(s){where}: {named}")
+    LOG(f"warning: skipped {len(unreadable)} unreadable image(s){where}: {named}")
 
 
 def read_image(path, side):

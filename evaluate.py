@@ -112,7 +112,23 @@ def load_split(args, metadata):
         cache = data.cache_location(args.cache_dir)
         images, labels, _ = data.load_images(args.data_dir, "test", side, metadata["classes"], cache)
         return images, labels, "any labelled test set is fair"
-    splits, _, found, _ = data.load_split(
+    checked = []
+
+    def check(found):  # before anything is decoded: other data is refused at once
+        expected = metadata.get("config", {}).get("data_fingerprint")
+        difference = expected and data.data_difference(expected, found)
+        if expected is None:
+            checked.append("unchecked: the checkpoint predates data fingerprints")
+            print(f"warning: {checked[0]}; the validation split is the run's only if {args.data_dir} is its data")
+        elif difference and not args.skip_data_check:
+            raise data.UserError(
+                f"{args.data_dir} is not the data this run was split from ({difference}), so its validation split "
+                f"would hold other images, some perhaps trained on. Pass the run's --data-dir, or --skip-data-check"
+            )
+        else:
+            checked.append(f"skipped (--skip-data-check): {difference}" if difference else "the run's own data")
+
+    splits, _, _, _ = data.load_split(
         args.data_dir,
         side,
         metadata["val_fraction"],
@@ -120,20 +136,9 @@ def load_split(args, metadata):
         parts=("val",),
         expected_classes=metadata["classes"],
         cache_dir=data.cache_location(args.cache_dir),
+        check=check,
     )
-    expected = metadata.get("config", {}).get("data_fingerprint")
-    difference = expected and data.data_difference(expected, found)
-    if expected is None:
-        check = "unchecked: the checkpoint predates data fingerprints"
-        print(f"warning: {check}; the validation split is the run's only if {args.data_dir} is its data")
-    elif difference and not args.skip_data_check:
-        raise data.UserError(
-            f"{args.data_dir} is not the data this run was split from ({difference}), so its validation split "
-            f"would hold other images, some perhaps trained on. Pass the run's --data-dir, or --skip-data-check"
-        )
-    else:
-        check = f"skipped (--skip-data-check): {difference}" if difference else "the run's own data"
-    return splits["val"].images, splits["val"].labels, check
+    return splits["val"].images, splits["val"].labels, checked[0]
 
 
 def stored_side(metadata):

@@ -698,13 +698,14 @@ def tracked_values(record, classes):
 def load_data(args, accelerator):
     """The training and validation loaders, on the training device, the training labels and the class
     names. A new run's sizes follow the images (data_settings); a resumed run's are its own."""
+    data.LOG = accelerator.print  # data.py's lines: once a machine, not once a process
     with accelerator.main_process_first():  # one process downloads, the others then read
         started = time.perf_counter()
         listing = data.list_images(args.data_dir, "train")
         rule = data_settings(args, data.typical_side(listing[0])) if not args.resume else "the run's"
         stem_factor = 16 if args.stem == "cifar" else 1
         activations = args.batch_size * args.input_size**2 * ACTIVATION_BYTES_PER_PIXEL * stem_factor
-        splits, classes, found, val_source = data.load_split(
+        splits, classes, _, val_source = data.load_split(
             args.data_dir,
             args.image_size,
             args.val_fraction,
@@ -715,8 +716,8 @@ def load_data(args, accelerator):
             listing=listing,
             cache_dir=data.cache_location(args.cache_dir),
             data_on=args.data_on,
+            check=lambda found: check_data(args, found, accelerator),  # before decoding: other data is refused
         )
-    check_data(args, found, accelerator)
     train_split, val_split = (splits[part].to(accelerator.device) for part in ("train", "val"))
     train_labels, val_labels = train_split.labels, val_split.labels
     global_batch = args.batch_size * accelerator.num_processes  # every process needs a full batch a step

@@ -173,3 +173,68 @@ def test_data_on_disk_without_a_cache_is_one_error_line(folder, tmp_path):
     with pytest.raises(SystemExit) as refusal:
         train.main([*quick_args(folder, tmp_path / "run"), "--cache-dir", "none", "--data-on", "disk"])
     assert str(refusal.value.code) == "error: --data-on disk reads batches from the cache; drop --cache-dir none"
+
+
+@pytest.mark.parametrize(
+    "file, content",
+    [("images.npy", b""), ("readable.npy", b""), ("manifest.json", b"null"), ("manifest.json", b'{"images": 30}')],
+)
+def test_an_empty_or_garbled_cache_file_is_rebuilt(file, content, folder, tmp_path, capsys):
+    load(folder, tmp_path / "cache")
+    (tmp_path / "cache" / caches(tmp_path / "cache")[0] / file).write_bytes(content)
+    capsys.readouterr()
+    splits = load(folder, tmp_path / "cache")
+    printed = capsys.readouterr().out
+    assert "is broken" in printed and "decoded 30 images" in printed
+    assert torch.equal(splits["train"].images, load(folder, None)["train"].images)
+
+
+def test_a_disk_that_fills_while_building_costs_the_cache_and_leaves_nothing(folder, tmp_path, monkeypatch, capsys):
+    def full(fd, offset, length):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(data.os, "posix_fallocate", full)
+    splits = load(folder, tmp_path / "cache")
+    assert "No space left on device" in capsys.readouterr().out and len(splits["train"]) == 24
+    assert caches(tmp_path / "cache") + caches(tmp_path / "cache", built=False) == []
+
+
+def test_a_killed_builds_leftover_is_removed_by_any_later_build(folder, tmp_path, capsys):
+    leftover = tmp_path / "cache" / "other-train-32px-0123456789abcdef.tmp-99999"
+    leftover.mkdir(parents=True)
+    (leftover / "images.npy").write_bytes(bytes(1000))
+    load(folder, tmp_path / "cache")
+    assert not leftover.exists() and len(caches(tmp_path / "cache")) == 1
+
+
+def test_a_complete_cache_is_read_where_nothing_can_be_written(folder, tmp_path, monkeypatch, capsys):
+    load(folder, tmp_path / "cache")
+
+    def read_only(cache_dir):
+        raise data.CacheUnavailable(f"--cache-dir {cache_dir} is not writable")
+
+    monkeypatch.setattr(data, "prepare_cache_dir", read_only)  # a read-only mount: root here writes anyway
+    capsys.readouterr()
+    splits = load(folder, tmp_path / "cache", data_on="disk")
+    assert "30 images from the cache" in capsys.readouterr().out and splits["train"].rows is not None
+
+
+def test_other_data_is_refused_before_anything_is_decoded_or_cached(folder, tmp_path, monkeypatch):
+    command = [*quick_args(folder, tmp_path / "run", "--batch-size", "4", "--max-train-samples", "1000")]
+    train.main([*command, "--cache-dir", str(tmp_path / "cache")])
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(folder / "train" / "ant" / "new.png")
+    monkeypatch.setattr(data, "read_image", lambda *args: pytest.fail("an image was decoded"))
+    with pytest.raises(SystemExit) as refusal:
+        train.main([*command, "--cache-dir", str(tmp_path / "cache"), "--resume", "--epochs", "3"])
+    assert "is not the data this run was split from (ant: 16 images, the run had 15)" in str(refusal.value.code)
+    assert len(caches(tmp_path / "cache")) == 1
+
+
+def test_older_caches_of_a_folder_are_said_and_an_empty_cache_dir_is_refused(folder, tmp_path, capsys):
+    load(folder, tmp_path / "cache")
+    (folder / "train" / "bee" / "00.png").unlink()
+    capsys.readouterr()
+    load(folder, tmp_path / "cache")
+    assert "1 older cache(s) of" in capsys.readouterr().out
+    with pytest.raises(data.UserError, match="--cache-dir is empty"):
+        data.cache_location("")

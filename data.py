@@ -144,7 +144,7 @@ def load_cifar10(root, train):
                 shutil.rmtree(created[-1], ignore_errors=True)
             raise UserError(
                 f"CIFAR-10 is not in {root} and could not be downloaded ({error}). Offline, "
-                f"pass --data-dir DIR where DIR/train/<class>/ holds the images (png or jpg)."
+                f"pass --data-dir DIR where DIR/train/<class>/ holds the images (jpg, png, ...)."
             ) from error
     images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
     return images, torch.tensor(dataset.targets), list(dataset.classes)

@@ -187,7 +187,8 @@ def parse_args(argv=None):
     add(
         "--resume",
         action="store_true",
-        help="continue the run in --output-dir (may change: --epochs, --data-dir, --compile, --log-with)",
+        help="continue the run in --output-dir (may change: --epochs, --data-dir, --cache-dir, --data-on, "
+        "--compile, --log-with)",
     )
     add("--overwrite", action="store_true", help="replace the run in --output-dir")
     add("--ema", type=bounded(float, 0, 1, open_high=True), default=0.0, help="EMA decay of the weights (0: off)")

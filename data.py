@@ -483,8 +483,12 @@ def cache_location(flag):
 def cache_folder(paths, side, folder, cache_dir):
     key = hashlib.sha256(f"{CACHE_VERSION}\0{side}\0".encode())
     for path in paths:
-        stat = os.stat(path) if os.path.exists(path) else None  # a broken link
-        key.update(f"{os.path.abspath(path)}\0{stat and stat.st_size}\0{stat and stat.st_mtime_ns}\n".encode())
+        try:
+            stat = os.stat(path)
+            size, modified = stat.st_size, stat.st_mtime_ns
+        except OSError:  # a broken link
+            size = modified = None
+        key.update(f"{os.path.abspath(path)}\0{size}\0{modified}\n".encode())
     name = f"{Path(folder).absolute().parent.name}-{Path(folder).name}-{side}px-{key.hexdigest()[:16]}"
     return Path(cache_dir) / name
 
@@ -500,7 +504,7 @@ def open_or_build_cache(paths, side, folder, cache_dir):
         return found
     prepare_cache_dir(Path(cache_dir))
     with cache_lock(where):
-        found = try_cache(where, len(paths), side, folder)  # built by another process meanwhile
+        found = try_cache(where, len(paths), side, folder, quiet=True)  # built by another process meanwhile
         if found:
             return found
         shutil.rmtree(where, ignore_errors=True)  # broken, or left without its manifest
@@ -508,14 +512,16 @@ def open_or_build_cache(paths, side, folder, cache_dir):
     return open_cache(where, len(paths), side)
 
 
-def try_cache(where, count, side, folder):
-    """open_cache's result, or None when there is no complete cache at where (a broken one is said)."""
+def try_cache(where, count, side, folder, quiet=False):
+    """open_cache's result, or None when there is no complete cache at where (a broken one is said,
+    unless quiet: the second look, under the lock, after the first has said it)."""
     if not (where / "manifest.json").is_file():
         return None
     try:
         found = open_cache(where, count, side)
     except (OSError, ValueError, KeyError, TypeError, EOFError) as error:
-        LOG(f"warning: the cache {where} is broken ({error}); decoding again")
+        if not quiet:
+            LOG(f"warning: the cache {where} is broken ({error}); decoding again")
         return None
     LOG(f"data: {folder}: {count} images from the cache {where}")
     return found

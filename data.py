@@ -68,6 +68,21 @@ ERASE_PROBABILITY = 0.5
 ERASE_AREA = (0.02, 0.33)  # fraction of the image, as torchvision's RandomErasing
 ERASE_RATIO = (0.3, 3.3)
 
+# --auto-augment: TrivialAugment-wide (Mueller & Hutter 2021) and RandAugment (Cubuk et al. 2020), with
+# torchvision's operations and magnitudes. Each image draws an operation, a sign and a strength, a bin
+# of 0..30 (TrivialAugment: any; RandAugment: always RAND_AUGMENT_BIN, RAND_AUGMENT_OPS times in a row).
+AUTO_AUGMENT_OPS = ("identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness",
+                    "color", "contrast", "sharpness", "posterize", "solarize", "autocontrast", "equalize")  # fmt: skip
+AFFINE_OPS = AUTO_AUGMENT_OPS[1:6]
+# What bin 30 does: shear factor, translation (pixels + a share of the side), degrees, the enhancement
+# factors' distance from 1 (brightness, color, contrast, sharpness), and posterize's fewest bits.
+AUTO_AUGMENT_RANGES = {
+    "ta_wide": dict(shear=0.99, translate=(32, 0), rotate=135, enhance=0.99, bits=2),
+    "ra": dict(shear=0.3, translate=(0, 150 / 331), rotate=30, enhance=0.9, bits=4),
+}
+AUTO_AUGMENT_BINS = 31
+RAND_AUGMENT_OPS, RAND_AUGMENT_BIN = 2, 9  # torchvision's RandAugment(num_ops=2, magnitude=9)
+
 
 # PIL warns of odd but readable files (corrupt EXIF, large images) in lines of its own; read_image
 # reads them, or skips and names them when they cannot be read.
@@ -956,19 +971,157 @@ def targeted_augment(images, generator):
     return random_erase(images, ERASE_PROBABILITY, generator)
 
 
-def augment(images, labels, generator, padding=4, targeted_labels=None, resized_crop=None):
+def augment(images, labels, generator, padding=4, targeted_labels=None, resized_crop=None, policy="none"):
     """uint8 batch -> float batch in [0, 1]: a random crop (padded; or random-resized to resized_crop
-    pixels, for photos) and a flip for all; the targeted augmentation for samples whose label is in
-    targeted_labels (a tensor of class indices)."""
+    pixels, for photos) and a flip for all, then the --auto-augment policy (ta_wide, ra or none); the
+    targeted augmentation for samples whose label is in targeted_labels (a tensor of class indices)."""
     if resized_crop:
         images = random_resized_crop_flip(images, resized_crop, generator)
     else:
         images = random_crop_flip(images, padding, generator).float().div_(255)
+    if policy != "none":
+        images = auto_augment(images, policy, generator)
     if targeted_labels is not None and len(targeted_labels):
         chosen = torch.isin(labels, targeted_labels)
         # Augment the whole batch and keep the chosen rows: fixed shapes, no host sync.
         images = torch.where(chosen[:, None, None, None], targeted_augment(images, generator), images)
     return images
+
+
+def auto_augment(images, policy, generator):
+    """TrivialAugment-wide (policy ta_wide) or RandAugment (ra) on a float batch in [0, 1]: each image
+    draws its own operations and strengths. The colour operations go first, then the affine ones, all
+    rounds' composed into one grid_sample (torchvision applies them in the order drawn, each to a
+    uint8 image, with nearest-pixel sampling; here they are bilinear)."""
+    n = len(images)
+    theta = torch.eye(3, device=images.device).expand(n, 3, 3)
+    for _ in range(RAND_AUGMENT_OPS if policy == "ra" else 1):
+        op = torch.randint(len(AUTO_AUGMENT_OPS), (n,), device=images.device, generator=generator)
+        if policy == "ra":
+            strength = torch.full((n,), RAND_AUGMENT_BIN / (AUTO_AUGMENT_BINS - 1), device=images.device)
+        else:
+            strength = torch.randint(AUTO_AUGMENT_BINS, (n,), device=images.device, generator=generator)
+            strength = strength / (AUTO_AUGMENT_BINS - 1)
+        sign = torch.where(torch.rand(n, device=images.device, generator=generator) < 0.5, -1.0, 1.0)
+        images = colour_operations(images, op, strength, sign, AUTO_AUGMENT_RANGES[policy])
+        theta = theta @ affine_matrix(op, strength * sign, AUTO_AUGMENT_RANGES[policy], images.shape[-1])
+    grid = F.affine_grid(theta[:, :2], list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def affine_matrix(op, signed, ranges, side):
+    """[N, 3, 3]: each image's shear, translation or rotation (identity for the other operations), in
+    grid_sample's coordinates, which run from -1 to 1 across the (square) image. Shears are about the
+    top-left corner, as torchvision's; rotations about the centre."""
+
+    def amount(name, limit):
+        return torch.where(op == AUTO_AUGMENT_OPS.index(name), signed * limit, 0.0)
+
+    shear_x, shear_y = amount("shear_x", ranges["shear"]), amount("shear_y", ranges["shear"])
+    pixels, share = ranges["translate"]
+    to_grid = 2 * (pixels / side + share)  # a shift of the whole side is 2 in grid units
+    shift_x, shift_y = amount("translate_x", to_grid), amount("translate_y", to_grid)
+    angle = amount("rotate", math.radians(ranges["rotate"]))
+    cos, sin, zero, one = angle.cos(), angle.sin(), torch.zeros_like(angle), torch.ones_like(angle)
+    rows = [
+        [cos, -sin + shear_x, shear_x + shift_x],
+        [sin + shear_y, cos, shear_y + shift_y],
+        [zero, zero, one],
+    ]
+    return torch.stack([torch.stack(row, 1) for row in rows], 1)
+
+
+def colour_operations(images, op, strength, sign, ranges):
+    """Each image's colour operation (the others pass through): brightness, color (saturation),
+    contrast and sharpness blend with a degenerate image by a factor 1 + sign x strength x enhance;
+    posterize keeps 8 down to ranges["bits"] bits; solarize inverts pixels at or above 1 - strength;
+    autocontrast stretches each channel to [0, 1]; equalize flattens each channel's histogram."""
+
+    def chosen(name):
+        return (op == AUTO_AUGMENT_OPS.index(name))[:, None, None, None]
+
+    factor = (1 + sign * strength * ranges["enhance"])[:, None, None, None]
+    gray = _gray(images)
+    for name, degenerate in (
+        ("brightness", torch.zeros_like(images)),
+        ("color", gray),
+        ("contrast", gray.mean((2, 3), keepdim=True)),
+        ("sharpness", _smoothed(images)),
+    ):
+        images = torch.where(chosen(name), (degenerate + factor * (images - degenerate)).clamp(0, 1), images)
+    bits = (8 - (strength * (8 - ranges["bits"])).round())[:, None, None, None]
+    step = 2 ** (8 - bits)
+    images = torch.where(chosen("posterize"), (images * 255 / step).floor() * step / 255, images)
+    threshold = (1 - strength)[:, None, None, None]
+    images = torch.where(chosen("solarize") & (images >= threshold), 1 - images, images)
+    low, high = images.amin((2, 3), keepdim=True), images.amax((2, 3), keepdim=True)
+    stretched = torch.where(high > low, (images - low) / (high - low), images)
+    images = torch.where(chosen("autocontrast"), stretched, images)
+    return torch.where(chosen("equalize"), _equalized(images), images)
+
+
+def _smoothed(images):
+    """PIL's SMOOTH filter (torchvision's sharpness degenerate): 3x3, centre weight 5; the border kept."""
+    kernel = torch.ones(3, 3, device=images.device)
+    kernel[1, 1] = 5
+    kernel = (kernel / kernel.sum()).expand(images.shape[1], 1, 3, 3)
+    inner = F.conv2d(images, kernel, groups=images.shape[1])
+    return torch.cat([images[..., :1, :], torch.cat([images[..., 1:-1, :1], inner, images[..., 1:-1, -1:]], 3),
+                      images[..., -1:, :]], 2)  # fmt: skip
+
+
+def _equalized(images):
+    """Histogram equalisation of each channel of each image on 256 levels, as torchvision's equalize."""
+    n, channels, height, width = images.shape
+    levels = (images * 255).round().long().view(n * channels, -1)
+    histogram = torch.zeros(n * channels, 256, dtype=torch.long, device=images.device)
+    histogram.scatter_add_(1, levels, torch.ones_like(levels))
+    # torchvision: the pixels of all levels but the highest present, in 255 steps
+    step = (height * width - histogram.gather(1, levels.amax(1, keepdim=True))) // 255
+    table = (histogram.cumsum(1) + step // 2) // step.clamp(min=1)
+    table = F.pad(table, (1, 0))[:, :-1].clamp(0, 255)
+    equalized = torch.where(step > 0, table.gather(1, levels), levels)
+    return (equalized.float() / 255).view(n, channels, height, width)
+
+
+def mix(images, labels, generator, mixup_alpha=0.0, cutmix_alpha=0.0):
+    """Mixup (Zhang et al. 2018) or CutMix (Yun et al. 2019) of the whole batch, as torchvision's v2
+    MixUp and CutMix: each image is mixed with the one before it in the batch, by a share
+    lam ~ Beta(alpha, alpha) of the batch's own. With both alphas, each batch takes one of the two at
+    random. Returns (images, the partner labels, the share of each image's own label: a 0-d tensor; the
+    partner's is 1 - share). CutMix pastes a box of the partner of area (1 - lam) x the image, cut at
+    the borders, and the share is the area left."""
+    partner_images, partner = images.roll(1, 0), labels.roll(1, 0)
+    mixed = []
+    if mixup_alpha > 0:
+        share = _beta(mixup_alpha, generator, images.device)
+        mixed.append((share * images + (1 - share) * partner_images, share))
+    if cutmix_alpha > 0:
+        box = _cutmix_box(images.shape[-2:], _beta(cutmix_alpha, generator, images.device), generator)
+        share = 1 - box.float().mean()
+        mixed.append((torch.where(box, partner_images, images), share))
+    if len(mixed) == 2:
+        cutmix = torch.rand((), device=images.device, generator=generator) < 0.5
+        (mixup_images, mixup_share), (cutmix_images, cutmix_share) = mixed
+        mixed = [(torch.where(cutmix, cutmix_images, mixup_images), torch.where(cutmix, cutmix_share, mixup_share))]
+    return (*mixed[0][:1], partner, mixed[0][1])
+
+
+def _beta(alpha, generator, device):
+    """One draw of Beta(alpha, alpha) from the generator, on the device: X / (X + Y) of two gammas."""
+    x, y = torch._standard_gamma(torch.full((2,), float(alpha), device=device), generator=generator)
+    return x / (x + y)
+
+
+def _cutmix_box(shape, lam, generator):
+    """[H, W] bool mask of CutMix's box: centred at a random pixel, sides sqrt(1 - lam) of the image's."""
+    rows, cols = (torch.arange(side, device=lam.device) for side in shape)
+    inside = []
+    for positions, side in ((rows, shape[0]), (cols, shape[1])):
+        centre = (torch.rand((), device=lam.device, generator=generator) * side).floor()
+        half = (0.5 * (1 - lam).sqrt() * side).floor()
+        inside.append((positions >= centre - half) & (positions < (centre + half).clamp(max=side)))
+    return inside[0][:, None] & inside[1][None, :]
 
 
 def normalizer(mean, std, size, device, crop=None):

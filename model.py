@@ -71,6 +71,22 @@ def build_model(num_classes, stem="cifar", weights="imagenet", groups=None, zero
     return model
 
 
+def is_head(name):
+    """Whether a parameter (by its state-dict name) belongs to the new last layer, the head."""
+    return name.startswith("fc.")
+
+
+def freeze_backbone(model, frozen):
+    """--freeze-epochs: with frozen, only the head trains. The backbone's parameters take no gradient,
+    so the backward pass stops at the head, and its BatchNorm layers keep their running statistics
+    (eval mode). Call it after model.train(), each epoch; unfrozen, all trains again."""
+    for name, module in model.named_children():
+        if name != "fc":
+            module.requires_grad_(not frozen)
+            if frozen:
+                module.eval()
+
+
 def imagenet_state_dict():
     weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
     try:

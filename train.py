@@ -58,7 +58,14 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from accelerate.tracking import get_available_trackers  # noqa: E402
-from accelerate.utils import DataLoaderConfiguration, LoggerType, broadcast_object_list, set_seed  # noqa: E402
+from accelerate.utils import (  # noqa: E402
+    DataLoaderConfiguration,
+    DistributedDataParallelKwargs,
+    GradientAccumulationPlugin,
+    LoggerType,
+    broadcast_object_list,
+    set_seed,
+)
 from safetensors import SafetensorError, safe_open  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
@@ -74,6 +81,8 @@ from model import (  # noqa: E402
     build_model,
     check_folder_can_be_made,
     decode_metadata,
+    freeze_backbone,
+    is_head,
     save_checkpoint,
     usual_permissions,
     write_atomically,
@@ -205,6 +214,31 @@ def parse_args(argv=None):
         "auto: device when they fit (%(default)s)",
     )
     add("--compile", action="store_true", help=f"torch.compile the training step, mode {COMPILE_MODE} (off)")
+    # Training controls; their defaults leave the recipes as they are. README: Training controls.
+    add(
+        "--grad-accum-steps",
+        type=bounded(int, 1),
+        default=1,
+        help="batches whose gradients add up before each step: an effective batch of --batch-size x processes x N "
+        "(%(default)s)",
+    )
+    add("--clip-grad-norm", type=bounded(float, 0, open_low=True), help="clip the gradient's norm to this (off)")
+    add("--mixup", type=bounded(float, 0), default=0.0, help="mixup's alpha: mix pairs of images (0: off)")
+    add("--cutmix", type=bounded(float, 0), default=0.0, help="CutMix's alpha; with --mixup, one a batch (0: off)")
+    add(
+        "--auto-augment",
+        choices=["none", "ta_wide", "ra"],
+        default="none",
+        help="an augmentation policy: TrivialAugment-wide or RandAugment (%(default)s)",
+    )
+    add("--freeze-epochs", type=bounded(int, 0), default=0, help="train only the new head for N epochs first (0)")
+    add(
+        "--backbone-lr-mult",
+        type=bounded(float, 0, open_low=True),
+        default=1.0,
+        help="the lr of every layer but the head, times this (%(default)s)",
+    )
+    add("--find-lr", action="store_true", help="run the lr range test, write lr_find.png, and train nothing")
     add("--log-with", choices=[str(t) for t in LoggerType], help="also log to this tracker, through accelerate (none)")
     # Recipe settings: None means "take it from --recipe".
     add("--epochs", type=bounded(int, 1), help=recipe_help("epochs", "passes over the training split"))
@@ -260,6 +294,8 @@ def parse_args(argv=None):
             parser.error("--resume needs --output-dir, the folder of the run to continue")
         if args.overwrite:
             parser.error("--resume continues the run in --output-dir and --overwrite replaces it; pass one of them")
+        if args.find_lr:
+            parser.error("--find-lr saves no run, so there is none to resume; drop --resume")
         # the flags on the command line, to compare with the run's own values once they are read
         unset = object()
         parser.set_defaults(**dict.fromkeys(vars(args), unset))
@@ -272,6 +308,14 @@ def parse_args(argv=None):
         if getattr(args, key, None) is None and key not in ("stem", "batch_size", "lr"):  # see data_settings
             setattr(args, key, value)
     args.decay_start = None  # set when a resumed run's --epochs changes; see lr_factor
+    if args.weights == "none" and (args.freeze_epochs or args.backbone_lr_mult != 1):
+        flag = "--freeze-epochs" if args.freeze_epochs else "--backbone-lr-mult"
+        parser.error(f"{flag} protects pretrained features, and --weights none has none; drop {flag}")
+    if args.freeze_epochs >= args.epochs:
+        parser.error(
+            f"--freeze-epochs {args.freeze_epochs} leaves none of the {args.epochs} epochs to train the whole "
+            f"network; pass fewer, or more --epochs"
+        )
     return args
 
 
@@ -436,11 +480,19 @@ def extend_schedule(args, saved_epochs, epochs_done, steps_per_epoch, warmup_ste
     )
 
 
-def parameter_groups(model, weight_decay):
-    """Weight decay on conv and linear weights only: decaying norms and biases only hurts."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def parameter_groups(model, weight_decay, lr, backbone_lr_mult=1.0):
+    """Weight decay on conv and linear weights only: decaying norms and biases only hurts. With
+    backbone_lr_mult, every layer but the head has its own groups, at lr x backbone_lr_mult."""
+    named = list(model.named_parameters())
+    parts = [(named, lr)]
+    if backbone_lr_mult != 1:
+        parts = [([(n, p) for n, p in named if not is_head(n)], lr * backbone_lr_mult)]
+        parts.append(([(n, p) for n, p in named if is_head(n)], lr))
+    return [
+        {"params": [p for _, p in params if (p.ndim > 1) == decayed], "lr": part_lr, "weight_decay": decay}
+        for params, part_lr in parts
+        for decayed, decay in ((True, weight_decay), (False, 0.0))
+    ]
 
 
 def class_weights(spec, train_labels, classes):
@@ -549,17 +601,12 @@ def update_ema(ema, model, step, decay):
 
 def train_epoch(epoch, run, accelerator, args, stop):
     """One pass over the training split. Returns (loss, accuracy) or None when stopped early. Nothing
-    but the loss every LOG_EVERY steps is read back from the device, so on a GPU the host queues the
-    next steps while the device runs this one."""
-    model, loader, optimizer, scheduler, criterion = (
-        run.model,
-        run.train_loader,
-        run.optimizer,
-        run.scheduler,
-        run.criterion,
-    )
-    inputs, ema = run.inputs, run.ema
-    model.train()
+    but the loss (and the gradient norm) every LOG_EVERY steps is read back from the device, so on a
+    GPU the host queues the next steps while the device runs this one."""
+    loader, scheduler = run.train_loader, run.scheduler
+    run.model.train()
+    if args.freeze_epochs:
+        freeze_backbone(run.network, frozen=epoch <= args.freeze_epochs)
     # Augmentation randomness depends only on (seed, epoch, process), so a resumed epoch replays exactly.
     generator = torch.Generator(accelerator.device).manual_seed(
         args.seed * 100_000 + epoch * 100 + accelerator.process_index
@@ -570,27 +617,22 @@ def train_epoch(epoch, run, accelerator, args, stop):
     for step, (images, labels) in enumerate(bar, 1):
         if step == 2:
             started = time.perf_counter()  # the time estimate leaves out the first step, which compiles
-        with accelerator.autocast():
-            logits = model(inputs(images, labels, generator))
-            loss = criterion(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        optimizer.step()
-        scheduler.step()
+        loss, summed_loss, hits, grad_norm = train_step(run, accelerator, args, images, labels, generator)
         global_step = (epoch - 1) * len(loader) + step
-        if ema is not None:
-            update_ema(ema, accelerator.unwrap_model(model, keep_torch_compile=False), global_step, args.ema)
-        total_loss += F.cross_entropy(logits.detach().float(), labels, reduction="sum")
-        correct += (logits.argmax(1) == labels).sum()
+        if run.ema is not None:
+            update_ema(run.ema, run.network, global_step, args.ema)
+        total_loss += summed_loss
+        correct += hits
         if step % LOG_EVERY == 0 or step == len(loader):
-            value, lr = loss.item(), scheduler.get_last_lr()[0]
+            value, lr = loss.item(), scheduler.get_last_lr()[-1]  # the last group's: the head's
             if not math.isfinite(value):
                 raise UserError(
                     f"the loss is {value} at epoch {epoch}, step {step}; the last checkpoint is untouched. "
                     f"Lower --lr and start again with --overwrite"
                 )
             bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.4g}")
-            accelerator.log({"step/loss": value, "step/lr": lr}, step=global_step)
+            norm = {} if grad_norm is None else {"step/grad_norm": grad_norm.item()}  # before clipping
+            accelerator.log({"step/loss": value, "step/lr": lr} | norm, step=global_step)
             if step == min(LOG_EVERY, len(loader)) > 1 and stop.estimate and accelerator.is_main_process:
                 stop.estimate = False
                 seconds = (time.perf_counter() - started) / (step - 1) * len(loader)
@@ -600,8 +642,42 @@ def train_epoch(epoch, run, accelerator, args, stop):
         if stop.requested and accelerator.check_trigger():
             return None
     total_loss, correct = accelerator.reduce(total_loss, "sum"), accelerator.reduce(correct, "sum")
-    seen = len(loader) * args.batch_size * accelerator.num_processes  # full batches only: drop_last
+    seen = len(loader) * effective_batch(args, accelerator)  # full batches only: drop_last
     return total_loss.item() / seen, correct.item() / seen
+
+
+def train_step(run, accelerator, args, images, labels, generator):
+    """One optimizer step on a loader batch (batch_size x grad_accum_steps images a process): augmented
+    and mixed as one batch, then forward and backward in grad_accum_steps parts of batch_size, whose
+    gradients accelerate adds up (and averages over the processes once, at the last part) before the
+    step. Returns device tensors: the loss, the summed cross-entropy and the hits against each
+    image's larger share's label (train_loss, train_acc), and the gradient norm before clipping (None
+    without --clip-grad-norm)."""
+    inputs, partner, share = run.inputs(images, labels, generator)
+    target = labels if share is None else torch.where(share >= 0.5, labels, partner)
+    loss_sum, summed_loss, hits, grad_norm = 0, 0, 0, None
+    for x, y, y_partner, y_main in zip(*(t.chunk(args.grad_accum_steps) for t in (inputs, labels, partner, target))):
+        with accelerator.accumulate(run.model):
+            with accelerator.autocast():
+                logits = run.model(x)
+                loss = run.criterion(logits, y)
+                if share is not None:  # mixed: each label's loss by its share, with smoothing and weights as set
+                    loss = share * loss + (1 - share) * run.criterion(logits, y_partner)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and args.clip_grad_norm:
+                grad_norm = accelerator.clip_grad_norm_(run.model.parameters(), args.clip_grad_norm)
+            run.optimizer.step()
+            run.scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+        loss_sum = loss_sum + loss.detach()
+        summed_loss = summed_loss + F.cross_entropy(logits.detach().float(), y_main, reduction="sum")
+        hits = hits + (logits.argmax(1) == y_main).sum()
+    return loss_sum / args.grad_accum_steps, summed_loss, hits, grad_norm
+
+
+def effective_batch(args, accelerator):
+    """Images an optimizer step: per process, times processes, times accumulated batches."""
+    return args.batch_size * accelerator.num_processes * args.grad_accum_steps
 
 
 def time_estimate(epoch_seconds, epoch, args, accelerator):
@@ -665,6 +741,7 @@ def checkpoint_metadata(args, classes, groups, accelerator, record):
             "num_classes": len(classes),
             "classes": classes,
             "num_processes": accelerator.num_processes,
+            "effective_batch_size": effective_batch(args, accelerator),
             "config": vars(args),
         }
     )
@@ -721,12 +798,14 @@ def load_data(args, accelerator):
         )
     train_split, val_split = (splits[part].to(accelerator.device) for part in ("train", "val"))
     train_labels, val_labels = train_split.labels, val_split.labels
-    global_batch = args.batch_size * accelerator.num_processes  # every process needs a full batch a step
+    global_batch = effective_batch(args, accelerator)  # every process needs full batches a step
     if len(train_labels) < global_batch:
         processes = f" x {accelerator.num_processes} processes" if accelerator.num_processes > 1 else ""
+        accumulated = f" x --grad-accum-steps {args.grad_accum_steps}" if args.grad_accum_steps > 1 else ""
         raise UserError(
-            f"--batch-size {args.batch_size}{processes} needs {global_batch} training images a step, and there are "
-            f"{len(train_labels)}; lower --batch-size{' or the process count' if processes else ''}"
+            f"--batch-size {args.batch_size}{processes}{accumulated} needs {global_batch} training images a step, "
+            f"and there are {len(train_labels)}; lower --batch-size{' or the process count' if processes else ''}"
+            f"{' or --grad-accum-steps' if accumulated else ''}"
         )
     held = "read batch by batch from the cache on disk" if train_split.rows is not None else "held in memory"
     accelerator.print(
@@ -736,7 +815,7 @@ def load_data(args, accelerator):
     )
     # The last partial batch is dropped (a batch of one image breaks BatchNorm); each epoch's new
     # order puts other images there, so every image is still trained on.
-    train_loader = data.make_loader(train_split, args.batch_size, True, drop_last=True)
+    train_loader = data.make_loader(train_split, args.batch_size * args.grad_accum_steps, True, drop_last=True)
     # photos are validated in training-sized batches: 1024 at 224x224 would hold gigabytes of activations
     val_batch = VAL_BATCH_SIZE if args.train_crop == "padded" else args.batch_size
     val_loader = data.make_loader(val_split, val_batch, shuffle=False)
@@ -759,6 +838,8 @@ def main(argv=None):
 
 def train(args):
     accelerator = make_accelerator(args)
+    if args.find_lr:
+        return find_lr(args, accelerator)
     args, out, progress = open_run(args, accelerator)
     if args is None:  # a resumed run with nothing left to train
         return
@@ -783,7 +864,7 @@ def train(args):
                 train_loss=result[0],
                 train_acc=result[1],
                 **validate(run.evaluated, run.val_loader, accelerator, run.normalize, len(run.classes)),
-                lr=run.scheduler.get_last_lr()[0],
+                lr=run.scheduler.get_last_lr()[-1],
                 seconds=round(seconds, 2),
             )
             improved = end_epoch(run, record, args, accelerator)
@@ -818,6 +899,12 @@ def make_accelerator(args):
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed, non_blocking=True),
         log_with=trackers(args.log_with),
         project_dir=".",  # a logging folder must be named now; start_trackers sets the run's
+        # train_step splits each loader batch in grad_accum_steps parts: count them, not the loader's end
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=args.grad_accum_steps, sync_with_dataloader=False
+        ),
+        # a frozen backbone takes no gradient, which data parallel must be told to expect
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.freeze_epochs > 0)],
     )
     use_all_cores(accelerator)
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
@@ -854,6 +941,51 @@ def open_run(args, accelerator):
 def setup(args, out, progress, accelerator):
     """Everything the loop needs, ready: the data, the model and its optimizer, schedule and loss
     wrapped by accelerate, the run folder (made and locked) and, resumed, the state and history."""
+    run = prepare_training(args, progress, accelerator)
+    # The EMA copy is not wrapped for data parallel: every process updates it from the same weights.
+    run.ema = copy.deepcopy(run.network).requires_grad_(False) if args.ema else None
+    if run.ema is not None:
+        accelerator.register_for_checkpointing(run.ema)
+    # Validated and saved: uncompiled (compiling validation too would cost a compilation per batch size),
+    # so with torchvision's names.
+    run.evaluated = run.ema if run.ema is not None else run.network
+    if args.compile:  # last, as accelerate's own; the state it saves keeps the names of the uncompiled model
+        run.model = torch.compile(run.model, mode=COMPILE_MODE)
+    run.out, run.lock = start_output_dir(out, args.resume, args.overwrite, accelerator)
+    args.output_dir = str(run.out)
+    start_trackers(accelerator, run.out, args)
+    accumulated = f" x {args.grad_accum_steps} accumulated" if args.grad_accum_steps > 1 else ""
+    accelerator.print(
+        f"recipe: {args.recipe}, {args.epochs} epochs, batch {args.batch_size} per process{accumulated} "
+        f"(effective {effective_batch(args, accelerator)}), lr {args.lr} ({args.schedule}, {args.warmup_epochs} "
+        f"warmup), weights {args.weights}, stem {args.stem}, input {args.input_size}x{args.input_size}"
+        f"{', compiled' if args.compile else ''}{training_controls(args)}\noutput: {run.out}"
+    )
+    run.history, run.best_val_loss = [], math.inf
+    if progress:
+        accelerator.load_state(run.out / "state")
+        run.history, run.best_val_loss = progress["history"], progress["best_val_loss"]
+        change = f"; {run.change}" if run.change else ""
+        accelerator.print(f"resumed {run.out} after epoch {len(run.history)}{change}")
+    return run
+
+
+def training_controls(args):
+    """The training controls that are on, in words, for the recipe's log line."""
+    controls = [
+        f"head only for {args.freeze_epochs} epoch(s)" if args.freeze_epochs else "",
+        f"backbone lr x{args.backbone_lr_mult:g}" if args.backbone_lr_mult != 1 else "",
+        f"gradient norm clipped to {args.clip_grad_norm:g}" if args.clip_grad_norm else "",
+        f"mixup {args.mixup:g}" if args.mixup else "",
+        f"CutMix {args.cutmix:g}" if args.cutmix else "",
+        f"{args.auto_augment} policy" if args.auto_augment != "none" else "",
+    ]
+    return "".join(f", {control}" for control in controls if control)
+
+
+def prepare_training(args, progress, accelerator, schedule=None):
+    """The data, and the model with its optimizer, schedule and loss, wrapped by accelerate: what both
+    training and the lr range test need. schedule: see build_training."""
     set_seed(args.seed)
     precision = {"no": "float32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}.get(
         accelerator.mixed_precision, f"{accelerator.mixed_precision} mixed precision"
@@ -866,53 +998,39 @@ def setup(args, out, progress, accelerator):
     run.train_loader, run.val_loader, train_labels, run.classes = load_data(args, accelerator)
     run.normalize, run.inputs = input_pipeline(args, run.classes, accelerator)
     run.groups = two_stage_groups(run.classes) if args.two_stage else None
-    model, optimizer, scheduler, criterion, change = build_training(args, run, train_labels, progress, accelerator)
+    model, optimizer, scheduler, run.criterion, run.change = build_training(
+        args, run, train_labels, progress, accelerator, schedule
+    )
     run.model, run.optimizer, run.train_loader, run.val_loader, run.scheduler = accelerator.prepare(
         model, optimizer, run.train_loader, run.val_loader, scheduler
     )
-    run.criterion = criterion
-    run.images_per_epoch = len(run.train_loader) * args.batch_size * accelerator.num_processes  # drop_last
-    # The EMA copy is not wrapped for data parallel: every process updates it from the same weights.
-    network = accelerator.unwrap_model(run.model, keep_torch_compile=False)  # also under --dynamo_backend
-    run.ema = copy.deepcopy(network).requires_grad_(False) if args.ema else None
-    if run.ema is not None:
-        accelerator.register_for_checkpointing(run.ema)
-    # Validated and saved: uncompiled (compiling validation too would cost a compilation per batch size),
-    # so with torchvision's names.
-    run.evaluated = run.ema if run.ema is not None else network
-    if args.compile:  # last, as accelerate's own; the state it saves keeps the names of the uncompiled model
-        run.model = torch.compile(run.model, mode=COMPILE_MODE)
-    run.out, run.lock = start_output_dir(out, args.resume, args.overwrite, accelerator)
-    args.output_dir = str(run.out)
-    start_trackers(accelerator, run.out, args)
-    accelerator.print(
-        f"recipe: {args.recipe}, {args.epochs} epochs, batch {args.batch_size} per process, lr {args.lr} "
-        f"({args.schedule}, {args.warmup_epochs} warmup), weights {args.weights}, stem {args.stem}, "
-        f"input {args.input_size}x{args.input_size}{', compiled' if args.compile else ''}\noutput: {run.out}"
-    )
-    run.history, run.best_val_loss = [], math.inf
-    if progress:
-        accelerator.load_state(run.out / "state")
-        run.history, run.best_val_loss = progress["history"], progress["best_val_loss"]
-        accelerator.print(f"resumed {run.out} after epoch {len(run.history)}" + (f"; {change}" if change else ""))
+    run.images_per_epoch = len(run.train_loader) * effective_batch(args, accelerator)  # drop_last
+    run.network = accelerator.unwrap_model(run.model, keep_torch_compile=False)  # also under --dynamo_backend
     return run
 
 
 def input_pipeline(args, classes, accelerator):
     """(normalize: evaluation batches -> network inputs; inputs: training batches -> network inputs,
-    augmented on the device)."""
+    augmented and mixed on the device)."""
     targeted = torch.tensor(data.class_indices(args.targeted_augment, classes), device=accelerator.device)
     normalize = data.normalizer(args.mean, args.std, args.input_size, accelerator.device, crop=args.eval_crop)
     resized_crop = args.input_size if args.train_crop == "random-resized" else None
+    mixed = args.mixup > 0 or args.cutmix > 0
 
     def inputs(images, labels, generator):
-        return normalize(data.augment(images, labels, generator, args.crop_padding, targeted, resized_crop))
+        """-> (network inputs, each image's partner label, the share of its own label: None unmixed)."""
+        images = data.augment(images, labels, generator, args.crop_padding, targeted, resized_crop, args.auto_augment)
+        if not mixed:
+            return normalize(images), labels, None
+        images, partner, share = data.mix(images, labels, generator, args.mixup, args.cutmix)
+        return normalize(images), partner, share
 
     return normalize, inputs
 
 
-def build_training(args, run, train_labels, progress, accelerator):
-    """(model, optimizer, scheduler, criterion, what extending a resumed run changes or None)."""
+def build_training(args, run, train_labels, progress, accelerator, schedule=None):
+    """(model, optimizer, scheduler, criterion, what extending a resumed run changes or None).
+    schedule: step -> lr factor, instead of the recipe's (--find-lr)."""
     if getattr(args, "loss_weights", None) is None:  # a resumed run keeps the weights it computed
         weights = class_weights(args.class_weights, train_labels, run.classes)
         args.loss_weights = None if weights is None else weights.tolist()
@@ -923,10 +1041,10 @@ def build_training(args, run, train_labels, progress, accelerator):
     weights = "none" if progress else args.weights  # a resumed run's weights come from its state
     model = build_model(len(run.classes), args.stem, weights, run.groups, args.zero_init_residual)
     model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(
-        parameter_groups(model, args.weight_decay), lr=args.lr, momentum=args.momentum, nesterov=args.nesterov
-    )
-    # Counted in batches of the whole dataset; accelerate steps the scheduler once per process.
+    groups = parameter_groups(model, args.weight_decay, args.lr, args.backbone_lr_mult)
+    optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov)
+    # Counted in optimizer steps of the whole dataset (a loader batch is one: batch_size x grad_accum_steps
+    # images a process); accelerate steps the scheduler once per process.
     steps_per_epoch = len(run.train_loader)
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
     change = None
@@ -934,9 +1052,8 @@ def build_training(args, run, train_labels, progress, accelerator):
         saved_epochs, done = progress["config"]["epochs"], len(progress["history"])
         change = extend_schedule(args, saved_epochs, done, steps_per_epoch, warmup_steps)
     total_steps = args.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, warmup_steps, args.schedule, args.decay_start)
-    )
+    schedule = schedule or (lambda step: lr_factor(step, total_steps, warmup_steps, args.schedule, args.decay_start))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     criterion = torch.nn.CrossEntropyLoss(weight=loss_weights, label_smoothing=args.label_smoothing)
     return model, optimizer, scheduler, criterion.to(accelerator.device), change
 
@@ -1017,6 +1134,92 @@ def finished_run(args, history, saved_epochs):
     if len(history) == args.epochs:
         return f"finished: all {args.epochs} epochs are trained; nothing to train. --epochs N continues it to epoch N"
     return None
+
+
+# ---------------------------------------------------------------------------------- the lr range test
+# --find-lr: Smith's learning-rate range test ("Cyclical learning rates", 2017), as fastai's lr_find.
+
+FIND_LR_RANGE = (1e-7, 10.0)  # fastai's: the lr rises exponentially from the first to the second
+FIND_LR_STEPS = 100
+FIND_LR_SMOOTHING = 0.98  # the loss's exponential moving average, debiased, as fastai's and Lightning's
+FIND_LR_DIVERGED = 4  # stop once the smoothed loss is 4x its lowest (fastai)
+
+
+def find_lr(args, accelerator):
+    """From the run's starting weights, FIND_LR_STEPS steps on the training split as epoch 1 trains
+    (its augmentation; only the head with --freeze-epochs), the lr rising exponentially across
+    FIND_LR_RANGE, stopped when the loss diverges. Prints the suggested peak lr, a tenth of the lr at
+    the smoothed loss's minimum, and plots loss against lr to lr_find.png in --output-dir (default:
+    here). Nothing else is written: the trained weights are thrown away."""
+    plot = Path(args.output_dir or ".") / "lr_find.png"
+    check_folder_can_be_made(plot.parent, "--output-dir", args.output_dir or ".")
+    low, high = FIND_LR_RANGE
+
+    def lr_at(step):
+        return low * (high / low) ** (min(step, FIND_LR_STEPS - 1) / (FIND_LR_STEPS - 1))
+
+    # the head's lr (the backbone's is x --backbone-lr-mult); accelerate steps the scheduler once a process
+    run = prepare_training(args, None, accelerator, lambda step: lr_at(step // accelerator.num_processes) / args.lr)
+    run.model.train()
+    if args.freeze_epochs:
+        freeze_backbone(run.network, frozen=True)
+    generator = torch.Generator(accelerator.device).manual_seed(args.seed)
+    lrs, losses, smoothed, average = [], [], [], 0.0
+    bar = tqdm(total=FIND_LR_STEPS, desc="lr range test", leave=False, disable=not accelerator.is_local_main_process)
+    for step, (images, labels) in zip(range(FIND_LR_STEPS), batches_forever(run.train_loader)):
+        loss = train_step(run, accelerator, args, images, labels, generator)[0]
+        value = accelerator.reduce(loss, "mean").item()  # read each step, to stop at the divergence
+        average = FIND_LR_SMOOTHING * average + (1 - FIND_LR_SMOOTHING) * value
+        lrs.append(lr_at(step))
+        losses.append(value)
+        smoothed.append(average / (1 - FIND_LR_SMOOTHING ** (step + 1)))
+        bar.update()
+        if not math.isfinite(smoothed[-1]) or smoothed[-1] > FIND_LR_DIVERGED * min(smoothed):
+            break
+    bar.close()
+    if accelerator.is_main_process:
+        plot.parent.mkdir(parents=True, exist_ok=True)
+        lowest = min((i for i, value in enumerate(smoothed) if math.isfinite(value)), key=smoothed.__getitem__)
+        suggestion = lrs[lowest] / 10
+        replaced = " (replaced)" if plot.exists() else ""
+        write_atomically(plot, lambda temporary: plot_lr_find(temporary, lrs, losses, smoothed, suggestion, args))
+        ended = "stopped: the loss diverged" if len(lrs) < FIND_LR_STEPS else "no divergence"
+        accelerator.print(
+            f"lr range test: {len(lrs)} steps of {effective_batch(args, accelerator)} images, lr {low:g} to "
+            f"{lrs[-1]:.3g} ({ended}); the smoothed loss is lowest, {smoothed[lowest]:.3f}, at lr {lrs[lowest]:.3g}\n"
+            f"suggested peak lr: {suggestion:.3g} (rule: a tenth of the lr at the lowest smoothed loss, fastai's); "
+            f"pass it as --lr. Without --lr this run would use {args.lr:g}\nplot: {plot}{replaced}"
+        )
+    accelerator.end_training()
+
+
+def batches_forever(loader):
+    """The loader's batches, pass after pass, each pass in a new order."""
+    for epoch in itertools.count(1):
+        loader.set_epoch(epoch)
+        yield from loader
+
+
+def plot_lr_find(path, lrs, losses, smoothed, suggestion, args):
+    """Loss against lr on a log axis, the raw loss faint, the smoothed one bold, the suggestion marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5), layout="constrained")
+    axes.plot(lrs, losses, color="0.7", linewidth=1, label="loss of the step")
+    axes.plot(lrs, smoothed, color="C0", linewidth=2, label=f"smoothed (moving average, {FIND_LR_SMOOTHING})")
+    axes.axvline(suggestion, color="C3", linestyle="--", label=f"suggested peak lr {suggestion:.3g}")
+    finite = [value for value in smoothed if math.isfinite(value)]
+    top = max(min(max(finite), 1.3 * finite[0]), 1.1 * min(finite))  # the descent, not the divergence's heights
+    axes.set_ylim(0.9 * min(finite), top)
+    backbone = f", backbone lr x{args.backbone_lr_mult:g}" if args.backbone_lr_mult != 1 else ""
+    axes.set(xscale="log", xlabel=f"learning rate (the head's{backbone})", ylabel="training loss")
+    axes.set_title(f"lr range test: {Path(args.data_dir).name}, weights {Path(args.weights).name}", fontsize=10)
+    axes.legend()
+    figure.savefig(path, format="png", dpi=120)
+    plt.close(figure)
 
 
 # ---------------------------------------------------------------------------------- the run folder

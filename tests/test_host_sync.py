@@ -70,14 +70,28 @@ def reads_the_loss(phase, index):
     return index == VAL_BATCHES
 
 
-def a_short_run(tmp_path, image_folder):
-    """One epoch with the parts of the step that options add: EMA, targeted augmentation, class weights."""
-    flags = ["--epochs", "1", "--ema", "0.9", "--targeted-augment", "animals", "--class-weights", "auto"]
-    flags += ["--max-train-samples", "160"]  # all of them: STEPS steps
+# The parts of the step that options add: EMA, targeted augmentation, class weights; and the training
+# controls, with a frozen epoch and then an unfrozen one, batches of 8 accumulated to STEPS steps of 16.
+OPTIONS = {
+    "ema-targeted-weights": ["--epochs", "1", "--ema", "0.9", "--targeted-augment", "animals",
+                             "--class-weights", "auto"],
+    "training-controls": ["--epochs", "2", "--batch-size", "8", "--grad-accum-steps", "2", "--clip-grad-norm", "1",
+                          "--mixup", "0.2", "--cutmix", "1", "--auto-augment", "ta_wide", "--freeze-epochs", "1",
+                          "--backbone-lr-mult", "0.1"],
+}  # fmt: skip
+
+
+def a_short_run(tmp_path, image_folder, options, weights_file):
+    flags = [*OPTIONS[options], "--max-train-samples", "160"]  # all of them: STEPS steps
+    if "--freeze-epochs" in flags:
+        flags += ["--weights", str(weights_file)]
     train.main(quick_args(image_folder, tmp_path / "run", *flags))
 
 
-def test_no_step_reads_from_the_device_outside_logging_steps(image_folder, tmp_path, monkeypatch):
+@pytest.mark.parametrize("options", OPTIONS)
+def test_no_step_reads_from_the_device_outside_logging_steps(
+    options, image_folder, tmp_path, monkeypatch, weights_file
+):
     calls = collections.defaultdict(list)  # (phase, step) -> names of the calls that would wait
     current = [None]
 
@@ -120,7 +134,7 @@ def test_no_step_reads_from_the_device_outside_logging_steps(image_folder, tmp_p
     monkeypatch.setattr(torch.Tensor, "__getitem__", counted(torch.Tensor.__getitem__, "mask[]", boolean_mask))
     Steps(monkeypatch, on_step)
 
-    a_short_run(tmp_path, image_folder)
+    a_short_run(tmp_path, image_folder, options, weights_file)
 
     waiting = {step: names for step, names in calls.items() if not reads_the_loss(*step)}
     assert not waiting, f"steps that wait for the device: {waiting}"
@@ -129,12 +143,15 @@ def test_no_step_reads_from_the_device_outside_logging_steps(image_folder, tmp_p
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: torch.cuda.set_sync_debug_mode checks a GPU")
-def test_no_step_synchronizes_with_the_gpu_outside_logging_steps(image_folder, tmp_path, monkeypatch):
+@pytest.mark.parametrize("options", OPTIONS)
+def test_no_step_synchronizes_with_the_gpu_outside_logging_steps(
+    options, image_folder, tmp_path, monkeypatch, weights_file
+):
     def on_step(phase, index):
         torch.cuda.set_sync_debug_mode("error" if phase and not reads_the_loss(phase, index) else "default")
 
     Steps(monkeypatch, on_step)
     try:
-        a_short_run(tmp_path, image_folder)
+        a_short_run(tmp_path, image_folder, options, weights_file)
     finally:
         torch.cuda.set_sync_debug_mode("default")

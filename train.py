@@ -218,23 +218,48 @@ def parse_args(argv=None):
     add(
         "--grad-accum-steps",
         type=bounded(int, 1),
+        metavar="N",
         default=1,
         help="batches whose gradients add up before each step: an effective batch of --batch-size x processes x N "
         "(%(default)s)",
     )
-    add("--clip-grad-norm", type=bounded(float, 0, open_low=True), help="clip the gradient's norm to this (off)")
-    add("--mixup", type=bounded(float, 0), default=0.0, help="mixup's alpha: mix pairs of images (0: off)")
-    add("--cutmix", type=bounded(float, 0), default=0.0, help="CutMix's alpha; with --mixup, one a batch (0: off)")
+    add(
+        "--clip-grad-norm",
+        type=bounded(float, 0, open_low=True),
+        metavar="X",
+        help="clip the gradient's norm to this (off)",
+    )
+    add(
+        "--mixup",
+        type=bounded(float, 0),
+        metavar="ALPHA",
+        default=0.0,
+        help="mixup's alpha: mix pairs of images (0: off)",
+    )
+    add(
+        "--cutmix",
+        type=bounded(float, 0),
+        metavar="ALPHA",
+        default=0.0,
+        help="CutMix's alpha; with --mixup, one a batch (0: off)",
+    )
     add(
         "--auto-augment",
         choices=["none", "ta_wide", "ra"],
         default="none",
         help="an augmentation policy: TrivialAugment-wide or RandAugment (%(default)s)",
     )
-    add("--freeze-epochs", type=bounded(int, 0), default=0, help="train only the new head for N epochs first (0)")
+    add(
+        "--freeze-epochs",
+        type=bounded(int, 0),
+        metavar="N",
+        default=0,
+        help="train only the new head for N epochs first (0)",
+    )
     add(
         "--backbone-lr-mult",
         type=bounded(float, 0, open_low=True),
+        metavar="M",
         default=1.0,
         help="the lr of every layer but the head, times this (%(default)s)",
     )

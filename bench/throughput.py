@@ -5,6 +5,7 @@
     python bench/throughput.py --images 2000 --only bare,train   # quicker, some rows
     python bench/throughput.py --images 10000 --rounds 3 --only bare,train,plain  # the speed goals
     python bench/throughput.py --images 10000 --rounds 3 --only disk,cache,pss   # the decode-once cache
+    python bench/throughput.py --images 10000 --rounds 3 --only train,controls,before --before 41d24cc
     bench/gpu.sh                                      # GPU: the --device cuda table, on CIFAR-10
 
 CPU rows (--recipe seed, torchvision's stem at 32x32, from scratch, batch 128, float32 unless said):
@@ -19,6 +20,7 @@ CPU rows (--recipe seed, torchvision's stem at 32x32, from scratch, batch 128, f
 - evaluation: evaluate.py's forward passes over 10,000 images;
 - photos: the shared ants/bees photos (245, about 500x375) decoded at 256x256, and `train.py` on
   them at its photo defaults (224x224 random-resized crops, torchvision's stem), from scratch;
+- controls: train.py with --auto-augment ta_wide and with --mixup 0.2, to compare with the train.py row;
 - disk: train.py --data-on device against --data-on disk (the page cache warm), on a folder of links
   to the first images of each class (a --max-train-samples cut would write no cache);
 - cache: load times of the training folder and of --photos made 500x375 JPEGs: decoded, decoded
@@ -66,7 +68,8 @@ from model import build_model  # noqa: E402
 SHARED = ROOT.parent / "shared" / "data" / "cifar10-jpeg-train.tar.gz"
 PHOTOS = ROOT.parent / "shared" / "data" / "photos-ants-bees-train.tar.gz"
 BATCH = 128
-CPU_ROWS = ("bare", "compile", "train", "disk", "bf16", "before", "plain", "eval", "photos", "cache", "pss")
+CPU_ROWS = ("bare", "compile", "train", "disk", "controls", "bf16", "before", "plain", "eval", "photos", "cache", "pss")
+CONTROLS = {"--auto-augment ta_wide": ("--auto-augment", "ta_wide"), "--mixup 0.2": ("--mixup", "0.2")}
 LONG_RUN_EPOCHS = 30
 
 
@@ -331,6 +334,7 @@ def cpu_round(args, folder, scratch, scripts, first):
         ("train", "train.py --recipe seed", (), None, None),
         ("disk", "train.py --recipe seed --data-on device", ("--data-on", "device"), None, None),
         ("disk", "train.py --recipe seed --data-on disk", ("--data-on", "disk"), None, None),
+        *(("controls", f"train.py --recipe seed {name}", flags, None, None) for name, flags in CONTROLS.items()),
         ("compile", "train.py --recipe seed --compile", ("--compile",), cold_inductor(scratch), None),
         ("bf16", "train.py --recipe seed, bf16 autocast", (), {"ACCELERATE_MIXED_PRECISION": "bf16"}, None),
         *(("before", f"train.py --recipe seed at {revision}", (), None, revision) for revision in args.before),
@@ -385,6 +389,9 @@ def cpu_table(args, folder, scratch):
         lines.append(f"\ntrain.py / bare step: {ratio(rounds, train, BARE)}; at least 0.95 expected")
     if train in rounds[0] and PLAIN in rounds[0]:
         lines.append(f"train.py / plain loop: {ratio(rounds, train, PLAIN)}; at least 1.3 expected")
+    for name in CONTROLS:
+        if f"{train} {name}" in rounds[0] and train in rounds[0]:
+            lines.append(f"train.py {name} / train.py: {ratio(rounds, f'{train} {name}', train)}")
     disk, device = (f"{train} --data-on {on}" for on in ("disk", "device"))
     if disk in rounds[0]:
         lines.append(

@@ -642,11 +642,11 @@ def train_epoch(epoch, run, accelerator, args, stop):
     for step, (images, labels) in enumerate(bar, 1):
         if step == 2:
             started = time.perf_counter()  # the time estimate leaves out the first step, which compiles
-        loss, summed_loss, hits, grad_norm = train_step(run, accelerator, args, images, labels, generator)
+        loss, cross_entropy, hits, grad_norm = train_step(run, accelerator, args, images, labels, generator)
         global_step = (epoch - 1) * len(loader) + step
         if run.ema is not None:
             update_ema(run.ema, run.network, global_step, args.ema)
-        total_loss += summed_loss
+        total_loss += cross_entropy
         correct += hits
         if step % LOG_EVERY == 0 or step == len(loader):
             value, lr = loss.item(), scheduler.get_last_lr()[-1]  # the last group's: the head's
@@ -679,25 +679,26 @@ def train_step(run, accelerator, args, images, labels, generator):
     image's larger share's label (train_loss, train_acc), and the gradient norm before clipping (None
     without --clip-grad-norm)."""
     inputs, partner, share = run.inputs(images, labels, generator)
-    target = labels if share is None else torch.where(share >= 0.5, labels, partner)
-    loss_sum, summed_loss, hits, grad_norm = 0, 0, 0, None
-    for x, y, y_partner, y_main in zip(*(t.chunk(args.grad_accum_steps) for t in (inputs, labels, partner, target))):
+    larger_share = labels if share is None else torch.where(share >= 0.5, labels, partner)
+    parts = zip(*(t.chunk(args.grad_accum_steps) for t in (inputs, labels, partner, larger_share)))
+    step_loss, cross_entropy, hits, grad_norm = 0, 0, 0, None
+    for part, own, other, measured in parts:
         with accelerator.accumulate(run.model):
             with accelerator.autocast():
-                logits = run.model(x)
-                loss = run.criterion(logits, y)
+                logits = run.model(part)
+                loss = run.criterion(logits, own)
                 if share is not None:  # mixed: each label's loss by its share, with smoothing and weights as set
-                    loss = share * loss + (1 - share) * run.criterion(logits, y_partner)
+                    loss = share * loss + (1 - share) * run.criterion(logits, other)
             accelerator.backward(loss)
-            if accelerator.sync_gradients and args.clip_grad_norm:
+            if accelerator.sync_gradients and args.clip_grad_norm:  # the last part: the whole gradient is in
                 grad_norm = accelerator.clip_grad_norm_(run.model.parameters(), args.clip_grad_norm)
-            run.optimizer.step()
+            run.optimizer.step()  # accelerate steps (and zeroes) only at the last part
             run.scheduler.step()
             run.optimizer.zero_grad(set_to_none=True)
-        loss_sum = loss_sum + loss.detach()
-        summed_loss = summed_loss + F.cross_entropy(logits.detach().float(), y_main, reduction="sum")
-        hits = hits + (logits.argmax(1) == y_main).sum()
-    return loss_sum / args.grad_accum_steps, summed_loss, hits, grad_norm
+        step_loss = step_loss + loss.detach() / args.grad_accum_steps
+        cross_entropy = cross_entropy + F.cross_entropy(logits.detach().float(), measured, reduction="sum")
+        hits = hits + (logits.argmax(1) == measured).sum()
+    return step_loss, cross_entropy, hits, grad_norm
 
 
 def effective_batch(args, accelerator):
@@ -1235,8 +1236,9 @@ def plot_lr_find(path, lrs, losses, smoothed, suggestion, args):
     figure, axes = plt.subplots(figsize=(7, 4.5), layout="constrained")
     axes.plot(lrs, losses, color="0.7", linewidth=1, label="loss of the step")
     axes.plot(lrs, smoothed, color="C0", linewidth=2, label=f"smoothed (moving average, {FIND_LR_SMOOTHING})")
-    axes.axvline(suggestion, color="C3", linestyle="--", label=f"suggested peak lr {suggestion:.3g}")
     finite = [value for value in smoothed if math.isfinite(value)]
+    axes.plot(10 * suggestion, min(finite), "o", color="C3", label=f"lowest smoothed loss, lr {10 * suggestion:.3g}")
+    axes.axvline(suggestion, color="C3", linestyle="--", label=f"suggested peak lr {suggestion:.3g} (a tenth)")
     top = max(min(max(finite), 1.3 * finite[0]), 1.1 * min(finite))  # the descent, not the divergence's heights
     axes.set_ylim(0.9 * min(finite), top)
     backbone = f", backbone lr x{args.backbone_lr_mult:g}" if args.backbone_lr_mult != 1 else ""

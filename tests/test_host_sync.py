@@ -78,6 +78,7 @@ OPTIONS = {
     "training-controls": ["--epochs", "2", "--batch-size", "8", "--grad-accum-steps", "2", "--clip-grad-norm", "1",
                           "--mixup", "0.2", "--cutmix", "1", "--auto-augment", "ta_wide", "--freeze-epochs", "1",
                           "--backbone-lr-mult", "0.1"],
+    "randaugment": ["--epochs", "1", "--auto-augment", "ra"],
 }  # fmt: skip
 
 

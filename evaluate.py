@@ -216,8 +216,10 @@ def top_confusions(confusion, classes, k=TOP_CONFUSIONS):
     ]
 
 
-def overfitting(history):
-    """The seed write-up's overfitting figures from a run's history (accuracy gaps in points)."""
+def overfitting(history, config=None):
+    """The seed write-up's overfitting figures from a run's history (accuracy gaps in points), and
+    whether its training batches were mixed (--mixup, --cutmix: its training figures are then
+    against each image's larger share's label)."""
     if not history:
         return None
     best = min(history, key=lambda r: r["val_loss"])
@@ -234,6 +236,7 @@ def overfitting(history):
         "train_val_acc_gap_last": 100 * (last["train_acc"] - last["val_acc"]),
         "loss_ratio_best": ratio(best["val_loss"], best["train_loss"]),
         "loss_ratio_last": ratio(last["val_loss"], last["train_loss"]),
+        "mixed_training_batches": bool(config and (config.get("mixup") or config.get("cutmix"))),
     }
 
 
@@ -318,6 +321,11 @@ def print_report(results, classes):
             f"val/train loss ratio: {number(o['loss_ratio_best'])} at the best epoch, "
             f"{number(o['loss_ratio_last'])} at the last"
         )
+        if o["mixed_training_batches"]:
+            print(
+                "(the run trained on mixed batches, --mixup/--cutmix: its training loss and accuracy are against "
+                "each image's larger share's label, so they sit below an unmixed run's and the gaps read smaller)"
+            )
 
 
 # ---------------------------------------------------------------------------------- plots
@@ -557,7 +565,7 @@ def evaluate(args):
         "groups": group_accuracies(recall, classes),
         "stage1_accuracy": stage1_accuracy(logits, labels, classes),
         "top_confusions": top_confusions(confusion, classes),
-        "overfitting": overfitting(history),
+        "overfitting": overfitting(history, metadata.get("config", {})),
         "tta": args.tta,
         "checkpoint": str(args.checkpoint),
         "data_check": data_check,

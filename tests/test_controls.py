@@ -217,3 +217,13 @@ def test_bad_control_flags_get_one_error_line(flags, words, capsys):
     assert refused.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(errors) == 1 and words in errors[0], errors
+
+
+def test_evaluate_says_when_the_training_figures_come_from_mixed_batches():
+    import evaluate
+
+    history = [dict(epoch=1, train_loss=1.0, train_acc=0.5, val_loss=1.1, val_acc=0.6)]
+    assert evaluate.overfitting(history, {"mixup": 0.2, "cutmix": 0.0})["mixed_training_batches"]
+    assert evaluate.overfitting(history, {"cutmix": 1.0})["mixed_training_batches"]
+    assert not evaluate.overfitting(history, {"mixup": 0.0, "cutmix": 0.0})["mixed_training_batches"]
+    assert not evaluate.overfitting(history)["mixed_training_batches"]  # a checkpoint from before the flags

@@ -1243,7 +1243,8 @@ def plot_lr_find(path, lrs, losses, smoothed, suggestion, args):
     axes.set_ylim(0.9 * min(finite), top)
     backbone = f", backbone lr x{args.backbone_lr_mult:g}" if args.backbone_lr_mult != 1 else ""
     axes.set(xscale="log", xlabel=f"learning rate (the head's{backbone})", ylabel="training loss")
-    axes.set_title(f"lr range test: {Path(args.data_dir).name}, weights {Path(args.weights).name}", fontsize=10)
+    weights = args.weights if args.weights in ("imagenet", "none") else "/".join(Path(args.weights).parts[-2:])
+    axes.set_title(f"lr range test: {Path(args.data_dir).name}, weights {weights}", fontsize=10)
     axes.legend()
     figure.savefig(path, format="png", dpi=120)
     plt.close(figure)

@@ -53,6 +53,7 @@ TRANSFER_RUNS = {
     "freeze1": ["--lr", str(FINE_TUNE_LR), "--freeze-epochs", "1"],
     "backbone01": ["--lr", str(FINE_TUNE_LR), "--backbone-lr-mult", "0.1"],
     "scratch": ["--lr", "0.05", "--weights", "none"],  # the from-scratch 0.2 at batch 128, scaled to 32
+    "suggested": ["--lr", "0.0201"],  # what findlr_transfer suggested (README: Accuracy), tried
 }
 
 
@@ -88,8 +89,10 @@ def runs(data_dir, runs_dir):
         for seed in SEEDS:
             table[f"transfer_{name}_s{seed}"] = (["--data-dir", str(catdog), *FINE_TUNE, *weights, *flags,
                                                   "--seed", str(seed)], "cat/dog")  # fmt: skip
+    suggested = {name: table.pop(name) for name in list(table) if name.startswith("transfer_suggested")}
     table["findlr_cifar"] = (["--data-dir", str(data_dir), *FAST, "--weights", "none", "--find-lr"], "CIFAR-10")
     table["findlr_transfer"] = (["--data-dir", str(catdog), *FINE_TUNE, "--weights", str(pre8), "--find-lr"], "cat/dog")
+    table |= suggested  # after the test that suggested it
     for name, flags in SMALL_RUNS.items():
         for seed in SEEDS[:1] if name in ONE_SEED else SEEDS:
             table[f"small_{name}_s{seed}"] = (["--data-dir", str(small), *SMALL, *flags, "--seed", str(seed)], "small")

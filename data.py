@@ -1092,19 +1092,18 @@ def mix(images, labels, generator, mixup_alpha=0.0, cutmix_alpha=0.0):
     partner's is 1 - share). CutMix pastes a box of the partner of area (1 - lam) x the image, cut at
     the borders, and the share is the area left."""
     partner_images, partner = images.roll(1, 0), labels.roll(1, 0)
-    mixed = []
     if mixup_alpha > 0:
-        share = _beta(mixup_alpha, generator, images.device)
-        mixed.append((share * images + (1 - share) * partner_images, share))
+        mixup_share = _beta(mixup_alpha, generator, images.device)
+        mixed, share = mixup_share * images + (1 - mixup_share) * partner_images, mixup_share
     if cutmix_alpha > 0:
         box = _cutmix_box(images.shape[-2:], _beta(cutmix_alpha, generator, images.device), generator)
-        share = 1 - box.float().mean()
-        mixed.append((torch.where(box, partner_images, images), share))
-    if len(mixed) == 2:
-        cutmix = torch.rand((), device=images.device, generator=generator) < 0.5
-        (mixup_images, mixup_share), (cutmix_images, cutmix_share) = mixed
-        mixed = [(torch.where(cutmix, cutmix_images, mixup_images), torch.where(cutmix, cutmix_share, mixup_share))]
-    return (*mixed[0][:1], partner, mixed[0][1])
+        cutmix_images, cutmix_share = torch.where(box, partner_images, images), 1 - box.float().mean()
+        if mixup_alpha > 0:  # both: one of the two, drawn on the device (no branch on a device value)
+            cutmix = torch.rand((), device=images.device, generator=generator) < 0.5
+            mixed, share = torch.where(cutmix, cutmix_images, mixed), torch.where(cutmix, cutmix_share, share)
+        else:
+            mixed, share = cutmix_images, cutmix_share
+    return mixed, partner, share
 
 
 def _beta(alpha, generator, device):

@@ -71,9 +71,12 @@ def build_model(num_classes, stem="cifar", weights="imagenet", groups=None, zero
     return model
 
 
+HEAD = "fc"  # the new last layer: torchvision's name for it
+
+
 def is_head(name):
-    """Whether a parameter (by its state-dict name) belongs to the new last layer, the head."""
-    return name.startswith("fc.")
+    """Whether a parameter (by its state-dict name) belongs to the head."""
+    return name.startswith(f"{HEAD}.")
 
 
 def freeze_backbone(model, frozen):
@@ -81,7 +84,7 @@ def freeze_backbone(model, frozen):
     so the backward pass stops at the head, and its BatchNorm layers keep their running statistics
     (eval mode). Call it after model.train(), each epoch; unfrozen, all trains again."""
     for name, module in model.named_children():
-        if name != "fc":
+        if name != HEAD:
             module.requires_grad_(not frozen)
             if frozen:
                 module.eval()

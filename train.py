@@ -241,7 +241,7 @@ def parse_args(argv=None):
         type=bounded(float, 0),
         metavar="ALPHA",
         default=0.0,
-        help="CutMix's alpha; with --mixup, one a batch (0: off)",
+        help="CutMix's alpha; with --mixup, each batch takes one of the two at random (0: off)",
     )
     add(
         "--auto-augment",
@@ -333,9 +333,11 @@ def parse_args(argv=None):
         if getattr(args, key, None) is None and key not in ("stem", "batch_size", "lr"):  # see data_settings
             setattr(args, key, value)
     args.decay_start = None  # set when a resumed run's --epochs changes; see lr_factor
-    if args.weights == "none" and (args.freeze_epochs or args.backbone_lr_mult != 1):
-        flag = "--freeze-epochs" if args.freeze_epochs else "--backbone-lr-mult"
-        parser.error(f"{flag} protects pretrained features, and --weights none has none; drop {flag}")
+    protecting = [flag for flag, on in (("--freeze-epochs", args.freeze_epochs), ("--backbone-lr-mult",
+                  args.backbone_lr_mult != 1)) if on]  # fmt: skip
+    if args.weights == "none" and protecting:
+        flags = " and ".join(protecting)
+        parser.error(f"{flags} protect(s) pretrained features, and --weights none has none; drop {flags}")
     if args.freeze_epochs >= args.epochs:
         parser.error(
             f"--freeze-epochs {args.freeze_epochs} leaves none of the {args.epochs} epochs to train the whole "
@@ -505,13 +507,13 @@ def extend_schedule(args, saved_epochs, epochs_done, steps_per_epoch, warmup_ste
     )
 
 
-def parameter_groups(model, weight_decay, lr, backbone_lr_mult=1.0):
+def parameter_groups(model, weight_decay, lr, backbone_lr=None):
     """Weight decay on conv and linear weights only: decaying norms and biases only hurts. With
-    backbone_lr_mult, every layer but the head has its own groups, at lr x backbone_lr_mult."""
+    backbone_lr, every layer but the head has its own two groups, first, at that lr."""
     named = list(model.named_parameters())
     parts = [(named, lr)]
-    if backbone_lr_mult != 1:
-        parts = [([(n, p) for n, p in named if not is_head(n)], lr * backbone_lr_mult)]
+    if backbone_lr is not None:
+        parts = [([(n, p) for n, p in named if not is_head(n)], backbone_lr)]
         parts.append(([(n, p) for n, p in named if is_head(n)], lr))
     return [
         {"params": [p for _, p in params if (p.ndim > 1) == decayed], "lr": part_lr, "weight_decay": decay}
@@ -672,29 +674,29 @@ def train_epoch(epoch, run, accelerator, args, stop):
 
 
 def train_step(run, accelerator, args, images, labels, generator):
-    """One optimizer step on a loader batch (batch_size x grad_accum_steps images a process): augmented
-    and mixed as one batch, then forward and backward in grad_accum_steps parts of batch_size, whose
-    gradients accelerate adds up (and averages over the processes once, at the last part) before the
-    step. Returns device tensors: the loss, the summed cross-entropy and the hits against each
-    image's larger share's label (train_loss, train_acc), and the gradient norm before clipping (None
-    without --clip-grad-norm)."""
-    inputs, partner, share = run.inputs(images, labels, generator)
-    larger_share = labels if share is None else torch.where(share >= 0.5, labels, partner)
-    parts = zip(*(t.chunk(args.grad_accum_steps) for t in (inputs, labels, partner, larger_share)))
+    """One optimizer step on a loader batch (batch_size x grad_accum_steps images a process), in
+    grad_accum_steps parts of batch_size: each is augmented and mixed, then goes forward and
+    backward, and accelerate adds up their gradients (averaging over the processes once, at the
+    last part) before the step. Returns device tensors: the loss, the summed cross-entropy and the
+    hits against each image's larger share's label (train_loss, train_acc), and the gradient norm
+    before clipping (None without --clip-grad-norm)."""
     step_loss, cross_entropy, hits, grad_norm = 0, 0, 0, None
-    for part, own, other, measured in parts:
+    # the loader's batches are whole (drop_last), so each splits into grad_accum_steps parts of batch_size
+    for part_images, part_labels in zip(images.chunk(args.grad_accum_steps), labels.chunk(args.grad_accum_steps)):
+        inputs, partner, share = run.inputs(part_images, part_labels, generator)
         with accelerator.accumulate(run.model):
             with accelerator.autocast():
-                logits = run.model(part)
-                loss = run.criterion(logits, own)
+                logits = run.model(inputs)
+                loss = run.criterion(logits, part_labels)
                 if share is not None:  # mixed: each label's loss by its share, with smoothing and weights as set
-                    loss = share * loss + (1 - share) * run.criterion(logits, other)
+                    loss = share * loss + (1 - share) * run.criterion(logits, partner)
             accelerator.backward(loss)
             if accelerator.sync_gradients and args.clip_grad_norm:  # the last part: the whole gradient is in
                 grad_norm = accelerator.clip_grad_norm_(run.model.parameters(), args.clip_grad_norm)
             run.optimizer.step()  # accelerate steps (and zeroes) only at the last part
             run.scheduler.step()
             run.optimizer.zero_grad(set_to_none=True)
+        measured = part_labels if share is None else torch.where(share >= 0.5, part_labels, partner)
         step_loss = step_loss + loss.detach() / args.grad_accum_steps
         cross_entropy = cross_entropy + F.cross_entropy(logits.detach().float(), measured, reduction="sum")
         hits = hits + (logits.argmax(1) == measured).sum()
@@ -1067,7 +1069,8 @@ def build_training(args, run, train_labels, progress, accelerator, schedule=None
     weights = "none" if progress else args.weights  # a resumed run's weights come from its state
     model = build_model(len(run.classes), args.stem, weights, run.groups, args.zero_init_residual)
     model = model.to(memory_format=torch.channels_last)
-    groups = parameter_groups(model, args.weight_decay, args.lr, args.backbone_lr_mult)
+    separate = args.freeze_epochs or args.backbone_lr_mult != 1  # the backbone in groups of its own
+    groups = parameter_groups(model, args.weight_decay, args.lr, args.lr * args.backbone_lr_mult if separate else None)
     optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov)
     # Counted in optimizer steps of the whole dataset (a loader batch is one: batch_size x grad_accum_steps
     # images a process); accelerate steps the scheduler once per process.
@@ -1078,7 +1081,16 @@ def build_training(args, run, train_labels, progress, accelerator, schedule=None
         saved_epochs, done = progress["config"]["epochs"], len(progress["history"])
         change = extend_schedule(args, saved_epochs, done, steps_per_epoch, warmup_steps)
     total_steps = args.epochs * steps_per_epoch
-    schedule = schedule or (lambda step: lr_factor(step, total_steps, warmup_steps, args.schedule, args.decay_start))
+
+    def recipe(step):
+        return lr_factor(step, total_steps, warmup_steps, args.schedule, args.decay_start)
+
+    def backbone(step):  # --freeze-epochs: from the unfreeze, a warmup of its own, not the peak at once
+        since = step - args.freeze_epochs * steps_per_epoch
+        ramp = 1.0 if warmup_steps == 0 else min(1.0, (since + 1) / warmup_steps)
+        return recipe(step) * ramp if since >= 0 else 0.0
+
+    schedule = schedule or ([backbone, backbone, recipe, recipe] if args.freeze_epochs else recipe)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     criterion = torch.nn.CrossEntropyLoss(weight=loss_weights, label_smoothing=args.label_smoothing)
     return model, optimizer, scheduler, criterion.to(accelerator.device), change
@@ -1136,13 +1148,19 @@ def check_resumable(out, args, progress, accelerator):
     done = len(progress["history"])
     if args.epochs < done:
         raise UserError(f"{out} has already trained {done} epochs; pass a larger --epochs")
+    if args.freeze_epochs >= args.epochs:
+        raise UserError(
+            f"the run trains only its head for --freeze-epochs {args.freeze_epochs}, and --epochs {args.epochs} "
+            f"would end it before the whole network trains; pass a larger --epochs"
+        )
     had = len(list(latest_state(out).glob("random_states_*.pkl")))  # accelerate saves one per process
     now = accelerator.num_processes
     if had and had != now:
         extended = args.epochs if args.epochs != progress["config"]["epochs"] else None
+        per_process = args.batch_size * args.grad_accum_steps
         accelerator.print(
-            f"warning: {out} was trained by {had} process(es), a global batch of {had * args.batch_size}; it goes on "
-            f"with {now}, a global batch of {now * args.batch_size} ({args.batch_size} per process, the same learning "
+            f"warning: {out} was trained by {had} process(es), a global batch of {had * per_process}; it goes on "
+            f"with {now}, a global batch of {now * per_process} ({per_process} per process, the same learning "
             f"rate schedule per image), so it will not match a run with {had}. For that: "
             f"{resume_command(out, accelerator, had, extended)}"
         )
@@ -1179,6 +1197,8 @@ def find_lr(args, accelerator):
     here). Nothing else is written: the trained weights are thrown away."""
     plot = Path(args.output_dir or ".") / "lr_find.png"
     check_folder_can_be_made(plot.parent, "--output-dir", args.output_dir or ".")
+    if plot.is_dir():
+        raise UserError(f"{plot} is a folder, where the plot would go; move it, or pass another --output-dir")
     low, high = FIND_LR_RANGE
 
     def lr_at(step):
@@ -1203,12 +1223,21 @@ def find_lr(args, accelerator):
         if not math.isfinite(smoothed[-1]) or smoothed[-1] > FIND_LR_DIVERGED * min(smoothed):
             break
     bar.close()
+    finite = [i for i, value in enumerate(smoothed) if math.isfinite(value)]
+    if not finite:
+        raise UserError(
+            f"the loss is {losses[0]} at the range test's first step, at lr {low:g}: the network's output is not "
+            f"finite from the start; check --weights"
+        )
     if accelerator.is_main_process:
-        plot.parent.mkdir(parents=True, exist_ok=True)
-        lowest = min((i for i, value in enumerate(smoothed) if math.isfinite(value)), key=smoothed.__getitem__)
+        lowest = min(finite, key=smoothed.__getitem__)
         suggestion = lrs[lowest] / 10
         replaced = " (replaced)" if plot.exists() else ""
-        write_atomically(plot, lambda temporary: plot_lr_find(temporary, lrs, losses, smoothed, suggestion, args))
+        try:
+            plot.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(plot, lambda temporary: plot_lr_find(temporary, lrs, losses, smoothed, suggestion, args))
+        except OSError as error:
+            raise UserError(f"could not write {plot} ({error.strerror or error}); pass another --output-dir") from error
         ended = "stopped: the loss diverged" if len(lrs) < FIND_LR_STEPS else "no divergence"
         accelerator.print(
             f"lr range test: {len(lrs)} steps of {effective_batch(args, accelerator)} images, lr {low:g} to "
@@ -1233,7 +1262,7 @@ def plot_lr_find(path, lrs, losses, smoothed, suggestion, args):
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(7, 4.5), layout="constrained")
+    figure, axes = plt.subplots(figsize=(7, 5), layout="constrained")
     axes.plot(lrs, losses, color="0.7", linewidth=1, label="loss of the step")
     axes.plot(lrs, smoothed, color="C0", linewidth=2, label=f"smoothed (moving average, {FIND_LR_SMOOTHING})")
     finite = [value for value in smoothed if math.isfinite(value)]
@@ -1245,7 +1274,7 @@ def plot_lr_find(path, lrs, losses, smoothed, suggestion, args):
     axes.set(xscale="log", xlabel=f"learning rate (the head's{backbone})", ylabel="training loss")
     weights = args.weights if args.weights in ("imagenet", "none") else "/".join(Path(args.weights).parts[-2:])
     axes.set_title(f"lr range test: {Path(args.data_dir).name}, weights {weights}", fontsize=10)
-    axes.legend()
+    figure.legend(loc="outside lower center", ncols=2, fontsize=9)  # beside the curves, not over them
     figure.savefig(path, format="png", dpi=120)
     plt.close(figure)
 

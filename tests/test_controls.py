@@ -2,6 +2,7 @@
 freeze-then-unfreeze with a lower backbone lr, and the lr range test."""
 
 import json
+import math
 import signal
 
 import pytest
@@ -138,8 +139,12 @@ def test_freezing_keeps_the_backbone_and_its_batchnorm_statistics_then_trains_th
     assert not torch.equal(states[0]["fc.weight"], states[1]["fc.weight"])
     moved = [key for key in backbone if not torch.equal(states[1][key], start[key])]
     assert "layer1.0.conv1.weight" in moved and "bn1.running_mean" in moved  # epoch 2: all of it
-    for step in optimizer_steps:  # backbone groups first, then the head's, at a tenth of its lr
-        assert step["lrs"][0] == pytest.approx(0.1 * step["lrs"][-1])
+    # backbone groups first, then the head's: at 0 while frozen (3 steps), then at a tenth of the head's lr
+    # after a warmup of their own (--warmup-epochs 1: 3 steps)
+    ramp = [0, 0, 0, 1 / 3, 2 / 3, 1]
+    assert [s["lrs"][0] for s in optimizer_steps] == pytest.approx(
+        [0.1 * r * s["lrs"][-1] for r, s in zip(ramp, optimizer_steps)]
+    )
 
 
 def stop_after(epochs, monkeypatch):
@@ -227,3 +232,25 @@ def test_evaluate_says_when_the_training_figures_come_from_mixed_batches():
     assert evaluate.overfitting(history, {"cutmix": 1.0})["mixed_training_batches"]
     assert not evaluate.overfitting(history, {"mixup": 0.0, "cutmix": 0.0})["mixed_training_batches"]
     assert not evaluate.overfitting(history)["mixed_training_batches"]  # a checkpoint from before the flags
+
+
+def test_find_lr_refuses_a_folder_in_the_plots_place_and_says_when_the_loss_is_never_finite(
+    image_folder, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(train, "FIND_LR_STEPS", 5)
+    (tmp_path / "lr_find.png").mkdir()
+    with pytest.raises(train.UserError, match="is a folder, where the plot would go"):
+        train.train(train.parse_args([*quick_args(image_folder, tmp_path), "--find-lr"]))
+    monkeypatch.setattr(train.data, "normalizer", lambda *args, **kwargs: lambda images: images.float() * math.inf)
+    with pytest.raises(train.UserError, match="finite from the start"):
+        train.train(train.parse_args([*quick_args(image_folder, tmp_path / "other"), "--find-lr"]))
+    assert not (tmp_path / "other").exists()
+
+
+def test_a_resumed_run_must_keep_epochs_to_train_after_the_freeze(image_folder, tmp_path, weights_file, monkeypatch):
+    flags = ["--weights", weights_file, "--epochs", "3", "--freeze-epochs", "2"]
+    stop_after(1, monkeypatch)
+    with pytest.raises(SystemExit):
+        train.main(quick_args(image_folder, tmp_path / "run", *flags))
+    with pytest.raises(train.UserError, match="--freeze-epochs 2, and --epochs 2 would end it before"):
+        train.train(train.parse_args(["--output-dir", str(tmp_path / "run"), "--resume", "--epochs", "2"]))

@@ -13,7 +13,6 @@ import torch
 from accelerate import Accelerator
 from conftest import quick_args
 
-import data
 import train
 
 # Tensor methods that read a value back to the host, or whose output size depends on the values.
@@ -27,7 +26,7 @@ VAL_BATCHES = 5  # 40 validation images in batches of 8
 
 
 class Steps:
-    """Follows train.py through its steps: a training step starts at data.augment, a validation
+    """Follows train.py through its steps: a training step starts at train_step, a validation
     step at gather_for_metrics; the time outside train_epoch and validate is no step."""
 
     def __init__(self, monkeypatch, on_step):
@@ -36,7 +35,7 @@ class Steps:
         monkeypatch.setattr(train, "VAL_BATCH_SIZE", 8)
         for name in ("train_epoch", "validate"):
             monkeypatch.setattr(train, name, self.phase_of(getattr(train, name)))
-        monkeypatch.setattr(data, "augment", self.marked(data.augment))
+        monkeypatch.setattr(train, "train_step", self.marked(train.train_step))
         monkeypatch.setattr(Accelerator, "gather_for_metrics", self.marked(Accelerator.gather_for_metrics))
 
     def phase_of(self, function):

@@ -5,6 +5,7 @@ classify new images.
     python evaluate.py runs/<name>/best.safetensors --split val      # the run's own validation split
     python evaluate.py CKPT --data-dir DIR --json results.json --tta
     python evaluate.py CKPT --predict photo.jpg more/photos/ --csv predictions.csv
+    python evaluate.py CKPT --export-onnx model.onnx --data-dir DIR
 
 Prints overall and per-class accuracy, precision/recall/F1, the vehicles-vs-animals gap, the most
 confused pairs and, from the history.json beside the checkpoint, an overfitting analysis. Writes
@@ -13,6 +14,8 @@ _per_class.png and _mistakes.png (e.g. best_val_mistakes.png: the most confident
 most confused pairs) beside the checkpoint or to --plot-dir.
 --predict prints each image's most likely classes, and writes contact sheets of the images with
 their predicted labels (<stem>_predictions[_N].png) and, with --csv, a table.
+--export-onnx writes the network as ONNX, from uint8 pixels to logits, and checks it against
+PyTorch with onnxruntime (optional packages: requirements-dev.txt).
 Images are preprocessed as the checkpoint records that training did. Bad input gets one `error:`
 line and a non-zero exit, and nothing is written.
 """
@@ -26,6 +29,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 if __name__ == "__main__":  # Ctrl-C during the slow imports below: exit quietly, as main() does later
@@ -35,13 +39,14 @@ import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import data  # noqa: E402
-from model import check_folder_can_be_made, group_index, load_checkpoint  # noqa: E402
+from model import check_folder_can_be_made, group_index, load_checkpoint, write_atomically  # noqa: E402
 
 if __name__ == "__main__":  # imported: from here on main() handles Ctrl-C
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -52,6 +57,11 @@ MISTAKE_PAIRS, MISTAKES_PER_PAIR = 4, 6  # mistakes.png: rows of the most confus
 SHEET_COLUMNS, SHEET_ROWS = 8, 6  # --predict: images per contact sheet
 GROUP_COLORS = {"vehicles": "tab:blue", "animals": "tab:orange"}
 HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")
+# --export-onnx: the check runs the file with onnxruntime on ONNX_CHECK_IMAGES images of the split
+# (--data-dir) or ONNX_SYNTHETIC random ones, and refuses a logit further than ONNX_TOLERANCE from
+# PyTorch's on the CPU (float32 differences are about 1e-6 here) or another top-1 class.
+ONNX_CHECK_IMAGES, ONNX_SYNTHETIC, ONNX_TOLERANCE = 1000, 16, 1e-3
+ONNX_PACKAGES = "pip install -r requirements-dev.txt (onnx, onnxruntime, onnxscript)"
 
 
 def positive_int(text):
@@ -90,7 +100,15 @@ def parse_args(argv=None):
     parser.add_argument("--predict", nargs="+", metavar="PATH", help="classify these images or folders of them")
     parser.add_argument("--csv", help="--predict: also write the predictions to this CSV file (off)")
     parser.add_argument("--top-k", type=positive_int, default=3, help="--predict: classes shown per image (3)")
+    parser.add_argument(
+        "--export-onnx", metavar="PATH", help="write the network as ONNX (uint8 pixels in, logits out) and check it"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="--export-onnx: replace an existing file (off)")
     args = parser.parse_args(argv)
+    if args.export_onnx and (args.predict or args.tta):
+        parser.error("--export-onnx exports the plain network; drop --predict and --tta")
+    if args.overwrite and not args.export_onnx:
+        parser.error("--overwrite goes with --export-onnx; evaluation plots are always rewritten")
     if args.csv and not args.predict:
         parser.error("--csv goes with --predict; for an evaluation's results pass --json")
     if args.json and args.predict:
@@ -146,13 +164,18 @@ def stored_side(metadata):
     return metadata.get("image_size", data.IMAGE_SIZE)
 
 
+def evaluation_input(metadata, device):
+    """(the network's input side, the function from stored uint8 batches to its inputs): the centre
+    crop, resize and normalisation of the checkpoint's evaluation."""
+    size, crop = metadata.get("input_size", data.IMAGE_SIZE), metadata.get("eval_crop", stored_side(metadata))
+    return size, data.normalizer(metadata["mean"], metadata["std"], size, device, crop=crop)
+
+
 @torch.inference_mode()
 def predict(model, images, metadata, batch_size, tta, device):
     """Logits for every image, in large batches; with tta, averaged with the mirrored image's."""
     model.eval().to(device, memory_format=torch.channels_last)
-    side = stored_side(metadata)
-    size, crop = metadata.get("input_size", data.IMAGE_SIZE), metadata.get("eval_crop", side)
-    normalize = data.normalizer(metadata["mean"], metadata["std"], size, device, crop=crop)
+    size, normalize = evaluation_input(metadata, device)
     batch_size = batch_size or max(1, BATCH_PIXELS // size**2)
     logits = []
     for start in range(0, len(images), batch_size):
@@ -526,7 +549,7 @@ def png_source(path):
 def main(argv=None):
     try:
         args = parse_args(argv)
-        (classify if args.predict else evaluate)(args)
+        (export_onnx if args.export_onnx else classify if args.predict else evaluate)(args)
     except data.UserError as error:
         sys.exit(f"error: {' '.join(str(error).split())}")  # one line, whatever the message
     except KeyboardInterrupt:
@@ -651,6 +674,122 @@ def write_sheets(args, files, images, probabilities, classes):
         for name in stale:
             (folder / name).unlink(missing_ok=True)
         print(f"removed {len(stale)} earlier contact sheet(s) of {Path(args.checkpoint).stem}: {', '.join(stale)}")
+
+
+# ---------------------------------------------------------------------------------- ONNX export
+
+
+class PixelsToLogits(torch.nn.Module):
+    """What --export-onnx exports: uint8 RGB images [N, 3, S, S] at the checkpoint's stored side S
+    in, logits out; the evaluation's crop, resize and normalisation inside, so a user feeds pixels."""
+
+    def __init__(self, model, metadata):
+        super().__init__()
+        self.model = model.eval()
+        _, self.normalize = evaluation_input(metadata, "cpu")
+
+    def forward(self, images):
+        return self.model(self.normalize(images))
+
+
+def onnx_properties(metadata):
+    """The ONNX file's metadata_props: what a user needs to feed it and read its output."""
+    side, size = stored_side(metadata), metadata.get("input_size", data.IMAGE_SIZE)
+    crop = metadata.get("eval_crop", side)
+    inside = f"centre {crop}x{crop} crop, " if crop < side else ""
+    inside += "/ 255, " + (f"bilinear resize to {size}x{size}, " if size != crop else "") + "(x - mean) / std"
+    return {
+        "classes": json.dumps(metadata["classes"]),
+        "mean": json.dumps(metadata["mean"]),
+        "std": json.dumps(metadata["std"]),
+        "input_size": str(side),
+        "preprocessing": (
+            f"input: uint8 RGB [N, 3, {side}, {side}], pixels 0-255: the image's shorter side resized to {side} "
+            f"(bicubic) and the centre square kept. Inside the graph: {inside}. Output: logits [N, "
+            f"{len(metadata['classes'])}] in the order of classes; softmax gives probabilities"
+        ),
+        "checkpoint": json.dumps({key: metadata.get(key) for key in ("arch", "stem", "epoch", "val_acc")}),
+    }
+
+
+def onnx_packages():
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as error:
+        raise data.UserError(f"--export-onnx needs {error.name}: {ONNX_PACKAGES}") from error
+    return onnx, onnxruntime
+
+
+def export_onnx(args):
+    """--export-onnx: the checkpoint as one ONNX graph, checked with onnxruntime against PyTorch
+    before it takes its name; a file that fails the check is not kept."""
+    path = Path(args.export_onnx)
+    if path.suffix != ".onnx":
+        raise data.UserError(f"--export-onnx {path}: the file name should end in .onnx")
+    if path.exists() and not args.overwrite:
+        raise data.UserError(f"--export-onnx {path} exists; pass --overwrite to replace it, or another name")
+    check_folder_can_be_made(path.parent, "--export-onnx", args.export_onnx)
+    onnx, onnxruntime = onnx_packages()
+    model, metadata = load_checkpoint(args.checkpoint)
+    images, source = onnx_check_images(args, metadata)
+    graph = PixelsToLogits(model, metadata).eval()
+
+    def export_and_check(temporary):
+        started = time.perf_counter()
+        example = images[:2] if len(images) >= 2 else images.repeat(2, 1, 1, 1)
+        batch = torch.export.Dim("batch")
+        with contextlib.redirect_stdout(sys.stderr):  # the exporter's progress lines
+            torch.onnx.export(graph, (example,), dynamo=True, dynamic_shapes={"images": {0: batch}}).save(temporary)
+        exported = onnx.load(temporary)
+        onnx.helper.set_model_props(exported, onnx_properties(metadata))
+        onnx.save(exported, temporary)
+        print(f"{path}: exported in {time.perf_counter() - started:.1f}s; {onnx_properties(metadata)['preprocessing']}")
+        print(compare_with_pytorch(temporary, model, metadata, images, source, onnxruntime))
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, export_and_check)
+
+
+def onnx_check_images(args, metadata):
+    """The images of the check: up to ONNX_CHECK_IMAGES of the split when --data-dir is given, else
+    ONNX_SYNTHETIC random ones; and what they are, in words."""
+    side = stored_side(metadata)
+    if args.data_dir is None:
+        generator = torch.Generator().manual_seed(0)
+        return torch.randint(0, 256, (ONNX_SYNTHETIC, 3, side, side), dtype=torch.uint8, generator=generator), "random"
+    images = load_split(args, metadata)[0][:ONNX_CHECK_IMAGES]
+    return images, f"{args.data_dir} {args.split}"
+
+
+def compare_with_pytorch(onnx_file, model, metadata, images, source, onnxruntime):
+    """Both on the CPU, in the same batches: the largest logit difference and the top-1 agreement,
+    and each one's speed; raises beyond ONNX_TOLERANCE or on another top-1 class (unless the two top
+    classes of PyTorch are closer than the tolerance: a tie either may break)."""
+    batch_size = max(1, BATCH_PIXELS // metadata.get("input_size", data.IMAGE_SIZE) ** 2)
+    session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    started = time.perf_counter()
+    batches = [
+        session.run(None, {name: images[i : i + batch_size].numpy()})[0] for i in range(0, len(images), batch_size)
+    ]
+    onnx_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    expected = predict(model, images, metadata, batch_size, False, torch.device("cpu"))
+    torch_seconds = time.perf_counter() - started
+    found = torch.from_numpy(np.concatenate(batches))
+    difference = (found - expected).abs().max().item()
+    top2 = expected.topk(min(2, expected.shape[1])).values
+    tie = (top2[:, 0] - top2[:, -1]) < ONNX_TOLERANCE
+    disagree = ((found.argmax(1) != expected.argmax(1)) & ~tie).sum().item()
+    line = (
+        f"check, onnxruntime against PyTorch on the CPU, {len(images)} {source} images: largest logit difference "
+        f"{difference:.2g} (tolerance {ONNX_TOLERANCE:g}), top-1 classes differ on {disagree}; onnxruntime "
+        f"{len(images) / onnx_seconds:.0f} img/s, PyTorch (evaluate.py) {len(images) / torch_seconds:.0f} img/s"
+    )
+    if difference > ONNX_TOLERANCE or disagree:
+        raise data.UserError(f"the exported graph does not match PyTorch: {line}; nothing was written")
+    return line
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import csv
 import functools
 import itertools
 import json
+import math
 import os
 import signal
 import sys
@@ -57,6 +58,9 @@ MISTAKE_PAIRS, MISTAKES_PER_PAIR = 4, 6  # mistakes.png: rows of the most confus
 SHEET_COLUMNS, SHEET_ROWS = 8, 6  # --predict: images per contact sheet
 GROUP_COLORS = {"vehicles": "tab:blue", "animals": "tab:orange"}
 HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")
+CALIBRATION_BINS = 15  # equal-width confidence bins of the ECE and the reliability diagram (Guo et al. 2017)
+# the temperature's search bounds: on a split the network gets all right, the NLL falls as T goes to 0
+TEMPERATURE_RANGE = (0.05, 20.0)
 # --export-onnx: the check runs the file with onnxruntime on ONNX_CHECK_IMAGES images of the split
 # (--data-dir) or ONNX_SYNTHETIC random ones, and refuses a logit further than ONNX_TOLERANCE from
 # PyTorch's on the CPU (float32 differences are about 1e-6 here) or another top-1 class.
@@ -100,6 +104,11 @@ def parse_args(argv=None):
     parser.add_argument("--predict", nargs="+", metavar="PATH", help="classify these images or folders of them")
     parser.add_argument("--csv", help="--predict: also write the predictions to this CSV file (off)")
     parser.add_argument("--top-k", type=positive_int, default=3, help="--predict: classes shown per image (3)")
+    parser.add_argument(
+        "--no-calibration",
+        action="store_true",
+        help="--predict: the raw probabilities, not divided by the checkpoint's temperature (off)",
+    )
     parser.add_argument(
         "--export-onnx", metavar="PATH", help="write the network as ONNX (uint8 pixels in, logits out) and check it"
     )
@@ -206,6 +215,57 @@ def precision_recall_f1(confusion):
     return precision, recall, f1
 
 
+def fit_temperature(logits, labels):
+    """The temperature T minimising the negative log-likelihood of softmax(logits / T) (Guo et al.
+    2017): one number for all classes, so it never changes the argmax. A golden-section search on
+    log T within TEMPERATURE_RANGE (the NLL is convex in 1/T, so it has one minimum there)."""
+    logits, labels = logits.double().cpu(), labels.cpu()
+
+    def nll(log_temperature):
+        return F.cross_entropy(logits / math.exp(log_temperature), labels).item()
+
+    low, high = map(math.log, TEMPERATURE_RANGE)
+    shrink = (math.sqrt(5) - 1) / 2
+    for _ in range(60):  # each step keeps 0.618 of the interval: 60 leave 3e-13 of it
+        left, right = high - shrink * (high - low), low + shrink * (high - low)
+        if nll(left) < nll(right):
+            high = right
+        else:
+            low = left
+    return math.exp((low + high) / 2)
+
+
+def calibration(logits, labels, temperature=1.0):
+    """How far softmax(logits / temperature) is from the frequencies it claims: the expected
+    calibration error over CALIBRATION_BINS equal-width confidence bins (the share of images in a
+    bin x |its accuracy - its mean confidence|, summed), the negative log-likelihood, the Brier score
+    (squared distance to the one-hot label, summed over classes, averaged), and each bin's accuracy,
+    mean confidence and count for the reliability diagram."""
+    logits, labels = logits.double().cpu() / temperature, labels.cpu()
+    probabilities = logits.softmax(1)
+    confidence, predicted = probabilities.max(1)
+    bins = (confidence * CALIBRATION_BINS).ceil().long().clamp(1, CALIBRATION_BINS) - 1  # (i/15, (i+1)/15]
+    counts = torch.zeros(CALIBRATION_BINS, dtype=torch.float64).index_add_(0, bins, torch.ones_like(confidence))
+    hits = torch.zeros_like(counts).index_add_(0, bins, (predicted == labels).double())
+    confidences = torch.zeros_like(counts).index_add_(0, bins, confidence)
+    accuracy, mean_confidence = hits / counts.clamp(min=1), confidences / counts.clamp(min=1)
+    one_hot = F.one_hot(labels, logits.shape[1]).double()
+    return dict(
+        temperature=temperature,
+        ece=((counts / len(labels)) * (accuracy - mean_confidence).abs()).sum().item(),
+        nll=F.cross_entropy(logits, labels).item(),
+        brier=(probabilities - one_hot).pow(2).sum(1).mean().item(),
+        bins=dict(accuracy=accuracy.tolist(), confidence=mean_confidence.tolist(), count=counts.long().tolist()),
+    )
+
+
+def calibration_report(logits, labels, metadata):
+    """The split's calibration at T = 1 and, when the checkpoint has one, at its fitted temperature."""
+    temperature = metadata.get("temperature")
+    raw = calibration(logits, labels)
+    return dict(raw=raw, calibrated=None if temperature is None else calibration(logits, labels, temperature))
+
+
 def group_accuracies(recall, classes):
     """Mean per-class accuracy of each group in data.GROUPS, and vehicles minus animals; None
     when the groups do not name these classes."""
@@ -293,6 +353,24 @@ def describe(results):
     return f"{results['checkpoint']}, {results['split']} split, TTA {'on' if results['tta'] else 'off'}"
 
 
+def calibration_line(report, split):
+    """ECE, NLL and Brier at T = 1, and at the checkpoint's temperature when it has one."""
+    raw, calibrated = report["raw"], report["calibrated"]
+    scores = ("ece", "nll", "brier")
+    if calibrated is None:
+        values = ", ".join(f"{name.upper() if name != 'brier' else 'Brier'} {raw[name]:.4f}" for name in scores)
+        return f"calibration ({CALIBRATION_BINS} equal-width bins for the ECE): {values}; an uncalibrated checkpoint " \
+               f"(no temperature: written before train.py fitted one)"  # fmt: skip
+    values = ", ".join(
+        f"{name.upper() if name != 'brier' else 'Brier'} {raw[name]:.4f} -> {calibrated[name]:.4f}" for name in scores
+    )
+    fitted = " (fitted on this split: optimistic)" if split == "val" else " (fitted on the run's validation split)"
+    return (
+        f"calibration ({CALIBRATION_BINS} equal-width bins for the ECE), at T = 1 -> at the checkpoint's T = "
+        f"{calibrated['temperature']:.3f}{fitted}: {values}"
+    )
+
+
 def best_and_worst(accuracies):
     """Marks for the best three and worst two classes (index: "best" or "worst"); fewer with few
     classes, so none gets both. A class tied with one left unmarked is not marked: of ten classes at
@@ -309,7 +387,8 @@ def print_report(results, classes):
     print(f"{describe(results)}: {results['num_samples']} images")
     if results["split"] == "val":
         print(f"data: {results['data_check']}")
-    print(f"accuracy {results['accuracy']:.2%}   loss {results['loss']:.4f}\n")
+    print(f"accuracy {results['accuracy']:.2%}   loss {results['loss']:.4f}")
+    print(calibration_line(results["calibration"], results["split"]) + "\n")
     accuracies = [results["per_class"][name] for name in classes]
     order = sorted(range(len(classes)), key=lambda i: -accuracies[i])
     marks = best_and_worst(accuracies)
@@ -409,6 +488,30 @@ def plot_per_class(per_class, classes, title):
     return figure
 
 
+def plot_calibration(report, title):
+    """Reliability diagrams: each confidence bin's accuracy against its confidence, the count of its
+    images on its bar; at T = 1 and, beside it, at the fitted temperature."""
+    panels = [report["raw"]] + ([report["calibrated"]] if report["calibrated"] else [])
+    figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 5), squeeze=False)
+    width = 1 / CALIBRATION_BINS
+    centres = [(i + 0.5) * width for i in range(CALIBRATION_BINS)]
+    for axis, scores in zip(axes[0], panels):
+        bins = scores["bins"]
+        axis.bar(centres, bins["accuracy"], width=width * 0.9, color="tab:blue", label="accuracy of the bin")
+        axis.plot([0, 1], [0, 1], color="0.5", linestyle="--", label="perfect calibration")
+        axis.plot(centres, bins["confidence"], "o", color="tab:red", markersize=3, label="mean confidence")
+        for x, accuracy, count in zip(centres, bins["accuracy"], bins["count"]):
+            if count:
+                axis.text(x, accuracy + 0.01, str(count), ha="center", va="bottom", fontsize=6, rotation=90)
+        which = "T = 1 (raw)" if scores["temperature"] == 1 else f"T = {scores['temperature']:.3f}"
+        axis.set(xlim=(0, 1), ylim=(0, 1.1), xlabel="confidence (top probability)", ylabel="accuracy")
+        axis.set_title(f"{which}: ECE {scores['ece']:.4f}, NLL {scores['nll']:.3f}, Brier {scores['brier']:.3f}")
+        axis.legend(loc="upper left", fontsize=8)
+    figure.suptitle(f"{title}: reliability ({CALIBRATION_BINS} bins; the number on a bar is its images)")
+    figure.tight_layout()
+    return figure
+
+
 def show(axis, image, title):
     """One image of a grid (uint8 [3, H, W]), with a title under it; an empty cell when image is None."""
     axis.axis("off")
@@ -504,6 +607,7 @@ def write_plots(args, results, confusion, classes, history, shown):
     figures = {
         f"{prefix}_confusion.png": lambda: plot_confusion(confusion, classes, title),
         f"{prefix}_per_class.png": lambda: plot_per_class(results["per_class"], classes, title),
+        f"{prefix}_calibration.png": lambda: plot_calibration(results["calibration"], title),
     }
     if results["top_confusions"]:
         images, labels, probabilities = shown
@@ -589,6 +693,7 @@ def evaluate(args):
         "stage1_accuracy": stage1_accuracy(logits, labels, classes),
         "top_confusions": top_confusions(confusion, classes),
         "overfitting": overfitting(history, metadata.get("config", {})),
+        "calibration": calibration_report(logits, labels, metadata),
         "tta": args.tta,
         "checkpoint": str(args.checkpoint),
         "data_check": data_check,
@@ -633,10 +738,18 @@ def classify(args):
     files = [files[i] for i in kept.tolist()]
     create(folders)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    probabilities = predict(model, images, metadata, args.batch_size, args.tta, device).softmax(1)
+    temperature = 1.0 if args.no_calibration else metadata.get("temperature", 1.0)
+    probabilities = (predict(model, images, metadata, args.batch_size, args.tta, device) / temperature).softmax(1)
     top = probabilities.topk(min(args.top_k, len(classes)))
     ranked = [[(classes[c], p) for p, c in zip(values.tolist(), indices.tolist())] for values, indices in zip(*top)]
     print(f"{args.checkpoint}: {len(files)} image(s); {metadata.get('preprocessing', 'stored 32x32')}")
+    if args.no_calibration:
+        print("probabilities: raw (--no-calibration), softmax of the logits")
+    elif "temperature" in metadata:
+        print(f"probabilities: calibrated, softmax of logits / {temperature:.3f} (the temperature fitted on the run's "
+              f"validation split); --no-calibration shows the raw ones")  # fmt: skip
+    else:
+        print("probabilities: raw; the checkpoint has no temperature (written before train.py fitted one)")
     width = max(len(str(path)) for path in files)
     for path, classes_and_p in zip(files, ranked):
         print(f"{str(path):<{width}}  " + "  ".join(f"{name} {p:6.1%}" for name, p in classes_and_p))

@@ -76,6 +76,7 @@ except ImportError:
 
 import data  # noqa: E402
 from data import UserError  # noqa: E402
+from evaluate import calibration, fit_temperature  # noqa: E402
 from model import (  # noqa: E402
     ARCH,
     build_model,
@@ -587,21 +588,42 @@ def validate(model, loader, accelerator, normalize, num_classes):
     total_loss = torch.zeros((), device=accelerator.device)
     hits_per_class = torch.zeros(num_classes, device=accelerator.device)
     samples_per_class = torch.zeros(num_classes, device=accelerator.device)
+    all_logits, all_labels = [], []
     for images, labels in loader:
         with accelerator.autocast():
-            logits = model(normalize(images))
-        losses = F.cross_entropy(logits.float(), labels, reduction="none")
-        losses, hits, labels = accelerator.gather_for_metrics((losses, logits.argmax(1) == labels, labels))
+            logits = model(normalize(images)).float()
+        losses = F.cross_entropy(logits, labels, reduction="none")
+        losses, hits, labels, logits = accelerator.gather_for_metrics(
+            (losses, logits.argmax(1) == labels, labels, logits)
+        )
+        all_logits.append(logits)
+        all_labels.append(labels)
         total_loss += losses.sum()
         # not bincount: on a GPU it reads the largest label back to size its output
         hits_per_class.index_add_(0, labels, hits.float())
         samples_per_class.index_add_(0, labels, torch.ones_like(hits, dtype=samples_per_class.dtype))
     count = samples_per_class.sum().item()
-    return dict(
+    scores = dict(
         val_loss=total_loss.item() / count,
         val_acc=hits_per_class.sum().item() / count,
         val_samples=int(count),
         val_per_class=(hits_per_class / samples_per_class.clamp(min=1)).tolist(),
+    )
+    return scores, torch.cat(all_logits), torch.cat(all_labels)
+
+
+def calibrate(logits, labels):
+    """The temperature fitted on the validation split's logits, with that split's NLL and ECE before
+    and after: saved in the checkpoint, for evaluate.py's calibrated probabilities."""
+    temperature = fit_temperature(logits, labels)
+    before, after = calibration(logits, labels), calibration(logits, labels, temperature)
+    return dict(
+        temperature=temperature,
+        calibration=dict(
+            fitted_on=f"the run's validation split, {len(labels)} images",
+            val_nll=[before["nll"], after["nll"]],
+            val_ece=[before["ece"], after["ece"]],
+        ),
     )
 
 
@@ -887,15 +909,18 @@ def train(args):
                     f"  {resume_command(run.out, accelerator)}"
                 )
                 sys.exit(130)
+            scores, logits, labels = validate(
+                run.evaluated, run.val_loader, accelerator, run.normalize, len(run.classes)
+            )
             record = dict(
                 epoch=epoch,
                 train_loss=result[0],
                 train_acc=result[1],
-                **validate(run.evaluated, run.val_loader, accelerator, run.normalize, len(run.classes)),
+                **scores,
                 lr=run.scheduler.get_last_lr()[-1],
                 seconds=round(seconds, 2),
             )
-            improved = end_epoch(run, record, args, accelerator)
+            improved = end_epoch(run, record, args, accelerator, (logits, labels))
             accelerator.print(
                 f"epoch {epoch:3d}/{args.epochs}  train loss {result[0]:.4f} acc {result[1]:6.2%}  "
                 f"val loss {record['val_loss']:.4f} acc {record['val_acc']:6.2%}  {seconds:6.1f}s "
@@ -1096,10 +1121,11 @@ def build_training(args, run, train_labels, progress, accelerator, schedule=None
     return model, optimizer, scheduler, criterion.to(accelerator.device), change
 
 
-def end_epoch(run, record, args, accelerator):
+def end_epoch(run, record, args, accelerator, validated):
     """The epoch's record into the history and the trackers; last.safetensors, best.safetensors when
-    the validation loss is the lowest so far, history.json and the resumable state. Returns whether
-    it improved. A validation loss that is not finite stops the run, the last good files kept."""
+    the validation loss is the lowest so far (each with the temperature fitted on the validation
+    logits and labels, validated), history.json and the resumable state. Returns whether it improved.
+    A validation loss that is not finite stops the run, the last good files kept."""
     if not math.isfinite(record["val_loss"]):
         kept = f"best.safetensors (epoch {best_record(run.history)['epoch']}) is kept" if run.history else ""
         raise UserError(
@@ -1111,7 +1137,7 @@ def end_epoch(run, record, args, accelerator):
     improved = record["val_loss"] < run.best_val_loss
     run.best_val_loss = min(run.best_val_loss, record["val_loss"])
     if accelerator.is_main_process:
-        metadata = checkpoint_metadata(args, run.classes, run.groups, accelerator, record)
+        metadata = checkpoint_metadata(args, run.classes, run.groups, accelerator, record) | calibrate(*validated)
         save_checkpoint(run.evaluated, run.out / "last.safetensors", metadata)
         if improved:
             save_checkpoint(run.evaluated, run.out / "best.safetensors", metadata)
@@ -1287,7 +1313,8 @@ def plot_lr_find(path, lrs, losses, smoothed, suggestion, args):
 TRACKER_PROJECT = "resnet18-cifar10"  # accelerate's project name: the tracker's project; TensorBoard's subfolder
 RUN_FILES = ("history.json", "best.safetensors", "last.safetensors", TRACKER_PROJECT)
 # what evaluate.py draws beside a checkpoint: --overwrite removes them with the run they showed
-EVALUATION_PLOTS = ("curves.png", "*_confusion.png", "*_per_class.png", "*_mistakes.png", "*_predictions*.png")
+EVALUATION_PLOTS = ("curves.png", "*_confusion.png", "*_per_class.png", "*_mistakes.png", "*_calibration.png",
+                    "*_predictions*.png")  # fmt: skip
 # accelerate's resumable state, newest first: state-tmp is being written (complete once its progress.json
 # is), state the last one, state-old the one before, during the swap. See save_state.
 STATE_DIRS = ("state-tmp", "state", "state-old")

@@ -89,7 +89,13 @@ def test_evaluate_prints_every_class_and_writes_json_and_plots(trained_run, imag
     assert results["overfitting"]["best_epoch"] == best["epoch"]
     assert results["checkpoint"] == str(trained_run / "best.safetensors") and results["tta"] is False
     assert results["per_class_recall"] == results["per_class"]  # both keys kept for older readers
-    plots = ["curves.png", "best_val_confusion.png", "best_val_per_class.png", "best_val_mistakes.png"]
+    plots = [
+        "curves.png",
+        "best_val_calibration.png",
+        "best_val_confusion.png",
+        "best_val_per_class.png",
+        "best_val_mistakes.png",
+    ]
     for name in plots:
         assert str(tmp_path / name) in printed
         with Image.open(tmp_path / name) as image:
@@ -206,7 +212,7 @@ def test_plots_of_each_checkpoint_split_and_tta_have_their_own_names(trained_run
     names = [
         f"{run}_{kind}.png"
         for run in ("best_val", "last_val", "best_test_tta")
-        for kind in ("confusion", "per_class", "mistakes")
+        for kind in ("calibration", "confusion", "per_class", "mistakes")
     ]
     assert files_under(plots) == sorted(["curves.png", *names])
     printed = capsys.readouterr().out
@@ -274,7 +280,12 @@ def test_models_with_few_classes_evaluate(classes, grouped, tmp_path, capsys):
     assert "nan" not in printed.lower() and "history" not in printed  # no history.json: silent
     assert ("vehicles" in printed) == grouped and (results["groups"] is not None) == grouped
     assert (results["stage1_accuracy"] is not None) == grouped
-    plots = ["best_test_confusion.png", "best_test_mistakes.png", "best_test_per_class.png"]
+    plots = [
+        "best_test_calibration.png",
+        "best_test_confusion.png",
+        "best_test_mistakes.png",
+        "best_test_per_class.png",
+    ]
     assert files_under(checkpoint.parent) == ["best.safetensors", *plots]
 
 
@@ -297,7 +308,13 @@ def test_an_unusable_history_is_reported_and_the_evaluation_still_runs(text, rea
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("history:")]
     assert len(lines) == 1 and f"{history} is unreadable" in lines[0] and reason in lines[0], lines
     assert json.loads(out.read_text())["overfitting"] is None
-    expected = ["best.safetensors", "best_test_confusion.png", "best_test_mistakes.png", "best_test_per_class.png"]
+    expected = [
+        "best.safetensors",
+        "best_test_calibration.png",
+        "best_test_confusion.png",
+        "best_test_mistakes.png",
+        "best_test_per_class.png",
+    ]
     expected.append("history.json")
     assert files_under(checkpoint.parent) == expected  # no curves.png
 
@@ -362,7 +379,12 @@ def test_missing_output_folders_are_created(tmp_path, capsys):
     out, plots = tmp_path / "new" / "a" / "results.json", tmp_path / "new" / "b" / "plots"
     evaluate.main([str(checkpoint), "--data-dir", str(data_dir), "--json", str(out), "--plot-dir", str(plots)])
     assert json.loads(out.read_text())["num_samples"] == 8
-    assert files_under(plots) == ["best_test_confusion.png", "best_test_mistakes.png", "best_test_per_class.png"]
+    assert files_under(plots) == [
+        "best_test_calibration.png",
+        "best_test_confusion.png",
+        "best_test_mistakes.png",
+        "best_test_per_class.png",
+    ]
 
 
 @pytest.mark.parametrize("name", ["best.safetensors", "history.json", "notes.txt"])

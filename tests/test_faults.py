@@ -306,7 +306,12 @@ def test_extending_a_run_continues_its_decay_and_says_so(image_folder, tmp_path,
 
 def test_a_run_whose_validation_loss_is_never_finite_fails(image_folder, tmp_path, monkeypatch):
     real_validate = train.validate
-    monkeypatch.setattr(train, "validate", lambda *a: real_validate(*a) | {"val_loss": float("nan")})
+
+    def not_finite(*args):
+        scores, logits, labels = real_validate(*args)
+        return scores | {"val_loss": float("nan")}, logits, labels
+
+    monkeypatch.setattr(train, "validate", not_finite)
     out = tmp_path / "run"
     with pytest.raises(SystemExit, match="validation loss is nan after epoch 1; no checkpoint was saved. Lower --lr"):
         train.main(quick_args(image_folder, out))

@@ -111,13 +111,18 @@ def test_the_class_weights_used_are_printed(tmp_path, capsys):
     assert "class weights: ant 0.5, bee 1.5" in capsys.readouterr().out
 
 
+def with_scores(validated, **scores):
+    """train.validate's (scores, logits, labels), with some scores replaced."""
+    return validated[0] | scores, *validated[1:]
+
+
 def test_a_resumed_run_whose_best_checkpoint_was_removed_says_so(tmp_path, monkeypatch, capsys):
     root = two_classes(tmp_path / "d")
     out = tmp_path / "run"
     train.main(short_run(root, out))
     (out / "best.safetensors").unlink()
     real = train.validate
-    monkeypatch.setattr(train, "validate", lambda *a: real(*a) | {"val_loss": 1e9})  # no epoch improves
+    monkeypatch.setattr(train, "validate", lambda *a: with_scores(real(*a), val_loss=1e9))  # no epoch improves
     capsys.readouterr()
     train.main(short_run(root, out, "--resume", "--epochs", "2"))
     printed = capsys.readouterr().out
@@ -134,7 +139,7 @@ def test_a_run_stopped_by_patience_is_finished_and_a_plain_resume_trains_nothing
     out = tmp_path / "run"
     losses = iter([1.0, 2.0, 3.0])
     real = train.validate
-    monkeypatch.setattr(train, "validate", lambda *a: real(*a) | {"val_loss": next(losses)})
+    monkeypatch.setattr(train, "validate", lambda *a: with_scores(real(*a), val_loss=next(losses)))
     command = short_run(root, out, "--epochs", "4", "--patience", "1")
     train.main(command)
     assert epochs_in(out) == [1, 2]
@@ -322,7 +327,7 @@ def test_plots_of_another_checkpoint_are_said_to_be_replaced(trained_run, image_
     shutil.copy(trained_run / "best.safetensors", other / "best.safetensors")
     evaluate.main([str(other / "best.safetensors"), *evaluate_it[1:]])
     printed = capsys.readouterr().out
-    assert "replaced 3 plot(s) of another checkpoint, split or set of images: best_test_confusion.png" in printed
+    assert "replaced 4 plot(s) of another checkpoint, split or set of images: best_test_confusion.png" in printed
     evaluate.main([str(other / "best.safetensors"), "--predict", str(image_folder / "test"), "--plot-dir", str(plots)])
     evaluate.main([str(other / "best.safetensors"), "--predict", str(image_folder / "train"), "--plot-dir", str(plots)])
     assert "replaced 2 plot(s)" in capsys.readouterr().out  # other images, the same sheet names
@@ -526,7 +531,7 @@ def test_plots_of_another_test_folder_and_stale_contact_sheets_are_said(trained_
     checkpoint, plots = str(trained_run / "best.safetensors"), str(tmp_path / "plots")
     evaluate.main([checkpoint, "--data-dir", str(image_folder), "--plot-dir", plots])
     evaluate.main([checkpoint, "--data-dir", str(tmp_path / "other"), "--plot-dir", plots])
-    assert "replaced 3 plot(s)" in capsys.readouterr().out
+    assert "replaced 4 plot(s)" in capsys.readouterr().out
     evaluate.main([checkpoint, "--predict", str(image_folder / "train"), "--plot-dir", plots])  # 200 images: 5 sheets
     evaluate.main([checkpoint, "--predict", str(image_folder / "test" / "cat"), "--plot-dir", plots])  # 5: one
     assert "removed 5 earlier contact sheet(s) of best: best_predictions_1.png" in capsys.readouterr().out

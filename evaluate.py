@@ -110,12 +110,19 @@ def parse_args(argv=None):
         help="--predict: the raw probabilities, not divided by the checkpoint's temperature (off)",
     )
     parser.add_argument(
+        "--explain",
+        action="store_true",
+        help="Grad-CAM heat maps: <stem>_<split>_explained.png of the mistakes; with --predict, on the sheets (off)",
+    )
+    parser.add_argument(
         "--export-onnx", metavar="PATH", help="write the network as ONNX (uint8 pixels in, logits out) and check it"
     )
     parser.add_argument("--overwrite", action="store_true", help="--export-onnx: replace an existing file (off)")
     args = parser.parse_args(argv)
-    if args.export_onnx and (args.predict or args.tta):
-        parser.error("--export-onnx exports the plain network; drop --predict and --tta")
+    if args.export_onnx and (args.predict or args.tta or args.explain):
+        parser.error("--export-onnx exports the plain network; drop --predict, --tta and --explain")
+    if args.explain and args.no_plots:
+        parser.error("--explain draws heat maps, and --no-plots draws nothing; drop one of them")
     if args.overwrite and not args.export_onnx:
         parser.error("--overwrite goes with --export-onnx; evaluation plots are always rewritten")
     if args.csv and not args.predict:
@@ -180,19 +187,20 @@ def evaluation_input(metadata, device):
     return size, data.normalizer(metadata["mean"], metadata["std"], size, device, crop=crop)
 
 
-@torch.inference_mode()
 def predict(model, images, metadata, batch_size, tta, device):
     """Logits for every image, in large batches; with tta, averaged with the mirrored image's."""
+    # moved before inference mode: its weights stay ordinary tensors, which Grad-CAM can differentiate
     model.eval().to(device, memory_format=torch.channels_last)
     size, normalize = evaluation_input(metadata, device)
     batch_size = batch_size or max(1, BATCH_PIXELS // size**2)
     logits = []
-    for start in range(0, len(images), batch_size):
-        batch = normalize(images[start : start + batch_size].to(device))
-        out = model(batch)
-        if tta:
-            out = (out + model(batch.flip(3))) / 2
-        logits.append(out.float().cpu())
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            batch = normalize(images[start : start + batch_size].to(device))
+            out = model(batch)
+            if tta:
+                out = (out + model(batch.flip(3))) / 2
+            logits.append(out.float().cpu())
     return torch.cat(logits)
 
 
@@ -512,37 +520,78 @@ def plot_calibration(report, title):
     return figure
 
 
-def show(axis, image, title):
-    """One image of a grid (uint8 [3, H, W]), with a title under it; an empty cell when image is None."""
+def show(axis, image, title, heat=None):
+    """One image of a grid (uint8 [3, H, W]), with a title under it and, given, a heat map [H, W] in
+    [0, 1] over it; an empty cell when image is None."""
     axis.axis("off")
     if image is not None:
         axis.imshow(image.permute(1, 2, 0).numpy(), interpolation="nearest" if image.shape[-1] <= 64 else "antialiased")
+        if heat is not None:
+            axis.imshow(heat.numpy(), cmap="jet", alpha=0.45, vmin=0, vmax=1, interpolation="bilinear")
         axis.set_title(title, fontsize=8)
 
 
-def plot_mistakes(images, labels, probabilities, confusions, classes, title):
-    """A row per most confused pair: its images predicted wrongly with the highest confidence."""
-    rows = confusions[:MISTAKE_PAIRS]
-    figure, axes = plt.subplots(len(rows), MISTAKES_PER_PAIR, figsize=(1.9 * MISTAKES_PER_PAIR, 2.2 * len(rows) + 0.6))
-    for row, pair in zip(axes.reshape(len(rows), -1), rows):
+def mistake_rows(labels, probabilities, confusions, classes):
+    """mistakes.png's rows, one per most confused pair: (true class, predicted class, the indices of its
+    images predicted wrongly with the highest confidence)."""
+    rows = []
+    for pair in confusions[:MISTAKE_PAIRS]:
         true, predicted = classes.index(pair["true"]), classes.index(pair["pred"])
         wrong = ((labels == true) & (probabilities.argmax(1) == predicted)).nonzero().flatten()
-        wrong = wrong[probabilities[wrong, predicted].argsort(descending=True)][:MISTAKES_PER_PAIR].tolist()
+        rows.append(
+            (true, predicted, wrong[probabilities[wrong, predicted].argsort(descending=True)][:MISTAKES_PER_PAIR])
+        )
+    return [(true, predicted, wrong.tolist()) for true, predicted, wrong in rows]
+
+
+def mistake_label(true, predicted, probability, classes):
+    return f"{classes[true]} -> {classes[predicted]}\n{probability:.0%}"
+
+
+def plot_mistakes(images, probabilities, rows, classes, title):
+    """A row per most confused pair: its images predicted wrongly with the highest confidence."""
+    figure, axes = plt.subplots(len(rows), MISTAKES_PER_PAIR, figsize=(1.9 * MISTAKES_PER_PAIR, 2.2 * len(rows) + 0.6))
+    for row, (true, predicted, wrong) in zip(axes.reshape(len(rows), -1), rows):
         for axis, i in itertools.zip_longest(row, wrong):
-            label = None if i is None else f"{pair['true']} -> {pair['pred']}\n{probabilities[i, predicted]:.0%}"
+            label = None if i is None else mistake_label(true, predicted, probabilities[i, predicted], classes)
             show(axis, None if i is None else images[i], label)
     figure.suptitle(f"most confident mistakes of the most confused pairs (true -> predicted, probability)\n{title}")
     figure.tight_layout()
     return figure
 
 
-def plot_sheet(images, names, probabilities, classes, title):
-    """A contact sheet: each image with its predicted class and probability, and its file name."""
+def plot_explained(images, maps, probabilities, rows, classes, title):
+    """mistakes.png's images, each followed by its Grad-CAM map for the predicted class and for the
+    true one (images [M, 3, c, c] and maps [2, M, c, c]: the mistakes in row order, as the network saw them)."""
+    columns = 3 * MISTAKES_PER_PAIR
+    figure, axes = plt.subplots(len(rows), columns, figsize=(1.3 * columns, 1.9 * len(rows) + 0.8), squeeze=False)
+    mistakes = iter(range(len(images)))
+    for row, (true, predicted, wrong) in zip(axes, rows):
+        for cells, i in itertools.zip_longest(zip(*[iter(row)] * 3), wrong):
+            if i is None:
+                [axis.axis("off") for axis in cells]
+                continue
+            j = next(mistakes)
+            show(cells[0], images[j], mistake_label(true, predicted, probabilities[i, predicted], classes))
+            for axis, heat, name in ((cells[1], maps[0, j], classes[predicted]), (cells[2], maps[1, j], classes[true])):
+                show(axis, images[j], f"where: {name}", heat)
+    figure.suptitle(
+        f"where the network looked (Grad-CAM, last stage): each mistake, then its map for the predicted class, then "
+        f"for the true one; red = most evidence\n{title}"
+    )
+    figure.tight_layout()
+    return figure
+
+
+def plot_sheet(images, names, probabilities, classes, title, maps=None):
+    """A contact sheet: each image with its predicted class and probability, and its file name; with
+    maps ([N, H, W]), its Grad-CAM map for the predicted class over it."""
     rows = -(-len(images) // SHEET_COLUMNS)  # a last, short sheet is no taller than its images need
     figure, axes = plt.subplots(rows, SHEET_COLUMNS, figsize=(1.9 * SHEET_COLUMNS, 2.3 * rows + 0.5), squeeze=False)
-    for axis, image, name, p in itertools.zip_longest(axes.flatten(), images, names, probabilities):
+    maps = [None] * len(images) if maps is None else maps
+    for axis, image, name, p, heat in itertools.zip_longest(axes.flatten(), images, names, probabilities, maps):
         label = None if p is None else f"{classes[p.argmax()]} {p.max():.0%}\n{shorten(name)}"
-        show(axis, image, label)
+        show(axis, image, label, heat)
     figure.suptitle(title)
     figure.tight_layout()
     return figure
@@ -598,7 +647,7 @@ def writing(path, flag):
         ) from error
 
 
-def write_plots(args, results, confusion, classes, history, shown):
+def write_plots(args, results, confusion, classes, history, shown, explain=None):
     """Named after checkpoint, split and TTA, so that evaluations sharing a folder do not overwrite
     each other; the curves come from the run's history, the same for best and last."""
     folder = plot_folder(args)
@@ -611,9 +660,13 @@ def write_plots(args, results, confusion, classes, history, shown):
     }
     if results["top_confusions"]:
         images, labels, probabilities = shown
-        figures[f"{prefix}_mistakes.png"] = lambda: plot_mistakes(
-            images, labels, probabilities, results["top_confusions"], classes, title
-        )
+        rows = mistake_rows(labels, probabilities, results["top_confusions"], classes)
+        figures[f"{prefix}_mistakes.png"] = lambda: plot_mistakes(images, probabilities, rows, classes, title)
+        if explain:  # (model, metadata, device): the maps of the same images, for the predicted and true class
+            chosen = torch.tensor([i for _, _, wrong in rows for i in wrong])
+            targets = torch.stack([probabilities[chosen].argmax(1), labels[chosen]])
+            seen, maps = explained(*explain, images[chosen], targets)
+            figures[f"{prefix}_explained.png"] = lambda: plot_explained(seen, maps, probabilities, rows, classes, title)
     data_dir = Path(args.data_dir).resolve()
     shows = (
         f"evaluate.py {Path(args.checkpoint).resolve()} --data-dir {data_dir} --split {args.split}{' --tta' * args.tta}"
@@ -706,7 +759,8 @@ def evaluate(args):
             Path(args.json).write_text(json.dumps(results, indent=1))
         print(f"\nresults: {args.json}")
     if not args.no_plots:
-        write_plots(args, results, confusion, classes, history, (images, labels, logits.softmax(1)))
+        explain = (model, metadata, device) if args.explain else None
+        write_plots(args, results, confusion, classes, history, (images, labels, logits.softmax(1)), explain)
 
 
 def image_files(paths):
@@ -762,10 +816,14 @@ def classify(args):
                 table.writerow([path, name, f"{p:.4f}", "; ".join(f"{n} {q:.4f}" for n, q in classes_and_p)])
         print(f"\npredictions: {args.csv}")
     if not args.no_plots:
-        write_sheets(args, files, images, probabilities, classes)
+        maps = None
+        if args.explain:  # the predicted class's maps, over the images as the network saw them
+            images, maps = explained(model, metadata, device, images, probabilities.argmax(1)[None], args.batch_size)
+            maps = maps[0]
+        write_sheets(args, files, images, probabilities, classes, maps)
 
 
-def write_sheets(args, files, images, probabilities, classes):
+def write_sheets(args, files, images, probabilities, classes, maps=None):
     """--predict's contact sheets, SHEET_COLUMNS x SHEET_ROWS images each."""
     per_sheet = SHEET_COLUMNS * SHEET_ROWS
     starts = range(0, len(files), per_sheet)
@@ -775,7 +833,8 @@ def write_sheets(args, files, images, probabilities, classes):
         part = slice(start, start + per_sheet)
         title = f"predictions of {args.checkpoint} (sheet {n} of {len(starts)})"
         names = [path.name for path in files[part]]
-        figures[name] = functools.partial(plot_sheet, images[part], names, probabilities[part], classes, title)
+        heat = None if maps is None else maps[part]
+        figures[name] = functools.partial(plot_sheet, images[part], names, probabilities[part], classes, title, heat)
     inputs = " ".join(str(Path(path).resolve()) for path in args.predict)
     shows = f"evaluate.py {Path(args.checkpoint).resolve()} --predict {inputs}"
     folder = plot_folder(args)
@@ -787,6 +846,49 @@ def write_sheets(args, files, images, probabilities, classes):
         for name in stale:
             (folder / name).unlink(missing_ok=True)
         print(f"removed {len(stale)} earlier contact sheet(s) of {Path(args.checkpoint).stem}: {', '.join(stale)}")
+
+
+# ---------------------------------------------------------------------------------- where the model looked
+
+
+def grad_cam(model, inputs, targets):
+    """Grad-CAM (Selvaraju et al. 2017) on the last convolutional stage, for a whole batch: for each
+    row of targets ([K, N] class indices), each image's map of the evidence for that class, the ReLU
+    of its activations weighted by their mean gradient, upsampled to the input's size and scaled to
+    a peak of 1: [K, N, H, W]. In eval mode the images are independent, so the gradient of the summed
+    scores is each image's own."""
+    activations = []
+    hook = model.layer4.register_forward_hook(lambda module, args, output: activations.append(output))
+    try:
+        with torch.enable_grad():
+            logits = model.eval()(inputs)
+            maps = []
+            for classes in targets.to(logits.device):
+                (gradient,) = torch.autograd.grad(
+                    logits.gather(1, classes[:, None]).sum(), activations[0], retain_graph=True
+                )
+                cam = F.relu((gradient.mean((2, 3), keepdim=True) * activations[0]).sum(1, keepdim=True))
+                cam = F.interpolate(cam, size=inputs.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+                maps.append(cam / cam.flatten(1).amax(1).clamp(min=1e-12)[:, None, None])
+    finally:
+        hook.remove()
+    return torch.stack(maps).detach().cpu()
+
+
+def explained(model, metadata, device, images, targets, batch_size=None):
+    """(the images as the network sees them: their centre crop, uint8; their Grad-CAM maps for the
+    targets' classes at that size, [K, N, crop, crop]), in batches."""
+    size, normalize = evaluation_input(metadata, device)
+    batch_size = batch_size or max(1, BATCH_PIXELS // size**2)
+    crop, side = metadata.get("eval_crop", stored_side(metadata)), images.shape[-1]
+    start = (side - crop) // 2
+    seen = images[..., start : start + crop, start : start + crop]
+    maps = torch.cat(
+        [grad_cam(model, normalize(images[i : i + batch_size].to(device)), targets[:, i : i + batch_size])
+         for i in range(0, len(images), batch_size)], 1
+    )  # fmt: skip
+    maps = F.interpolate(maps.flatten(0, 1)[:, None], size=(crop, crop), mode="bilinear", align_corners=False)
+    return seen, maps.view(len(targets), len(images), crop, crop)
 
 
 # ---------------------------------------------------------------------------------- ONNX export

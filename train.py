@@ -1314,7 +1314,7 @@ TRACKER_PROJECT = "resnet18-cifar10"  # accelerate's project name: the tracker's
 RUN_FILES = ("history.json", "best.safetensors", "last.safetensors", TRACKER_PROJECT)
 # what evaluate.py draws beside a checkpoint: --overwrite removes them with the run they showed
 EVALUATION_PLOTS = ("curves.png", "*_confusion.png", "*_per_class.png", "*_mistakes.png", "*_calibration.png",
-                    "*_predictions*.png")  # fmt: skip
+                    "*_explained.png", "*_predictions*.png")  # fmt: skip
 # accelerate's resumable state, newest first: state-tmp is being written (complete once its progress.json
 # is), state the last one, state-old the one before, during the swap. See save_state.
 STATE_DIRS = ("state-tmp", "state", "state-old")

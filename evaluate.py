@@ -921,10 +921,11 @@ def onnx_properties(metadata):
         "preprocessing": (
             f"input: uint8 RGB [N, 3, {side}, {side}], pixels 0-255: the image's shorter side resized to {side} "
             f"(bicubic) and the centre square kept. Inside the graph: {inside}. Output: logits [N, "
-            f"{len(metadata['classes'])}] in the order of classes; softmax gives probabilities"
+            f"{len(metadata['classes'])}] in the order of classes; softmax(logits / temperature) gives calibrated "
+            f"probabilities (temperature 1 when there is none)"
         ),
         "checkpoint": json.dumps({key: metadata.get(key) for key in ("arch", "stem", "epoch", "val_acc")}),
-    }
+    } | ({"temperature": str(metadata["temperature"])} if "temperature" in metadata else {})
 
 
 def onnx_packages():

@@ -33,8 +33,10 @@ import sys
 import time
 from pathlib import Path
 
-if __name__ == "__main__":  # Ctrl-C during the slow imports below: exit quietly, as main() does later
-    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
+# Ctrl-C during the slow imports below: exit quietly, as main() does later. os._exit, not sys.exit: an
+# exception raised inside a half-loaded C extension (numpy's) can break the interpreter's shutdown.
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
 
 import matplotlib  # noqa: E402
 

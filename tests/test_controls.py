@@ -125,9 +125,9 @@ def test_freezing_keeps_the_backbone_and_its_batchnorm_statistics_then_trains_th
     states = []
     end_epoch = train.end_epoch
 
-    def saved(run, record, args, accelerator):
+    def saved(run, *args):
         states.append({key: value.clone() for key, value in run.evaluated.state_dict().items()})
-        return end_epoch(run, record, args, accelerator)
+        return end_epoch(run, *args)
 
     monkeypatch.setattr(train, "end_epoch", saved)
     flags = ["--weights", weights_file, "--freeze-epochs", "1", "--backbone-lr-mult", "0.1"]

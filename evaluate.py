@@ -366,14 +366,12 @@ def describe(results):
 def calibration_line(report, split):
     """ECE, NLL and Brier at T = 1, and at the checkpoint's temperature when it has one."""
     raw, calibrated = report["raw"], report["calibrated"]
-    scores = ("ece", "nll", "brier")
+    names = {"ece": "ECE", "nll": "NLL", "brier": "Brier"}
     if calibrated is None:
-        values = ", ".join(f"{name.upper() if name != 'brier' else 'Brier'} {raw[name]:.4f}" for name in scores)
+        values = ", ".join(f"{label} {raw[key]:.4f}" for key, label in names.items())
         return f"calibration ({CALIBRATION_BINS} equal-width bins for the ECE): {values}; an uncalibrated checkpoint " \
                f"(no temperature: written before train.py fitted one)"  # fmt: skip
-    values = ", ".join(
-        f"{name.upper() if name != 'brier' else 'Brier'} {raw[name]:.4f} -> {calibrated[name]:.4f}" for name in scores
-    )
+    values = ", ".join(f"{label} {raw[key]:.4f} -> {calibrated[key]:.4f}" for key, label in names.items())
     fitted = " (fitted on this split: optimistic)" if split == "val" else " (fitted on the run's validation split)"
     return (
         f"calibration ({CALIBRATION_BINS} equal-width bins for the ECE), at T = 1 -> at the checkpoint's T = "
@@ -960,9 +958,10 @@ def export_onnx(args):
         with contextlib.redirect_stdout(sys.stderr):  # the exporter's progress lines
             torch.onnx.export(graph, (example,), dynamo=True, dynamic_shapes={"images": {0: batch}}).save(temporary)
         exported = onnx.load(temporary)
-        onnx.helper.set_model_props(exported, onnx_properties(metadata))
+        properties = onnx_properties(metadata)
+        onnx.helper.set_model_props(exported, properties)
         onnx.save(exported, temporary)
-        print(f"{path}: exported in {time.perf_counter() - started:.1f}s; {onnx_properties(metadata)['preprocessing']}")
+        print(f"{path}: exported in {time.perf_counter() - started:.1f}s; {properties['preprocessing']}")
         print(compare_with_pytorch(temporary, model, metadata, images, source, onnxruntime))
 
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -655,9 +655,7 @@ def train_epoch(epoch, run, accelerator, args, stop):
     but the loss (and the gradient norm) every LOG_EVERY steps is read back from the device, so on a
     GPU the host queues the next steps while the device runs this one."""
     loader, scheduler = run.train_loader, run.scheduler
-    run.model.train()
-    if args.freeze_epochs:
-        freeze_backbone(run.network, frozen=epoch <= args.freeze_epochs)
+    training_mode(run, args, epoch)
     # Augmentation randomness depends only on (seed, epoch, process), so a resumed epoch replays exactly.
     generator = torch.Generator(accelerator.device).manual_seed(
         args.seed * 100_000 + epoch * 100 + accelerator.process_index
@@ -695,6 +693,13 @@ def train_epoch(epoch, run, accelerator, args, stop):
     total_loss, correct = accelerator.reduce(total_loss, "sum"), accelerator.reduce(correct, "sum")
     seen = len(loader) * effective_batch(args, accelerator)  # full batches only: drop_last
     return total_loss.item() / seen, correct.item() / seen
+
+
+def training_mode(run, args, epoch):
+    """The model in training mode as epoch trains it: within --freeze-epochs, only the head."""
+    run.model.train()
+    if args.freeze_epochs:
+        freeze_backbone(run.network, frozen=epoch <= args.freeze_epochs)
 
 
 def train_step(run, accelerator, args, images, labels, generator):
@@ -1234,9 +1239,7 @@ def find_lr(args, accelerator):
 
     # the head's lr (the backbone's is x --backbone-lr-mult); accelerate steps the scheduler once a process
     run = prepare_training(args, None, accelerator, lambda step: lr_at(step // accelerator.num_processes) / args.lr)
-    run.model.train()
-    if args.freeze_epochs:
-        freeze_backbone(run.network, frozen=True)
+    training_mode(run, args, epoch=1)
     generator = torch.Generator(accelerator.device).manual_seed(args.seed)
     lrs, losses, smoothed, average = [], [], [], 0.0
     bar = tqdm(total=FIND_LR_STEPS, desc="lr range test", leave=False, disable=not accelerator.is_local_main_process)

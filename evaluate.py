@@ -507,7 +507,8 @@ def plot_calibration(report, title):
         bins = scores["bins"]
         axis.bar(centres, bins["accuracy"], width=width * 0.9, color="tab:blue", label="accuracy of the bin")
         axis.plot([0, 1], [0, 1], color="0.5", linestyle="--", label="perfect calibration")
-        axis.plot(centres, bins["confidence"], "o", color="tab:red", markersize=3, label="mean confidence")
+        filled = [(x, confidence) for x, confidence, count in zip(centres, bins["confidence"], bins["count"]) if count]
+        axis.plot(*zip(*filled), "o", color="tab:red", markersize=3, label="mean confidence")  # empty bins: none
         for x, accuracy, count in zip(centres, bins["accuracy"], bins["count"]):
             if count:
                 axis.text(x, accuracy + 0.01, str(count), ha="center", va="bottom", fontsize=6, rotation=90)

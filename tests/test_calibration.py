@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import matplotlib.pyplot as plt
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -39,6 +40,15 @@ def test_ece_nll_and_brier_against_a_hand_worked_example():
     assert scores["ece"] == pytest.approx(2 / 4 * 0.35 + 2 / 4 * 0.45)
     assert scores["nll"] == pytest.approx(-torch.tensor([0.85, 0.15, 0.55, 0.55]).log().mean().item())
     assert scores["brier"] == pytest.approx((2 * 0.15**2 + 2 * 0.85**2 + 2 * 0.45**2 + 2 * 0.45**2) / 4)
+
+
+def test_the_reliability_diagram_marks_the_confidence_of_filled_bins_only():
+    p = torch.tensor([[0.85, 0.15], [0.85, 0.15], [0.55, 0.45], [0.45, 0.55]], dtype=torch.float64)
+    raw = evaluate.calibration(p.log(), torch.tensor([0, 1, 0, 1]))
+    figure = evaluate.plot_calibration(dict(raw=raw, calibrated=None), "four images")
+    (dots,) = [line for line in figure.axes[0].lines if line.get_label() == "mean confidence"]
+    assert list(dots.get_ydata()) == pytest.approx([0.55, 0.85])  # bins 8 and 12; no dots at 0 for the empty ones
+    plt.close(figure)
 
 
 def test_a_run_saves_its_temperature_and_evaluate_reports_and_draws_both(trained_run, image_folder, tmp_path, capsys):

@@ -623,6 +623,7 @@ def calibrate(logits, labels):
         temperature=temperature,
         calibration=dict(
             fitted_on=f"the run's validation split, {len(labels)} images",
+            images=len(labels),
             val_nll=[before["nll"], after["nll"]],
             val_ece=[before["ece"], after["ece"]],
         ),

@@ -58,10 +58,12 @@ def test_a_run_saves_its_temperature_and_evaluate_reports_and_draws_both(trained
         temperature, fitted = json.loads(metadata["temperature"]), json.loads(metadata["calibration"])
         assert evaluate.TEMPERATURE_RANGE[0] <= temperature <= evaluate.TEMPERATURE_RANGE[1]
         assert fitted["val_nll"][1] <= fitted["val_nll"][0] and "validation split, 40 images" in fitted["fitted_on"]
+        assert fitted["images"] == 40
     evaluate.main([str(trained_run / "best.safetensors"), "--data-dir", str(image_folder), "--plot-dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert f"at the checkpoint's T = {temperature:.3f}" in out or "checkpoint's T =" in out
     assert "ECE" in out and "Brier" in out and "fitted on the run's validation split" in out
+    assert "T was fitted on only 40 validation images, too few to trust" in out
     assert (tmp_path / "best_test_calibration.png").is_file()
 
 
@@ -75,6 +77,7 @@ def test_calibrated_and_raw_predictions_have_the_same_argmax(trained_run, image_
         tables[flags] = [line.split(",")[:3] for line in csv_file.read_text().splitlines()[1:]]
     out = capsys.readouterr().out
     assert "probabilities: calibrated, softmax of logits /" in out and "probabilities: raw (--no-calibration)" in out
+    assert out.count("too few to trust") == 1  # said with the calibrated probabilities only
     calibrated, raw = tables[()], tables[("--no-calibration",)]
     assert [row[:2] for row in calibrated] == [row[:2] for row in raw]  # the same class for every image
     assert [row[2] for row in calibrated] != [row[2] for row in raw]  # with other probabilities

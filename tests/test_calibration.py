@@ -2,8 +2,8 @@
 
 import json
 
-import pytest
 import matplotlib.pyplot as plt
+import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file

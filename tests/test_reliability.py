@@ -328,9 +328,17 @@ def test_plots_of_another_checkpoint_are_said_to_be_replaced(trained_run, image_
     evaluate.main([str(other / "best.safetensors"), *evaluate_it[1:]])
     printed = capsys.readouterr().out
     assert "replaced 4 plot(s) of another checkpoint, split or set of images: best_test_confusion.png" in printed
-    evaluate.main([str(other / "best.safetensors"), "--predict", str(image_folder / "test"), "--plot-dir", str(plots)])
-    evaluate.main([str(other / "best.safetensors"), "--predict", str(image_folder / "train"), "--plot-dir", str(plots)])
-    assert "replaced 2 plot(s)" in capsys.readouterr().out  # other images, the same sheet names
+    for folder in ("cat", "dog"):  # 5 images each: one contact sheet of the same name
+        evaluate.main(
+            [
+                str(other / "best.safetensors"),
+                "--predict",
+                str(image_folder / "test" / folder),
+                "--plot-dir",
+                str(plots),
+            ]
+        )
+    assert "replaced 1 plot(s)" in capsys.readouterr().out  # other images, the same sheet name
 
 
 def test_overwrite_removes_the_old_runs_plots_and_names_what_it_keeps(tmp_path, capsys):
@@ -532,9 +540,9 @@ def test_plots_of_another_test_folder_and_stale_contact_sheets_are_said(trained_
     evaluate.main([checkpoint, "--data-dir", str(image_folder), "--plot-dir", plots])
     evaluate.main([checkpoint, "--data-dir", str(tmp_path / "other"), "--plot-dir", plots])
     assert "replaced 4 plot(s)" in capsys.readouterr().out
-    evaluate.main([checkpoint, "--predict", str(image_folder / "train"), "--plot-dir", plots])  # 200 images: 5 sheets
+    evaluate.main([checkpoint, "--predict", str(image_folder / "test"), "--plot-dir", plots])  # 50 images: 2 sheets
     evaluate.main([checkpoint, "--predict", str(image_folder / "test" / "cat"), "--plot-dir", plots])  # 5: one
-    assert "removed 5 earlier contact sheet(s) of best: best_predictions_1.png" in capsys.readouterr().out
+    assert "removed 2 earlier contact sheet(s) of best: best_predictions_1.png" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "plots").glob("best_predictions*")) == ["best_predictions.png"]
 
 

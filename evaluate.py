@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import csv
 import functools
+import io
 import itertools
 import json
 import math
@@ -124,11 +125,16 @@ def parse_args(argv=None):
     )
     parser.add_argument("--overwrite", action="store_true", help="--export-onnx: replace an existing file (off)")
     args = parser.parse_args(argv)
-    if args.export_onnx and (args.predict or args.tta or args.explain):
+    exporting = args.export_onnx is not None  # --export-onnx "" too: refused by export_onnx, not evaluated
+    if exporting and (args.predict or args.tta or args.explain):
         parser.error("--export-onnx exports the plain network; drop --predict, --tta and --explain")
+    if exporting and (args.json or args.plot_dir):
+        parser.error("--export-onnx writes the .onnx file and nothing else; drop --json and --plot-dir")
+    if args.no_calibration and not args.predict:
+        parser.error("--no-calibration goes with --predict; an evaluation reports both T = 1 and the fitted T")
     if args.explain and args.no_plots:
         parser.error("--explain draws heat maps, and --no-plots draws nothing; drop one of them")
-    if args.overwrite and not args.export_onnx:
+    if args.overwrite and not exporting:
         parser.error("--overwrite goes with --export-onnx; evaluation plots are always rewritten")
     if args.csv and not args.predict:
         parser.error("--csv goes with --predict; for an evaluation's results pass --json")
@@ -286,8 +292,8 @@ def few_images_caveat(metadata):
     images = metadata.get("calibration", {}).get("images", FEW_FOR_CALIBRATION)
     if images >= FEW_FOR_CALIBRATION:
         return ""
-    return (f"T was fitted on only {images} validation images, too few to trust: check it on a test/ folder, "
-            f"or pass --no-calibration")  # fmt: skip
+    return (f"T was fitted on only {images} validation images, too few to trust: check it on a test/ folder of "
+            f"your own; --predict --no-calibration gives the raw probabilities")  # fmt: skip
 
 
 def group_accuracies(recall, classes):
@@ -515,7 +521,7 @@ def plot_calibration(report, title):
     """Reliability diagrams: each confidence bin's accuracy against its confidence, the count of its
     images on its bar; at T = 1 and, beside it, at the fitted temperature."""
     panels = [report["raw"]] + ([report["calibrated"]] if report["calibrated"] else [])
-    figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 5), squeeze=False)
+    figure, axes = plt.subplots(1, len(panels), figsize=(max(8, 5.5 * len(panels)), 5.3), squeeze=False)
     width = 1 / CALIBRATION_BINS
     centres = [(i + 0.5) * width for i in range(CALIBRATION_BINS)]
     for axis, scores in zip(axes[0], panels):
@@ -531,7 +537,7 @@ def plot_calibration(report, title):
         axis.set(xlim=(0, 1), ylim=(0, 1.1), xlabel="confidence (top probability)", ylabel="accuracy")
         axis.set_title(f"{which}: ECE {scores['ece']:.4f}, NLL {scores['nll']:.3f}, Brier {scores['brier']:.3f}")
         axis.legend(loc="upper left", fontsize=8)
-    figure.suptitle(f"{title}: reliability ({CALIBRATION_BINS} bins; the number on a bar is its images)")
+    figure.suptitle(f"reliability ({CALIBRATION_BINS} confidence bins; the number on a bar is its images)\n{title}")
     figure.tight_layout()
     return figure
 
@@ -571,7 +577,7 @@ def plot_mistakes(images, probabilities, rows, classes, title):
         for axis, i in itertools.zip_longest(row, wrong):
             label = None if i is None else mistake_label(true, predicted, probabilities[i, predicted], classes)
             show(axis, None if i is None else images[i], label)
-    figure.suptitle(f"most confident mistakes of the most confused pairs (true -> predicted, probability)\n{title}")
+    figure.suptitle(f"most confident mistakes of the most confused pairs (true -> predicted, raw probability)\n{title}")
     figure.tight_layout()
     return figure
 
@@ -592,8 +598,8 @@ def plot_explained(images, maps, probabilities, rows, classes, title):
             for axis, heat, name in ((cells[1], maps[0, j], classes[predicted]), (cells[2], maps[1, j], classes[true])):
                 show(axis, images[j], f"where: {name}", heat)
     figure.suptitle(
-        f"where the network looked (Grad-CAM, last stage): each mistake, then its map for the predicted class, then "
-        f"for the true one; red = most evidence\n{title}"
+        f"where the network looked (Grad-CAM, last stage): each mistake (raw probability), then its map for the "
+        f"predicted class, then for the true one; red = most evidence\n{title}"
     )
     figure.tight_layout()
     return figure
@@ -683,6 +689,8 @@ def write_plots(args, results, confusion, classes, history, shown, explain=None)
             targets = torch.stack([probabilities[chosen].argmax(1), labels[chosen]])
             seen, maps = explained(*explain, images[chosen], targets)
             figures[f"{prefix}_explained.png"] = lambda: plot_explained(seen, maps, probabilities, rows, classes, title)
+    elif explain:
+        print("\n--explain: no mistakes on this split, so no heat maps to draw")
     data_dir = Path(args.data_dir).resolve()
     shows = (
         f"evaluate.py {Path(args.checkpoint).resolve()} --data-dir {data_dir} --split {args.split}{' --tta' * args.tta}"
@@ -693,6 +701,10 @@ def write_plots(args, results, confusion, classes, history, shown, explain=None)
         figures["curves.png"] = lambda: plot_curves(history, f"training curves: {source}")
         shown["curves.png"] = f"evaluate.py curves of {source.resolve()}"
     save_figures(folder, figures, shown)
+    stale = folder / f"{prefix}_explained.png"
+    if f"{prefix}_explained.png" not in figures and png_source(stale) is not None:  # its mistakes may be others now
+        stale.unlink()
+        print(f"removed {stale.name}, drawn by an earlier --explain: pass --explain to draw it for this evaluation")
 
 
 def save_figures(folder, figures, shown):
@@ -722,7 +734,7 @@ def png_source(path):
 def main(argv=None):
     try:
         args = parse_args(argv)
-        (export_onnx if args.export_onnx else classify if args.predict else evaluate)(args)
+        (export_onnx if args.export_onnx is not None else classify if args.predict else evaluate)(args)
     except data.UserError as error:
         sys.exit(f"error: {' '.join(str(error).split())}")  # one line, whatever the message
     except KeyboardInterrupt:
@@ -937,8 +949,10 @@ def onnx_properties(metadata):
         "std": json.dumps(metadata["std"]),
         "input_size": str(side),
         "preprocessing": (
-            f"input: uint8 RGB [N, 3, {side}, {side}], pixels 0-255: the image's shorter side resized to {side} "
-            f"(bicubic) and the centre square kept. Inside the graph: {inside}. Output: logits [N, "
+            f"input: uint8 RGB [N, 3, {side}, {side}], pixels 0-255: the image turned upright by its EXIF "
+            f"orientation, its shorter side resized to {side} (bicubic; JPEGs decoded with PIL's draft mode at "
+            f"the smallest scale of at least {side}x{side}, as in training) and the centre square kept. Inside "
+            f"the graph: {inside}. Output: logits [N, "
             f"{len(metadata['classes'])}] in the order of classes; softmax(logits / temperature) gives calibrated "
             f"probabilities (temperature 1 when there is none)"
         ),
@@ -950,6 +964,7 @@ def onnx_packages():
     try:
         import onnx
         import onnxruntime
+        import onnxscript  # noqa: F401  (torch.onnx.export's dynamo exporter needs it)
     except ImportError as error:
         raise data.UserError(f"--export-onnx needs {error.name}: {ONNX_PACKAGES}") from error
     return onnx, onnxruntime
@@ -959,10 +974,14 @@ def export_onnx(args):
     """--export-onnx: the checkpoint as one ONNX graph, checked with onnxruntime against PyTorch
     before it takes its name; a file that fails the check is not kept."""
     path = Path(args.export_onnx)
-    if path.suffix != ".onnx":
-        raise data.UserError(f"--export-onnx {path}: the file name should end in .onnx")
+    if not path.name.endswith(".onnx") or path.name == ".onnx":
+        raise data.UserError(f"--export-onnx '{args.export_onnx}': give a file name ending in .onnx (model.onnx)")
+    if path.is_dir():
+        raise data.UserError(f"--export-onnx {path} is a folder; pass a file name, such as {path / 'model.onnx'}")
     if path.exists() and not args.overwrite:
         raise data.UserError(f"--export-onnx {path} exists; pass --overwrite to replace it, or another name")
+    if args.split == "val" and args.data_dir is None:
+        raise data.UserError("--export-onnx checks on --data-dir's images, else on random ones: pass --data-dir")
     check_folder_can_be_made(path.parent, "--export-onnx", args.export_onnx)
     onnx, onnxruntime = onnx_packages()
     model, metadata = load_checkpoint(args.checkpoint)
@@ -973,17 +992,19 @@ def export_onnx(args):
         started = time.perf_counter()
         example = images[:2] if len(images) >= 2 else images.repeat(2, 1, 1, 1)
         batch = torch.export.Dim("batch")
-        with contextlib.redirect_stdout(sys.stderr):  # the exporter's progress lines
+        with contextlib.redirect_stdout(io.StringIO()):  # the exporter's progress lines, not ours to show
             torch.onnx.export(graph, (example,), dynamo=True, dynamic_shapes={"images": {0: batch}}).save(temporary)
         exported = onnx.load(temporary)
         properties = onnx_properties(metadata)
         onnx.helper.set_model_props(exported, properties)
         onnx.save(exported, temporary)
-        print(f"{path}: exported in {time.perf_counter() - started:.1f}s; {properties['preprocessing']}")
-        print(compare_with_pytorch(temporary, model, metadata, images, source, onnxruntime))
+        seconds = time.perf_counter() - started
+        checked = compare_with_pytorch(temporary, model, metadata, images, source, onnxruntime)  # raises: not kept
+        print(f"{path}: exported in {seconds:.1f}s; {properties['preprocessing']}\n{checked}")
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, export_and_check)
+    with writing(path, "--export-onnx"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, export_and_check)
 
 
 def onnx_check_images(args, metadata):
@@ -1023,7 +1044,10 @@ def compare_with_pytorch(onnx_file, model, metadata, images, source, onnxruntime
         f"{len(images) / onnx_seconds:.0f} img/s, PyTorch (evaluate.py) {len(images) / torch_seconds:.0f} img/s"
     )
     if difference > ONNX_TOLERANCE or disagree:
-        raise data.UserError(f"the exported graph does not match PyTorch: {line}; nothing was written")
+        raise data.UserError(
+            f"the exported graph does not match PyTorch: {line}; nothing was written. Try another version of torch "
+            f"or onnxruntime, or raise ONNX_TOLERANCE in evaluate.py if such a difference is acceptable to you"
+        )
     return line
 
 

@@ -150,8 +150,9 @@ def save_checkpoint(model, path, metadata):
 
 def write_atomically(path, write):
     """write(temporary) next to path, then rename it over path: a crash or a full disk at any point
-    leaves the old file whole, and no temporary file behind."""
-    temporary = Path(f"{path}.tmp")
+    leaves the old file whole, and no temporary file behind. The temporary's name is this process's, so
+    that it never takes a user's file (model.onnx.tmp) or another process's."""
+    temporary = Path(f"{path}.tmp-{os.getpid()}")
     try:
         write(temporary)
         usual_permissions(temporary)

@@ -78,7 +78,7 @@ except ImportError:
 
 import data  # noqa: E402
 from data import UserError  # noqa: E402
-from evaluate import calibration, fit_temperature  # noqa: E402
+from evaluate import calibration, few_images_caveat, fit_temperature  # noqa: E402
 from model import (  # noqa: E402
     ARCH,
     build_model,
@@ -1164,6 +1164,7 @@ def final_summary(out, args, history):
     checkpoint = out / "best.safetensors"
     if checkpoint.is_file():
         lines.append(f"files: {out}/best.safetensors (epoch {best['epoch']}), last.safetensors, history.json")
+        lines += calibration_summary(checkpoint)
     else:
         lines.append(
             f"warning: {checkpoint} is missing (removed?), and no epoch since epoch {best['epoch']} had a lower "
@@ -1172,6 +1173,21 @@ def final_summary(out, args, history):
         checkpoint = out / "last.safetensors"
     command = shlex.join(["python", "evaluate.py", str(checkpoint), "--data-dir", args.data_dir])
     return "\n".join(lines + [f"evaluate: {command}{split}"])
+
+
+def calibration_summary(checkpoint):
+    """The temperature the checkpoint holds, and what it did on the validation split; [] if none."""
+    with safe_open(checkpoint, framework="pt") as file:
+        metadata = decode_metadata(file.metadata())
+    if "temperature" not in metadata:
+        return []
+    fitted = metadata["calibration"]
+    (nll_before, nll_after), (ece_before, ece_after) = fitted["val_nll"], fitted["val_ece"]
+    line = (
+        f"calibration: T = {metadata['temperature']:.3f}, fitted on {fitted['fitted_on']} (NLL {nll_before:.4f} -> "
+        f"{nll_after:.4f}, ECE {ece_before:.4f} -> {ece_after:.4f}); evaluate.py divides the logits by it"
+    )
+    return [line] + ([caveat] if (caveat := few_images_caveat(metadata)) else [])
 
 
 def check_resumable(out, args, progress, accelerator):

@@ -9,6 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import evaluate
+import train
 
 
 def test_the_temperature_fit_lowers_the_nll_of_over_confident_logits():
@@ -65,6 +66,12 @@ def test_a_run_saves_its_temperature_and_evaluate_reports_and_draws_both(trained
     assert "ECE" in out and "Brier" in out and "fitted on the run's validation split" in out
     assert "T was fitted on only 40 validation images, too few to trust" in out
     assert (tmp_path / "best_test_calibration.png").is_file()
+    said = train.calibration_summary(trained_run / "best.safetensors")  # train.py's last lines
+    assert said[0].startswith("calibration: T = ") and "fitted on the run's validation split, 40 images" in said[0]
+    assert "too few to trust" in said[1]
+    with pytest.raises(SystemExit) as refused:  # an evaluation reports both T = 1 and T: nothing to switch off
+        evaluate.parse_args([str(trained_run / "best.safetensors"), "--no-calibration"])
+    assert refused.value.code == 2
 
 
 def test_calibrated_and_raw_predictions_have_the_same_argmax(trained_run, image_folder, tmp_path, capsys):

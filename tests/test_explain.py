@@ -29,6 +29,10 @@ def test_explain_draws_the_mistakes_beside_their_maps(trained_run, image_folder,
     files = [str(p) for p in sorted((image_folder / "test").rglob("*.jpg"))[:5]]
     evaluate.main([checkpoint, "--predict", *files, "--plot-dir", str(tmp_path), "--explain"])
     assert (tmp_path / "best_predictions.png").is_file()
+    capsys.readouterr()
+    evaluate.main([checkpoint, "--data-dir", str(image_folder), "--plot-dir", str(tmp_path)])  # no --explain
+    assert "removed best_test_explained.png, drawn by an earlier --explain" in capsys.readouterr().out
+    assert not (tmp_path / "best_test_explained.png").exists()  # it might show other mistakes than mistakes.png
 
 
 def test_explain_with_no_plots_is_refused(capsys):

@@ -39,8 +39,10 @@ def checkpoint(folder, case):
 def test_the_export_takes_uint8_pixels_holds_the_classes_and_matches_pytorch(case, tmp_path, capsys):
     path = checkpoint(tmp_path, case)
     out = tmp_path / f"{case}.onnx"
+    (tmp_path / f"{case}.onnx.tmp").write_text("mine")  # a user's file with the name a temporary might take
     evaluate.main([str(path), "--export-onnx", str(out)])
     printed = capsys.readouterr().out
+    assert (tmp_path / f"{case}.onnx.tmp").read_text() == "mine"
     assert "largest logit difference" in printed and "top-1 classes differ on 0" in printed
     properties = {p.key: p.value for p in onnx.load(out).metadata_props}
     assert json.loads(properties["classes"]) == CLASSES and json.loads(properties["mean"]) == [0.5, 0.4, 0.3]
@@ -75,23 +77,55 @@ def test_a_graph_that_does_not_match_is_refused_and_not_kept(tmp_path, monkeypat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["imagenet-stem.safetensors"]
 
 
-def test_export_refusals_are_one_line(tmp_path, monkeypatch, capsys):
+def test_export_refusals_are_one_line(tmp_path, monkeypatch):
     path = checkpoint(tmp_path, "cifar-stem")
     (tmp_path / "taken.onnx").write_text("mine")
-    for target, words in (("model.pt", "should end in .onnx"), ("taken.onnx", "exists; pass --overwrite")):
+    (tmp_path / "folder.onnx").mkdir()
+    cases = (
+        (["model.pt"], "give a file name ending in .onnx"),
+        ([""], "give a file name ending in .onnx"),
+        ([".onnx"], "give a file name ending in .onnx"),
+        (["taken.onnx"], "exists; pass --overwrite"),
+        (["folder.onnx", "--overwrite"], "folder.onnx is a folder; pass a file name"),
+        (["new.onnx", "--split", "val"], "checks on --data-dir's images, else on random ones: pass --data-dir"),
+    )
+    for (target, *flags), words in cases:
         with pytest.raises(SystemExit) as refused:
-            evaluate.main([str(path), "--export-onnx", str(tmp_path / target)])
+            evaluate.main([str(path), "--export-onnx", str(tmp_path / target) if target else "", *flags])
         assert words in str(refused.value) and str(refused.value).startswith("error:")
-    assert (tmp_path / "taken.onnx").read_text() == "mine"
+    assert (tmp_path / "taken.onnx").read_text() == "mine" and (tmp_path / "folder.onnx").is_dir()
+    for flags in (["--json", "r.json"], ["--plot-dir", "p"], ["--no-calibration"]):
+        with pytest.raises(SystemExit) as refused:  # argparse's own refusal, code 2
+            evaluate.main([str(path), "--export-onnx", str(tmp_path / "new.onnx"), *flags])
+        assert refused.value.code == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar-stem.safetensors", "folder.onnx", "taken.onnx"]
+
+
+@pytest.mark.parametrize("package", ["onnxruntime", "onnxscript"])
+def test_a_missing_package_is_named_in_one_line(package, tmp_path, monkeypatch):
+    path = checkpoint(tmp_path, "cifar-stem")
     real_import = builtins.__import__
 
-    def no_onnxruntime(name, *args, **kwargs):
-        if name == "onnxruntime":
+    def without_it(name, *args, **kwargs):
+        if name == package:
             raise ImportError(name=name)
         return real_import(name, *args, **kwargs)
 
-    monkeypatch.setattr(builtins, "__import__", no_onnxruntime)
+    monkeypatch.setattr(builtins, "__import__", without_it)
     with pytest.raises(SystemExit) as refused:
         evaluate.main([str(path), "--export-onnx", str(tmp_path / "new.onnx")])
-    assert "needs onnxruntime: pip install -r requirements-dev.txt" in str(refused.value)
+    assert f"needs {package}: pip install -r requirements-dev.txt" in str(refused.value)
     assert not (tmp_path / "new.onnx").exists()
+
+
+def test_a_failed_write_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch):
+    path = checkpoint(tmp_path, "cifar-stem")
+    (tmp_path / "m.onnx").write_text("the old export")
+
+    def disk_full(target, write):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(evaluate, "write_atomically", disk_full)
+    with pytest.raises(SystemExit, match="^error: could not write .*m.onnx .*No space left on device"):
+        evaluate.main([str(path), "--export-onnx", str(tmp_path / "m.onnx"), "--overwrite"])
+    assert (tmp_path / "m.onnx").read_text() == "the old export"

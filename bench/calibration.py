@@ -1,0 +1,75 @@
+"""How well a checkpoint's temperature calibrates, on each split of its data (README: Calibration).
+
+    python bench/calibration.py RUN/best.safetensors --data-dir DIR                  # val and test
+    python bench/calibration.py RUN/best.safetensors --data-dir DIR --splits test
+
+For each split: ECE, NLL and Brier at T = 1 and at the checkpoint's T (train.py fitted it on the
+validation split, so `val` is optimistic and `test` is the honest measure); how many mistakes the
+network made at 90% confidence or more and their share of the split's NLL (a few of them decide
+the fitted T); and the ECE that a perfectly calibrated network with the same confidences would
+still show on so few images (each image right with probability its confidence, 2,000 draws; the
+median), below which no ECE means anything.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import evaluate  # noqa: E402
+
+CONFIDENT, DRAWS = 0.9, 2000
+
+
+def chance_ece(confidence, classes, generator):
+    """The median ECE of a calibrated network with these top-class confidences: logits whose top
+    class has probability c, and a label that is that class with probability c."""
+    others = ((1 - confidence) / (classes - 1)).clamp(min=1e-12).log()
+    logits = torch.cat([confidence.log()[:, None], others[:, None].expand(-1, classes - 1)], 1)
+    draws = [
+        evaluate.calibration(logits, (torch.rand(len(confidence), generator=generator) >= confidence).long())["ece"]
+        for _ in range(DRAWS)
+    ]
+    return torch.tensor(draws).median().item()
+
+
+def split_row(checkpoint, data_dir, split, model, metadata):
+    args = evaluate.parse_args([checkpoint, "--data-dir", data_dir, "--split", split, "--no-plots"])
+    images, labels, _ = evaluate.load_split(args, metadata)
+    logits = evaluate.predict(model, images, metadata, args.batch_size, False, torch.device("cpu"))
+    report = evaluate.calibration_report(logits, labels, metadata)
+    raw, calibrated = report["raw"], report["calibrated"] or report["raw"]
+    confidence, predicted = logits.softmax(1).max(1)
+    nll = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    confident_mistakes = (predicted != labels) & (confidence >= CONFIDENT)
+    chance = chance_ece(confidence.double(), logits.shape[1], torch.Generator().manual_seed(0))
+    scores = " | ".join(f"{raw[key]:.4f} -> {calibrated[key]:.4f}" for key in ("ece", "nll", "brier"))
+    return (
+        f"| {split} | {len(labels)} | {(predicted == labels).double().mean():.2%} | {scores} | "
+        f"{int(confident_mistakes.sum())} ({nll[confident_mistakes].sum() / nll.sum():.0%}) | {chance:.4f} |"
+    )
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint")
+    parser.add_argument("--data-dir", required=True, help="the run's folder of train/, val/ and test/")
+    parser.add_argument("--splits", nargs="+", default=["val", "test"], choices=["val", "test"])
+    args = parser.parse_args()
+    model, metadata = evaluate.load_checkpoint(args.checkpoint)
+    temperature = metadata.get("temperature", 1.0)
+    fitted = metadata.get("calibration", {}).get("fitted_on", "no temperature in the checkpoint")
+    rows = [split_row(args.checkpoint, args.data_dir, split, model, metadata) for split in args.splits]
+    print(f"{args.checkpoint}: T = {temperature:.3f}, fitted on {fitted}; ECE in {evaluate.CALIBRATION_BINS} bins\n")
+    print(
+        "| split | images | accuracy | ECE, T = 1 -> T | NLL, T = 1 -> T | Brier, T = 1 -> T "
+        "| mistakes at >= 90% (share of the NLL) | ECE of a calibrated network, by chance |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -98,6 +98,17 @@ class UserError(Exception):
     and exits non-zero; library code raises it so that a notebook importing this module survives."""
 
 
+def one_line_errors(parser):
+    """The scripts' argparse parser, its refusals made one line like every other bad input's: argparse
+    prints its whole usage block first, which buries the line that says what is wrong."""
+
+    def error(message):
+        parser.exit(2, f"{parser.prog}: error: {message} ({parser.prog} --help lists the flags)\n")
+
+    parser.error = error
+    return parser
+
+
 # ---------------------------------------------------------------------------------- loading
 
 

@@ -81,7 +81,9 @@ def positive_int(text):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = data.one_line_errors(
+        argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    )
     parser.add_argument("checkpoint", help="a .safetensors file written by train.py")
     parser.add_argument(
         "--data-dir", help="CIFAR-10 location, or an image folder (default: the run's, as its checkpoint says; ./data)"

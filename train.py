@@ -176,7 +176,9 @@ def recipe_help(key, text=""):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = data.one_line_errors(
+        argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    )
     add = parser.add_argument
     add("--data-dir", help="CIFAR-10 location, or a folder with train/<class>/ (./data; --resume: the run's)")
     add("--output-dir", help="the run's folder (default runs/<timestamp>)")

@@ -86,8 +86,9 @@ def test_a_bad_flag_from_the_command_line_is_one_line_and_writes_nothing(tmp_pat
     result = run_script(sys.executable, "train.py", "--output-dir", str(tmp_path / "out"), "--batch-size", "0")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert [line for line in result.stderr.splitlines() if "error:" in line] == [
-        "train.py: error: argument --batch-size: must be an integer at least 2, got 0"
+        "train.py: error: argument --batch-size: must be an integer at least 2, got 0 (train.py --help lists the flags)"
     ]
+    assert "usage:" not in result.stderr  # the one line alone, not after argparse's usage block
     assert not (tmp_path / "out").exists()
 
 

@@ -1,14 +1,16 @@
 """How well a checkpoint's temperature calibrates, on each split of its data (README: Calibration).
 
     python bench/calibration.py RUN/best.safetensors --data-dir DIR                  # val and test
-    python bench/calibration.py RUN/best.safetensors --data-dir DIR --splits test
+    python bench/calibration.py RUN/best.safetensors --data-dir DIR --splits test --predicted cat dog
 
 For each split: ECE, NLL and Brier at T = 1 and at the checkpoint's T (train.py fitted it on the
 validation split, so `val` is optimistic and `test` is the honest measure); how many mistakes the
 network made at 90% confidence or more and their share of the split's NLL (a few of them decide
 the fitted T); and the ECE that a perfectly calibrated network with the same confidences would
 still show on so few images (each image right with probability its confidence, 2,000 draws; the
-median), below which no ECE means anything.
+median), below which no ECE means anything. --predicted adds a row per split for the images
+predicted as one of those classes: how sure the network is when it says "cat" or "dog", and how
+often it is right then.
 """
 
 import argparse
@@ -35,19 +37,24 @@ def chance_ece(confidence, classes, generator):
     return torch.tensor(draws).median().item()
 
 
-def split_row(checkpoint, data_dir, split, model, metadata):
+def split_logits(checkpoint, data_dir, split, model, metadata):
     args = evaluate.parse_args([checkpoint, "--data-dir", data_dir, "--split", split, "--no-plots"])
     images, labels, _ = evaluate.load_split(args, metadata)
-    logits = evaluate.predict(model, images, metadata, args.batch_size, False, torch.device("cpu"))
+    return evaluate.predict(model, images, metadata, args.batch_size, False, torch.device("cpu")), labels
+
+
+def row(name, logits, labels, metadata):
     report = evaluate.calibration_report(logits, labels, metadata)
     raw, calibrated = report["raw"], report["calibrated"] or report["raw"]
     confidence, predicted = logits.softmax(1).max(1)
+    sure = confidence.double().mean(), (logits / calibrated["temperature"]).softmax(1).max(1).values.double().mean()
     nll = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
     confident_mistakes = (predicted != labels) & (confidence >= CONFIDENT)
     chance = chance_ece(confidence.double(), logits.shape[1], torch.Generator().manual_seed(0))
     scores = " | ".join(f"{raw[key]:.4f} -> {calibrated[key]:.4f}" for key in ("ece", "nll", "brier"))
     return (
-        f"| {split} | {len(labels)} | {(predicted == labels).double().mean():.2%} | {scores} | "
+        f"| {name} | {len(labels)} | {(predicted == labels).double().mean():.2%} | {sure[0]:.2%} -> {sure[1]:.2%} | "
+        f"{scores} | "
         f"{int(confident_mistakes.sum())} ({nll[confident_mistakes].sum() / nll.sum():.0%}) | {chance:.4f} |"
     )
 
@@ -57,17 +64,27 @@ def main():
     parser.add_argument("checkpoint")
     parser.add_argument("--data-dir", required=True, help="the run's folder of train/, val/ and test/")
     parser.add_argument("--splits", nargs="+", default=["val", "test"], choices=["val", "test"])
+    parser.add_argument("--predicted", nargs="+", default=[], metavar="CLASS", help="a row of these predictions too")
     args = parser.parse_args()
     model, metadata = evaluate.load_checkpoint(args.checkpoint)
     temperature = metadata.get("temperature", 1.0)
     fitted = metadata.get("calibration", {}).get("fitted_on", "no temperature in the checkpoint")
-    rows = [split_row(args.checkpoint, args.data_dir, split, model, metadata) for split in args.splits]
+    chosen = torch.tensor([metadata["classes"].index(name) for name in args.predicted], dtype=torch.long)
+    rows = []
+    for split in args.splits:
+        logits, labels = split_logits(args.checkpoint, args.data_dir, split, model, metadata)
+        rows.append(row(split, logits, labels, metadata))
+        if args.predicted:
+            picked = torch.isin(logits.argmax(1), chosen)
+            rows.append(
+                row(f"{split}, predicted {' or '.join(args.predicted)}", logits[picked], labels[picked], metadata)
+            )
     print(f"{args.checkpoint}: T = {temperature:.3f}, fitted on {fitted}; ECE in {evaluate.CALIBRATION_BINS} bins\n")
     print(
-        "| split | images | accuracy | ECE, T = 1 -> T | NLL, T = 1 -> T | Brier, T = 1 -> T "
-        "| mistakes at >= 90% (share of the NLL) | ECE of a calibrated network, by chance |"
+        "| split | images | accuracy | mean confidence, T = 1 -> T | ECE, T = 1 -> T | NLL, T = 1 -> T "
+        "| Brier, T = 1 -> T | mistakes at >= 90% (share of the NLL) | ECE of a calibrated network, by chance |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 

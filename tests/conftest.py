@@ -110,6 +110,15 @@ def run_script(*args, env=None, timeout=300):
 
 
 @pytest.fixture(scope="session")
+def two_process_run(image_folder, tmp_path_factory):
+    """One epoch of 2 CPU processes on one machine (accelerate launch --multi_gpu), shared by the tests
+    of several processes and several machines, which read it: (its folder, the CompletedProcess)."""
+    out = tmp_path_factory.mktemp("ddp") / "ddp"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    return out, run_script(*launch, "train.py", *quick_args(image_folder, out, "--epochs", "1"))
+
+
+@pytest.fixture(scope="session")
 def trained_run(image_folder, tmp_path_factory):
     """One finished 2-epoch run on the image folder, shared by the evaluation tests."""
     import train

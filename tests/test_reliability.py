@@ -422,12 +422,11 @@ def free_port():
         return probe.getsockname()[1]
 
 
-def test_two_machines_on_one_host_train_as_one_two_process_run(tmp_path):
+def test_two_machines_on_one_host_train_as_one_two_process_run(two_process_run, image_folder, tmp_path):
     """accelerate launch --num_machines 2, as machine ranks 0 and 1 on 127.0.0.1, one CPU process each:
     both end cleanly (no traceback, no "terminate called" at shutdown) and train what 2 processes on
-    one machine train."""
-    root = two_classes(tmp_path / "d", count=25)
-    flags = quick_args(root, tmp_path / "machines", "--epochs", "1", "--batch-size", "8")
+    one machine train (the shared run of the same flags)."""
+    flags = quick_args(image_folder, tmp_path / "machines", "--epochs", "1")
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "-q"]
     machines = [
         *launch,
@@ -454,11 +453,9 @@ def test_two_machines_on_one_host_train_as_one_two_process_run(tmp_path):
     for process, output in zip(ranks, outputs):
         assert process.returncode == 0, output[-3000:]
         assert "Traceback" not in output and "terminate called" not in output, output[-3000:]
-    one_machine = run_script(
-        *launch, "train.py", *quick_args(root, tmp_path / "one", "--epochs", "1", "--batch-size", "8")
-    )
-    assert one_machine.returncode == 0, one_machine.stderr[-3000:]
-    history, expected = (json.loads((tmp_path / run / "history.json").read_text()) for run in ("machines", "one"))
+    one_machine, result = two_process_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    history, expected = (json.loads((run / "history.json").read_text()) for run in (tmp_path / "machines", one_machine))
     for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
         assert history[0][key] == pytest.approx(expected[0][key], rel=1e-5, abs=1e-6)
 

@@ -48,7 +48,8 @@ def main():
     args = parser.parse_args()
     rounds = [export_round(args.checkpoint, args.data_dir, args.split) for _ in range(args.rounds)]
     print(f"{args.checkpoint}, {args.split} split of DIR, {args.rounds} rounds\n")
-    print("| round | export, s | images | largest logit difference | top-1 differ | onnxruntime img/s | PyTorch img/s")
+    print("| round | export, s | images | largest logit difference | top-1 differ | onnxruntime img/s", end=" ")
+    print("| PyTorch img/s |")
     print("|---|---|---|---|---|---|---|")
     for i, r in enumerate(rounds, 1):
         print(

@@ -130,8 +130,11 @@ def parse_args(argv=None):
     exporting = args.export_onnx is not None  # --export-onnx "" too: refused by export_onnx, not evaluated
     if exporting and (args.predict or args.tta or args.explain):
         parser.error("--export-onnx exports the plain network; drop --predict, --tta and --explain")
-    if exporting and (args.json or args.plot_dir):
-        parser.error("--export-onnx writes the .onnx file and nothing else; drop --json and --plot-dir")
+    if exporting and (args.json or args.plot_dir or args.no_calibration):
+        parser.error(
+            "--export-onnx writes the .onnx file and nothing else, the temperature in its metadata for the user to "
+            "apply or not; drop --json, --plot-dir and --no-calibration"
+        )
     if args.no_calibration and not args.predict:
         parser.error("--no-calibration goes with --predict; an evaluation reports both T = 1 and the fitted T")
     if args.explain and args.no_plots:
@@ -703,10 +706,14 @@ def write_plots(args, results, confusion, classes, history, shown, explain=None)
         figures["curves.png"] = lambda: plot_curves(history, f"training curves: {source}")
         shown["curves.png"] = f"evaluate.py curves of {source.resolve()}"
     save_figures(folder, figures, shown)
-    stale = folder / f"{prefix}_explained.png"
-    if f"{prefix}_explained.png" not in figures and png_source(stale) is not None:  # its mistakes may be others now
-        stale.unlink()
-        print(f"removed {stale.name}, drawn by an earlier --explain: pass --explain to draw it for this evaluation")
+    # an earlier evaluation's mistakes (and their maps) would pass for this one's: ours are removed
+    names = (f"{prefix}_mistakes.png", f"{prefix}_explained.png")
+    stale = [name for name in names if name not in figures and png_source(folder / name) is not None]
+    for name in stale:
+        (folder / name).unlink()
+    if stale:
+        why = "pass --explain to draw it for this one" if results["top_confusions"] else "this one has no mistakes"
+        print(f"removed {', '.join(stale)}, drawn by an earlier evaluation: {why}")
 
 
 def save_figures(folder, figures, shown):
@@ -976,7 +983,7 @@ def export_onnx(args):
     """--export-onnx: the checkpoint as one ONNX graph, checked with onnxruntime against PyTorch
     before it takes its name; a file that fails the check is not kept."""
     path = Path(args.export_onnx)
-    if not path.name.endswith(".onnx") or path.name == ".onnx":
+    if not path.name.lower().endswith(".onnx") or path.name.lower() == ".onnx":
         raise data.UserError(f"--export-onnx '{args.export_onnx}': give a file name ending in .onnx (model.onnx)")
     if path.is_dir():
         raise data.UserError(f"--export-onnx {path} is a folder; pass a file name, such as {path / 'model.onnx'}")

@@ -14,6 +14,7 @@ often it is right then.
 """
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -39,7 +40,8 @@ def chance_ece(confidence, classes, generator):
 
 def split_logits(checkpoint, data_dir, split, model, metadata):
     args = evaluate.parse_args([checkpoint, "--data-dir", data_dir, "--split", split, "--no-plots"])
-    images, labels, _ = evaluate.load_split(args, metadata)
+    with contextlib.redirect_stdout(sys.stderr):  # the loading's lines, apart from the table
+        images, labels, _ = evaluate.load_split(args, metadata)
     return evaluate.predict(model, images, metadata, args.batch_size, False, torch.device("cpu")), labels
 
 
@@ -61,25 +63,32 @@ def row(name, logits, labels, metadata):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    evaluate.data.one_line_errors(parser)
     parser.add_argument("checkpoint")
     parser.add_argument("--data-dir", required=True, help="the run's folder of train/, val/ and test/")
     parser.add_argument("--splits", nargs="+", default=["val", "test"], choices=["val", "test"])
     parser.add_argument("--predicted", nargs="+", default=[], metavar="CLASS", help="a row of these predictions too")
     args = parser.parse_args()
     model, metadata = evaluate.load_checkpoint(args.checkpoint)
-    temperature = metadata.get("temperature", 1.0)
-    fitted = metadata.get("calibration", {}).get("fitted_on", "no temperature in the checkpoint")
+    if unknown := set(args.predicted) - set(metadata["classes"]):
+        parser.error(f"--predicted {' '.join(sorted(unknown))}: not among the checkpoint's {metadata['classes']}")
     chosen = torch.tensor([metadata["classes"].index(name) for name in args.predicted], dtype=torch.long)
     rows = []
     for split in args.splits:
-        logits, labels = split_logits(args.checkpoint, args.data_dir, split, model, metadata)
+        try:
+            logits, labels = split_logits(args.checkpoint, args.data_dir, split, model, metadata)
+        except evaluate.data.UserError as error:
+            sys.exit(f"error: --splits {split}: {error}")
         rows.append(row(split, logits, labels, metadata))
-        if args.predicted:
-            picked = torch.isin(logits.argmax(1), chosen)
-            rows.append(
-                row(f"{split}, predicted {' or '.join(args.predicted)}", logits[picked], labels[picked], metadata)
-            )
-    print(f"{args.checkpoint}: T = {temperature:.3f}, fitted on {fitted}; ECE in {evaluate.CALIBRATION_BINS} bins\n")
+        picked = torch.isin(logits.argmax(1), chosen)
+        if picked.any():  # none without --predicted, or when the network never says those classes
+            name = f"{split}, predicted {' or '.join(args.predicted)}"
+            rows.append(row(name, logits[picked], labels[picked], metadata))
+    if "temperature" in metadata:
+        fitted = f"T = {metadata['temperature']:.3f}, fitted on {metadata['calibration']['fitted_on']}"
+    else:
+        fitted = "no temperature (written before train.py fitted one): both columns at T = 1"
+    print(f"{args.checkpoint}: {fitted}; ECE in {evaluate.CALIBRATION_BINS} bins\n")
     print(
         "| split | images | accuracy | mean confidence, T = 1 -> T | ECE, T = 1 -> T | NLL, T = 1 -> T "
         "| Brier, T = 1 -> T | mistakes at >= 90% (share of the NLL) | ECE of a calibrated network, by chance |"

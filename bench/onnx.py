@@ -29,11 +29,10 @@ PRINTED = {  # what evaluate.py --export-onnx prints, as numbers
 
 
 def export_round(checkpoint, data_dir, split):
-    with tempfile.TemporaryDirectory() as folder:
-        command = [sys.executable, "evaluate.py", checkpoint, "--export-onnx", f"{folder}/model.onnx"]
-        result = subprocess.run(
-            [*command, "--data-dir", data_dir, "--split", split], cwd=ROOT, capture_output=True, text=True
-        )
+    with tempfile.TemporaryDirectory() as folder:  # evaluate.py runs in ROOT: the paths made absolute
+        command = [sys.executable, "evaluate.py", str(Path(checkpoint).resolve()), "--export-onnx", f"{folder}/m.onnx"]
+        command += ["--data-dir", str(Path(data_dir).resolve()), "--split", split]
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if result.returncode:
         sys.exit(f"the export failed: {result.stderr.strip().splitlines()[-1]}")
     return {key: float(re.search(pattern, result.stdout).group(1)) for key, pattern in PRINTED.items()}
@@ -46,8 +45,10 @@ def main():
     parser.add_argument("--split", default="test", choices=["test", "val"])
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds: at least 1")
     rounds = [export_round(args.checkpoint, args.data_dir, args.split) for _ in range(args.rounds)]
-    print(f"{args.checkpoint}, {args.split} split of DIR, {args.rounds} rounds\n")
+    print(f"{args.checkpoint}, {args.split} split of {args.data_dir}, {args.rounds} round(s)\n")
     print("| round | export, s | images | largest logit difference | top-1 differ | onnxruntime img/s", end=" ")
     print("| PyTorch img/s |")
     print("|---|---|---|---|---|---|---|")

@@ -20,7 +20,7 @@ def test_grad_cam_maps_are_of_the_inputs_size_in_0_1_and_not_constant():
     assert torch.allclose(alone[:, 0], maps[:, 1], atol=1e-5)
 
 
-def test_explain_draws_the_mistakes_beside_their_maps(trained_run, image_folder, tmp_path, capsys):
+def test_explain_draws_the_mistakes_beside_their_maps(trained_run, image_folder, tmp_path, capsys, monkeypatch):
     checkpoint = str(trained_run / "best.safetensors")
     evaluate.main([checkpoint, "--data-dir", str(image_folder), "--plot-dir", str(tmp_path), "--explain"])
     assert str(tmp_path / "best_test_explained.png") in capsys.readouterr().out
@@ -31,8 +31,18 @@ def test_explain_draws_the_mistakes_beside_their_maps(trained_run, image_folder,
     assert (tmp_path / "best_predictions.png").is_file()
     capsys.readouterr()
     evaluate.main([checkpoint, "--data-dir", str(image_folder), "--plot-dir", str(tmp_path)])  # no --explain
-    assert "removed best_test_explained.png, drawn by an earlier --explain" in capsys.readouterr().out
+    assert "removed best_test_explained.png, drawn by an earlier evaluation: pass --explain" in capsys.readouterr().out
     assert not (tmp_path / "best_test_explained.png").exists()  # it might show other mistakes than mistakes.png
+    evaluate.main([checkpoint, "--data-dir", str(image_folder), "--plot-dir", str(tmp_path), "--explain"])
+    monkeypatch.setattr(evaluate, "top_confusions", lambda confusion, classes: [])  # as if all were right
+    capsys.readouterr()
+    evaluate.main([checkpoint, "--data-dir", str(image_folder), "--plot-dir", str(tmp_path), "--explain"])
+    out = capsys.readouterr().out
+    assert "--explain: no mistakes on this split, so no heat maps to draw" in out
+    assert (
+        "removed best_test_mistakes.png, best_test_explained.png, drawn by an earlier evaluation: this one has" in out
+    )
+    assert not list(tmp_path.glob("best_test_mistakes.png")) and not list(tmp_path.glob("best_test_explained.png"))
 
 
 def test_explain_with_no_plots_is_refused(capsys):

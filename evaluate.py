@@ -196,6 +196,11 @@ def stored_side(metadata):
     return metadata.get("image_size", data.IMAGE_SIZE)
 
 
+def default_batch(size):
+    """Images a pass when --batch-size is not given: BATCH_PIXELS of network input at size x size."""
+    return max(1, BATCH_PIXELS // size**2)
+
+
 def evaluation_input(metadata, device):
     """(the network's input side, the function from stored uint8 batches to its inputs): the centre
     crop, resize and normalisation of the checkpoint's evaluation."""
@@ -208,7 +213,7 @@ def predict(model, images, metadata, batch_size, tta, device):
     # moved before inference mode: its weights stay ordinary tensors, which Grad-CAM can differentiate
     model.eval().to(device, memory_format=torch.channels_last)
     size, normalize = evaluation_input(metadata, device)
-    batch_size = batch_size or max(1, BATCH_PIXELS // size**2)
+    batch_size = batch_size or default_batch(size)
     logits = []
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
@@ -565,10 +570,9 @@ def mistake_rows(labels, probabilities, confusions, classes):
     for pair in confusions[:MISTAKE_PAIRS]:
         true, predicted = classes.index(pair["true"]), classes.index(pair["pred"])
         wrong = ((labels == true) & (probabilities.argmax(1) == predicted)).nonzero().flatten()
-        rows.append(
-            (true, predicted, wrong[probabilities[wrong, predicted].argsort(descending=True)][:MISTAKES_PER_PAIR])
-        )
-    return [(true, predicted, wrong.tolist()) for true, predicted, wrong in rows]
+        most_confident = wrong[probabilities[wrong, predicted].argsort(descending=True)][:MISTAKES_PER_PAIR]
+        rows.append((true, predicted, most_confident.tolist()))
+    return rows
 
 
 def mistake_label(true, predicted, probability, classes):
@@ -918,7 +922,7 @@ def explained(model, metadata, device, images, targets, batch_size=None):
     """(the images as the network sees them: their centre crop, uint8; their Grad-CAM maps for the
     targets' classes at that size, [K, N, crop, crop]), in batches."""
     size, normalize = evaluation_input(metadata, device)
-    batch_size = batch_size or max(1, BATCH_PIXELS // size**2)
+    batch_size = batch_size or default_batch(size)
     crop, side = metadata.get("eval_crop", stored_side(metadata)), images.shape[-1]
     start = (side - crop) // 2
     seen = images[..., start : start + crop, start : start + crop]
@@ -1031,7 +1035,7 @@ def compare_with_pytorch(onnx_file, model, metadata, images, source, onnxruntime
     """Both on the CPU, in the same batches: the largest logit difference and the top-1 agreement,
     and each one's speed; raises beyond ONNX_TOLERANCE or on another top-1 class (unless the two top
     classes of PyTorch are closer than the tolerance: a tie either may break)."""
-    batch_size = max(1, BATCH_PIXELS // metadata.get("input_size", data.IMAGE_SIZE) ** 2)
+    batch_size = default_batch(metadata.get("input_size", data.IMAGE_SIZE))
     session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     started = time.perf_counter()

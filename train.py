@@ -78,7 +78,7 @@ except ImportError:
 
 import data  # noqa: E402
 from data import UserError  # noqa: E402
-from evaluate import calibration, few_images_caveat, fit_temperature  # noqa: E402
+from evaluate import calibration, few_images_caveat, fit_temperature, writing  # noqa: E402
 from model import (  # noqa: E402
     ARCH,
     build_model,
@@ -1283,11 +1283,9 @@ def find_lr(args, accelerator):
         lowest = min(finite, key=smoothed.__getitem__)
         suggestion = lrs[lowest] / 10
         replaced = " (replaced)" if plot.exists() else ""
-        try:
+        with writing(plot, "--output-dir"):
             plot.parent.mkdir(parents=True, exist_ok=True)
             write_atomically(plot, lambda temporary: plot_lr_find(temporary, lrs, losses, smoothed, suggestion, args))
-        except OSError as error:
-            raise UserError(f"could not write {plot} ({error.strerror or error}); pass another --output-dir") from error
         ended = "stopped: the loss diverged" if len(lrs) < FIND_LR_STEPS else "no divergence"
         accelerator.print(
             f"lr range test: {len(lrs)} steps of {effective_batch(args, accelerator)} images, lr {low:g} to "

@@ -7,13 +7,16 @@ are augmented as whole batches on the device, each sample with its own random nu
 per-sample Python runs in the training loop.
 """
 
+import argparse
 import contextlib
 import hashlib
 import itertools
 import json
 import math
 import os
+import re
 import shutil
+import sys
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -109,6 +112,56 @@ def one_line_errors(parser):
     return parser
 
 
+def path_flag(text):
+    """An argparse type for file and folder flags: an empty value (an unset shell variable, as in
+    --data-dir "$DATA") is refused, not taken as the current folder or a default."""
+    if not text:
+        raise argparse.ArgumentTypeError("is empty (an unset shell variable?); pass a path")
+    return text
+
+
+class QuietConsole:
+    """sys.stdout or sys.stderr that goes quiet when its reader has gone (`| head`, a closed terminal),
+    instead of raising BrokenPipeError from the next print: the run goes on, and the files the user
+    asked for are still written."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self.silence()
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self.silence()
+
+    def silence(self):
+        """Point the stream's file descriptor at /dev/null: what is still buffered, and whatever is
+        printed later, goes there."""
+        os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def quiet_when_closed():
+    """The scripts' console inside main(): see QuietConsole. Once silenced, a stream's descriptor stays
+    on /dev/null, so the interpreter's last flush at exit finds no closed pipe either."""
+    console = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = QuietConsole(sys.stdout), QuietConsole(sys.stderr)
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = console
+
+
 # ---------------------------------------------------------------------------------- loading
 
 
@@ -119,7 +172,7 @@ def list_images(data_dir, split):
     root = Path(data_dir)
     if root.exists() and not root.is_dir():
         raise UserError(f"--data-dir {root} is a file; pass a folder")
-    if (root / "train").is_dir():
+    if (root / "train").is_dir() or (split != "train" and (root / split).is_dir()):  # test/ alone: held out
         return list_folder(root / split)
     if any(child.is_dir() and child.name != "cifar-10-batches-py" for child in root.glob("*")):
         raise UserError(
@@ -224,7 +277,8 @@ class Seen:
             example = Path(sorted(self.others)[0]).name
             LOG(f"{where}: skipped {len(self.others)} file(s) that are not images, e.g. {example}")
         if self.links:
-            LOG(f"{where}: skipped {self.links} link(s) to folders or images already listed; each image is read once")
+            LOG(f"{where}: skipped {self.links} link(s) or repeated path(s) to folders or images already listed; "
+                f"each image is read once")  # fmt: skip
 
 
 def find_images(folder, seen):
@@ -480,10 +534,11 @@ def load_part(items, labels, positions, side, folder, cache_dir, opened, on_disk
 # all of them. A cache is a folder <cache_dir>/<folder>-<side>px-<key>/ holding images.npy
 # [N, 3, side, side], readable.npy [N] and manifest.json, the last file written; it is built in a
 # temporary folder and renamed into place, so a build that is killed leaves nothing to be taken for
-# a cache. The key hashes CACHE_VERSION, the side and every image's path, size and modification
-# time: a changed folder gets a new cache.
+# a cache. The key hashes CACHE_VERSION, the side and every image's path and file_state: a changed
+# folder, or an image replaced by another, gets a new cache.
 
-CACHE_VERSION = 1  # raise it when read_image stores other pixels: old caches are then never read
+CACHE_VERSION = 2  # raise it when read_image stores other pixels: old caches are then never read
+TEMPORARY_BUILD = re.compile(r"(.+-\d+px-[0-9a-f]{16})\.tmp-\d+")  # <cache>.tmp-<pid>: see build_of
 CACHE_RULE = "shorter side resized to the side (bicubic), centre square; EXIF upright; 8-bit RGB, transparent white"
 
 
@@ -499,8 +554,6 @@ def default_cache_dir():
 
 def cache_location(flag):
     """--cache-dir: a folder, 'none' (no cache: None), or not given (default_cache_dir)."""
-    if flag == "":
-        raise UserError("--cache-dir is empty; pass a folder, or none for no cache")
     if flag == "none":
         return None
     return Path(flag) if flag else default_cache_dir()
@@ -509,14 +562,21 @@ def cache_location(flag):
 def cache_folder(paths, side, folder, cache_dir):
     key = hashlib.sha256(f"{CACHE_VERSION}\0{side}\0".encode())
     for path in paths:
-        try:
-            stat = os.stat(path)
-            size, modified = stat.st_size, stat.st_mtime_ns
-        except OSError:  # a broken link
-            size = modified = None
-        key.update(f"{os.path.abspath(path)}\0{size}\0{modified}\n".encode())
+        key.update(f"{os.path.abspath(path)}\0{file_state(path)}\n".encode())
     name = f"{Path(folder).absolute().parent.name}-{Path(folder).name}-{side}px-{key.hexdigest()[:16]}"
     return Path(cache_dir) / name
+
+
+def file_state(path):
+    """What changes whenever a file's bytes may have: its size, mtime, inode and ctime. The mtime alone
+    is not enough: tar, zip and rsync -t restore it, so two images of one size swapped by mv keep their
+    paths' sizes and mtimes; their inodes swap, and rename sets the ctime, which no tool can set back.
+    None for a broken link."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns
 
 
 def open_or_build_cache(paths, side, folder, cache_dir):
@@ -583,11 +643,21 @@ def prepare_cache_dir(cache_dir):
         raise CacheUnavailable(f"--cache-dir {cache_dir} is not writable")
 
 
+def build_of(name):
+    """The cache a folder name is the temporary build of (build_cache names it <cache>.tmp-<pid>), or
+    None. A complete cache's name ends in its key, so it is never taken for one, whatever the data
+    folder is called (ds.tmp-1/ makes caches named ds.tmp-1-train-...)."""
+    match = TEMPORARY_BUILD.fullmatch(name)
+    return match and match[1]
+
+
 def remove_stale_builds(where):
     """The temporary folders of builds that were killed: where's own (the caller holds its lock), and
     those of other caches whose lock nobody holds."""
-    for temporary in where.parent.glob("*.tmp-*"):
-        key = temporary.name.split(".tmp-")[0]
+    for temporary in where.parent.iterdir():
+        key = build_of(temporary.name)
+        if key is None or not temporary.is_dir():
+            continue
         if key == where.name:
             shutil.rmtree(temporary, ignore_errors=True)
             continue
@@ -608,7 +678,7 @@ def build_cache(paths, side, folder, where):
             f"the cache of {folder} needs {in_units(need)} and {where.parent} has {in_units(free)} free "
             f"(free space, or pass another --cache-dir)"
         )
-    older = [path for path in where.parent.glob(f"{where.name[:-16]}*") if path.is_dir() and ".tmp-" not in path.name]
+    older = [path for path in where.parent.glob(f"{where.name[:-16]}*") if path.is_dir() and not build_of(path.name)]
     temporary = Path(f"{where}.tmp-{os.getpid()}")
     started = time.perf_counter()
     try:
@@ -693,25 +763,29 @@ def decode_into(paths, side, pixels):
     return readable
 
 
+UNREADABLE = "broken, not images, or 32-bit pixels with no fixed range"  # what read_image skips
+
+
 def say_unreadable(unreadable, count, where=""):
     """The warning line that names the images that could not be read (the first five); an error
     when none could."""
     if not unreadable:
         return
     if len(unreadable) == count:
-        raise UserError(f"none of the {count} images{where}, e.g. {unreadable[0]}, could be read")
+        raise UserError(f"none of the {count} images{where}, e.g. {unreadable[0]}, could be read ({UNREADABLE})")
     named = ", ".join(unreadable[:5]) + (", ..." if len(unreadable) > 5 else "")
-    LOG(f"warning: skipped {len(unreadable)} unreadable image(s){where}: {named}")
+    LOG(f"warning: skipped {len(unreadable)} unreadable image(s){where} ({UNREADABLE}): {named}")
 
 
 def read_image(path, side):
     """One image as uint8 [side, side, 3]: its shorter side resized to side (bicubic), then the centre
     side x side; None when it cannot be read (truncated, not an image, a decompression bomb, bad EXIF
-    data: decoders raise OSError, ValueError, SyntaxError, struct.error and more)."""
+    data: decoders raise OSError, ValueError, SyntaxError, struct.error and more), or its pixels have
+    no fixed range (to_rgb)."""
     try:
         with Image.open(path) as image:
             image.draft("RGB", (side, side))  # JPEG: decode at a reduced scale when still large enough
-            image = to_rgb(ImageOps.exif_transpose(image))  # upright, as phones mark their photos
+            image = to_rgb(ImageOps.exif_transpose(as_16_bit(image)))  # upright, as phones mark their photos
             if image.size != (side, side):
                 scale = side / min(image.size)
                 width, height = max(side, round(image.width * scale)), max(side, round(image.height * scale))
@@ -722,15 +796,31 @@ def read_image(path, side):
         return None
 
 
+def as_16_bit(image):
+    """Pillow before 11 opens 16-bit grayscale PNGs as mode I (32-bit integers): their file says 16
+    bits (the decoder's raw mode), so make them I;16, the mode to_rgb reads 16-bit images from."""
+    raw = image.tile[0].args if image.mode == "I" and len(image.tile) == 1 else None
+    if str(raw[0] if isinstance(raw, tuple) else raw).startswith("I;16"):
+        return Image.fromarray(np.asarray(image).astype(np.uint16))
+    return image
+
+
 def to_rgb(image):
-    """8-bit RGB with the image's true colours, whatever its mode (grayscale, palette, CMYK, 16-bit).
-    PIL opens 16-bit grayscale PNGs as 32-bit integer images, and its RGB conversion clips those to
-    255 (all white): scale them to 8 bits first. Transparent pixels go onto TRANSPARENT_BACKGROUND:
-    converted straight to RGB they would keep whatever colour hides under them."""
-    if image.mode.startswith("I"):
-        pixels = np.asarray(image, dtype=np.uint32) >> 8  # 0..65535 -> 0..255
-        image = Image.fromarray(pixels.astype(np.uint8))
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+    """8-bit RGB with the image's true colours, whatever its mode. 16-bit grayscale (I;16 and its byte
+    orders) is scaled to 8 bits: PIL's own conversion clips it to 255, all white. 32-bit integer (I)
+    and float (F) pixels are refused (ValueError): they have no fixed range, and PIL's conversion
+    clips them, so a float image of 0..1 would read as black. Transparent pixels go onto
+    TRANSPARENT_BACKGROUND: converted straight to RGB they would keep whatever colour hides under
+    them. La (premultiplied luminance and alpha) has no conversion in PIL: composited here."""
+    if image.mode in ("I", "F"):
+        raise ValueError(f"mode {image.mode}: 32-bit pixels have no fixed range; save the image with 8 or 16 bits")
+    if image.mode.startswith("I;16"):
+        image = Image.fromarray((np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8))  # 0..65535 -> 0..255
+    if image.mode == "La":
+        luminance, alpha = np.asarray(image, dtype=np.float32).transpose(2, 0, 1)
+        background = np.mean(TRANSPARENT_BACKGROUND)
+        image = Image.fromarray(np.clip(luminance + (255 - alpha) * background / 255, 0, 255).round().astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA", "RGBa") or "transparency" in image.info:
         image = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", image.size, (*TRANSPARENT_BACKGROUND, 255)), image)
     return image.convert("RGB")

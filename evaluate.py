@@ -84,68 +84,80 @@ def parse_args(argv=None):
     parser = data.one_line_errors(
         argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     )
-    parser.add_argument("checkpoint", help="a .safetensors file written by train.py")
-    parser.add_argument(
-        "--data-dir", help="CIFAR-10 location, or an image folder (default: the run's, as its checkpoint says; ./data)"
-    )
-    parser.add_argument(
-        "--split", choices=["test", "val"], default="test", help="test/, or the run's validation split (%(default)s)"
-    )
-    parser.add_argument(
+    add, path = parser.add_argument, data.path_flag
+    add("checkpoint", type=path, help="a .safetensors file written by train.py")
+    add("--data-dir", type=path, help="CIFAR-10, or an image folder (default: the run's, as its checkpoint says)")
+    add("--split", choices=["test", "val"], help="test/, or the run's validation split (test)")
+    add(
         "--batch-size",
         type=positive_int,
         help=f"images per pass, >= 1 ({BATCH_PIXELS // 32**2} at 32x32, as many pixels at larger inputs: 20 at 224)",
     )
-    parser.add_argument(
-        "--cache-dir",
-        help=f"where train.py's decoded image folders are kept; none: decode ({data.default_cache_dir()})",
-    )
-    parser.add_argument("--tta", action="store_true", help="average each image's logits with its mirror's (off)")
-    parser.add_argument("--json", help="also write the results to this JSON file (off)")
-    parser.add_argument("--plot-dir", help="where the PNGs go (default: the checkpoint's folder)")
-    parser.add_argument("--no-plots", action="store_true", help="write no PNGs (off)")
-    parser.add_argument(
+    add("--cache-dir", type=path, help="where train.py decoded the image folders; none: decode (the run's)")
+    add("--tta", action="store_true", help="average each image's logits with its mirror's (off)")
+    add("--json", type=path, help="also write the results to this JSON file (off)")
+    add("--plot-dir", type=path, help="where the PNGs go (default: the checkpoint's folder)")
+    add("--no-plots", action="store_true", help="write no PNGs (off)")
+    add(
         "--skip-data-check",
         action="store_true",
         help="--split val on a folder that is not the run's data: evaluate anyway, said in the report (off)",
     )
-    parser.add_argument("--predict", nargs="+", metavar="PATH", help="classify these images or folders of them")
-    parser.add_argument("--csv", help="--predict: also write the predictions to this CSV file (off)")
-    parser.add_argument("--top-k", type=positive_int, default=3, help="--predict: classes shown per image (3)")
-    parser.add_argument(
-        "--no-calibration",
-        action="store_true",
-        help="--predict: the raw probabilities, not divided by the checkpoint's temperature (off)",
-    )
-    parser.add_argument(
+    add("--predict", type=path, nargs="+", metavar="PATH", help="classify these images or folders of them")
+    add("--csv", type=path, help="--predict: also write the predictions to this CSV file (off)")
+    add("--top-k", type=positive_int, help="--predict: classes shown per image (3)")
+    add("--no-calibration", action="store_true", help="--predict: raw probabilities, not divided by the run's T (off)")
+    add(
         "--explain",
         action="store_true",
         help="Grad-CAM heat maps: <stem>_<split>_explained.png of the mistakes; with --predict, on the sheets (off)",
     )
-    parser.add_argument(
-        "--export-onnx", metavar="PATH", help="write the network as ONNX (uint8 pixels in, logits out) and check it"
-    )
-    parser.add_argument("--overwrite", action="store_true", help="--export-onnx: replace an existing file (off)")
+    add("--export-onnx", metavar="PATH", help="write the network as ONNX (uint8 pixels in, logits out) and check it")
+    add("--overwrite", action="store_true", help="--export-onnx: replace an existing file (off)")
     args = parser.parse_args(argv)
-    exporting = args.export_onnx is not None  # --export-onnx "" too: refused by export_onnx, not evaluated
-    if exporting and (args.predict or args.tta or args.explain):
-        parser.error("--export-onnx exports the plain network; drop --predict, --tta and --explain")
-    if exporting and (args.json or args.plot_dir or args.no_calibration):
-        parser.error(
-            "--export-onnx writes the .onnx file and nothing else, the temperature in its metadata for the user to "
-            "apply or not; drop --json, --plot-dir and --no-calibration"
-        )
-    if args.no_calibration and not args.predict:
-        parser.error("--no-calibration goes with --predict; an evaluation reports both T = 1 and the fitted T")
-    if args.explain and args.no_plots:
-        parser.error("--explain draws heat maps, and --no-plots draws nothing; drop one of them")
-    if args.overwrite and not exporting:
-        parser.error("--overwrite goes with --export-onnx; evaluation plots are always rewritten")
-    if args.csv and not args.predict:
-        parser.error("--csv goes with --predict; for an evaluation's results pass --json")
-    if args.json and args.predict:
-        parser.error("--json goes with an evaluation; for --predict's results pass --csv")
+    for refused, message in REFUSALS:
+        if refused(args):
+            parser.error(message)
+    args.split, args.top_k = args.split or "test", args.top_k or 3
     return args
+
+
+def exporting(args):
+    return args.export_onnx is not None  # --export-onnx "" too: refused by export_onnx, not evaluated
+
+
+# Flags that would do nothing in the combination given: (refused when, the one line that says so).
+REFUSALS = [
+    (
+        lambda a: exporting(a) and (a.predict or a.tta or a.explain),
+        "--export-onnx exports the plain network; drop --predict, --tta and --explain",
+    ),
+    (
+        lambda a: exporting(a) and (a.json or a.plot_dir or a.no_calibration),
+        "--export-onnx writes the .onnx file and nothing else, the temperature in its metadata for the user to "
+        "apply or not; drop --json, --plot-dir and --no-calibration",
+    ),
+    (
+        lambda a: exporting(a) and a.batch_size,
+        "--export-onnx checks the file in batches of its own choosing; drop --batch-size",
+    ),
+    (
+        lambda a: a.no_calibration and not a.predict,
+        "--no-calibration goes with --predict; an evaluation reports both T = 1 and the fitted T",
+    ),
+    (lambda a: a.explain and a.no_plots, "--explain draws heat maps, and --no-plots draws nothing; drop one of them"),
+    (
+        lambda a: a.overwrite and not exporting(a),
+        "--overwrite goes with --export-onnx; evaluation plots are always rewritten",
+    ),
+    (lambda a: a.csv and not a.predict, "--csv goes with --predict; for an evaluation's results pass --json"),
+    (lambda a: a.json and a.predict, "--json goes with an evaluation; for --predict's results pass --csv"),
+    (lambda a: a.top_k and not a.predict, "--top-k goes with --predict: the classes shown for each image"),
+    (
+        lambda a: a.split and a.predict,
+        "--split chooses what an evaluation measures; --predict classifies the paths given: drop --split",
+    ),
+]
 
 
 def load_split(args, metadata):
@@ -154,12 +166,13 @@ def load_split(args, metadata):
     data the run was split from."""
     side = stored_side(metadata)
     root = Path(args.data_dir)
+    # the run's own cache unless one is given: the run decoded its images there, not into the default one
+    cache = data.cache_location(args.cache_dir or metadata.get("config", {}).get("cache_dir"))
     if args.split == "test" and (root / "train").is_dir() and not (root / "test").is_dir():
         raise data.UserError(
             f"{root} has no test/ folder; pass --split val for the run's validation images, or add {root}/test/<class>/"
         )
     if args.split == "test":
-        cache = data.cache_location(args.cache_dir)
         images, labels, _ = data.load_images(args.data_dir, "test", side, metadata["classes"], cache)
         return images, labels, "any labelled test set is fair"
     checked = []
@@ -185,7 +198,7 @@ def load_split(args, metadata):
         metadata["seed"],
         parts=("val",),
         expected_classes=metadata["classes"],
-        cache_dir=data.cache_location(args.cache_dir),
+        cache_dir=cache,
         check=check,
     )
     return splits["val"].images, splits["val"].labels, checked[0]
@@ -746,24 +759,19 @@ def png_source(path):
 
 def main(argv=None):
     try:
-        args = parse_args(argv)
-        (export_onnx if args.export_onnx is not None else classify if args.predict else evaluate)(args)
+        with data.quiet_when_closed():  # `evaluate.py ... | head`: the files asked for are written all the same
+            args = parse_args(argv)
+            (export_onnx if exporting(args) else classify if args.predict else evaluate)(args)
     except data.UserError as error:
         sys.exit(f"error: {' '.join(str(error).split())}")  # one line, whatever the message
     except KeyboardInterrupt:
         sys.exit(130)
-    except BrokenPipeError:  # `evaluate.py | head` has read all it wants: stop quietly, as Unix tools do
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
-        sys.exit(1)
 
 
 def evaluate(args):
     model, metadata = load_checkpoint(args.checkpoint)
     classes = metadata["classes"]
-    recorded = metadata.get("config", {}).get("data_dir")
-    if not args.data_dir and recorded and not Path(recorded).exists():
-        raise data.UserError(f"the run's data folder {recorded} does not exist any more (moved?); pass --data-dir")
-    args.data_dir = args.data_dir or recorded or "./data"
+    run_data_from(args, metadata)
     folders = output_folders(args)
     images, labels, data_check = load_split(args, metadata)
     create(folders)
@@ -804,15 +812,31 @@ def evaluate(args):
         write_plots(args, results, confusion, classes, history, (images, labels, logits.softmax(1)), explain)
 
 
+def run_data_from(args, metadata):
+    """The run's --data-dir, as its checkpoint records it, unless one is given."""
+    recorded = metadata.get("config", {}).get("data_dir")
+    if not args.data_dir and recorded and not Path(recorded).exists():
+        raise data.UserError(f"the run's data folder {recorded} does not exist any more (moved?); pass --data-dir")
+    args.data_dir = args.data_dir or recorded or "./data"
+
+
 def image_files(paths):
-    """The image files the --predict paths name: files, and the images in folders (searched through,
-    each image once, as data.find_images lists training folders)."""
+    """The image files the --predict paths name, each once however often they are named: files (read
+    when PIL reads them, whatever their extension: photo.jfif), and the images in folders (searched
+    through, as data.find_images lists training folders)."""
     files, seen = [], data.Seen()
     for path in map(Path, paths):
         if not path.exists():
             raise data.UserError(f"--predict {path} does not exist; pass image files or folders of them")
-        images = [path] if path.is_file() else list(map(Path, data.find_images(path, seen)))
-        if not images or images[0].suffix.lower() not in data.IMAGE_EXTENSIONS:
+        repeated = seen.links
+        if path.is_file():
+            named = data.file_identity(path)
+            images = [] if named in seen.files else [path]
+            seen.files.add(named)
+            seen.links += not images
+        else:
+            images = list(map(Path, data.find_images(path, seen)))
+        if not images and seen.links == repeated:
             kinds = ", ".join(data.IMAGE_EXTENSIONS[:3])
             raise data.UserError(f"--predict {path}: no images there ({kinds}, ...: see data.IMAGE_EXTENSIONS)")
         files += images

@@ -128,16 +128,18 @@ def first_mismatch(expected, found):
 
 
 def load_backbone(model, path):
-    """Load a torchvision ResNet18 state dict into model, all but the last layer."""
+    """Load a torchvision ResNet18 state dict into model, all but the last layer, whatever that is
+    (torchvision's 1000 classes, one of our runs' heads, a --two-stage run's TwoStageHead)."""
     state = read_state_dict(path)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path} holds no state dict; save one with torch.save(model.state_dict(), path)")
     state = {key.removeprefix("module."): value for key, value in state.items()}
-    backbone = {key: value for key, value in model.state_dict().items() if not key.startswith("fc.")}
-    problem = first_mismatch(backbone, {k: v for k, v in state.items() if not k.startswith("fc.")})
+    state = {key: value for key, value in state.items() if not is_head(key)}
+    backbone = {key: value for key, value in model.state_dict().items() if not is_head(key)}
+    problem = first_mismatch(backbone, state)
     if problem:
         raise UserError(f"{path} is not a torchvision ResNet18 state dict: {problem}")
-    model.load_state_dict(state | {k: v for k, v in model.state_dict().items() if k.startswith("fc.")})
+    model.load_state_dict(state | {k: v for k, v in model.state_dict().items() if is_head(k)})
 
 
 def save_checkpoint(model, path, metadata):

@@ -141,6 +141,12 @@ SEED_RECIPE = dict(
 # backward pass, about 500 bytes per input pixel of the batch with torchvision's stem (a review measured
 # 16.8 GB at 1024x1024, batch 32), 16x that with the cifar stem, whose maps are 4x larger on each side.
 ACTIVATION_BYTES_PER_PIXEL = 500
+# --lr and --backbone-lr-mult: far above any that trains (a run diverges at 10, one line says so), and
+# their product stays a float32, which the optimizer's step needs (1e308 crashed it)
+MAX_LR = 100
+# --mixup/--cutmix: Beta(alpha, alpha) is 0.5 +- 0.01 at 1000 already, so larger alphas only mix halves;
+# above float32's 3.4e38 data.mix's gamma draws cannot be made at all (a crash at the first step)
+MAX_MIX_ALPHA = 1000
 LOG_EVERY = 20  # steps between reads of the loss, for the progress bar and trackers (each read waits for the device)
 VAL_BATCH_SIZE = 1024
 # --compile: inductor's default mode fuses BatchNorm, ReLU and the residual adds of the training step.
@@ -180,10 +186,19 @@ def parse_args(argv=None):
         argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     )
     add = parser.add_argument
-    add("--data-dir", help="CIFAR-10 location, or a folder with train/<class>/ (./data; --resume: the run's)")
-    add("--output-dir", help="the run's folder (default runs/<timestamp>)")
+    add(
+        "--data-dir",
+        type=data.path_flag,
+        help="CIFAR-10 location, or a folder with train/<class>/ (./data; --resume: the run's)",
+    )
+    add("--output-dir", type=data.path_flag, help="the run's folder (default runs/<timestamp>)")
     add("--recipe", choices=["default", "seed"], default="default", help="settings marked recipe (%(default)s)")
-    add("--weights", default="imagenet", help="imagenet, none, or a local ResNet18 state dict (%(default)s)")
+    add(
+        "--weights",
+        type=data.path_flag,
+        default="imagenet",
+        help="imagenet, none, or a local ResNet18 state dict (%(default)s)",
+    )
     add("--seed", type=bounded(int, 0, 2**32 - 1), default=0, help="split, order and augmentation (%(default)s)")
     add(
         "--val-fraction",
@@ -196,7 +211,12 @@ def parse_args(argv=None):
     add(
         "--targeted-augment", default="none", help="rotation, jitter, erasing for: none, all, a group or classes (none)"
     )
-    add("--class-weights", default="none", help="none, auto, a run's history.json or checkpoint, or w0,w1,... (none)")
+    add(
+        "--class-weights",
+        type=data.path_flag,
+        default="none",
+        help="none, auto, a run's history.json or checkpoint, or w0,w1,... (none)",
+    )
     add("--two-stage", action="store_true", help="animals-vs-vehicles head, then a head per group (off)")
     add(
         "--resume",
@@ -208,6 +228,7 @@ def parse_args(argv=None):
     add("--ema", type=bounded(float, 0, 1, open_high=True), default=0.0, help="EMA decay of the weights (0: off)")
     add(
         "--cache-dir",
+        type=data.path_flag,
         help=f"where image folders are decoded once, to be read by later runs; none: decode in memory each time "
         f"({data.default_cache_dir()})",
     )
@@ -236,14 +257,14 @@ def parse_args(argv=None):
     )
     add(
         "--mixup",
-        type=bounded(float, 0),
+        type=bounded(float, 0, MAX_MIX_ALPHA),
         metavar="ALPHA",
         default=0.0,
         help="mixup's alpha: mix pairs of images (0: off)",
     )
     add(
         "--cutmix",
-        type=bounded(float, 0),
+        type=bounded(float, 0, MAX_MIX_ALPHA),
         metavar="ALPHA",
         default=0.0,
         help="CutMix's alpha; with --mixup, each batch takes one of the two at random (0: off)",
@@ -263,7 +284,7 @@ def parse_args(argv=None):
     )
     add(
         "--backbone-lr-mult",
-        type=bounded(float, 0, open_low=True),
+        type=bounded(float, 0, MAX_LR, open_low=True),
         metavar="M",
         default=1.0,
         help="the lr of every layer but the head, times this (%(default)s)",
@@ -279,12 +300,12 @@ def parse_args(argv=None):
     )
     add(
         "--lr",
-        type=bounded(float, 0, open_low=True),
+        type=bounded(float, 0, MAX_LR, open_low=True),
         help=recipe_help("lr", f"peak; {SCRATCH_LR} with --weights none; photos: x{PHOTO_BATCH_SIZE}/128"),
     )
     add("--momentum", type=bounded(float, 0, 1, open_high=True), help=recipe_help("momentum", "SGD momentum"))
     add("--nesterov", action=argparse.BooleanOptionalAction, help=recipe_help("nesterov", "Nesterov momentum"))
-    add("--weight-decay", type=bounded(float, 0), help=recipe_help("weight_decay", "not on norms and biases"))
+    add("--weight-decay", type=bounded(float, 0, 1), help=recipe_help("weight_decay", "not on norms and biases"))
     add("--schedule", choices=["cosine", "linear", "constant"], help=recipe_help("schedule", "after warmup"))
     add("--warmup-epochs", type=bounded(float, 0, 1000), help=recipe_help("warmup_epochs", "linear warmup"))
     add(
@@ -356,9 +377,12 @@ def absolute_paths(settings):
     finds them again, and the command that started it matches, from any working folder."""
     if settings.get("data_dir"):
         settings["data_dir"] = os.path.abspath(settings["data_dir"])
+    if settings.get("cache_dir") not in (None, "none"):
+        settings["cache_dir"] = os.path.abspath(settings["cache_dir"])
     if settings.get("weights") not in (None, "imagenet", "none"):
         settings["weights"] = os.path.abspath(settings["weights"])
-    if settings.get("class_weights") and os.path.exists(settings["class_weights"]):
+    if settings.get("class_weights") not in (None, "none", "auto") and not weight_list(settings["class_weights"]):
+        # also when the run it names has moved since: the resumed run keeps the weights it computed
         settings["class_weights"] = os.path.abspath(settings["class_weights"])
 
 
@@ -527,6 +551,14 @@ def parameter_groups(model, weight_decay, lr, backbone_lr=None):
     ]
 
 
+def weight_list(spec):
+    """--class-weights w0,w1,...: the numbers, or None when spec is not a list of numbers."""
+    try:
+        return [float(w) for w in spec.split(",")]
+    except ValueError:
+        return None
+
+
 def class_weights(spec, train_labels, classes):
     """Cross-entropy weight per class, scaled to mean 1 (see --class-weights), or None. From a run,
     in proportion to its per-class error, never below RUN_WEIGHT_FLOOR of the mean error: a class
@@ -539,11 +571,12 @@ def class_weights(spec, train_labels, classes):
     elif Path(spec).is_file():
         errors = 1 - torch.tensor(per_class_accuracy_of_run(Path(spec), classes), dtype=torch.double)
         weights = errors.clamp(min=RUN_WEIGHT_FLOOR * errors.mean().item()) if errors.any() else torch.ones(num_classes)
+    elif Path(spec).is_dir():
+        raise UserError(f"--class-weights {spec} is a folder; pass a run's file: {Path(spec) / 'best.safetensors'}")
+    elif weight_list(spec) is None:
+        raise UserError(f"--class-weights {spec!r} is not none, auto, a file or a list of numbers")
     else:
-        try:
-            weights = torch.tensor([float(w) for w in spec.split(",")], dtype=torch.double)
-        except ValueError:
-            raise UserError(f"--class-weights {spec!r} is not none, auto, a file or a list of numbers") from None
+        weights = torch.tensor(weight_list(spec), dtype=torch.double)
     if len(weights) != num_classes or not (weights.isfinite() & (weights >= 0)).all() or weights.sum() <= 0:
         raise UserError(
             f"--class-weights needs {num_classes} finite, non-negative weights, not all 0; got {weights.tolist()}"
@@ -884,16 +917,14 @@ def load_data(args, accelerator):
 
 def main(argv=None):
     try:
-        train(parse_args(argv))
+        with data.quiet_when_closed():  # `train.py | head`: the run goes on, quietly, to its end
+            train(parse_args(argv))
     except UserError as error:
         if int(os.environ.get("RANK", 0)):  # several processes meet the same input: the first one says it
             sys.exit(1)
         sys.exit(f"error: {' '.join(str(error).split())}")  # one line, whatever the message
     except KeyboardInterrupt:  # before training started; from then on StopRequest handles it
         sys.exit(130)
-    except BrokenPipeError:  # `train.py | head` has read all it wants: stop quietly, as Unix tools do
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
-        sys.exit(1)
 
 
 def train(args):
@@ -936,11 +967,9 @@ def train(args):
                 f"val loss {record['val_loss']:.4f} acc {record['val_acc']:6.2%}  {seconds:6.1f}s "
                 f"({run.images_per_epoch / seconds:.3g} img/s){'  *best' if improved else ''}"
             )
-            if args.patience and epoch - best_record(run.history)["epoch"] >= args.patience:
+            if patience_ran_out(args, run.history):
                 accelerator.print(f"early stop: no lower validation loss for {args.patience} epochs")
                 break
-    except BrokenPipeError:  # not the run folder: the output piped to `head` has closed (main)
-        raise
     except (OSError, SafetensorError) as error:  # safetensors reports a full disk as its own error
         full = getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error)
         raise UserError(
@@ -1173,7 +1202,8 @@ def final_summary(out, args, history):
             f"validation loss to write it again; {out}/last.safetensors holds epoch {history[-1]['epoch']}"
         )
         checkpoint = out / "last.safetensors"
-    command = shlex.join(["python", "evaluate.py", str(checkpoint), "--data-dir", args.data_dir])
+    cache = ["--cache-dir", args.cache_dir] if args.cache_dir else []  # the run's, not the default one
+    command = shlex.join(["python", "evaluate.py", str(checkpoint), "--data-dir", args.data_dir, *cache])
     return "\n".join(lines + [f"evaluate: {command}{split}"])
 
 
@@ -1218,14 +1248,21 @@ def check_resumable(out, args, progress, accelerator):
         )
 
 
+def patience_ran_out(args, history):
+    """--patience: no lower validation loss for that many epochs. Never while --freeze-epochs trains
+    the head alone: a run ends with its whole network trained, whichever way it ends."""
+    if not args.patience or len(history) <= args.freeze_epochs:
+        return False
+    return len(history) - best_record(history)["epoch"] >= args.patience
+
+
 def finished_run(args, history, saved_epochs):
     """Why a resumed run has nothing left to train, in words; None when it has. A run that --patience
     stopped is finished unless --epochs asks for more than it was planned for."""
-    best = best_record(history)["epoch"] if history else 0
-    if args.patience and history and len(history) - best >= args.patience and args.epochs <= saved_epochs:
+    if patience_ran_out(args, history) and args.epochs <= saved_epochs:
         return (
             f"finished: --patience {args.patience} stopped it after epoch {len(history)} (no lower validation "
-            f"loss since epoch {best}, which best.safetensors holds); nothing to train"
+            f"loss since epoch {best_record(history)['epoch']}, which best.safetensors holds); nothing to train"
         )
     if len(history) == args.epochs:
         return f"finished: all {args.epochs} epochs are trained; nothing to train. --epochs N continues it to epoch N"

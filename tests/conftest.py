@@ -5,6 +5,7 @@ import atexit
 import os
 import pickle
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -109,13 +110,32 @@ def run_script(*args, env=None, timeout=300):
     return subprocess.run(args, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=timeout)
 
 
+def free_port():
+    """A port no one listens on now: the default 29500 may be held by any other job on the machine."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launch(processes=1, *flags):
+    """`accelerate launch` with these flags; several processes talk on a free port of their own."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", *map(str, flags)]
+    if processes > 1:
+        command += ["--multi_gpu", "--num_processes", str(processes), "--main_process_port", str(free_port())]
+    return command
+
+
+def both_ranks(result):
+    """A launch's whole output, for a failed assertion: each rank's lines are in it, wherever they are."""
+    return f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+
+
 @pytest.fixture(scope="session")
 def two_process_run(image_folder, tmp_path_factory):
     """One epoch of 2 CPU processes on one machine (accelerate launch --multi_gpu), shared by the tests
     of several processes and several machines, which read it: (its folder, the CompletedProcess)."""
     out = tmp_path_factory.mktemp("ddp") / "ddp"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    return out, run_script(*launch, "train.py", *quick_args(image_folder, out, "--epochs", "1"))
+    return out, run_script(*launch(2), "train.py", *quick_args(image_folder, out, "--epochs", "1"))
 
 
 @pytest.fixture(scope="session")

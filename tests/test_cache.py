@@ -17,6 +17,7 @@ from conftest import ROOT, quick_args
 from PIL import Image
 
 import data
+import evaluate
 import train
 
 
@@ -236,5 +237,7 @@ def test_older_caches_of_a_folder_are_said_and_an_empty_cache_dir_is_refused(fol
     capsys.readouterr()
     load(folder, tmp_path / "cache")
     assert "1 older cache(s) of" in capsys.readouterr().out
-    with pytest.raises(data.UserError, match="--cache-dir is empty"):
-        data.cache_location("")
+    for main in (train.main, evaluate.main):  # refused as the command line is read
+        with pytest.raises(SystemExit):
+            main(["x.safetensors"] * (main is evaluate.main) + ["--cache-dir", ""])
+        assert "argument --cache-dir: is empty" in capsys.readouterr().err

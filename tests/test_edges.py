@@ -1,0 +1,266 @@
+"""Edge cases found by trying the scripts as a new user would: results that were silently wrong, files
+that were lost, commands a user naturally types, and messages that did not say what to do."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from argparse import Namespace
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, quick_args
+from PIL import Image
+from safetensors.torch import save_file
+from test_faults import one_error_line
+from test_reliability import fake_run_checkpoint, refused, short_run, two_classes, write_images
+
+import data
+import evaluate
+import model
+import train
+
+# ---------------------------------------------------------------------------------- wrong results
+
+
+def solid_bmps(folder, colours):
+    """One 32x32 BMP per colour (a BMP's size is fixed by its shape: all the same size), each with
+    the same modification time, as an archive restores them."""
+    folder.mkdir(parents=True)
+    for i, colour in enumerate(colours):
+        Image.new("RGB", (32, 32), colour).save(folder / f"{i}.bmp")
+        os.utime(folder / f"{i}.bmp", ns=(10**18, 10**18))
+
+
+def test_images_swapped_with_their_sizes_and_mtimes_kept_are_decoded_again(tmp_path, capsys):
+    root = tmp_path / "d"
+    solid_bmps(root / "train" / "red", [(250, 0, 0), (240, 0, 0)])
+    solid_bmps(root / "train" / "blue", [(0, 0, 250), (0, 0, 240)])
+    cache = tmp_path / "cache"
+    before, _, _ = data.load_images(root, "train", cache_dir=cache)
+    again, _, _ = data.load_images(root, "train", cache_dir=cache)
+    assert "from the cache" in capsys.readouterr().out and torch.equal(before, again)
+    red, blue = root / "train" / "red" / "0.bmp", root / "train" / "blue" / "0.bmp"
+    os.rename(red, tmp_path / "swap.bmp")  # mv, three times: the files keep their sizes and mtimes
+    os.rename(blue, red)
+    os.rename(tmp_path / "swap.bmp", blue)
+    after, _, _ = data.load_images(root, "train", cache_dir=cache)
+    assert "decoded 4 images" in capsys.readouterr().out
+    assert torch.equal(after[0], before[2]) and torch.equal(after[2], before[0])  # the files' pixels, not the cache's
+
+
+def test_patience_never_ends_a_run_inside_its_freeze():
+    rising = [{"epoch": n, "val_loss": float(n)} for n in range(1, 4)]  # the best is epoch 1, then worse
+    args = Namespace(patience=1, freeze_epochs=2, epochs=5)
+    assert not train.patience_ran_out(args, rising[:2])  # epoch 2 trains the head alone: no stop
+    assert train.finished_run(args, rising[:2], saved_epochs=5) is None  # resumed: it goes on
+    assert train.patience_ran_out(args, rising)  # epoch 3 trained the whole network
+    assert "--patience 1 stopped it" in train.finished_run(args, rising, saved_epochs=5)
+
+
+def saved(image, path, expected):
+    image.save(path)
+    return path, expected
+
+
+def mode_cases(folder):
+    """(file, the RGB it must read as, or None: skipped) for each mode PIL opens files in."""
+    folder.mkdir(parents=True)
+    gray = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
+    rgb = np.stack([gray, 255 - gray, np.full_like(gray, 60)], axis=2)
+    as_rgb, gray_rgb = Image.fromarray(rgb), np.repeat(gray[..., None], 3, axis=2)
+    sixteen = Image.fromarray(gray.astype(np.uint16) * 257)  # 16 bits: each 8-bit value v is v * 257
+    big_endian = Image.frombytes("I;16B", (8, 8), (gray.astype(">u2") * 257).tobytes())
+    half_transparent = Image.fromarray(np.stack([gray, np.full_like(gray, 128)], axis=2), "LA")
+    on_white = np.repeat((gray.astype(float) * 128 / 255 + 127).round()[..., None], 3, axis=2)
+    return [
+        saved(as_rgb.convert("1"), folder / "bilevel.png", np.asarray(as_rgb.convert("1").convert("RGB"))),
+        saved(Image.fromarray(gray), folder / "gray.png", gray_rgb),
+        saved(sixteen, folder / "sixteen.png", gray_rgb),
+        saved(sixteen, folder / "sixteen.tif", gray_rgb),
+        saved(big_endian, folder / "sixteen_big_endian.tif", gray_rgb),
+        saved(half_transparent, folder / "gray_alpha.png", on_white),
+        saved(as_rgb.convert("YCbCr"), folder / "ycbcr.tif", rgb),
+        saved(as_rgb.convert("LAB"), folder / "lab.tif", rgb),
+        saved(as_rgb.convert("CMYK"), folder / "cmyk.tif", rgb),
+        saved(Image.fromarray(gray.astype(np.int32)), folder / "int32.tif", None),
+        saved(Image.fromarray(gray.astype(np.float32) / 255), folder / "float.tif", None),
+    ]
+
+
+def test_every_mode_is_read_right_or_skipped(tmp_path):
+    for path, expected in mode_cases(tmp_path / "modes"):
+        pixels = data.read_image(path, 8)
+        if expected is None:
+            assert pixels is None, path.name  # not black: no fixed range to read it in
+        else:
+            # within PIL's 8-bit rounding (LAB's is the coarsest): the errors caught are black or white images
+            assert pixels is not None and np.abs(pixels.astype(int) - expected).max() <= 32, path.name
+
+
+@pytest.mark.parametrize("mode", ["La", "RGBa", "HSV", "PA"])
+def test_modes_only_made_in_memory_convert_to_their_colours(mode):
+    rgba = Image.new("RGBA", (4, 4), (200, 40, 40, 255))
+    pixels = np.asarray(data.to_rgb(rgba.convert("LA").convert(mode) if mode == "La" else rgba.convert(mode)))
+    expected = (rgba.convert("L").getpixel((0, 0)),) * 3 if mode == "La" else (200, 40, 40)
+    assert np.abs(pixels[0, 0].astype(int) - expected).max() <= 40, (mode, pixels[0, 0])  # P, HSV: coarse
+
+
+def test_a_float_image_is_named_in_training_and_predict(tmp_path, trained_run, capsys):
+    root = two_classes(tmp_path / "d")
+    Image.fromarray(np.full((32, 32), 0.5, np.float32)).save(root / "train" / "ant" / "float.tif")
+    data.load_split(root, 32, 0.25, 0, cache_dir=tmp_path / "cache")
+    assert "float.tif" in capsys.readouterr().out
+    photos = tmp_path / "photos"
+    write_images(photos, 2)
+    os.link(root / "train" / "ant" / "float.tif", photos / "float.tif")
+    evaluate.main([str(trained_run / "best.safetensors"), "--predict", str(photos), "--no-plots"])
+    out = capsys.readouterr().out
+    assert "skipped 1 unreadable image(s)" in out and "float.tif" in out and "2 image(s)" in out
+
+
+# ---------------------------------------------------------------------------------- nothing is lost
+
+
+def closed_stdout(command):
+    """Run a command whose stdout is a pipe nobody reads any more (`| head` gone)."""
+    reader, writer = os.pipe()
+    os.close(reader)
+    environment = os.environ | {"PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(command, cwd=ROOT, stdout=writer, stderr=subprocess.PIPE, text=True, env=environment)
+    os.close(writer)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert "BrokenPipeError" not in result.stderr and "Exception ignored" not in result.stderr
+
+
+def test_files_asked_for_are_written_when_stdout_closes(trained_run, image_folder, tmp_path):
+    checkpoint = str(trained_run / "best.safetensors")
+    closed_stdout([sys.executable, "evaluate.py", checkpoint, "--no-plots", "--json", str(tmp_path / "r.json")])
+    assert json.loads((tmp_path / "r.json").read_text())["num_samples"] == 50
+    predict = ["--predict", str(image_folder / "test" / "cat"), "--csv", str(tmp_path / "p.csv")]
+    closed_stdout([sys.executable, "evaluate.py", checkpoint, *predict, "--plot-dir", str(tmp_path / "sheets")])
+    assert len(list(csv.reader((tmp_path / "p.csv").open()))) == 1 + 5
+    assert (tmp_path / "sheets" / "best_predictions.png").is_file()
+    closed_stdout([sys.executable, "train.py", *quick_args(image_folder, tmp_path / "run")])
+    assert len(json.loads((tmp_path / "run" / "history.json").read_text())) == 2  # the whole run, not stopped
+
+
+def test_a_data_folder_named_like_a_temporary_build_keeps_its_cache(tmp_path, capsys):
+    cache = tmp_path / "cache"
+    looks_temporary = two_classes(tmp_path / "ds.tmp-1")
+    data.load_images(looks_temporary, "train", cache_dir=cache)
+    data.load_images(two_classes(tmp_path / "other"), "train", cache_dir=cache)  # its build tidies up
+    capsys.readouterr()
+    data.load_images(looks_temporary, "train", cache_dir=cache)
+    assert "from the cache" in capsys.readouterr().out
+
+
+def test_evaluate_uses_the_runs_cache_as_its_closing_command_says(tmp_path, capsys):
+    root, cache = two_classes(tmp_path / "d"), tmp_path / "my-cache"
+    train.main(short_run(root, tmp_path / "run", "--cache-dir", cache))
+    command = capsys.readouterr().out.split("evaluate: ")[-1]
+    assert f"--cache-dir {cache}" in command
+    evaluate.main([str(tmp_path / "run" / "best.safetensors"), "--split", "val", "--no-plots"])
+    assert f"from the cache {cache}" in capsys.readouterr().out
+    assert not any(data.default_cache_dir().glob("d-train-*")), "decoded again into the default cache"
+
+
+# ---------------------------------------------------------------------------------- no traceback
+
+
+def test_a_two_stage_checkpoint_gives_its_backbone(tmp_path):
+    groups = [[0, 1, 8, 9], [2, 3, 4, 5, 6, 7]]
+    two_stage = model.build_model(10, "imagenet", "none", groups)
+    save_file(two_stage.state_dict(), tmp_path / "best.safetensors")
+    plain = model.build_model(10, "imagenet", str(tmp_path / "best.safetensors"))
+    assert torch.equal(plain.conv1.weight, two_stage.conv1.weight)
+    assert plain.fc.out_features == 10
+
+
+def test_mixing_alphas_are_bounded_where_the_sampler_runs(capsys):
+    for flag in ("--mixup", "--cutmix"):
+        with pytest.raises(SystemExit):
+            train.parse_args([flag, "1e6"])
+        assert "at most 1000" in capsys.readouterr().err
+    images, labels = torch.rand(4, 3, 8, 8), torch.arange(4)
+    for alphas in ((1000, 0), (0, 1000), (1000, 1000)):
+        mixed, _, share = data.mix(images, labels, torch.Generator().manual_seed(0), *alphas)
+        assert mixed.isfinite().all() and 0 <= share.item() <= 1, alphas  # CutMix's box: cut at the borders
+    assert 0.45 < data.mix(images, labels, torch.Generator().manual_seed(0), 1000)[2].item() < 0.55
+
+
+# ---------------------------------------------------------------------------------- what a user types
+
+
+def test_a_held_out_folder_of_test_classes_alone_evaluates(trained_run, image_folder, tmp_path, capsys):
+    held_out = tmp_path / "held-out"
+    held_out.mkdir()
+    (held_out / "test").symlink_to(image_folder / "test")
+    evaluate.main([str(trained_run / "best.safetensors"), "--data-dir", str(held_out), "--no-plots"])
+    assert ": 50 images" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("paths", [["{d}", "{d}"], ["{d}", "{d}/cat"], ["{d}/cat/0000.jpg", "{d}"]])
+def test_overlapping_predict_paths_predict_each_file_once(paths, trained_run, image_folder, tmp_path):
+    named = [path.format(d=image_folder / "test") for path in paths]
+    table = tmp_path / "p.csv"
+    evaluate.main([str(trained_run / "best.safetensors"), "--predict", *named, "--csv", str(table), "--no-plots"])
+    rows = [row[0] for row in csv.reader(table.open())][1:]
+    assert len(rows) == len(set(rows)) == 50
+
+
+def test_a_named_file_is_read_whatever_its_extension(trained_run, tmp_path, capsys):
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "photo.jfif", "JPEG")
+    Image.new("RGB", (32, 32), (30, 30, 200)).save(tmp_path / "no_extension", "JPEG")
+    evaluate.main([str(trained_run / "best.safetensors"), "--predict", str(tmp_path / "photo.jfif"),
+                   str(tmp_path / "no_extension"), "--no-plots"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "2 image(s)" in out and "photo.jfif" in out and "no_extension" in out
+
+
+def test_resuming_after_the_class_weights_run_moved_keeps_its_weights(tmp_path, monkeypatch, capsys):
+    two_classes(tmp_path / "d")
+    fake_run_checkpoint(tmp_path / "earlier", ["ant", "bee"], [0.9, 0.5])
+    monkeypatch.chdir(tmp_path)
+    command = short_run("d", "run", "--class-weights", "earlier/best.safetensors")
+    train.main(command)
+    (tmp_path / "earlier").rename(tmp_path / "moved")
+    train.main([*command, "--resume", "--epochs", "2"])
+    assert "class weights: ant 0.333, bee 1.67" in capsys.readouterr().out
+    assert len(json.loads((tmp_path / "run" / "history.json").read_text())) == 2
+
+
+# ---------------------------------------------------------------------------------- messages
+
+
+@pytest.mark.parametrize(
+    "main, argv, message",
+    [
+        (train.main, ["--data-dir", ""], "--data-dir: is empty"),
+        (train.main, ["--output-dir", ""], "--output-dir: is empty"),
+        (evaluate.main, ["x.safetensors", "--json", ""], "--json: is empty"),
+        (evaluate.main, ["x.safetensors", "--predict", "a.jpg", "--csv", ""], "--csv: is empty"),
+        (evaluate.main, ["x.safetensors", "--top-k", "5"], "--top-k goes with --predict"),
+        (evaluate.main, ["x.safetensors", "--export-onnx", "m.onnx", "--batch-size", "8"], "drop --batch-size"),
+        (evaluate.main, ["x.safetensors", "--predict", "a.jpg", "--split", "val"], "drop --split"),
+    ],
+)
+def test_empty_paths_and_flags_that_would_do_nothing_are_refused(main, argv, message, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_class_weights_given_a_run_folder_names_the_file_to_pass(tmp_path):
+    two_classes(tmp_path / "d")
+    fake_run_checkpoint(tmp_path / "earlier", ["ant", "bee"], [0.9, 0.5])
+    message = refused(short_run(tmp_path / "d", tmp_path / "run", "--class-weights", tmp_path / "earlier"))
+    assert f"is a folder; pass a run's file: {tmp_path / 'earlier' / 'best.safetensors'}" in message
+
+
+def test_an_empty_data_dir_from_the_command_line_is_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "train.py", "--data-dir", ""], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and one_error_line(result.stderr) and "is empty" in result.stderr
+    assert not (ROOT / "data").exists() or any((ROOT / "data").iterdir())  # no download folder made

@@ -65,7 +65,7 @@ CALIBRATION_BINS = 15  # equal-width confidence bins of the ECE and the reliabil
 # the temperature's search bounds: on a split the network gets all right, the NLL falls as T goes to 0
 TEMPERATURE_RANGE = (0.05, 20.0)
 # a temperature fitted on fewer validation images is said to be a guess: a few confident mistakes
-# decide it (on 50 photos it made 49 held-out ones worse; on 4,000 CIFAR images it helped: README)
+# decide it (on 50 photos it made 49 held-out ones worse; on 4,000 CIFAR images it helped: bench/after_training.md)
 FEW_FOR_CALIBRATION = 1000
 # --export-onnx: the check runs the file with onnxruntime on ONNX_CHECK_IMAGES images of the split
 # (--data-dir) or ONNX_SYNTHETIC random ones, and refuses a logit further than ONNX_TOLERANCE from

@@ -16,8 +16,9 @@ from safetensors.torch import load_file, save_file
 
 from data import UserError
 
+# The network: any torchvision ResNet (resnet34, resnet50, wide_resnet50_2, ...) by its name. Checkpoints
+# record it and evaluate.py rebuilds each from its own; --resume refuses a run of another.
 ARCH = "resnet18"
-FEATURES = 512  # width of ResNet18's pooled features, the input of the last layer
 
 
 def group_index(groups, num_classes):
@@ -34,10 +35,10 @@ class TwoStageHead(torch.nn.Module):
     Returns log p(class) = log p(group) + log p(class | group): the usual cross-entropy trains both
     stages, and the argmax predicts through the hierarchy."""
 
-    def __init__(self, groups, num_classes):
+    def __init__(self, groups, num_classes, features):
         super().__init__()
-        self.group = torch.nn.Linear(FEATURES, len(groups))
-        self.classes = torch.nn.Linear(FEATURES, num_classes)
+        self.group = torch.nn.Linear(features, len(groups))
+        self.classes = torch.nn.Linear(features, num_classes)
         # Rebuilt from the checkpoint's metadata, so not saved with the weights.
         self.register_buffer("group_of", group_index(groups, num_classes), persistent=False)
 
@@ -48,9 +49,9 @@ class TwoStageHead(torch.nn.Module):
         return self.group(features).log_softmax(1)[:, self.group_of] + within
 
 
-def build_model(num_classes, stem="cifar", weights="imagenet", groups=None, zero_init_residual=False):
-    """ResNet18 with a fresh num_classes head (a TwoStageHead when groups, lists of class indices,
-    are given).
+def build_model(num_classes, stem="cifar", weights="imagenet", groups=None, zero_init_residual=False, arch=None):
+    """The ARCH network (or arch: a checkpoint's) with a fresh num_classes head (a TwoStageHead when
+    groups, lists of class indices, are given).
 
     weights: 'imagenet' (torchvision's weights API, downloaded once), 'none', or a local state
     dict file (.pth or .safetensors, torchvision key names; its 1000-class head is ignored).
@@ -59,12 +60,14 @@ def build_model(num_classes, stem="cifar", weights="imagenet", groups=None, zero
     the pretrained weights, so the blocks see 32x32 (16x the compute, much better accuracy)."""
     # zero_init_residual: each residual block starts as the identity (its last BatchNorm scale is
     # zero; Goyal et al., 2017). It only matters from scratch: loaded weights overwrite it.
-    model = torchvision.models.resnet18(zero_init_residual=zero_init_residual)
+    arch = arch or ARCH
+    model = torchvision.models.get_model(arch, zero_init_residual=zero_init_residual)
     if weights == "imagenet":
-        model.load_state_dict(imagenet_state_dict())
+        model.load_state_dict(imagenet_state_dict(arch))
     elif weights != "none":
-        load_backbone(model, weights)
-    model.fc = TwoStageHead(groups, num_classes) if groups else torch.nn.Linear(FEATURES, num_classes)
+        load_backbone(model, weights, arch)
+    features = model.fc.in_features  # the pooled features' width: 512 for ResNet18 and 34, 2048 from 50 up
+    model.fc = TwoStageHead(groups, num_classes, features) if groups else torch.nn.Linear(features, num_classes)
     if stem == "cifar":
         model.conv1.stride = (1, 1)
         model.maxpool = torch.nn.Identity()
@@ -90,14 +93,14 @@ def freeze_backbone(model, frozen):
                 module.eval()
 
 
-def imagenet_state_dict():
-    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+def imagenet_state_dict(arch):
+    weights = torchvision.models.get_model_weights(arch).IMAGENET1K_V1  # ResNet18's only ones; all ResNets have them
     try:
         return weights.get_state_dict(progress=False)
     except Exception as error:
         raise UserError(
-            f"could not download the ImageNet ResNet18 weights ({error}). Offline, pass "
-            f"--weights PATH (a saved torchvision resnet18 state dict) or --weights none."
+            f"could not download the ImageNet {arch} weights ({error}). Offline, pass "
+            f"--weights PATH (a saved torchvision {arch} state dict) or --weights none."
         ) from error
 
 
@@ -127,7 +130,7 @@ def first_mismatch(expected, found):
     return f"unexpected key {extra[0]!r}" if extra else None
 
 
-def load_backbone(model, path):
+def load_backbone(model, path, arch):
     """Load a torchvision ResNet18 state dict into model, all but the last layer, whatever that is
     (torchvision's 1000 classes, one of our runs' heads, a --two-stage run's TwoStageHead)."""
     state = read_state_dict(path)
@@ -138,7 +141,7 @@ def load_backbone(model, path):
     backbone = {key: value for key, value in model.state_dict().items() if not is_head(key)}
     problem = first_mismatch(backbone, state)
     if problem:
-        raise UserError(f"{path} is not a torchvision ResNet18 state dict: {problem}")
+        raise UserError(f"{path} is not a torchvision {arch} state dict: {problem}")
     model.load_state_dict(state | {k: v for k, v in model.state_dict().items() if is_head(k)})
 
 
@@ -205,17 +208,18 @@ def load_checkpoint(path):
         raise UserError(
             f"{path} is not a readable safetensors file ({error}); is it truncated or of another format?"
         ) from error
-    needed = ("classes", "stem", "mean", "std", "seed", "val_fraction")
-    if metadata.get("arch") != ARCH or not all(key in metadata for key in needed):
+    needed = ("arch", "classes", "stem", "mean", "std", "seed", "val_fraction")
+    if metadata.get("arch") not in torchvision.models.list_models() or not all(key in metadata for key in needed):
         raise UserError(
-            f"{path} was not written by train.py (its metadata needs arch={ARCH}, {', '.join(needed)}); "
+            f"{path} was not written by train.py (its metadata needs a torchvision arch, {', '.join(needed[1:])}); "
             f"pass a run's best.safetensors"
         )
-    model = build_model(len(metadata["classes"]), metadata["stem"], "none", metadata.get("groups"))
+    arch = metadata["arch"]  # the checkpoint's own, whatever ARCH says today
+    model = build_model(len(metadata["classes"]), metadata["stem"], "none", metadata.get("groups"), arch=arch)
     problem = first_mismatch(model.state_dict(), state)
     if problem:
         raise UserError(
-            f"{path} does not fit a {metadata['stem']}-stem ResNet18 for {len(metadata['classes'])} classes: {problem}"
+            f"{path} does not fit a {metadata['stem']}-stem {arch} for {len(metadata['classes'])} classes: {problem}"
         )
     model.load_state_dict(state)
     return model, metadata

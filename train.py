@@ -77,10 +77,10 @@ except ImportError:
     fcntl = None
 
 import data  # noqa: E402
+import model  # noqa: E402  (model.ARCH is read when a run starts: the network is one line there)
 from data import UserError  # noqa: E402
 from evaluate import calibration, few_images_caveat, fit_temperature, writing  # noqa: E402
 from model import (  # noqa: E402
-    ARCH,
     build_model,
     check_folder_can_be_made,
     decode_metadata,
@@ -107,18 +107,18 @@ DEFAULT_RECIPE = dict(
     label_smoothing=0.1,
     zero_init_residual=True,  # from scratch: helps at high lr, slows the seed's lr 0.001 down
     stem="cifar",  # photos: torchvision's own (data_settings)
-    crop_padding=2,  # measured: +2.2 points over 4 in 8 epochs from scratch (README, Accuracy)
+    crop_padding=2,  # measured: +2.2 points over 4 in 8 epochs from scratch (bench/accuracy.md)
     mean=None,  # the data's: CIFAR-10's, or ImageNet's for photos (data_settings)
     std=None,
 )
 RUN_WEIGHT_FLOOR = 0.1  # --class-weights RUN: a class the run got all right weighs a tenth of the mean error
-SCRATCH_LR = 0.2  # --weights none: no features to protect; measured +1.3 points over 0.1 (README, Accuracy)
+SCRATCH_LR = 0.2  # --weights none: no features to protect; measured +1.3 points over 0.1 (bench/accuracy.md)
 # Photos: a folder of a few hundred would make one or two steps an epoch at batch 128. The recipe's lr is
 # scaled with the batch (the linear scaling rule, Goyal et al. 2017) unless --lr is given.
 PHOTO_BATCH_SIZE = 32
 # torchvision's stem divides the input by 32, so a 32x32 image ends as a 1x1 map; upsampled to 48x48
 # it is 12x12 after the stem and 2x2 at the end. Measured from scratch at 8 epochs: 81.26% against
-# 78.88% at 32x32, for 2.6x the time per epoch (README, Accuracy).
+# 78.88% at 32x32, for 2.6x the time per epoch (bench/accuracy.md).
 IMAGENET_STEM_INPUT_SIZE = 48
 # The seed write-up: 81.92% validation accuracy after 50 epochs.
 SEED_RECIPE = dict(
@@ -151,7 +151,7 @@ LOG_EVERY = 20  # steps between reads of the loss, for the progress bar and trac
 VAL_BATCH_SIZE = 1024
 # --compile: inductor's default mode fuses BatchNorm, ReLU and the residual adds of the training step.
 # reduce-overhead and max-autotune add CUDA graphs and kernel autotuning: nothing on a CPU but compile
-# time; on a GPU, max-autotune may be worth the longer compile (untested here: README, Speed).
+# time; on a GPU, max-autotune may be worth the longer compile (untested here: bench/speed.md).
 COMPILE_MODE = "default"
 
 
@@ -240,7 +240,7 @@ def parse_args(argv=None):
         "auto: device when they fit (%(default)s)",
     )
     add("--compile", action="store_true", help=f"torch.compile the training step, mode {COMPILE_MODE} (off)")
-    # Training controls; their defaults leave the recipes as they are. README: Training controls.
+    # Training controls; their defaults leave the recipes as they are. README: Training.
     add(
         "--grad-accum-steps",
         type=bounded(int, 1),
@@ -354,6 +354,7 @@ def parse_args(argv=None):
         absolute_paths(args.given)
         return args
     args.data_dir = args.data_dir or os.path.abspath(data.DEFAULT_DATA_DIR)
+    args.arch = model.ARCH  # recorded with the run; the optimizer's class too (same_optimizer)
     recipe = SEED_RECIPE if args.recipe == "seed" else DEFAULT_RECIPE
     for key, value in recipe.items():
         if getattr(args, key, None) is None and key not in ("stem", "batch_size", "lr"):  # see data_settings
@@ -457,7 +458,7 @@ def resumed_settings(args, progress):
     machinery = {key: getattr(args, key) for key in ("cache_dir", "data_on", "compile", "log_with", "output_dir")}
     machinery["resume"] = True
     # what runs from before these settings existed did: no fingerprint, CIFAR-sized images at 32x32
-    older = dict(data_fingerprint=None, train_crop="padded")
+    older = dict(data_fingerprint=None, train_crop="padded", arch="resnet18", optimizer="SGD")
     older |= dict.fromkeys(("input_size", "image_size", "eval_crop"), data.IMAGE_SIZE)
     config = defaults | older | saved | machinery
     changed = [
@@ -536,10 +537,10 @@ def extend_schedule(args, saved_epochs, epochs_done, steps_per_epoch, warmup_ste
     )
 
 
-def parameter_groups(model, weight_decay, lr, backbone_lr=None):
+def parameter_groups(network, weight_decay, lr, backbone_lr=None):
     """Weight decay on conv and linear weights only: decaying norms and biases only hurts. With
     backbone_lr, every layer but the head has its own two groups, first, at that lr."""
-    named = list(model.named_parameters())
+    named = list(network.named_parameters())
     parts = [(named, lr)]
     if backbone_lr is not None:
         parts = [([(n, p) for n, p in named if not is_head(n)], backbone_lr)]
@@ -608,27 +609,27 @@ def per_class_accuracy_of_run(path, classes):
     return accuracy
 
 
-def sync_batchnorm_statistics(model, accelerator):
+def sync_batchnorm_statistics(network, accelerator):
     """Each process updates its own BatchNorm running statistics; use the main process's, the
     ones that are saved, everywhere, so validation measures the checkpoint."""
     if accelerator.num_processes > 1:
-        for buffer in accelerator.unwrap_model(model).buffers():
+        for buffer in accelerator.unwrap_model(network).buffers():
             torch.distributed.broadcast(buffer, src=0)
 
 
 @torch.inference_mode()
-def validate(model, loader, accelerator, normalize, num_classes):
+def validate(network, loader, accelerator, normalize, num_classes):
     """Loss, accuracy and per-class accuracy over the whole split, every sample counted once. The
     values stay on the device until the end: no batch waits for the one before."""
-    model.eval()
-    sync_batchnorm_statistics(model, accelerator)
+    network.eval()
+    sync_batchnorm_statistics(network, accelerator)
     total_loss = torch.zeros((), device=accelerator.device)
     hits_per_class = torch.zeros(num_classes, device=accelerator.device)
     samples_per_class = torch.zeros(num_classes, device=accelerator.device)
     all_logits, all_labels = [], []
     for images, labels in loader:
         with accelerator.autocast():
-            logits = model(normalize(images)).float()
+            logits = network(normalize(images)).float()
         losses = F.cross_entropy(logits, labels, reduction="none")
         losses, hits, labels, logits = accelerator.gather_for_metrics(
             (losses, logits.argmax(1) == labels, labels, logits)
@@ -673,12 +674,12 @@ def two_stage_groups(classes):
 
 
 @torch.no_grad()
-def update_ema(ema, model, step, decay):
-    """ema <- decay * ema + (1 - decay) * model, with the decay ramped up as (1 + step) / (10 + step)
+def update_ema(ema, network, step, decay):
+    """ema <- decay * ema + (1 - decay) * network, with the decay ramped up as (1 + step) / (10 + step)
     (TensorFlow's ExponentialMovingAverage with num_updates) so the random initial weights fade out
     fast. BatchNorm statistics are averaged too; its batch counters are copied."""
     decay = min(decay, (1 + step) / (10 + step))
-    pairs = list(zip(ema.state_dict().values(), model.state_dict().values()))
+    pairs = list(zip(ema.state_dict().values(), network.state_dict().values()))
     floating = [pair for pair in pairs if pair[0].is_floating_point()]
     counters = [pair for pair in pairs if not pair[0].is_floating_point()]
     torch._foreach_lerp_(*zip(*floating), 1 - decay)  # one call for every tensor
@@ -782,7 +783,7 @@ def time_estimate(epoch_seconds, epoch, args, accelerator):
         f"estimate: {epoch_seconds / 60:.1f} min an epoch, {total / 3600:.1f} h for the {args.epochs - epoch + 1} left"
     )
     if accelerator.device.type == "cpu" and total > 3600 and args.stem == "cifar":
-        line += "; on a CPU, --stem imagenet --input-size 32 is about 10x faster (README: Speed)"
+        line += "; on a CPU, --stem imagenet --input-size 32 is about 10x faster (bench/speed.md)"
     return line
 
 
@@ -829,7 +830,7 @@ def checkpoint_metadata(args, classes, groups, accelerator, record):
         settings
         | scores
         | {
-            "arch": ARCH,
+            "arch": args.arch,
             "groups": groups,
             "num_classes": len(classes),
             "classes": classes,
@@ -1002,7 +1003,7 @@ def make_accelerator(args):
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise UserError(
             "--mixed_precision fp16 does not run on a CPU: accelerate would train in float32 and call it fp16; "
-            "pass --mixed_precision bf16 (fast only on CPUs with AVX512-BF16 or AMX: README) or no"
+            "pass --mixed_precision bf16 (fast only on CPUs with AVX512-BF16 or AMX: bench/speed.md) or no"
         )
     return accelerator
 
@@ -1090,11 +1091,11 @@ def prepare_training(args, progress, accelerator, schedule=None):
     run.train_loader, run.val_loader, train_labels, run.classes = load_data(args, accelerator)
     run.normalize, run.inputs = input_pipeline(args, run.classes, accelerator)
     run.groups = two_stage_groups(run.classes) if args.two_stage else None
-    model, optimizer, scheduler, run.criterion, run.change = build_training(
+    network, optimizer, scheduler, run.criterion, run.change = build_training(
         args, run, train_labels, progress, accelerator, schedule
     )
     run.model, run.optimizer, run.train_loader, run.val_loader, run.scheduler = accelerator.prepare(
-        model, optimizer, run.train_loader, run.val_loader, scheduler
+        network, optimizer, run.train_loader, run.val_loader, scheduler
     )
     run.images_per_epoch = len(run.train_loader) * effective_batch(args, accelerator)  # drop_last
     run.network = accelerator.unwrap_model(run.model, keep_torch_compile=False)  # also under --dynamo_backend
@@ -1121,7 +1122,7 @@ def input_pipeline(args, classes, accelerator):
 
 
 def build_training(args, run, train_labels, progress, accelerator, schedule=None):
-    """(model, optimizer, scheduler, criterion, what extending a resumed run changes or None).
+    """(network, optimizer, scheduler, criterion, what extending a resumed run changes or None).
     schedule: step -> lr factor, instead of the recipe's (--find-lr)."""
     if getattr(args, "loss_weights", None) is None:  # a resumed run keeps the weights it computed
         weights = class_weights(args.class_weights, train_labels, run.classes)
@@ -1131,11 +1132,14 @@ def build_training(args, run, train_labels, progress, accelerator, schedule=None
         weights = ", ".join(f"{name} {w:.3g}" for name, w in zip(run.classes, loss_weights.tolist()))
         accelerator.print(f"class weights: {weights}")
     weights = "none" if progress else args.weights  # a resumed run's weights come from its state
-    model = build_model(len(run.classes), args.stem, weights, run.groups, args.zero_init_residual)
-    model = model.to(memory_format=torch.channels_last)
+    network = build_model(len(run.classes), args.stem, weights, run.groups, args.zero_init_residual)
+    network = network.to(memory_format=torch.channels_last)
     separate = args.freeze_epochs or args.backbone_lr_mult != 1  # the backbone in groups of its own
-    groups = parameter_groups(model, args.weight_decay, args.lr, args.lr * args.backbone_lr_mult if separate else None)
+    groups = parameter_groups(
+        network, args.weight_decay, args.lr, args.lr * args.backbone_lr_mult if separate else None
+    )
     optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov)
+    same_optimizer(args, progress, optimizer)
     # Counted in optimizer steps of the whole dataset (a loader batch is one: batch_size x grad_accum_steps
     # images a process); accelerate steps the scheduler once per process.
     steps_per_epoch = len(run.train_loader)
@@ -1157,7 +1161,19 @@ def build_training(args, run, train_labels, progress, accelerator, schedule=None
     schedule = schedule or ([backbone, backbone, recipe, recipe] if args.freeze_epochs else recipe)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     criterion = torch.nn.CrossEntropyLoss(weight=loss_weights, label_smoothing=args.label_smoothing)
-    return model, optimizer, scheduler, criterion.to(accelerator.device), change
+    return network, optimizer, scheduler, criterion.to(accelerator.device), change
+
+
+def same_optimizer(args, progress, optimizer):
+    """The optimizer's class is recorded with the run (args.optimizer); a resumed run's saved state
+    fits only the class that made it (SGD's has no AdamW 'step': a KeyError deep in load_state)."""
+    built = type(optimizer).__name__
+    if progress and args.optimizer != built:
+        raise UserError(
+            f"{args.output_dir} was trained with {args.optimizer}, and build_training now makes {built}: its saved "
+            f"state fits only {args.optimizer}. Resume under the code that started it, or start a new run"
+        )
+    args.optimizer = built
 
 
 def end_epoch(run, record, args, accelerator, validated):
@@ -1228,6 +1244,11 @@ def check_resumable(out, args, progress, accelerator):
     epoch and the images per step. The schedule counts images, so the learning rate at each point
     of the run stays as planned; the random state comes from process 0's file."""
     done = len(progress["history"])
+    if args.arch != model.ARCH:
+        raise UserError(
+            f"{out} is a {args.arch} run, and model.ARCH is now {model.ARCH}: its state would not fit. Set ARCH back "
+            f"to {args.arch!r} to resume it, or start a new run"
+        )
     if args.epochs < done:
         raise UserError(f"{out} has already trained {done} epochs; pass a larger --epochs")
     if args.freeze_epochs >= args.epochs:

@@ -135,16 +135,24 @@ def closed_stdout(command):
     assert "BrokenPipeError" not in result.stderr and "Exception ignored" not in result.stderr
 
 
-def test_files_asked_for_are_written_when_stdout_closes(trained_run, image_folder, tmp_path):
+def closed_console(monkeypatch):
+    """In this process: stdout a pipe nobody reads, unbuffered, as in a container."""
+    reader, writer = os.pipe()
+    os.close(reader)
+    monkeypatch.setattr(sys, "stdout", open(writer, "w", buffering=1))
+
+
+def test_files_asked_for_are_written_when_stdout_closes(trained_run, image_folder, tmp_path, monkeypatch):
     checkpoint = str(trained_run / "best.safetensors")
-    closed_stdout([sys.executable, "evaluate.py", checkpoint, "--no-plots", "--json", str(tmp_path / "r.json")])
+    closed_stdout([sys.executable, "train.py", *quick_args(image_folder, tmp_path / "run", "--epochs", 1)])
+    assert len(json.loads((tmp_path / "run" / "history.json").read_text())) == 1  # trained, not stopped at once
+    closed_console(monkeypatch)
+    evaluate.main([checkpoint, "--no-plots", "--json", str(tmp_path / "r.json")])
     assert json.loads((tmp_path / "r.json").read_text())["num_samples"] == 50
     predict = ["--predict", str(image_folder / "test" / "cat"), "--csv", str(tmp_path / "p.csv")]
-    closed_stdout([sys.executable, "evaluate.py", checkpoint, *predict, "--plot-dir", str(tmp_path / "sheets")])
+    evaluate.main([checkpoint, *predict, "--plot-dir", str(tmp_path / "sheets")])
     assert len(list(csv.reader((tmp_path / "p.csv").open()))) == 1 + 5
     assert (tmp_path / "sheets" / "best_predictions.png").is_file()
-    closed_stdout([sys.executable, "train.py", *quick_args(image_folder, tmp_path / "run")])
-    assert len(json.loads((tmp_path / "run" / "history.json").read_text())) == 2  # the whole run, not stopped
 
 
 def test_a_data_folder_named_like_a_temporary_build_keeps_its_cache(tmp_path, capsys):

@@ -44,7 +44,7 @@ def test_bad_weights_file_is_a_clear_error(tmp_path, content, message):
 def test_weights_of_another_model_name_the_first_mismatch(tmp_path):
     path = tmp_path / "resnet34.pth"
     torch.save(torchvision.models.resnet34().state_dict(), path)
-    with pytest.raises(UserError, match="not a torchvision ResNet18 state dict: unexpected key"):
+    with pytest.raises(UserError, match="not a torchvision resnet18 state dict: unexpected key"):
         build_model(10, weights=str(path))
 
 

@@ -1,0 +1,65 @@
+"""Choices made by editing the code, not by flags: the network (model.ARCH) and the optimizer's class
+(build_training). A run records both; evaluate.py rebuilds a checkpoint from its own record, and
+--resume refuses a run of other code in one line."""
+
+import importlib.util
+
+import pytest
+import torch
+from conftest import quick_args
+from safetensors import safe_open
+
+import evaluate
+import model
+import train
+from model import decode_metadata
+
+
+def metadata_of(path):
+    with safe_open(path, framework="pt") as file:
+        return decode_metadata(file.metadata())
+
+
+def test_another_resnet_trains_evaluates_and_exports_and_older_checkpoints_still_evaluate(
+    image_folder, trained_run, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(model, "ARCH", "resnet34")
+    train.main(quick_args(image_folder, tmp_path / "run", "--epochs", "1"))
+    checkpoint = tmp_path / "run" / "best.safetensors"
+    recorded = metadata_of(checkpoint)
+    assert recorded["arch"] == recorded["config"]["arch"] == "resnet34"
+    assert recorded["config"]["optimizer"] == "SGD"
+    rebuilt, _ = model.load_checkpoint(checkpoint)
+    assert len(rebuilt.layer3) == 6  # ResNet34's third stage; ResNet18 has 2 blocks there
+    capsys.readouterr()
+    evaluate.main([str(checkpoint), "--no-plots"])
+    assert "accuracy" in capsys.readouterr().out
+    evaluate.main([str(trained_run / "best.safetensors"), "--no-plots"])  # a ResNet18's, under ResNet34 code
+    assert "accuracy" in capsys.readouterr().out
+    if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnxscript"):
+        evaluate.main([str(checkpoint), "--export-onnx", str(tmp_path / "m.onnx")])
+        assert "exported in" in capsys.readouterr().out and (tmp_path / "m.onnx").is_file()  # and checked
+
+
+def refused_resume(out, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        train.main(["--output-dir", str(out), "--resume", "--epochs", "2"])
+    message = str(stopped.value.code)
+    assert message.startswith("error: ") and "\n" not in message
+    return message
+
+
+def test_resuming_under_another_network_or_optimizer_is_one_line(image_folder, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    train.main(quick_args(image_folder, out, "--epochs", "1"))
+    with monkeypatch.context() as patched:
+        patched.setattr(model, "ARCH", "resnet34")
+        message = refused_resume(out, capsys)
+    assert "is a resnet18 run, and model.ARCH is now resnet34" in message
+
+    def adamw(groups, lr, momentum, nesterov):  # SGD swapped for AdamW, as a user would in build_training
+        return torch.optim.AdamW(groups, lr=lr)
+
+    monkeypatch.setattr(torch.optim, "SGD", adamw)
+    message = refused_resume(out, capsys)
+    assert "was trained with SGD, and build_training now makes AdamW" in message

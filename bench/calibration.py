@@ -1,4 +1,4 @@
-"""How well a checkpoint's temperature calibrates, on each split of its data (README: Calibration).
+"""How well a checkpoint's temperature calibrates, on each split of its data (bench/after_training.md).
 
     python bench/calibration.py RUN/best.safetensors --data-dir DIR                  # val and test
     python bench/calibration.py RUN/best.safetensors --data-dir DIR --splits test --predicted cat dog

@@ -1,4 +1,4 @@
-"""The training controls of train.py, measured on the cases they exist for (README: Training controls).
+"""The training controls of train.py, measured on the cases they exist for (bench/accuracy.md).
 
     python bench/controls.py --data-dir DIR --runs-dir bench-controls          # train what is missing, report
     python bench/controls.py --data-dir DIR --runs-dir bench-controls --only small_base small_mixup
@@ -31,7 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = [None]  # --data-dir, shown as DIR in the report
-FAST = ["--stem", "imagenet", "--input-size", "32"]  # the CPU's fast setting (README: Speed)
+FAST = ["--stem", "imagenet", "--input-size", "32"]  # the CPU's fast setting (bench/speed.md)
 SEEDS = (0, 1)
 ONE_SEED = ("mixup_cutmix", "accum4", "clip1")
 SMALL = [*FAST, "--weights", "none", "--epochs", "60", "--batch-size", "64", "--lr", "0.1"]
@@ -53,7 +53,7 @@ TRANSFER_RUNS = {
     "freeze1": ["--lr", str(FINE_TUNE_LR), "--freeze-epochs", "1"],
     "backbone01": ["--lr", str(FINE_TUNE_LR), "--backbone-lr-mult", "0.1"],
     "scratch": ["--lr", "0.05", "--weights", "none"],  # the from-scratch 0.2 at batch 128, scaled to 32
-    "suggested": ["--lr", "0.0201"],  # what findlr_transfer suggested (README: Accuracy), tried
+    "suggested": ["--lr", "0.0201"],  # what findlr_transfer suggested (bench/accuracy.md), tried
 }
 
 

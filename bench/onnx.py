@@ -1,4 +1,4 @@
-"""The ONNX export of evaluate.py, measured (README: Export to ONNX).
+"""The ONNX export of evaluate.py, measured (bench/after_training.md).
 
     python bench/onnx.py RUN/best.safetensors --data-dir DIR               # 3 rounds, DIR's test/
     python bench/onnx.py RUN/best.safetensors --data-dir DIR --rounds 5 --split val

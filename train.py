@@ -18,49 +18,30 @@ import signal
 import sys
 from pathlib import Path
 
+# ruff: noqa: E402 (the imports below come after this)
 # Ctrl-C during the slow imports below: exit quietly, as main() does later. os._exit, not sys.exit: an
 # exception raised inside a half-loaded C extension (numpy's) can break the interpreter's shutdown.
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
+PARENT = os.getppid()  # before the slow imports: see launcher_of_this_process
 
+import argparse
+import copy
+import errno
+import itertools
+import json
+import math
+import shlex
+import shutil
+import time
+from datetime import datetime
+from types import SimpleNamespace
 
-def launcher_of_this_process():
-    """(command line, environment) of the `accelerate launch` that started this process, or None
-    (Linux: read from /proc). A SIGTERM to the launcher (a job scheduler's stop, a kill) ends it
-    without passing the signal on, and the trainer would run on alone: so ask Linux here, before the
-    slow imports, to send us SIGTERM when it dies; we then stop at the next step and keep the state,
-    as for Ctrl-C."""
-    try:
-        launcher = Path(f"/proc/{os.getppid()}")
-        command = launcher.joinpath("cmdline").read_bytes().split(b"\0")
-        environment = launcher.joinpath("environ").read_bytes().split(b"\0")
-    except OSError:
-        return None
-    if not (b"accelerate" in b" ".join(command) and b"launch" in b" ".join(command)):  # also python -m
-        return None
-    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
-    return command, environment
-
-
-LAUNCHER = launcher_of_this_process()
-
-import argparse  # noqa: E402
-import copy  # noqa: E402
-import errno  # noqa: E402
-import itertools  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import shlex  # noqa: E402
-import shutil  # noqa: E402
-import time  # noqa: E402
-from datetime import datetime  # noqa: E402
-from types import SimpleNamespace  # noqa: E402
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from accelerate import Accelerator  # noqa: E402
-from accelerate.tracking import get_available_trackers  # noqa: E402
-from accelerate.utils import (  # noqa: E402
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.tracking import get_available_trackers
+from accelerate.utils import (
     DataLoaderConfiguration,
     DistributedDataParallelKwargs,
     GradientAccumulationPlugin,
@@ -68,19 +49,19 @@ from accelerate.utils import (  # noqa: E402
     broadcast_object_list,
     set_seed,
 )
-from safetensors import SafetensorError, safe_open  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
+from safetensors import SafetensorError, safe_open
+from tqdm.auto import tqdm
 
 try:
     import fcntl  # the run folder's lock; Windows has none
 except ImportError:
     fcntl = None
 
-import data  # noqa: E402
-import model  # noqa: E402  (model.ARCH is read when a run starts: the network is one line there)
-from data import UserError  # noqa: E402
-from evaluate import calibration, few_images_caveat, fit_temperature, writing  # noqa: E402
-from model import (  # noqa: E402
+import data
+import model  # model.ARCH is read when a run starts
+from data import UserError
+from evaluate import calibration, few_images_caveat, fit_temperature, writing
+from model import (
     build_model,
     check_folder_can_be_made,
     decode_metadata,
@@ -153,6 +134,380 @@ VAL_BATCH_SIZE = 1024
 # reduce-overhead and max-autotune add CUDA graphs and kernel autotuning: nothing on a CPU but compile
 # time; on a GPU, max-autotune may be worth the longer compile (untested here: bench/speed.md).
 COMPILE_MODE = "default"
+
+
+def main(argv=None):
+    try:
+        with data.quiet_when_closed():  # `train.py | head`: the run goes on, quietly, to its end
+            train(parse_args(argv))
+    except UserError as error:
+        if int(os.environ.get("RANK", 0)):  # several processes meet the same input: the first one says it
+            sys.exit(1)
+        sys.exit(f"error: {' '.join(str(error).split())}")  # one line, whatever the message
+    except KeyboardInterrupt:  # before training started; from then on StopRequest handles it
+        sys.exit(130)
+
+
+def train(args):
+    accelerator = make_accelerator(args)
+    if args.find_lr:
+        return find_lr(args, accelerator)
+    args, out, progress = open_run(args, accelerator)
+    if args is None:  # a resumed run with nothing left to train
+        return
+    run = setup(args, out, progress, accelerator)
+    stop = StopRequest(accelerator)
+    try:  # the lock is let go of at the end, also when train() is called again in one process
+        if not progress:  # a state before the first step, so that even a run killed in epoch 1 resumes
+            save_state(accelerator, run.out, dict(config=vars(args), history=[], best_val_loss=math.inf))
+        for epoch in range(len(run.history) + 1, args.epochs + 1):
+            run.train_loader.set_epoch(epoch)
+            started = time.perf_counter()
+            result = train_epoch(epoch, run, accelerator, args, stop)
+            seconds = time.perf_counter() - started
+            if result is None:
+                accelerator.print(
+                    f"\nstopped during epoch {epoch}; {run.out} holds the state from before it. Resume with:\n"
+                    f"  {resume_command(run.out, accelerator)}"
+                )
+                sys.exit(130)
+            scores, logits, labels = validate(
+                run.evaluated, run.val_loader, accelerator, run.normalize, len(run.classes)
+            )
+            record = dict(
+                epoch=epoch,
+                train_loss=result[0],
+                train_acc=result[1],
+                **scores,
+                lr=run.scheduler.get_last_lr()[-1],
+                seconds=round(seconds, 2),
+            )
+            improved = end_epoch(run, record, args, accelerator, (logits, labels))
+            accelerator.print(
+                f"epoch {epoch:3d}/{args.epochs}  train loss {result[0]:.4f} acc {result[1]:6.2%}  "
+                f"val loss {record['val_loss']:.4f} acc {record['val_acc']:6.2%}  {seconds:6.1f}s "
+                f"({run.images_per_epoch / seconds:.3g} img/s){'  *best' if improved else ''}"
+            )
+            if patience_ran_out(args, run.history):
+                accelerator.print(f"early stop: no lower validation loss for {args.patience} epochs")
+                break
+    except (OSError, SafetensorError) as error:  # safetensors reports a full disk as its own error
+        full = getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error)
+        raise UserError(
+            f"could not write to {run.out} ({getattr(error, 'strerror', None) or error}); the files of the last "
+            f"finished epoch are whole. {'Free space' if full else 'Make the folder writable'}, then resume: "
+            f"{resume_command(run.out, accelerator)}"
+        ) from error
+    finally:
+        if run.lock is not None:
+            run.lock.close()
+    accelerator.end_training()
+    accelerator.print(final_summary(run.out, args, run.history))
+
+
+def setup(args, out, progress, accelerator):
+    """Everything the loop needs, ready: the data, the model and its optimizer, schedule and loss
+    wrapped by accelerate, the run folder (made and locked) and, resumed, the state and history."""
+    run = prepare_training(args, progress, accelerator)
+    # The EMA copy is not wrapped for data parallel: every process updates it from the same weights.
+    run.ema = copy.deepcopy(run.network).requires_grad_(False) if args.ema else None
+    if run.ema is not None:
+        accelerator.register_for_checkpointing(run.ema)
+    # Validated and saved: uncompiled (compiling validation too would cost a compilation per batch size),
+    # so with torchvision's names.
+    run.evaluated = run.ema if run.ema is not None else run.network
+    if args.compile:  # last, as accelerate's own; the state it saves keeps the names of the uncompiled model
+        run.model = torch.compile(run.model, mode=COMPILE_MODE)
+    run.out, run.lock = start_output_dir(out, args.resume, args.overwrite, accelerator)
+    args.output_dir = str(run.out)
+    start_trackers(accelerator, run.out, args)
+    accumulated = f" x {args.grad_accum_steps} accumulated" if args.grad_accum_steps > 1 else ""
+    accelerator.print(
+        f"recipe: {args.recipe}, {args.epochs} epochs, batch {args.batch_size} per process{accumulated} "
+        f"(effective {effective_batch(args, accelerator)}), lr {args.lr} ({args.schedule}, {args.warmup_epochs} "
+        f"warmup), weights {args.weights}, stem {args.stem}, input {args.input_size}x{args.input_size}"
+        f"{', compiled' if args.compile else ''}{training_controls(args)}\noutput: {run.out}"
+    )
+    run.history, run.best_val_loss = [], math.inf
+    if progress:
+        accelerator.load_state(run.out / "state")
+        run.history, run.best_val_loss = progress["history"], progress["best_val_loss"]
+        change = f"; {run.change}" if run.change else ""
+        accelerator.print(f"resumed {run.out} after epoch {len(run.history)}{change}")
+    return run
+
+
+def train_epoch(epoch, run, accelerator, args, stop):
+    """One pass over the training split. Returns (loss, accuracy) or None when stopped early. Nothing
+    but the loss (and the gradient norm) every LOG_EVERY steps is read back from the device, so on a
+    GPU the host queues the next steps while the device runs this one."""
+    loader, scheduler = run.train_loader, run.scheduler
+    training_mode(run, args, epoch)
+    # Augmentation randomness depends only on (seed, epoch, process), so a resumed epoch replays exactly.
+    generator = torch.Generator(accelerator.device).manual_seed(
+        args.seed * 100_000 + epoch * 100 + accelerator.process_index
+    )
+    total_loss = torch.zeros((), device=accelerator.device)
+    correct = torch.zeros((), dtype=torch.long, device=accelerator.device)
+    bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, disable=not accelerator.is_local_main_process)
+    for step, (images, labels) in enumerate(bar, 1):
+        if step == 2:
+            started = time.perf_counter()  # the time estimate leaves out the first step, which compiles
+        loss, cross_entropy, hits, grad_norm = train_step(run, accelerator, args, images, labels, generator)
+        global_step = (epoch - 1) * len(loader) + step
+        if run.ema is not None:
+            update_ema(run.ema, run.network, global_step, args.ema)
+        total_loss += cross_entropy
+        correct += hits
+        if step % LOG_EVERY == 0 or step == len(loader):
+            value, lr = loss.item(), scheduler.get_last_lr()[-1]  # the last group's: the head's
+            if not math.isfinite(value):
+                raise UserError(
+                    f"the loss is {value} at epoch {epoch}, step {step}; the last checkpoint is untouched. "
+                    f"Lower --lr and start again with --overwrite"
+                )
+            bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.4g}")
+            norm = {} if grad_norm is None else {"step/grad_norm": grad_norm.item()}  # before clipping
+            accelerator.log({"step/loss": value, "step/lr": lr} | norm, step=global_step)
+            if step == min(LOG_EVERY, len(loader)) > 1 and stop.estimate and accelerator.is_main_process:
+                stop.estimate = False
+                seconds = (time.perf_counter() - started) / (step - 1) * len(loader)
+                estimate = time_estimate(seconds, epoch, args, accelerator)
+                if estimate:
+                    tqdm.write(estimate)
+        if stop.requested and accelerator.check_trigger():
+            return None
+    total_loss, correct = accelerator.reduce(total_loss, "sum"), accelerator.reduce(correct, "sum")
+    seen = len(loader) * effective_batch(args, accelerator)  # full batches only: drop_last
+    return total_loss.item() / seen, correct.item() / seen
+
+
+def training_mode(run, args, epoch):
+    """The model in training mode as epoch trains it: within --freeze-epochs, only the head."""
+    run.model.train()
+    if args.freeze_epochs:
+        freeze_backbone(run.network, frozen=epoch <= args.freeze_epochs)
+
+
+def train_step(run, accelerator, args, images, labels, generator):
+    """One optimizer step on a loader batch (batch_size x grad_accum_steps images a process), in
+    grad_accum_steps parts of batch_size: each is augmented and mixed, then goes forward and
+    backward, and accelerate adds up their gradients (averaging over the processes once, at the
+    last part) before the step. Returns device tensors: the loss, the summed cross-entropy and the
+    hits against each image's larger share's label (train_loss, train_acc), and the gradient norm
+    before clipping (None without --clip-grad-norm)."""
+    step_loss, cross_entropy, hits, grad_norm = 0, 0, 0, None
+    # the loader's batches are whole (drop_last), so each splits into grad_accum_steps parts of batch_size
+    for part_images, part_labels in zip(images.chunk(args.grad_accum_steps), labels.chunk(args.grad_accum_steps)):
+        inputs, partner, share = run.inputs(part_images, part_labels, generator)
+        with accelerator.accumulate(run.model):
+            with accelerator.autocast():
+                logits = run.model(inputs)
+                loss = run.criterion(logits, part_labels)
+                if share is not None:  # mixed: each label's loss by its share, with smoothing and weights as set
+                    loss = share * loss + (1 - share) * run.criterion(logits, partner)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and args.clip_grad_norm:  # the last part: the whole gradient is in
+                grad_norm = accelerator.clip_grad_norm_(run.model.parameters(), args.clip_grad_norm)
+            run.optimizer.step()  # accelerate steps (and zeroes) only at the last part
+            run.scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+        measured = part_labels if share is None else torch.where(share >= 0.5, part_labels, partner)
+        step_loss = step_loss + loss.detach() / args.grad_accum_steps
+        cross_entropy = cross_entropy + F.cross_entropy(logits.detach().float(), measured, reduction="sum")
+        hits = hits + (logits.argmax(1) == measured).sum()
+    return step_loss, cross_entropy, hits, grad_norm
+
+
+def prepare_training(args, progress, accelerator, schedule=None):
+    """The data, and the model with its optimizer, schedule and loss, wrapped by accelerate: what both
+    training and the lr range test need. schedule: see build_training."""
+    set_seed(args.seed)
+    precision = {"no": "float32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}.get(
+        accelerator.mixed_precision, f"{accelerator.mixed_precision} mixed precision"
+    )
+    accelerator.print(
+        f"{accelerator.num_processes} process(es) ({accelerator.distributed_type.value}) on {accelerator.device}, "
+        f"{torch.get_num_threads()} CPU thread(s) each, {precision}"
+    )
+    run = SimpleNamespace(progress=progress)
+    run.train_loader, run.val_loader, train_labels, run.classes = load_data(args, accelerator)
+    run.normalize, run.inputs = input_pipeline(args, run.classes, accelerator)
+    run.groups = two_stage_groups(run.classes) if args.two_stage else None
+    network, optimizer, scheduler, run.criterion, run.change = build_training(
+        args, run, train_labels, progress, accelerator, schedule
+    )
+    run.model, run.optimizer, run.train_loader, run.val_loader, run.scheduler = accelerator.prepare(
+        network, optimizer, run.train_loader, run.val_loader, scheduler
+    )
+    run.images_per_epoch = len(run.train_loader) * effective_batch(args, accelerator)  # drop_last
+    run.network = accelerator.unwrap_model(run.model, keep_torch_compile=False)  # also under --dynamo_backend
+    return run
+
+
+def build_training(args, run, train_labels, progress, accelerator, schedule=None):
+    """(network, optimizer, scheduler, criterion, what extending a resumed run changes or None).
+    schedule: step -> lr factor, instead of the recipe's (--find-lr)."""
+    if getattr(args, "loss_weights", None) is None:  # a resumed run keeps the weights it computed
+        weights = class_weights(args.class_weights, train_labels, run.classes)
+        args.loss_weights = None if weights is None else weights.tolist()
+    loss_weights = None if args.loss_weights is None else torch.tensor(args.loss_weights)
+    if loss_weights is not None:
+        weights = ", ".join(f"{name} {w:.3g}" for name, w in zip(run.classes, loss_weights.tolist()))
+        accelerator.print(f"class weights: {weights}")
+    weights = "none" if progress else args.weights  # a resumed run's weights come from its state
+    network = build_model(len(run.classes), args.stem, weights, run.groups, args.zero_init_residual)
+    network = network.to(memory_format=torch.channels_last)
+    separate = args.freeze_epochs or args.backbone_lr_mult != 1  # the backbone in groups of its own
+    groups = parameter_groups(
+        network, args.weight_decay, args.lr, args.lr * args.backbone_lr_mult if separate else None
+    )
+    optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov)
+    same_optimizer(args, progress, optimizer)
+    # Counted in optimizer steps of the whole dataset (a loader batch is one: batch_size x grad_accum_steps
+    # images a process); accelerate steps the scheduler once per process.
+    steps_per_epoch = len(run.train_loader)
+    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    change = None
+    if progress and args.epochs != progress["config"]["epochs"]:
+        saved_epochs, done = progress["config"]["epochs"], len(progress["history"])
+        change = extend_schedule(args, saved_epochs, done, steps_per_epoch, warmup_steps)
+    total_steps = args.epochs * steps_per_epoch
+
+    def recipe(step):
+        return lr_factor(step, total_steps, warmup_steps, args.schedule, args.decay_start)
+
+    def backbone(step):  # --freeze-epochs: from the unfreeze, a warmup of its own, not the peak at once
+        since = step - args.freeze_epochs * steps_per_epoch
+        ramp = 1.0 if warmup_steps == 0 else min(1.0, (since + 1) / warmup_steps)
+        return recipe(step) * ramp if since >= 0 else 0.0
+
+    schedule = schedule or ([backbone, backbone, recipe, recipe] if args.freeze_epochs else recipe)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    criterion = torch.nn.CrossEntropyLoss(weight=loss_weights, label_smoothing=args.label_smoothing)
+    return network, optimizer, scheduler, criterion.to(accelerator.device), change
+
+
+def input_pipeline(args, classes, accelerator):
+    """(normalize: evaluation batches -> network inputs; inputs: training batches -> network inputs,
+    augmented and mixed on the device)."""
+    targeted = torch.tensor(data.class_indices(args.targeted_augment, classes), device=accelerator.device)
+    normalize = data.normalizer(args.mean, args.std, args.input_size, accelerator.device, crop=args.eval_crop)
+    resized_crop = args.input_size if args.train_crop == "random-resized" else None
+    mixed = args.mixup > 0 or args.cutmix > 0
+
+    def inputs(images, labels, generator):
+        """-> (network inputs, each image's partner label, the share of its own label: None unmixed)."""
+        images = data.augment(images, labels, generator, args.crop_padding, targeted, resized_crop, args.auto_augment)
+        if not mixed:
+            return normalize(images), labels, None
+        images, partner, share = data.mix(images, labels, generator, args.mixup, args.cutmix)
+        return normalize(images), partner, share
+
+    return normalize, inputs
+
+
+def parameter_groups(network, weight_decay, lr, backbone_lr=None):
+    """Weight decay on conv and linear weights only: decaying norms and biases only hurts. With
+    backbone_lr, every layer but the head has its own two groups, first, at that lr."""
+    named = list(network.named_parameters())
+    parts = [(named, lr)]
+    if backbone_lr is not None:
+        parts = [([(n, p) for n, p in named if not is_head(n)], backbone_lr)]
+        parts.append(([(n, p) for n, p in named if is_head(n)], lr))
+    return [
+        {"params": [p for _, p in params if (p.ndim > 1) == decayed], "lr": part_lr, "weight_decay": decay}
+        for params, part_lr in parts
+        for decayed, decay in ((True, weight_decay), (False, 0.0))
+    ]
+
+
+def lr_factor(step, total_steps, warmup_steps, schedule, decay_start=None):
+    """Linear warmup, then constant, cosine or linear decay to zero (linear after a linear warmup
+    is the one-cycle triangle). decay_start=(step, factor): the decay starts there from that
+    factor instead, as when a resumed run's --epochs moves its end (see extend_schedule)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    start, factor = decay_start or (warmup_steps, 1.0)
+    progress = min(1.0, (step - start) / max(1, total_steps - start))
+    return factor * (1.0 - progress if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.inference_mode()
+def validate(network, loader, accelerator, normalize, num_classes):
+    """Loss, accuracy and per-class accuracy over the whole split, every sample counted once. The
+    values stay on the device until the end: no batch waits for the one before."""
+    network.eval()
+    sync_batchnorm_statistics(network, accelerator)
+    total_loss = torch.zeros((), device=accelerator.device)
+    hits_per_class = torch.zeros(num_classes, device=accelerator.device)
+    samples_per_class = torch.zeros(num_classes, device=accelerator.device)
+    all_logits, all_labels = [], []
+    for images, labels in loader:
+        with accelerator.autocast():
+            logits = network(normalize(images)).float()
+        losses = F.cross_entropy(logits, labels, reduction="none")
+        losses, hits, labels, logits = accelerator.gather_for_metrics(
+            (losses, logits.argmax(1) == labels, labels, logits)
+        )
+        all_logits.append(logits)
+        all_labels.append(labels)
+        total_loss += losses.sum()
+        # not bincount: on a GPU it reads the largest label back to size its output
+        hits_per_class.index_add_(0, labels, hits.float())
+        samples_per_class.index_add_(0, labels, torch.ones_like(hits, dtype=samples_per_class.dtype))
+    count = samples_per_class.sum().item()
+    scores = dict(
+        val_loss=total_loss.item() / count,
+        val_acc=hits_per_class.sum().item() / count,
+        val_samples=int(count),
+        val_per_class=(hits_per_class / samples_per_class.clamp(min=1)).tolist(),
+    )
+    return scores, torch.cat(all_logits), torch.cat(all_labels)
+
+
+def end_epoch(run, record, args, accelerator, validated):
+    """The epoch's record into the history and the trackers; last.safetensors, best.safetensors when
+    the validation loss is the lowest so far (each with the temperature fitted on the validation
+    logits and labels, validated), history.json and the resumable state. Returns whether it improved.
+    A validation loss that is not finite stops the run, the last good files kept."""
+    if not math.isfinite(record["val_loss"]):
+        kept = f"best.safetensors (epoch {best_record(run.history)['epoch']}) is kept" if run.history else ""
+        raise UserError(
+            f"the validation loss is {record['val_loss']} after epoch {record['epoch']}; "
+            f"{kept or 'no checkpoint was saved'}. Lower --lr and start again with --overwrite"
+        )
+    run.history.append(record)
+    accelerator.log(tracked_values(record, run.classes), step=record["epoch"] * len(run.train_loader))
+    improved = record["val_loss"] < run.best_val_loss
+    run.best_val_loss = min(run.best_val_loss, record["val_loss"])
+    if accelerator.is_main_process:
+        metadata = checkpoint_metadata(args, run.classes, run.groups, accelerator, record) | calibrate(*validated)
+        save_checkpoint(run.evaluated, run.out / "last.safetensors", metadata)
+        if improved:
+            save_checkpoint(run.evaluated, run.out / "best.safetensors", metadata)
+        write_json(run.out / "history.json", run.history)
+    save_state(accelerator, run.out, dict(config=vars(args), history=run.history, best_val_loss=run.best_val_loss))
+    return improved
+
+
+@torch.no_grad()
+def update_ema(ema, network, step, decay):
+    """ema <- decay * ema + (1 - decay) * network, with the decay ramped up as (1 + step) / (10 + step)
+    (TensorFlow's ExponentialMovingAverage with num_updates) so the random initial weights fade out
+    fast. BatchNorm statistics are averaged too; its batch counters are copied."""
+    decay = min(decay, (1 + step) / (10 + step))
+    pairs = list(zip(ema.state_dict().values(), network.state_dict().values()))
+    floating = [pair for pair in pairs if pair[0].is_floating_point()]
+    counters = [pair for pair in pairs if not pair[0].is_floating_point()]
+    torch._foreach_lerp_(*zip(*floating), 1 - decay)  # one call for every tensor
+    if counters:
+        torch._foreach_copy_(*zip(*counters))
+
+
+# ---------------------------------------------------------------------------------- settings and flags
 
 
 def bounded(kind, low, high=math.inf, open_low=False, open_high=False):
@@ -482,76 +837,6 @@ def resumed_settings(args, progress):
     return argparse.Namespace(**config | {"mean": tuple(config["mean"]), "std": tuple(config["std"])})
 
 
-def use_all_cores(accelerator):
-    """`accelerate launch` on a CPU-only machine sets OMP_NUM_THREADS=1, leaving cores idle. Divide
-    the cores among the local processes instead, unless the user chose a number for the launcher
-    (OMP_NUM_THREADS in its environment, or --num_cpu_threads_per_process)."""
-    if accelerator.device.type != "cpu" or LAUNCHER is None:
-        return
-    command, environment = LAUNCHER
-    user_chose = any(e.startswith(b"OMP_NUM_THREADS=") for e in environment) or any(
-        part.startswith(b"--num_cpu_threads_per_process") for part in command
-    )
-    if not user_chose:
-        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_processes))
-
-
-def lr_factor(step, total_steps, warmup_steps, schedule, decay_start=None):
-    """Linear warmup, then constant, cosine or linear decay to zero (linear after a linear warmup
-    is the one-cycle triangle). decay_start=(step, factor): the decay starts there from that
-    factor instead, as when a resumed run's --epochs moves its end (see extend_schedule)."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    start, factor = decay_start or (warmup_steps, 1.0)
-    progress = min(1.0, (step - start) / max(1, total_steps - start))
-    return factor * (1.0 - progress if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def extend_schedule(args, saved_epochs, epochs_done, steps_per_epoch, warmup_steps):
-    """--resume --epochs N on a run planned for another number of epochs: the learning rate goes on
-    from where it stands and decays, with the same shape, to zero at the new end; it never jumps
-    back up. Returns the log line that says so."""
-    step = epochs_done * steps_per_epoch
-    factor = lr_factor(step, saved_epochs * steps_per_epoch, warmup_steps, args.schedule, args.decay_start)
-    if factor == 0:
-        raise UserError(
-            f"the run's {args.schedule} schedule has brought the learning rate to 0, so more epochs would not "
-            f"change it; start a new run instead (--weights {args.output_dir}/best.safetensors starts from its weights)"
-        )
-    change = f"--epochs {args.epochs} instead of {saved_epochs}: after epoch {epochs_done} the learning rate"
-    if step < warmup_steps:  # the warmup is counted in epochs and stays as it was; the decay after it is stretched
-        then = "stays there" if args.schedule == "constant" else f"follows the {args.schedule} schedule to 0"
-        return (
-            f"{change} is still warming up: it rises from {args.lr * factor:.3g} to {args.lr:.3g} at epoch "
-            f"{warmup_steps / steps_per_epoch:g}, then {then} at the new end, epoch {args.epochs}"
-        )
-    if args.schedule == "constant":
-        return f"{change} stays at {args.lr:.3g} to the new end, epoch {args.epochs}"
-    args.decay_start = (step, factor)
-    return (
-        f"{change} goes on from {args.lr * factor:.3g} and follows the {args.schedule} schedule "
-        f"to 0 at its new end, epoch {args.epochs}"
-    )
-
-
-def parameter_groups(network, weight_decay, lr, backbone_lr=None):
-    """Weight decay on conv and linear weights only: decaying norms and biases only hurts. With
-    backbone_lr, every layer but the head has its own two groups, first, at that lr."""
-    named = list(network.named_parameters())
-    parts = [(named, lr)]
-    if backbone_lr is not None:
-        parts = [([(n, p) for n, p in named if not is_head(n)], backbone_lr)]
-        parts.append(([(n, p) for n, p in named if is_head(n)], lr))
-    return [
-        {"params": [p for _, p in params if (p.ndim > 1) == decayed], "lr": part_lr, "weight_decay": decay}
-        for params, part_lr in parts
-        for decayed, decay in ((True, weight_decay), (False, 0.0))
-    ]
-
-
 def weight_list(spec):
     """--class-weights w0,w1,...: the numbers, or None when spec is not a list of numbers."""
     try:
@@ -609,63 +894,6 @@ def per_class_accuracy_of_run(path, classes):
     return accuracy
 
 
-def sync_batchnorm_statistics(network, accelerator):
-    """Each process updates its own BatchNorm running statistics; use the main process's, the
-    ones that are saved, everywhere, so validation measures the checkpoint."""
-    if accelerator.num_processes > 1:
-        for buffer in accelerator.unwrap_model(network).buffers():
-            torch.distributed.broadcast(buffer, src=0)
-
-
-@torch.inference_mode()
-def validate(network, loader, accelerator, normalize, num_classes):
-    """Loss, accuracy and per-class accuracy over the whole split, every sample counted once. The
-    values stay on the device until the end: no batch waits for the one before."""
-    network.eval()
-    sync_batchnorm_statistics(network, accelerator)
-    total_loss = torch.zeros((), device=accelerator.device)
-    hits_per_class = torch.zeros(num_classes, device=accelerator.device)
-    samples_per_class = torch.zeros(num_classes, device=accelerator.device)
-    all_logits, all_labels = [], []
-    for images, labels in loader:
-        with accelerator.autocast():
-            logits = network(normalize(images)).float()
-        losses = F.cross_entropy(logits, labels, reduction="none")
-        losses, hits, labels, logits = accelerator.gather_for_metrics(
-            (losses, logits.argmax(1) == labels, labels, logits)
-        )
-        all_logits.append(logits)
-        all_labels.append(labels)
-        total_loss += losses.sum()
-        # not bincount: on a GPU it reads the largest label back to size its output
-        hits_per_class.index_add_(0, labels, hits.float())
-        samples_per_class.index_add_(0, labels, torch.ones_like(hits, dtype=samples_per_class.dtype))
-    count = samples_per_class.sum().item()
-    scores = dict(
-        val_loss=total_loss.item() / count,
-        val_acc=hits_per_class.sum().item() / count,
-        val_samples=int(count),
-        val_per_class=(hits_per_class / samples_per_class.clamp(min=1)).tolist(),
-    )
-    return scores, torch.cat(all_logits), torch.cat(all_labels)
-
-
-def calibrate(logits, labels):
-    """The temperature fitted on the validation split's logits, with that split's NLL and ECE before
-    and after: saved in the checkpoint, for evaluate.py's calibrated probabilities."""
-    temperature = fit_temperature(logits, labels)
-    before, after = calibration(logits, labels), calibration(logits, labels, temperature)
-    return dict(
-        temperature=temperature,
-        calibration=dict(
-            fitted_on=f"the run's validation split, {len(labels)} images",
-            images=len(labels),
-            val_nll=[before["nll"], after["nll"]],
-            val_ece=[before["ece"], after["ece"]],
-        ),
-    )
-
-
 def two_stage_groups(classes):
     groups = data.group_of_classes(classes)
     if groups is None:
@@ -673,100 +901,17 @@ def two_stage_groups(classes):
     return list(groups.values())
 
 
-@torch.no_grad()
-def update_ema(ema, network, step, decay):
-    """ema <- decay * ema + (1 - decay) * network, with the decay ramped up as (1 + step) / (10 + step)
-    (TensorFlow's ExponentialMovingAverage with num_updates) so the random initial weights fade out
-    fast. BatchNorm statistics are averaged too; its batch counters are copied."""
-    decay = min(decay, (1 + step) / (10 + step))
-    pairs = list(zip(ema.state_dict().values(), network.state_dict().values()))
-    floating = [pair for pair in pairs if pair[0].is_floating_point()]
-    counters = [pair for pair in pairs if not pair[0].is_floating_point()]
-    torch._foreach_lerp_(*zip(*floating), 1 - decay)  # one call for every tensor
-    if counters:
-        torch._foreach_copy_(*zip(*counters))
-
-
-def train_epoch(epoch, run, accelerator, args, stop):
-    """One pass over the training split. Returns (loss, accuracy) or None when stopped early. Nothing
-    but the loss (and the gradient norm) every LOG_EVERY steps is read back from the device, so on a
-    GPU the host queues the next steps while the device runs this one."""
-    loader, scheduler = run.train_loader, run.scheduler
-    training_mode(run, args, epoch)
-    # Augmentation randomness depends only on (seed, epoch, process), so a resumed epoch replays exactly.
-    generator = torch.Generator(accelerator.device).manual_seed(
-        args.seed * 100_000 + epoch * 100 + accelerator.process_index
-    )
-    total_loss = torch.zeros((), device=accelerator.device)
-    correct = torch.zeros((), dtype=torch.long, device=accelerator.device)
-    bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, disable=not accelerator.is_local_main_process)
-    for step, (images, labels) in enumerate(bar, 1):
-        if step == 2:
-            started = time.perf_counter()  # the time estimate leaves out the first step, which compiles
-        loss, cross_entropy, hits, grad_norm = train_step(run, accelerator, args, images, labels, generator)
-        global_step = (epoch - 1) * len(loader) + step
-        if run.ema is not None:
-            update_ema(run.ema, run.network, global_step, args.ema)
-        total_loss += cross_entropy
-        correct += hits
-        if step % LOG_EVERY == 0 or step == len(loader):
-            value, lr = loss.item(), scheduler.get_last_lr()[-1]  # the last group's: the head's
-            if not math.isfinite(value):
-                raise UserError(
-                    f"the loss is {value} at epoch {epoch}, step {step}; the last checkpoint is untouched. "
-                    f"Lower --lr and start again with --overwrite"
-                )
-            bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.4g}")
-            norm = {} if grad_norm is None else {"step/grad_norm": grad_norm.item()}  # before clipping
-            accelerator.log({"step/loss": value, "step/lr": lr} | norm, step=global_step)
-            if step == min(LOG_EVERY, len(loader)) > 1 and stop.estimate and accelerator.is_main_process:
-                stop.estimate = False
-                seconds = (time.perf_counter() - started) / (step - 1) * len(loader)
-                estimate = time_estimate(seconds, epoch, args, accelerator)
-                if estimate:
-                    tqdm.write(estimate)
-        if stop.requested and accelerator.check_trigger():
-            return None
-    total_loss, correct = accelerator.reduce(total_loss, "sum"), accelerator.reduce(correct, "sum")
-    seen = len(loader) * effective_batch(args, accelerator)  # full batches only: drop_last
-    return total_loss.item() / seen, correct.item() / seen
-
-
-def training_mode(run, args, epoch):
-    """The model in training mode as epoch trains it: within --freeze-epochs, only the head."""
-    run.model.train()
-    if args.freeze_epochs:
-        freeze_backbone(run.network, frozen=epoch <= args.freeze_epochs)
-
-
-def train_step(run, accelerator, args, images, labels, generator):
-    """One optimizer step on a loader batch (batch_size x grad_accum_steps images a process), in
-    grad_accum_steps parts of batch_size: each is augmented and mixed, then goes forward and
-    backward, and accelerate adds up their gradients (averaging over the processes once, at the
-    last part) before the step. Returns device tensors: the loss, the summed cross-entropy and the
-    hits against each image's larger share's label (train_loss, train_acc), and the gradient norm
-    before clipping (None without --clip-grad-norm)."""
-    step_loss, cross_entropy, hits, grad_norm = 0, 0, 0, None
-    # the loader's batches are whole (drop_last), so each splits into grad_accum_steps parts of batch_size
-    for part_images, part_labels in zip(images.chunk(args.grad_accum_steps), labels.chunk(args.grad_accum_steps)):
-        inputs, partner, share = run.inputs(part_images, part_labels, generator)
-        with accelerator.accumulate(run.model):
-            with accelerator.autocast():
-                logits = run.model(inputs)
-                loss = run.criterion(logits, part_labels)
-                if share is not None:  # mixed: each label's loss by its share, with smoothing and weights as set
-                    loss = share * loss + (1 - share) * run.criterion(logits, partner)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and args.clip_grad_norm:  # the last part: the whole gradient is in
-                grad_norm = accelerator.clip_grad_norm_(run.model.parameters(), args.clip_grad_norm)
-            run.optimizer.step()  # accelerate steps (and zeroes) only at the last part
-            run.scheduler.step()
-            run.optimizer.zero_grad(set_to_none=True)
-        measured = part_labels if share is None else torch.where(share >= 0.5, part_labels, partner)
-        step_loss = step_loss + loss.detach() / args.grad_accum_steps
-        cross_entropy = cross_entropy + F.cross_entropy(logits.detach().float(), measured, reduction="sum")
-        hits = hits + (logits.argmax(1) == measured).sum()
-    return step_loss, cross_entropy, hits, grad_norm
+def training_controls(args):
+    """The training controls that are on, in words, for the recipe's log line."""
+    controls = [
+        f"head only for {args.freeze_epochs} epoch(s)" if args.freeze_epochs else "",
+        f"backbone lr x{args.backbone_lr_mult:g}" if args.backbone_lr_mult != 1 else "",
+        f"gradient norm clipped to {args.clip_grad_norm:g}" if args.clip_grad_norm else "",
+        f"mixup {args.mixup:g}" if args.mixup else "",
+        f"CutMix {args.cutmix:g}" if args.cutmix else "",
+        f"{args.auto_augment} policy" if args.auto_augment != "none" else "",
+    ]
+    return "".join(f", {control}" for control in controls if control)
 
 
 def effective_batch(args, accelerator):
@@ -774,97 +919,7 @@ def effective_batch(args, accelerator):
     return args.batch_size * accelerator.num_processes * args.grad_accum_steps
 
 
-def time_estimate(epoch_seconds, epoch, args, accelerator):
-    """Said once, from the first steps, before the hours go by; None for a run of a few minutes."""
-    total = epoch_seconds * (args.epochs - epoch + 1)
-    if total < 300:
-        return None
-    line = (
-        f"estimate: {epoch_seconds / 60:.1f} min an epoch, {total / 3600:.1f} h for the {args.epochs - epoch + 1} left"
-    )
-    if accelerator.device.type == "cpu" and total > 3600 and args.stem == "cifar":
-        line += "; on a CPU, --stem imagenet --input-size 32 is about 10x faster (bench/speed.md)"
-    return line
-
-
-class StopRequest:
-    """Ctrl-C or SIGTERM asks the loop to stop at the next step; the processes agree through
-    accelerate's trigger so none is left waiting in a collective."""
-
-    def __init__(self, accelerator):
-        self.requested = False
-        self.estimate = True  # the time estimate is still to be printed
-        self.accelerator = accelerator
-        signal.signal(signal.SIGINT, self)
-        signal.signal(signal.SIGTERM, self)
-
-    def __call__(self, signum, frame):
-        self.requested = True
-        self.accelerator.set_trigger()
-
-
-def check_data(args, found, accelerator):
-    """The split is made from the data, so a resumed run must find the same data; a new run records
-    it (args.data_fingerprint, saved in the state and the checkpoints; evaluate.py checks it too)."""
-    if args.resume and args.data_fingerprint is None:
-        accelerator.print(
-            f"warning: this run predates data fingerprints; cannot check that {args.data_dir} is its data"
-        )
-    elif args.resume:
-        difference = data.data_difference(args.data_fingerprint, found)
-        if difference:
-            raise UserError(
-                f"{args.data_dir} is not the data this run was split from ({difference}); "
-                f"resume with the run's own data: --data-dir DIR"
-            )
-        accelerator.print(f"data: {args.data_dir} holds the run's data (fingerprint {found['sha256']})")
-    args.data_fingerprint = found
-
-
-def checkpoint_metadata(args, classes, groups, accelerator, record):
-    """What the checkpoint holds, enough to rebuild and evaluate it with nothing else (README)."""
-    keys = ("stem", "mean", "std", "input_size", "image_size", "eval_crop", "train_crop", "seed", "val_fraction")
-    settings = {key: getattr(args, key) for key in keys} | {"preprocessing": describe_sizes(args)}
-    scores = {key: record[key] for key in ("epoch", "val_loss", "val_acc", "val_per_class")}
-    return (
-        settings
-        | scores
-        | {
-            "arch": args.arch,
-            "groups": groups,
-            "num_classes": len(classes),
-            "classes": classes,
-            "num_processes": accelerator.num_processes,
-            "effective_batch_size": effective_batch(args, accelerator),
-            "config": vars(args),
-        }
-    )
-
-
-def trackers(name):
-    """--log-with, checked: accelerate would skip a tracker whose package is missing with a debug message."""
-    available = [str(tracker) for tracker in get_available_trackers()]
-    if name == "all" and not available:
-        raise UserError("--log-with all found no tracker installed; pip install tensorboard, or another one")
-    if name not in (None, "all", *available):
-        raise UserError(f"--log-with {name} needs the {name} package; pip install {name}")
-    return name
-
-
-def start_trackers(accelerator, out, args):
-    """Trackers that write files (TensorBoard) write them into the run's folder, known only now."""
-    accelerator.project_configuration.logging_dir = str(out)
-    # TensorBoard's hyperparameters take numbers and strings only
-    config = {
-        key: value if isinstance(value, (int, float, str, bool)) else str(value) for key, value in vars(args).items()
-    }
-    accelerator.init_trackers(TRACKER_PROJECT, config=config)
-
-
-def tracked_values(record, classes):
-    """The epoch's history record, with the per-class validation accuracy as one value per class."""
-    values = {key: value for key, value in record.items() if key != "val_per_class"}
-    return values | {f"val_acc/{name}": acc for name, acc in zip(classes, record["val_per_class"])}
+# ---------------------------------------------------------------------------------- the data
 
 
 def load_data(args, accelerator):
@@ -916,289 +971,69 @@ def load_data(args, accelerator):
     return train_loader, val_loader, train_labels, classes
 
 
-def main(argv=None):
-    try:
-        with data.quiet_when_closed():  # `train.py | head`: the run goes on, quietly, to its end
-            train(parse_args(argv))
-    except UserError as error:
-        if int(os.environ.get("RANK", 0)):  # several processes meet the same input: the first one says it
-            sys.exit(1)
-        sys.exit(f"error: {' '.join(str(error).split())}")  # one line, whatever the message
-    except KeyboardInterrupt:  # before training started; from then on StopRequest handles it
-        sys.exit(130)
-
-
-def train(args):
-    accelerator = make_accelerator(args)
-    if args.find_lr:
-        return find_lr(args, accelerator)
-    args, out, progress = open_run(args, accelerator)
-    if args is None:  # a resumed run with nothing left to train
-        return
-    run = setup(args, out, progress, accelerator)
-    stop = StopRequest(accelerator)
-    try:  # the lock is let go of at the end, also when train() is called again in one process
-        if not progress:  # a state before the first step, so that even a run killed in epoch 1 resumes
-            save_state(accelerator, run.out, dict(config=vars(args), history=[], best_val_loss=math.inf))
-        for epoch in range(len(run.history) + 1, args.epochs + 1):
-            run.train_loader.set_epoch(epoch)
-            started = time.perf_counter()
-            result = train_epoch(epoch, run, accelerator, args, stop)
-            seconds = time.perf_counter() - started
-            if result is None:
-                accelerator.print(
-                    f"\nstopped during epoch {epoch}; {run.out} holds the state from before it. Resume with:\n"
-                    f"  {resume_command(run.out, accelerator)}"
-                )
-                sys.exit(130)
-            scores, logits, labels = validate(
-                run.evaluated, run.val_loader, accelerator, run.normalize, len(run.classes)
+def check_data(args, found, accelerator):
+    """The split is made from the data, so a resumed run must find the same data; a new run records
+    it (args.data_fingerprint, saved in the state and the checkpoints; evaluate.py checks it too)."""
+    if args.resume and args.data_fingerprint is None:
+        accelerator.print(
+            f"warning: this run predates data fingerprints; cannot check that {args.data_dir} is its data"
+        )
+    elif args.resume:
+        difference = data.data_difference(args.data_fingerprint, found)
+        if difference:
+            raise UserError(
+                f"{args.data_dir} is not the data this run was split from ({difference}); "
+                f"resume with the run's own data: --data-dir DIR"
             )
-            record = dict(
-                epoch=epoch,
-                train_loss=result[0],
-                train_acc=result[1],
-                **scores,
-                lr=run.scheduler.get_last_lr()[-1],
-                seconds=round(seconds, 2),
-            )
-            improved = end_epoch(run, record, args, accelerator, (logits, labels))
-            accelerator.print(
-                f"epoch {epoch:3d}/{args.epochs}  train loss {result[0]:.4f} acc {result[1]:6.2%}  "
-                f"val loss {record['val_loss']:.4f} acc {record['val_acc']:6.2%}  {seconds:6.1f}s "
-                f"({run.images_per_epoch / seconds:.3g} img/s){'  *best' if improved else ''}"
-            )
-            if patience_ran_out(args, run.history):
-                accelerator.print(f"early stop: no lower validation loss for {args.patience} epochs")
-                break
-    except (OSError, SafetensorError) as error:  # safetensors reports a full disk as its own error
-        full = getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error)
-        raise UserError(
-            f"could not write to {run.out} ({getattr(error, 'strerror', None) or error}); the files of the last "
-            f"finished epoch are whole. {'Free space' if full else 'Make the folder writable'}, then resume: "
-            f"{resume_command(run.out, accelerator)}"
-        ) from error
-    finally:
-        if run.lock is not None:
-            run.lock.close()
-    accelerator.end_training()
-    accelerator.print(final_summary(run.out, args, run.history))
+        accelerator.print(f"data: {args.data_dir} holds the run's data (fingerprint {found['sha256']})")
+    args.data_fingerprint = found
 
 
-def make_accelerator(args):
-    accelerator = Accelerator(
-        cpu=not torch.accelerator.is_available(),  # else two CPU processes train separately (DistributedType.NO)
-        # non_blocking: batches read from disk go to a GPU from pinned memory without waiting (data.make_loader)
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed, non_blocking=True),
-        log_with=trackers(args.log_with),
-        project_dir=".",  # a logging folder must be named now; start_trackers sets the run's
-        # train_step splits each loader batch in grad_accum_steps parts: count them, not the loader's end
-        gradient_accumulation_plugin=GradientAccumulationPlugin(
-            num_steps=args.grad_accum_steps, sync_with_dataloader=False
+# ---------------------------------------------------------------------------------- checkpoints, calibration
+
+
+def checkpoint_metadata(args, classes, groups, accelerator, record):
+    """What the checkpoint holds, enough to rebuild and evaluate it with nothing else (README)."""
+    keys = ("stem", "mean", "std", "input_size", "image_size", "eval_crop", "train_crop", "seed", "val_fraction")
+    settings = {key: getattr(args, key) for key in keys} | {"preprocessing": describe_sizes(args)}
+    scores = {key: record[key] for key in ("epoch", "val_loss", "val_acc", "val_per_class")}
+    return (
+        settings
+        | scores
+        | {
+            "arch": args.arch,
+            "groups": groups,
+            "num_classes": len(classes),
+            "classes": classes,
+            "num_processes": accelerator.num_processes,
+            "effective_batch_size": effective_batch(args, accelerator),
+            "config": vars(args),
+        }
+    )
+
+
+def sync_batchnorm_statistics(network, accelerator):
+    """Each process updates its own BatchNorm running statistics; use the main process's, the
+    ones that are saved, everywhere, so validation measures the checkpoint."""
+    if accelerator.num_processes > 1:
+        for buffer in accelerator.unwrap_model(network).buffers():
+            torch.distributed.broadcast(buffer, src=0)
+
+
+def calibrate(logits, labels):
+    """The temperature fitted on the validation split's logits, with that split's NLL and ECE before
+    and after: saved in the checkpoint, for evaluate.py's calibrated probabilities."""
+    temperature = fit_temperature(logits, labels)
+    before, after = calibration(logits, labels), calibration(logits, labels, temperature)
+    return dict(
+        temperature=temperature,
+        calibration=dict(
+            fitted_on=f"the run's validation split, {len(labels)} images",
+            images=len(labels),
+            val_nll=[before["nll"], after["nll"]],
+            val_ece=[before["ece"], after["ece"]],
         ),
-        # a frozen backbone takes no gradient, which data parallel must be told to expect
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.freeze_epochs > 0)],
     )
-    use_all_cores(accelerator)
-    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        raise UserError(
-            "--mixed_precision fp16 does not run on a CPU: accelerate would train in float32 and call it fp16; "
-            "pass --mixed_precision bf16 (fast only on CPUs with AVX512-BF16 or AMX: bench/speed.md) or no"
-        )
-    return accelerator
-
-
-def open_run(args, accelerator):
-    """The run's folder, checked before any work, and a resumed run's saved progress and settings:
-    (args, folder or None for runs/<timestamp>, progress or None for a new run); (None, ...) when a
-    resumed run has nothing left to train."""
-    out = Path(args.output_dir) if args.output_dir else None
-    if out is None:
-        return args, None, None
-    if accelerator.is_main_process and (out / ".lock").is_file():
-        lock(out).close()  # another run busy here: say so now, not after loading the data
-    check_output_dir(out, args.resume, args.overwrite)
-    if not args.resume:
-        return args, out, None
-    progress = json.loads((latest_state(out) / "progress.json").read_text())
-    args = resumed_settings(args, progress)
-    check_resumable(out, args, progress, accelerator)
-    finished = finished_run(args, progress["history"], progress["config"]["epochs"])
-    if finished:
-        accelerator.print(f"{out}: {finished}")
-        accelerator.end_training()  # with several processes, also leaves their group cleanly
-        return None, out, progress
-    return args, out, progress
-
-
-def setup(args, out, progress, accelerator):
-    """Everything the loop needs, ready: the data, the model and its optimizer, schedule and loss
-    wrapped by accelerate, the run folder (made and locked) and, resumed, the state and history."""
-    run = prepare_training(args, progress, accelerator)
-    # The EMA copy is not wrapped for data parallel: every process updates it from the same weights.
-    run.ema = copy.deepcopy(run.network).requires_grad_(False) if args.ema else None
-    if run.ema is not None:
-        accelerator.register_for_checkpointing(run.ema)
-    # Validated and saved: uncompiled (compiling validation too would cost a compilation per batch size),
-    # so with torchvision's names.
-    run.evaluated = run.ema if run.ema is not None else run.network
-    if args.compile:  # last, as accelerate's own; the state it saves keeps the names of the uncompiled model
-        run.model = torch.compile(run.model, mode=COMPILE_MODE)
-    run.out, run.lock = start_output_dir(out, args.resume, args.overwrite, accelerator)
-    args.output_dir = str(run.out)
-    start_trackers(accelerator, run.out, args)
-    accumulated = f" x {args.grad_accum_steps} accumulated" if args.grad_accum_steps > 1 else ""
-    accelerator.print(
-        f"recipe: {args.recipe}, {args.epochs} epochs, batch {args.batch_size} per process{accumulated} "
-        f"(effective {effective_batch(args, accelerator)}), lr {args.lr} ({args.schedule}, {args.warmup_epochs} "
-        f"warmup), weights {args.weights}, stem {args.stem}, input {args.input_size}x{args.input_size}"
-        f"{', compiled' if args.compile else ''}{training_controls(args)}\noutput: {run.out}"
-    )
-    run.history, run.best_val_loss = [], math.inf
-    if progress:
-        accelerator.load_state(run.out / "state")
-        run.history, run.best_val_loss = progress["history"], progress["best_val_loss"]
-        change = f"; {run.change}" if run.change else ""
-        accelerator.print(f"resumed {run.out} after epoch {len(run.history)}{change}")
-    return run
-
-
-def training_controls(args):
-    """The training controls that are on, in words, for the recipe's log line."""
-    controls = [
-        f"head only for {args.freeze_epochs} epoch(s)" if args.freeze_epochs else "",
-        f"backbone lr x{args.backbone_lr_mult:g}" if args.backbone_lr_mult != 1 else "",
-        f"gradient norm clipped to {args.clip_grad_norm:g}" if args.clip_grad_norm else "",
-        f"mixup {args.mixup:g}" if args.mixup else "",
-        f"CutMix {args.cutmix:g}" if args.cutmix else "",
-        f"{args.auto_augment} policy" if args.auto_augment != "none" else "",
-    ]
-    return "".join(f", {control}" for control in controls if control)
-
-
-def prepare_training(args, progress, accelerator, schedule=None):
-    """The data, and the model with its optimizer, schedule and loss, wrapped by accelerate: what both
-    training and the lr range test need. schedule: see build_training."""
-    set_seed(args.seed)
-    precision = {"no": "float32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}.get(
-        accelerator.mixed_precision, f"{accelerator.mixed_precision} mixed precision"
-    )
-    accelerator.print(
-        f"{accelerator.num_processes} process(es) ({accelerator.distributed_type.value}) on {accelerator.device}, "
-        f"{torch.get_num_threads()} CPU thread(s) each, {precision}"
-    )
-    run = SimpleNamespace(progress=progress)
-    run.train_loader, run.val_loader, train_labels, run.classes = load_data(args, accelerator)
-    run.normalize, run.inputs = input_pipeline(args, run.classes, accelerator)
-    run.groups = two_stage_groups(run.classes) if args.two_stage else None
-    network, optimizer, scheduler, run.criterion, run.change = build_training(
-        args, run, train_labels, progress, accelerator, schedule
-    )
-    run.model, run.optimizer, run.train_loader, run.val_loader, run.scheduler = accelerator.prepare(
-        network, optimizer, run.train_loader, run.val_loader, scheduler
-    )
-    run.images_per_epoch = len(run.train_loader) * effective_batch(args, accelerator)  # drop_last
-    run.network = accelerator.unwrap_model(run.model, keep_torch_compile=False)  # also under --dynamo_backend
-    return run
-
-
-def input_pipeline(args, classes, accelerator):
-    """(normalize: evaluation batches -> network inputs; inputs: training batches -> network inputs,
-    augmented and mixed on the device)."""
-    targeted = torch.tensor(data.class_indices(args.targeted_augment, classes), device=accelerator.device)
-    normalize = data.normalizer(args.mean, args.std, args.input_size, accelerator.device, crop=args.eval_crop)
-    resized_crop = args.input_size if args.train_crop == "random-resized" else None
-    mixed = args.mixup > 0 or args.cutmix > 0
-
-    def inputs(images, labels, generator):
-        """-> (network inputs, each image's partner label, the share of its own label: None unmixed)."""
-        images = data.augment(images, labels, generator, args.crop_padding, targeted, resized_crop, args.auto_augment)
-        if not mixed:
-            return normalize(images), labels, None
-        images, partner, share = data.mix(images, labels, generator, args.mixup, args.cutmix)
-        return normalize(images), partner, share
-
-    return normalize, inputs
-
-
-def build_training(args, run, train_labels, progress, accelerator, schedule=None):
-    """(network, optimizer, scheduler, criterion, what extending a resumed run changes or None).
-    schedule: step -> lr factor, instead of the recipe's (--find-lr)."""
-    if getattr(args, "loss_weights", None) is None:  # a resumed run keeps the weights it computed
-        weights = class_weights(args.class_weights, train_labels, run.classes)
-        args.loss_weights = None if weights is None else weights.tolist()
-    loss_weights = None if args.loss_weights is None else torch.tensor(args.loss_weights)
-    if loss_weights is not None:
-        weights = ", ".join(f"{name} {w:.3g}" for name, w in zip(run.classes, loss_weights.tolist()))
-        accelerator.print(f"class weights: {weights}")
-    weights = "none" if progress else args.weights  # a resumed run's weights come from its state
-    network = build_model(len(run.classes), args.stem, weights, run.groups, args.zero_init_residual)
-    network = network.to(memory_format=torch.channels_last)
-    separate = args.freeze_epochs or args.backbone_lr_mult != 1  # the backbone in groups of its own
-    groups = parameter_groups(
-        network, args.weight_decay, args.lr, args.lr * args.backbone_lr_mult if separate else None
-    )
-    optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov)
-    same_optimizer(args, progress, optimizer)
-    # Counted in optimizer steps of the whole dataset (a loader batch is one: batch_size x grad_accum_steps
-    # images a process); accelerate steps the scheduler once per process.
-    steps_per_epoch = len(run.train_loader)
-    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
-    change = None
-    if progress and args.epochs != progress["config"]["epochs"]:
-        saved_epochs, done = progress["config"]["epochs"], len(progress["history"])
-        change = extend_schedule(args, saved_epochs, done, steps_per_epoch, warmup_steps)
-    total_steps = args.epochs * steps_per_epoch
-
-    def recipe(step):
-        return lr_factor(step, total_steps, warmup_steps, args.schedule, args.decay_start)
-
-    def backbone(step):  # --freeze-epochs: from the unfreeze, a warmup of its own, not the peak at once
-        since = step - args.freeze_epochs * steps_per_epoch
-        ramp = 1.0 if warmup_steps == 0 else min(1.0, (since + 1) / warmup_steps)
-        return recipe(step) * ramp if since >= 0 else 0.0
-
-    schedule = schedule or ([backbone, backbone, recipe, recipe] if args.freeze_epochs else recipe)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    criterion = torch.nn.CrossEntropyLoss(weight=loss_weights, label_smoothing=args.label_smoothing)
-    return network, optimizer, scheduler, criterion.to(accelerator.device), change
-
-
-def same_optimizer(args, progress, optimizer):
-    """The optimizer's class is recorded with the run (args.optimizer); a resumed run's saved state
-    fits only the class that made it (SGD's has no AdamW 'step': a KeyError deep in load_state)."""
-    built = type(optimizer).__name__
-    if progress and args.optimizer != built:
-        raise UserError(
-            f"{args.output_dir} was trained with {args.optimizer}, and build_training now makes {built}: its saved "
-            f"state fits only {args.optimizer}. Resume under the code that started it, or start a new run"
-        )
-    args.optimizer = built
-
-
-def end_epoch(run, record, args, accelerator, validated):
-    """The epoch's record into the history and the trackers; last.safetensors, best.safetensors when
-    the validation loss is the lowest so far (each with the temperature fitted on the validation
-    logits and labels, validated), history.json and the resumable state. Returns whether it improved.
-    A validation loss that is not finite stops the run, the last good files kept."""
-    if not math.isfinite(record["val_loss"]):
-        kept = f"best.safetensors (epoch {best_record(run.history)['epoch']}) is kept" if run.history else ""
-        raise UserError(
-            f"the validation loss is {record['val_loss']} after epoch {record['epoch']}; "
-            f"{kept or 'no checkpoint was saved'}. Lower --lr and start again with --overwrite"
-        )
-    run.history.append(record)
-    accelerator.log(tracked_values(record, run.classes), step=record["epoch"] * len(run.train_loader))
-    improved = record["val_loss"] < run.best_val_loss
-    run.best_val_loss = min(run.best_val_loss, record["val_loss"])
-    if accelerator.is_main_process:
-        metadata = checkpoint_metadata(args, run.classes, run.groups, accelerator, record) | calibrate(*validated)
-        save_checkpoint(run.evaluated, run.out / "last.safetensors", metadata)
-        if improved:
-            save_checkpoint(run.evaluated, run.out / "best.safetensors", metadata)
-        write_json(run.out / "history.json", run.history)
-    save_state(accelerator, run.out, dict(config=vars(args), history=run.history, best_val_loss=run.best_val_loss))
-    return improved
 
 
 def final_summary(out, args, history):
@@ -1236,58 +1071,6 @@ def calibration_summary(checkpoint):
         f"{nll_after:.4f}, ECE {ece_before:.4f} -> {ece_after:.4f}); evaluate.py divides the logits by it"
     )
     return [line] + ([caveat] if (caveat := few_images_caveat(metadata)) else [])
-
-
-def check_resumable(out, args, progress, accelerator):
-    """Refuse a resume with fewer epochs than the run has trained. Say what changes when it resumes
-    with another process count: the global batch (per-process batch x processes), so the steps an
-    epoch and the images per step. The schedule counts images, so the learning rate at each point
-    of the run stays as planned; the random state comes from process 0's file."""
-    done = len(progress["history"])
-    if args.arch != model.ARCH:
-        raise UserError(
-            f"{out} is a {args.arch} run, and model.ARCH is now {model.ARCH}: its state would not fit. Set ARCH back "
-            f"to {args.arch!r} to resume it, or start a new run"
-        )
-    if args.epochs < done:
-        raise UserError(f"{out} has already trained {done} epochs; pass a larger --epochs")
-    if args.freeze_epochs >= args.epochs:
-        raise UserError(
-            f"the run trains only its head for --freeze-epochs {args.freeze_epochs}, and --epochs {args.epochs} "
-            f"would end it before the whole network trains; pass a larger --epochs"
-        )
-    had = len(list(latest_state(out).glob("random_states_*.pkl")))  # accelerate saves one per process
-    now = accelerator.num_processes
-    if had and had != now:
-        extended = args.epochs if args.epochs != progress["config"]["epochs"] else None
-        per_process = args.batch_size * args.grad_accum_steps
-        accelerator.print(
-            f"warning: {out} was trained by {had} process(es), a global batch of {had * per_process}; it goes on "
-            f"with {now}, a global batch of {now * per_process} ({per_process} per process, the same learning "
-            f"rate schedule per image), so it will not match a run with {had}. For that: "
-            f"{resume_command(out, accelerator, had, extended)}"
-        )
-
-
-def patience_ran_out(args, history):
-    """--patience: no lower validation loss for that many epochs. Never while --freeze-epochs trains
-    the head alone: a run ends with its whole network trained, whichever way it ends."""
-    if not args.patience or len(history) <= args.freeze_epochs:
-        return False
-    return len(history) - best_record(history)["epoch"] >= args.patience
-
-
-def finished_run(args, history, saved_epochs):
-    """Why a resumed run has nothing left to train, in words; None when it has. A run that --patience
-    stopped is finished unless --epochs asks for more than it was planned for."""
-    if patience_ran_out(args, history) and args.epochs <= saved_epochs:
-        return (
-            f"finished: --patience {args.patience} stopped it after epoch {len(history)} (no lower validation "
-            f"loss since epoch {best_record(history)['epoch']}, which best.safetensors holds); nothing to train"
-        )
-    if len(history) == args.epochs:
-        return f"finished: all {args.epochs} epochs are trained; nothing to train. --epochs N continues it to epoch N"
-    return None
 
 
 # ---------------------------------------------------------------------------------- the lr range test
@@ -1526,6 +1309,247 @@ def resume_command(out, accelerator, processes=None, epochs=None):
 def best_record(history):
     """The epoch with the lowest validation loss: the one best.safetensors holds."""
     return min(history, key=lambda r: r["val_loss"])
+
+
+def open_run(args, accelerator):
+    """The run's folder, checked before any work, and a resumed run's saved progress and settings:
+    (args, folder or None for runs/<timestamp>, progress or None for a new run); (None, ...) when a
+    resumed run has nothing left to train."""
+    out = Path(args.output_dir) if args.output_dir else None
+    if out is None:
+        return args, None, None
+    if accelerator.is_main_process and (out / ".lock").is_file():
+        lock(out).close()  # another run busy here: say so now, not after loading the data
+    check_output_dir(out, args.resume, args.overwrite)
+    if not args.resume:
+        return args, out, None
+    progress = json.loads((latest_state(out) / "progress.json").read_text())
+    args = resumed_settings(args, progress)
+    check_resumable(out, args, progress, accelerator)
+    finished = finished_run(args, progress["history"], progress["config"]["epochs"])
+    if finished:
+        accelerator.print(f"{out}: {finished}")
+        accelerator.end_training()  # with several processes, also leaves their group cleanly
+        return None, out, progress
+    return args, out, progress
+
+
+def check_resumable(out, args, progress, accelerator):
+    """Refuse a resume with fewer epochs than the run has trained. Say what changes when it resumes
+    with another process count: the global batch (per-process batch x processes), so the steps an
+    epoch and the images per step. The schedule counts images, so the learning rate at each point
+    of the run stays as planned; the random state comes from process 0's file."""
+    done = len(progress["history"])
+    if args.arch != model.ARCH:
+        raise UserError(
+            f"{out} is a {args.arch} run, and model.ARCH is now {model.ARCH}: its state would not fit. Set ARCH back "
+            f"to {args.arch!r} to resume it, or start a new run"
+        )
+    if args.epochs < done:
+        raise UserError(f"{out} has already trained {done} epochs; pass a larger --epochs")
+    if args.freeze_epochs >= args.epochs:
+        raise UserError(
+            f"the run trains only its head for --freeze-epochs {args.freeze_epochs}, and --epochs {args.epochs} "
+            f"would end it before the whole network trains; pass a larger --epochs"
+        )
+    had = len(list(latest_state(out).glob("random_states_*.pkl")))  # accelerate saves one per process
+    now = accelerator.num_processes
+    if had and had != now:
+        extended = args.epochs if args.epochs != progress["config"]["epochs"] else None
+        per_process = args.batch_size * args.grad_accum_steps
+        accelerator.print(
+            f"warning: {out} was trained by {had} process(es), a global batch of {had * per_process}; it goes on "
+            f"with {now}, a global batch of {now * per_process} ({per_process} per process, the same learning "
+            f"rate schedule per image), so it will not match a run with {had}. For that: "
+            f"{resume_command(out, accelerator, had, extended)}"
+        )
+
+
+def same_optimizer(args, progress, optimizer):
+    """The optimizer's class is recorded with the run (args.optimizer); a resumed run's saved state
+    fits only the class that made it (SGD's has no AdamW 'step': a KeyError deep in load_state)."""
+    built = type(optimizer).__name__
+    if progress and args.optimizer != built:
+        raise UserError(
+            f"{args.output_dir} was trained with {args.optimizer}, and build_training now makes {built}: its saved "
+            f"state fits only {args.optimizer}. Resume under the code that started it, or start a new run"
+        )
+    args.optimizer = built
+
+
+def finished_run(args, history, saved_epochs):
+    """Why a resumed run has nothing left to train, in words; None when it has. A run that --patience
+    stopped is finished unless --epochs asks for more than it was planned for."""
+    if patience_ran_out(args, history) and args.epochs <= saved_epochs:
+        return (
+            f"finished: --patience {args.patience} stopped it after epoch {len(history)} (no lower validation "
+            f"loss since epoch {best_record(history)['epoch']}, which best.safetensors holds); nothing to train"
+        )
+    if len(history) == args.epochs:
+        return f"finished: all {args.epochs} epochs are trained; nothing to train. --epochs N continues it to epoch N"
+    return None
+
+
+def patience_ran_out(args, history):
+    """--patience: no lower validation loss for that many epochs. Never while --freeze-epochs trains
+    the head alone: a run ends with its whole network trained, whichever way it ends."""
+    if not args.patience or len(history) <= args.freeze_epochs:
+        return False
+    return len(history) - best_record(history)["epoch"] >= args.patience
+
+
+def extend_schedule(args, saved_epochs, epochs_done, steps_per_epoch, warmup_steps):
+    """--resume --epochs N on a run planned for another number of epochs: the learning rate goes on
+    from where it stands and decays, with the same shape, to zero at the new end; it never jumps
+    back up. Returns the log line that says so."""
+    step = epochs_done * steps_per_epoch
+    factor = lr_factor(step, saved_epochs * steps_per_epoch, warmup_steps, args.schedule, args.decay_start)
+    if factor == 0:
+        raise UserError(
+            f"the run's {args.schedule} schedule has brought the learning rate to 0, so more epochs would not "
+            f"change it; start a new run instead (--weights {args.output_dir}/best.safetensors starts from its weights)"
+        )
+    change = f"--epochs {args.epochs} instead of {saved_epochs}: after epoch {epochs_done} the learning rate"
+    if step < warmup_steps:  # the warmup is counted in epochs and stays as it was; the decay after it is stretched
+        then = "stays there" if args.schedule == "constant" else f"follows the {args.schedule} schedule to 0"
+        return (
+            f"{change} is still warming up: it rises from {args.lr * factor:.3g} to {args.lr:.3g} at epoch "
+            f"{warmup_steps / steps_per_epoch:g}, then {then} at the new end, epoch {args.epochs}"
+        )
+    if args.schedule == "constant":
+        return f"{change} stays at {args.lr:.3g} to the new end, epoch {args.epochs}"
+    args.decay_start = (step, factor)
+    return (
+        f"{change} goes on from {args.lr * factor:.3g} and follows the {args.schedule} schedule "
+        f"to 0 at its new end, epoch {args.epochs}"
+    )
+
+
+# ---------------------------------------------------------------------------------- console and trackers
+
+
+def time_estimate(epoch_seconds, epoch, args, accelerator):
+    """Said once, from the first steps, before the hours go by; None for a run of a few minutes."""
+    total = epoch_seconds * (args.epochs - epoch + 1)
+    if total < 300:
+        return None
+    line = (
+        f"estimate: {epoch_seconds / 60:.1f} min an epoch, {total / 3600:.1f} h for the {args.epochs - epoch + 1} left"
+    )
+    if accelerator.device.type == "cpu" and total > 3600 and args.stem == "cifar":
+        line += "; on a CPU, --stem imagenet --input-size 32 is about 10x faster (bench/speed.md)"
+    return line
+
+
+def trackers(name):
+    """--log-with, checked: accelerate would skip a tracker whose package is missing with a debug message."""
+    available = [str(tracker) for tracker in get_available_trackers()]
+    if name == "all" and not available:
+        raise UserError("--log-with all found no tracker installed; pip install tensorboard, or another one")
+    if name not in (None, "all", *available):
+        raise UserError(f"--log-with {name} needs the {name} package; pip install {name}")
+    return name
+
+
+def start_trackers(accelerator, out, args):
+    """Trackers that write files (TensorBoard) write them into the run's folder, known only now."""
+    accelerator.project_configuration.logging_dir = str(out)
+    # TensorBoard's hyperparameters take numbers and strings only
+    config = {
+        key: value if isinstance(value, (int, float, str, bool)) else str(value) for key, value in vars(args).items()
+    }
+    accelerator.init_trackers(TRACKER_PROJECT, config=config)
+
+
+def tracked_values(record, classes):
+    """The epoch's history record, with the per-class validation accuracy as one value per class."""
+    values = {key: value for key, value in record.items() if key != "val_per_class"}
+    return values | {f"val_acc/{name}": acc for name, acc in zip(classes, record["val_per_class"])}
+
+
+# ---------------------------------------------------------------------------------- process plumbing
+
+
+def launcher_of_this_process():
+    """(command line, environment) of the `accelerate launch` that started this process, or None
+    (Linux: read from /proc). A SIGTERM to the launcher (a job scheduler's stop, a kill) ends it
+    without passing the signal on, and the trainer would run on alone: so ask Linux to send us
+    SIGTERM when it dies; we then stop at the next step and keep the state, as for Ctrl-C. Asked once
+    the imports are done: a launcher that died during them (PARENT is gone) stops us at once."""
+    launched = "ACCELERATE_MIXED_PRECISION" in os.environ  # accelerate launch sets it, whatever the precision
+    if os.getppid() != PARENT:
+        if launched:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return None
+    try:
+        launcher = Path(f"/proc/{PARENT}")
+        command = launcher.joinpath("cmdline").read_bytes().split(b"\0")
+        environment = launcher.joinpath("environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    if not (b"accelerate" in b" ".join(command) and b"launch" in b" ".join(command)):  # also python -m
+        return None
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != PARENT:  # it died between the look and the request
+        os.kill(os.getpid(), signal.SIGTERM)
+    return command, environment
+
+
+LAUNCHER = launcher_of_this_process()
+
+
+def use_all_cores(accelerator):
+    """`accelerate launch` on a CPU-only machine sets OMP_NUM_THREADS=1, leaving cores idle. Divide
+    the cores among the local processes instead, unless the user chose a number for the launcher
+    (OMP_NUM_THREADS in its environment, or --num_cpu_threads_per_process)."""
+    if accelerator.device.type != "cpu" or LAUNCHER is None:
+        return
+    command, environment = LAUNCHER
+    user_chose = any(e.startswith(b"OMP_NUM_THREADS=") for e in environment) or any(
+        part.startswith(b"--num_cpu_threads_per_process") for part in command
+    )
+    if not user_chose:
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_processes))
+
+
+def make_accelerator(args):
+    accelerator = Accelerator(
+        cpu=not torch.accelerator.is_available(),  # else two CPU processes train separately (DistributedType.NO)
+        # non_blocking: batches read from disk go to a GPU from pinned memory without waiting (data.make_loader)
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed, non_blocking=True),
+        log_with=trackers(args.log_with),
+        project_dir=".",  # a logging folder must be named now; start_trackers sets the run's
+        # train_step splits each loader batch in grad_accum_steps parts: count them, not the loader's end
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=args.grad_accum_steps, sync_with_dataloader=False
+        ),
+        # a frozen backbone takes no gradient, which data parallel must be told to expect
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.freeze_epochs > 0)],
+    )
+    use_all_cores(accelerator)
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise UserError(
+            "--mixed_precision fp16 does not run on a CPU: accelerate would train in float32 and call it fp16; "
+            "pass --mixed_precision bf16 (fast only on CPUs with AVX512-BF16 or AMX: bench/speed.md) or no"
+        )
+    return accelerator
+
+
+class StopRequest:
+    """Ctrl-C or SIGTERM asks the loop to stop at the next step; the processes agree through
+    accelerate's trigger so none is left waiting in a collective."""
+
+    def __init__(self, accelerator):
+        self.requested = False
+        self.estimate = True  # the time estimate is still to be printed
+        self.accelerator = accelerator
+        signal.signal(signal.SIGINT, self)
+        signal.signal(signal.SIGTERM, self)
+
+    def __call__(self, signum, frame):
+        self.requested = True
+        self.accelerator.set_trigger()
 
 
 if __name__ == "__main__":

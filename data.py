@@ -96,73 +96,190 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 LOG = print  # where data.py's lines go; train.py sends them through accelerate, one process a machine
 
 
-class UserError(Exception):
-    """A problem with the user's input or files. Each script's main() prints it as one `error:` line
-    and exits non-zero; library code raises it so that a notebook importing this module survives."""
+def augment(images, labels, generator, padding=4, targeted_labels=None, resized_crop=None, policy="none"):
+    """uint8 batch -> float batch in [0, 1], in training only (evaluation's preprocessing is normalizer's).
+    Each step transforms the whole batch on its device, each image with its own random numbers."""
+    if resized_crop:  # photos: torchvision's RandomResizedCrop(resized_crop) and RandomHorizontalFlip
+        images = random_resized_crop_flip(images, resized_crop, generator)
+    else:  # CIFAR-sized: RandomCrop(side, padding) and RandomHorizontalFlip
+        images = random_crop_flip(images, padding, generator).float().div_(255)
+    if policy != "none":  # --auto-augment: TrivialAugmentWide or RandAugment
+        images = auto_augment(images, policy, generator)
+    if targeted_labels is not None and len(targeted_labels):  # --targeted-augment: rotation, jitter, erasing
+        chosen = torch.isin(labels, targeted_labels)
+        # Augment the whole batch and keep the chosen rows: fixed shapes, no host sync.
+        images = torch.where(chosen[:, None, None, None], targeted_augment(images, generator), images)
+    # A new training-only step goes here, on [0, 1] floats; RandomErasing for every image, say:
+    #     images = random_erase(images, ERASE_PROBABILITY, generator)
+    return images
 
 
-def one_line_errors(parser):
-    """The scripts' argparse parser, its refusals made one line like every other bad input's: argparse
-    prints its whole usage block first, which buries the line that says what is wrong."""
-
-    def error(message):
-        parser.exit(2, f"{parser.prog}: error: {message} ({parser.prog} --help lists the flags)\n")
-
-    parser.error = error
-    return parser
-
-
-def path_flag(text):
-    """An argparse type for file and folder flags: an empty value (an unset shell variable, as in
-    --data-dir "$DATA") is refused, not taken as the current folder or a default."""
-    if not text:
-        raise argparse.ArgumentTypeError("is empty (an unset shell variable?); pass a path")
-    return text
-
-
-class QuietConsole:
-    """sys.stdout or sys.stderr that goes quiet when its reader has gone (`| head`, a closed terminal),
-    instead of raising BrokenPipeError from the next print: the run goes on, and the files the user
-    asked for are still written."""
-
-    def __init__(self, stream):
-        self.stream = stream
-
-    def write(self, text):
-        try:
-            return self.stream.write(text)
-        except BrokenPipeError:
-            self.silence()
-            return len(text)
-
-    def flush(self):
-        try:
-            self.stream.flush()
-        except BrokenPipeError:
-            self.silence()
-
-    def silence(self):
-        """Point the stream's file descriptor at /dev/null: what is still buffered, and whatever is
-        printed later, goes there."""
-        os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
-
-    def __getattr__(self, name):
-        return getattr(self.stream, name)
+def mix(images, labels, generator, mixup_alpha=0.0, cutmix_alpha=0.0):
+    """Mixup (Zhang et al. 2018) or CutMix (Yun et al. 2019) of the whole batch, as torchvision's v2
+    MixUp and CutMix: each image is mixed with the one before it in the batch, by a share
+    lam ~ Beta(alpha, alpha) of the batch's own. With both alphas, each batch takes one of the two at
+    random. Returns (images, the partner labels, the share of each image's own label: a 0-d tensor; the
+    partner's is 1 - share). CutMix pastes a box of the partner of area (1 - lam) x the image, cut at
+    the borders, and the share is the area left."""
+    partner_images, partner = images.roll(1, 0), labels.roll(1, 0)
+    if mixup_alpha > 0:
+        mixup_share = _beta(mixup_alpha, generator, images.device)
+        mixed, share = mixup_share * images + (1 - mixup_share) * partner_images, mixup_share
+    if cutmix_alpha > 0:
+        box = _cutmix_box(images.shape[-2:], _beta(cutmix_alpha, generator, images.device), generator)
+        cutmix_images, cutmix_share = torch.where(box, partner_images, images), 1 - box.float().mean()
+        if mixup_alpha > 0:  # both: one of the two, drawn on the device (no branch on a device value)
+            cutmix = torch.rand((), device=images.device, generator=generator) < 0.5
+            mixed, share = torch.where(cutmix, cutmix_images, mixed), torch.where(cutmix, cutmix_share, share)
+        else:
+            mixed, share = cutmix_images, cutmix_share
+    return mixed, partner, share
 
 
-@contextlib.contextmanager
-def quiet_when_closed():
-    """The scripts' console inside main(): see QuietConsole. Once silenced, a stream's descriptor stays
-    on /dev/null, so the interpreter's last flush at exit finds no closed pipe either."""
-    console = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = QuietConsole(sys.stdout), QuietConsole(sys.stderr)
-    try:
-        yield
-    finally:
-        sys.stdout, sys.stderr = console
+def normalizer(mean, std, size, device, crop=None):
+    """A function: uint8 or [0, 1] float batch -> normalised float batch of size x size pixels,
+    channels_last. Batches larger than crop (stored photos, in evaluation) are centre-cropped to it
+    first; training batches arrive cropped. Its constants are put on the device here, once: made
+    from the tuples for every batch, they would be two blocking host-to-device copies per step on a GPU."""
+    mean = torch.tensor(mean, device=device)[:, None, None]
+    std = torch.tensor(std, device=device)[:, None, None]
+
+    def normalize(images):
+        if crop and images.shape[-1] > crop:
+            top, left = (images.shape[-2] - crop) // 2, (images.shape[-1] - crop) // 2
+            images = images[..., top : top + crop, left : left + crop]
+        if images.dtype == torch.uint8:
+            images = images.float().div_(255)
+        if images.shape[-2:] != (size, size):
+            images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=size < images.shape[-1])
+        return ((images - mean) / std).contiguous(memory_format=torch.channels_last)
+
+    return normalize
 
 
-# ---------------------------------------------------------------------------------- loading
+class Split(torch.utils.data.Dataset):
+    """A split's images and labels, fetched a whole batch at a time (__getitems__: one indexing call;
+    accelerate still shards, pads and skips batches as for any dataset). images: uint8 [N, 3, S, S]
+    in memory or on the training device, labels beside them; or (rows given) a folder's
+    memory-mapped cache, of which rows are the split's: each batch is gathered from the page cache
+    on the host, and the loader pins it and moves it to the device (make_loader)."""
+
+    def __init__(self, images, labels, rows=None):
+        self.images, self.labels, self.rows = images, labels, rows
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return self.__getitems__([index])
+
+    def __getitems__(self, indices):
+        index = torch.tensor(indices)
+        if self.rows is not None:
+            return self.images[self.rows[index]], self.labels[index]
+        if self.labels.is_cuda:  # from pinned memory the copy is queued, instead of waiting for the GPU
+            index = index.pin_memory()
+        index = index.to(self.labels.device, non_blocking=True)
+        return self.images[index], self.labels[index]
+
+    def in_memory(self):
+        """The split held in this process's memory: a cache's rows gathered (a copy)."""
+        return self if self.rows is None else Split(self.images[self.rows], self.labels)
+
+    def to(self, device):
+        """The split on the training device; one on disk stays there (its batches move one by one)."""
+        return self if self.rows is not None else Split(self.images.to(device), self.labels.to(device))
+
+
+def _keep_batch(batch):
+    return batch  # __getitems__ already returns a stacked batch
+
+
+def make_loader(split, batch_size, shuffle, drop_last=False):
+    """Batches of a Split. From disk to a GPU, two worker processes gather the next batches while
+    the GPU trains, into pinned memory for a copy that does not block; elsewhere the batch is one
+    indexing call in this process."""
+    from_disk_to_gpu = split.rows is not None and torch.cuda.is_available()
+    return torch.utils.data.DataLoader(
+        split,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=drop_last,
+        collate_fn=_keep_batch,
+        num_workers=2 if from_disk_to_gpu else 0,
+        pin_memory=from_disk_to_gpu,
+        persistent_workers=from_disk_to_gpu,
+    )
+
+
+def load_split(
+    data_dir,
+    side,
+    val_fraction,
+    seed,
+    max_train_samples=None,
+    device=None,
+    parts=("train", "val"),
+    expected_classes=None,
+    reserved=0,
+    listing=None,
+    cache_dir=None,
+    data_on="device",
+    check=None,
+):
+    """The run's training and validation images at side x side: DIR/val/ when there is one, else a
+    stratified val_fraction of train/; the training part optionally cut to about max_train_samples.
+    Only the parts asked for are decoded, once they are known to fit in memory with `reserved` bytes
+    more (training's own). listing: list_images(data_dir, "train") when the caller has it already.
+    An image folder is decoded once, whole, into a cache in cache_dir (None: no cache), unless a
+    subset is asked for. data_on: "device", the splits in memory (for the caller to put on the
+    training device); "disk", read batch by batch from the cache; "auto", device when it fits.
+    check(fingerprint), when given, may refuse the data before anything is decoded. Returns
+    ({part: Split}, class names, the data's fingerprint, where the validation images come from, in
+    words)."""
+    items, labels, classes = listing or list_images(data_dir, "train")
+    check_classes(classes, expected_classes, data_dir)
+    if len(classes) == 1:  # a model that is always right: loss 0, 100% accuracy
+        raise one_class_error(Path(data_dir) / "train", classes[0])
+    val_dir = validation_folder(data_dir)
+    if val_dir is None:
+        train, val = train_val_indices(labels, classes, val_fraction, seed, max_train_samples)
+        sources = {"train": (items, labels, train), "val": (items, labels, val)}
+        found = fingerprint(data_dir, items, labels, classes)
+        where = f"{val_fraction:.0%} of train/ (stratified, --seed {seed})"
+    else:
+        sources, found = validation_folder_sources(data_dir, val_dir, items, labels, classes, max_train_samples, seed)
+        where = f"{val_dir} (--val-fraction is not used)"
+    if check:
+        check(found)
+    folders = {"train": Path(data_dir) / "train", "val": val_dir or Path(data_dir) / "train"}
+    # a --max-train-samples cut: fewer images in the parts than in the folders they come from
+    subset = len(sources["train"][2]) + (len(sources["val"][2]) if val_dir is None else 0) < len(labels)
+    cached = cache_dir is not None and not isinstance(items, torch.Tensor) and not subset
+    data_on = place_data(data_on, cached, cache_dir, subset, sources, parts, side, device, reserved)
+    opened = {}  # train/'s cache serves both parts when the validation split is cut from it
+    splits = {}
+    for part in parts:
+        split = load_part(*sources[part], side, folders[part], cache_dir if cached else None, opened, data_on == "disk")
+        splits[part] = split if data_on == "disk" else split.in_memory()
+    for part, split in splits.items():  # a class whose images could none be read is gone
+        empty = [name for name, n in zip(classes, torch.bincount(split.labels, minlength=len(classes))) if n == 0]
+        if empty:
+            raise UserError(
+                f"none of the {part} images of class {empty[0]!r} could be read (see the warning above); "
+                f"replace them, or remove the class folder"
+            )
+    return splits, classes, found, where
+
+
+def load_images(data_dir, split, side=IMAGE_SIZE, expected_classes=None, cache_dir=None):
+    """Every image of a split, decoded (or read from the cache in cache_dir): (images uint8
+    [N, 3, side, side], labels, class names)."""
+    items, labels, classes = list_images(data_dir, split)
+    check_classes(classes, expected_classes, data_dir)
+    check_memory(len(labels), side, advice=f"free memory, or evaluate part of {split}/ at a time")
+    part = load_part(items, labels, torch.arange(len(labels)), side, Path(data_dir) / split, cache_dir, {})
+    return part.in_memory().images, part.labels, classes
 
 
 def list_images(data_dir, split):
@@ -189,6 +306,254 @@ def list_images(data_dir, split):
     return load_cifar10(root, train=split == "train")
 
 
+# ---------------------------------------------------------------------------------- the batched kernels
+
+
+def random_crop_flip(images, padding, generator):
+    """Random crop with zero padding and horizontal flip, as torchvision's RandomCrop(padding=p)
+    and RandomHorizontalFlip, drawn independently for every image of the batch."""
+    n, channels, height, width = images.shape
+    device = images.device
+    if padding:
+        padded = F.pad(images, (padding,) * 4)
+        dy = torch.randint(0, 2 * padding + 1, (n, 1), device=device, generator=generator)
+        dx = torch.randint(0, 2 * padding + 1, (n, 1), device=device, generator=generator)
+        rows = (dy + torch.arange(height, device=device))[:, None, :, None]
+        cols = (dx + torch.arange(width, device=device))[:, None, None, :]
+        batch = torch.arange(n, device=device)[:, None, None, None]
+        channel = torch.arange(channels, device=device)[None, :, None, None]
+        images = padded[batch, channel, rows, cols]
+    flip = torch.rand(n, device=device, generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], images.flip(3), images)
+
+
+def random_resized_crop_flip(images, size, generator):
+    """uint8 batch -> float batch [N, 3, size, size] in [0, 1]: a random-resized crop and a horizontal
+    flip as torchvision's RandomResizedCrop(size) and RandomHorizontalFlip, each image with its own
+    area, aspect ratio, position and flip, sampled in one grid_sample call for the whole batch."""
+    n, _, height, width = images.shape
+    # torchvision draws up to 10 boxes per image and takes the first that fits; so do we, all at once
+    area = _uniform(n * 10, *CROP_AREA, images, generator).view(n, 10) * height * width
+    log_ratio = _uniform(n * 10, *map(math.log, CROP_RATIO), images, generator).view(n, 10)
+    w, h = (area * log_ratio.exp()).sqrt(), (area / log_ratio.exp()).sqrt()
+    fits = (w <= width) & (h <= height)
+    first = fits.int().argmax(1, keepdim=True)  # the first box that fits; none fits: the whole image
+    found = fits.any(1)
+    w = torch.where(found, w.gather(1, first).squeeze(1), width)
+    h = torch.where(found, h.gather(1, first).squeeze(1), height)
+    left = torch.rand(n, device=images.device, generator=generator) * (width - w)
+    top = torch.rand(n, device=images.device, generator=generator) * (height - h)
+    flip = torch.rand(n, device=images.device, generator=generator) < 0.5
+    # grid_sample's coordinates run from -1 to 1 across the image: scale and shift into the box
+    scale_x = torch.where(flip, -w / width, w / width)
+    shift_x, shift_y = (2 * left + w) / width - 1, (2 * top + h) / height - 1
+    zero = torch.zeros_like(w)
+    theta = torch.stack([torch.stack([scale_x, zero, shift_x], 1), torch.stack([zero, h / height, shift_y], 1)], 1)
+    grid = F.affine_grid(theta, [n, 3, size, size], align_corners=False)
+    return F.grid_sample(images.float().div_(255), grid, mode="bilinear", align_corners=False)
+
+
+def _uniform(n, low, high, like, generator):
+    return low + (high - low) * torch.rand(n, device=like.device, generator=generator)
+
+
+def rotate(images, degrees, generator):
+    angle = _uniform(len(images), -math.radians(degrees), math.radians(degrees), images, generator)
+    cos, sin, zero = angle.cos(), angle.sin(), torch.zeros_like(angle)
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, padding_mode="zeros", align_corners=False)
+
+
+def color_jitter(images, strength, generator):
+    """Brightness, contrast and saturation, each with its own factor per image (float in [0, 1])."""
+    n = len(images)
+
+    def factor():
+        return _uniform(n, 1 - strength, 1 + strength, images, generator)[:, None, None, None]
+
+    images = images * factor()
+    mean = _gray(images).mean((2, 3), keepdim=True)
+    images = (images - mean) * factor() + mean
+    gray = _gray(images)
+    images = (images - gray) * factor() + gray
+    return images.clamp(0, 1)
+
+
+def _gray(images):
+    """Luma, [N, 1, H, W]; Python weights, as a tensor of them would be a copy to the device per batch."""
+    red, green, blue = images.split(1, dim=1)
+    return 0.299 * red + 0.587 * green + 0.114 * blue
+
+
+def random_erase(images, probability, generator):
+    """Zero one random rectangle per image with the given probability (torchvision's defaults)."""
+    n, _, height, width = images.shape
+    area = _uniform(n, *ERASE_AREA, images, generator) * height * width
+    log_ratio = _uniform(n, math.log(ERASE_RATIO[0]), math.log(ERASE_RATIO[1]), images, generator)
+    h = (area * log_ratio.exp()).sqrt().round().clamp(1, height)
+    w = (area / log_ratio.exp()).sqrt().round().clamp(1, width)
+    top = (torch.rand(n, device=images.device, generator=generator) * (height - h + 1)).floor()
+    left = (torch.rand(n, device=images.device, generator=generator) * (width - w + 1)).floor()
+    rows = torch.arange(height, device=images.device)[None, :, None]
+    cols = torch.arange(width, device=images.device)[None, None, :]
+    inside_rows = (rows >= top[:, None, None]) & (rows < (top + h)[:, None, None])
+    inside = inside_rows & (cols >= left[:, None, None]) & (cols < (left + w)[:, None, None])
+    erase = torch.rand(n, device=images.device, generator=generator) < probability
+    return images.masked_fill((inside & erase[:, None, None])[:, None], 0)
+
+
+def targeted_augment(images, generator):
+    """The seed write-up's augmentation for hard classes: rotation, colour jitter, erasing."""
+    images = rotate(images, ROTATION_DEGREES, generator)
+    images = color_jitter(images, JITTER, generator)
+    return random_erase(images, ERASE_PROBABILITY, generator)
+
+
+def auto_augment(images, policy, generator):
+    """TrivialAugment-wide (policy ta_wide) or RandAugment (ra) on a float batch in [0, 1]: each image
+    draws its own operations and strengths. The colour operations go first, then the affine ones, all
+    rounds' composed into one grid_sample (torchvision applies them in the order drawn, each to a
+    uint8 image, with nearest-pixel sampling; here they are bilinear)."""
+    n = len(images)
+    theta = torch.eye(3, device=images.device).expand(n, 3, 3)
+    for _ in range(RAND_AUGMENT_OPS if policy == "ra" else 1):
+        op = torch.randint(len(AUTO_AUGMENT_OPS), (n,), device=images.device, generator=generator)
+        if policy == "ra":
+            strength = torch.full((n,), RAND_AUGMENT_BIN / (AUTO_AUGMENT_BINS - 1), device=images.device)
+        else:
+            strength = torch.randint(AUTO_AUGMENT_BINS, (n,), device=images.device, generator=generator)
+            strength = strength / (AUTO_AUGMENT_BINS - 1)
+        sign = torch.where(torch.rand(n, device=images.device, generator=generator) < 0.5, -1.0, 1.0)
+        images = colour_operations(images, op, strength, sign, AUTO_AUGMENT_RANGES[policy])
+        theta = theta @ affine_matrix(op, strength * sign, AUTO_AUGMENT_RANGES[policy], images.shape[-1])
+    grid = F.affine_grid(theta[:, :2], list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def affine_matrix(op, signed, ranges, side):
+    """[N, 3, 3]: each image's shear, translation or rotation (identity for the other operations), in
+    grid_sample's coordinates, which run from -1 to 1 across the (square) image. Shears are about the
+    top-left corner, as torchvision's; rotations about the centre."""
+
+    def amount(name, limit):
+        return torch.where(op == AUTO_AUGMENT_OPS.index(name), signed * limit, 0.0)
+
+    shear_x, shear_y = amount("shear_x", ranges["shear"]), amount("shear_y", ranges["shear"])
+    pixels, share = ranges["translate"]
+    to_grid = 2 * (pixels / side + share)  # a shift of the whole side is 2 in grid units
+    shift_x, shift_y = amount("translate_x", to_grid), amount("translate_y", to_grid)
+    angle = amount("rotate", math.radians(ranges["rotate"]))
+    cos, sin, zero, one = angle.cos(), angle.sin(), torch.zeros_like(angle), torch.ones_like(angle)
+    rows = [
+        [cos, -sin + shear_x, shear_x + shift_x],
+        [sin + shear_y, cos, shear_y + shift_y],
+        [zero, zero, one],
+    ]
+    return torch.stack([torch.stack(row, 1) for row in rows], 1)
+
+
+def colour_operations(images, op, strength, sign, ranges):
+    """Each image's colour operation (the others pass through): brightness, color (saturation),
+    contrast and sharpness blend with a degenerate image by a factor 1 + sign x strength x enhance;
+    posterize keeps 8 down to ranges["bits"] bits; solarize inverts pixels at or above 1 - strength;
+    autocontrast stretches each channel to [0, 1]; equalize flattens each channel's histogram."""
+
+    def chosen(name):
+        return (op == AUTO_AUGMENT_OPS.index(name))[:, None, None, None]
+
+    factor = (1 + sign * strength * ranges["enhance"])[:, None, None, None]
+    gray = _gray(images)
+    for name, degenerate in (
+        ("brightness", torch.zeros_like(images)),
+        ("color", gray),
+        ("contrast", gray.mean((2, 3), keepdim=True)),
+        ("sharpness", _smoothed(images)),
+    ):
+        images = torch.where(chosen(name), (degenerate + factor * (images - degenerate)).clamp(0, 1), images)
+    bits = (8 - (strength * (8 - ranges["bits"])).round())[:, None, None, None]
+    step = 2 ** (8 - bits)
+    images = torch.where(chosen("posterize"), (images * 255 / step).floor() * step / 255, images)
+    threshold = (1 - strength)[:, None, None, None]
+    images = torch.where(chosen("solarize") & (images >= threshold), 1 - images, images)
+    low, high = images.amin((2, 3), keepdim=True), images.amax((2, 3), keepdim=True)
+    stretched = torch.where(high > low, (images - low) / (high - low), images)
+    images = torch.where(chosen("autocontrast"), stretched, images)
+    return torch.where(chosen("equalize"), _equalized(images), images)
+
+
+def _smoothed(images):
+    """PIL's SMOOTH filter (torchvision's sharpness degenerate): 3x3, centre weight 5; the border kept."""
+    kernel = torch.ones(3, 3, device=images.device)
+    kernel[1, 1] = 5
+    kernel = (kernel / kernel.sum()).expand(images.shape[1], 1, 3, 3)
+    inner = F.conv2d(images, kernel, groups=images.shape[1])
+    return torch.cat([images[..., :1, :], torch.cat([images[..., 1:-1, :1], inner, images[..., 1:-1, -1:]], 3),
+                      images[..., -1:, :]], 2)  # fmt: skip
+
+
+def _equalized(images):
+    """Histogram equalisation of each channel of each image on 256 levels, as torchvision's equalize."""
+    n, channels, height, width = images.shape
+    levels = (images * 255).round().long().view(n * channels, -1)
+    histogram = torch.zeros(n * channels, 256, dtype=torch.long, device=images.device)
+    histogram.scatter_add_(1, levels, torch.ones_like(levels))
+    # torchvision: the pixels of all levels but the highest present, in 255 steps
+    step = (height * width - histogram.gather(1, levels.amax(1, keepdim=True))) // 255
+    table = (histogram.cumsum(1) + step // 2) // step.clamp(min=1)
+    table = F.pad(table, (1, 0))[:, :-1].clamp(0, 255)
+    equalized = torch.where(step > 0, table.gather(1, levels), levels)
+    return (equalized.float() / 255).view(n, channels, height, width)
+
+
+def _beta(alpha, generator, device):
+    """One draw of Beta(alpha, alpha) from the generator, on the device: X / (X + Y) of two gammas."""
+    x, y = torch._standard_gamma(torch.full((2,), float(alpha), device=device), generator=generator)
+    return x / (x + y)
+
+
+def _cutmix_box(shape, lam, generator):
+    """[H, W] bool mask of CutMix's box: centred at a random pixel, sides sqrt(1 - lam) of the image's."""
+    rows, cols = (torch.arange(side, device=lam.device) for side in shape)
+    inside = []
+    for positions, side in ((rows, shape[0]), (cols, shape[1])):
+        centre = (torch.rand((), device=lam.device, generator=generator) * side).floor()
+        half = (0.5 * (1 - lam).sqrt() * side).floor()
+        inside.append((positions >= centre - half) & (positions < (centre + half).clamp(max=side)))
+    return inside[0][:, None] & inside[1][None, :]
+
+
+def class_indices(spec, classes):
+    """Class indices named by spec: 'none', 'all', a group of GROUPS, or comma-separated names."""
+    if spec == "none":
+        return []
+    if spec == "all":
+        return list(range(len(classes)))
+    if spec in GROUPS:  # a group's classes that this data has
+        names = [name for name in GROUPS[spec] if name in classes]
+        if not names:
+            raise UserError(f"the group {spec} ({', '.join(GROUPS[spec])}) has none of the classes {classes}; "
+                            f"name classes, or edit data.GROUPS")  # fmt: skip
+        return [classes.index(name) for name in names]
+    names = spec.split(",")
+    unknown = [name for name in names if name not in classes]
+    if unknown:
+        raise UserError(f"unknown class {unknown[0]!r}; use all, none, {', '.join(GROUPS)} or names from {classes}")
+    return [classes.index(name) for name in names]
+
+
+def group_of_classes(classes):
+    """{group: [class indices]} when GROUPS names every class exactly once and every group has one,
+    else None."""
+    index = {name: i for i, name in enumerate(classes)}
+    groups = {group: [index[c] for c in members if c in index] for group, members in GROUPS.items()}
+    covered = sorted(i for members in groups.values() for i in members)
+    return groups if covered == list(range(len(classes))) and all(groups.values()) else None
+
+
+# ---------------------------------------------------------------------------------- folder listing and its checks
+
+
 def is_cifar10_location(root):
     """The default ./data, a folder that holds CIFAR-10's files, or an empty one made for the download:
     a misspelled --data-dir is not taken as a place to download CIFAR-10 into."""
@@ -199,16 +564,6 @@ def is_cifar10_location(root):
         or (root / "cifar-10-python.tar.gz").is_file()
         or not any(root.iterdir())
     )
-
-
-def load_images(data_dir, split, side=IMAGE_SIZE, expected_classes=None, cache_dir=None):
-    """Every image of a split, decoded (or read from the cache in cache_dir): (images uint8
-    [N, 3, side, side], labels, class names)."""
-    items, labels, classes = list_images(data_dir, split)
-    check_classes(classes, expected_classes, data_dir)
-    check_memory(len(labels), side, advice=f"free memory, or evaluate part of {split}/ at a time")
-    part = load_part(items, labels, torch.arange(len(labels)), side, Path(data_dir) / split, cache_dir, {})
-    return part.in_memory().images, part.labels, classes
 
 
 def load_cifar10(root, train):
@@ -333,66 +688,6 @@ def validation_folder(data_dir):
     return next((root / name for name in VAL_FOLDERS if (root / name).is_dir()), None)
 
 
-def load_split(
-    data_dir,
-    side,
-    val_fraction,
-    seed,
-    max_train_samples=None,
-    device=None,
-    parts=("train", "val"),
-    expected_classes=None,
-    reserved=0,
-    listing=None,
-    cache_dir=None,
-    data_on="device",
-    check=None,
-):
-    """The run's training and validation images at side x side: DIR/val/ when there is one, else a
-    stratified val_fraction of train/; the training part optionally cut to about max_train_samples.
-    Only the parts asked for are decoded, once they are known to fit in memory with `reserved` bytes
-    more (training's own). listing: list_images(data_dir, "train") when the caller has it already.
-    An image folder is decoded once, whole, into a cache in cache_dir (None: no cache), unless a
-    subset is asked for. data_on: "device", the splits in memory (for the caller to put on the
-    training device); "disk", read batch by batch from the cache; "auto", device when it fits.
-    check(fingerprint), when given, may refuse the data before anything is decoded. Returns
-    ({part: Split}, class names, the data's fingerprint, where the validation images come from, in
-    words)."""
-    items, labels, classes = listing or list_images(data_dir, "train")
-    check_classes(classes, expected_classes, data_dir)
-    if len(classes) == 1:  # a model that is always right: loss 0, 100% accuracy
-        raise one_class_error(Path(data_dir) / "train", classes[0])
-    val_dir = validation_folder(data_dir)
-    if val_dir is None:
-        train, val = train_val_indices(labels, classes, val_fraction, seed, max_train_samples)
-        sources = {"train": (items, labels, train), "val": (items, labels, val)}
-        found = fingerprint(data_dir, items, labels, classes)
-        where = f"{val_fraction:.0%} of train/ (stratified, --seed {seed})"
-    else:
-        sources, found = validation_folder_sources(data_dir, val_dir, items, labels, classes, max_train_samples, seed)
-        where = f"{val_dir} (--val-fraction is not used)"
-    if check:
-        check(found)
-    folders = {"train": Path(data_dir) / "train", "val": val_dir or Path(data_dir) / "train"}
-    # a --max-train-samples cut: fewer images in the parts than in the folders they come from
-    subset = len(sources["train"][2]) + (len(sources["val"][2]) if val_dir is None else 0) < len(labels)
-    cached = cache_dir is not None and not isinstance(items, torch.Tensor) and not subset
-    data_on = place_data(data_on, cached, cache_dir, subset, sources, parts, side, device, reserved)
-    opened = {}  # train/'s cache serves both parts when the validation split is cut from it
-    splits = {}
-    for part in parts:
-        split = load_part(*sources[part], side, folders[part], cache_dir if cached else None, opened, data_on == "disk")
-        splits[part] = split if data_on == "disk" else split.in_memory()
-    for part, split in splits.items():  # a class whose images could none be read is gone
-        empty = [name for name, n in zip(classes, torch.bincount(split.labels, minlength=len(classes))) if n == 0]
-        if empty:
-            raise UserError(
-                f"none of the {part} images of class {empty[0]!r} could be read (see the warning above); "
-                f"replace them, or remove the class folder"
-            )
-    return splits, classes, found, where
-
-
 def validation_folder_sources(data_dir, val_dir, items, labels, classes, max_train_samples, seed):
     """({part: (items, labels, positions)}, fingerprint) when DIR/val/ is the validation split: train/
     whole (or its subset), val/ whole. Refused: val/ with other classes, or images of train/."""
@@ -447,88 +742,194 @@ def small_image_side(typical):
     return max(IMAGE_SIZE, typical)
 
 
-def check_memory(count, side, device=None, advice=TRAINING_ADVICE, reserved=0):
-    """Refuse, before decoding, a dataset whose uint8 tensor would not fit comfortably: with `reserved`
-    bytes more, at most MEMORY_SHARE of the free memory, and of the free device memory when it goes
-    to a GPU."""
-    need = count * 3 * side * side + reserved
-    free = {"memory": available_memory()}
-    if device is not None and torch.device(device).type == "cuda":
-        free["GPU memory"] = torch.cuda.mem_get_info(device)[0]
-    for where, available in free.items():
-        if available is not None and need > MEMORY_SHARE * available:
-            raise UserError(
-                f"{count} images at {side}x{side}{' and training' if reserved else ''} need "
-                f"{need / 2**30:.2f} GiB in {where}, more than "
-                f"{MEMORY_SHARE:.0%} of the {available / 2**30:.2f} GiB free; {advice}"
+# ---------------------------------------------------------------------------------- splits and fingerprints
+
+
+def stratified_split(labels, fraction, seed):
+    """Split positions 0..len(labels)-1 into (rest, taken), taking `fraction` of every class.
+
+    Depends only on labels, fraction and seed, so every machine and process count agrees."""
+    generator = torch.Generator().manual_seed(seed)
+    rest, taken = [], []
+    for label in labels.unique():
+        positions = (labels == label).nonzero().flatten()
+        positions = positions[torch.randperm(len(positions), generator=generator)]
+        n_taken = round(len(positions) * fraction)
+        taken.append(positions[:n_taken])
+        rest.append(positions[n_taken:])
+    return torch.cat(rest).sort().values, torch.cat(taken).sort().values
+
+
+def training_subset(labels, train, max_train_samples, seed):
+    """The training indices cut to a stratified subset of about max_train_samples (None: all)."""
+    if max_train_samples and max_train_samples < len(train):
+        _, keep = stratified_split(labels[train], max_train_samples / len(train), seed)
+        train = train[keep]
+    return train
+
+
+def train_val_indices(labels, classes, val_fraction, seed, max_train_samples=None):
+    """The run's train and validation indices; the training part optionally cut to a stratified
+    subset of about max_train_samples. Refuses a split that leaves a class without a training or
+    a validation image."""
+    train, val = stratified_split(labels, val_fraction, seed)
+    subset = bool(max_train_samples and max_train_samples < len(train))
+    train = training_subset(labels, train, max_train_samples, seed)
+    counts = [torch.bincount(labels[part], minlength=len(classes)).tolist() for part in (train, val)]
+    for name, n_train, n_val in zip(classes, *counts):
+        if n_train and n_val:
+            continue
+        if n_val == 0:
+            advice = "raise --val-fraction or add images of it"
+        elif subset:
+            advice = f"raise --max-train-samples (at least {len(classes)}, one image a class)"
+        else:
+            advice = "lower --val-fraction or add images of it"
+        raise UserError(
+            f"class {name!r} would have {n_train} training and {n_val} validation images "
+            f"(--val-fraction {val_fraction}); {advice}"
+        )
+    return train, val
+
+
+def fingerprint(data_dir, items, labels, classes, val_items=()):
+    """A small record of the data a run is split from, to check later that a folder still holds it:
+    the images per class (labels: train/'s, and a validation folder's after them), and a hash of an
+    image folder's listed images (items, and a validation folder's val_items) as relative paths and
+    file sizes, sorted so that the order files are listed in does not matter; or of CIFAR-10's
+    pixels and labels (items, from list_images)."""
+    if isinstance(items, torch.Tensor):
+        content = items.numpy().tobytes() + labels.numpy().tobytes()
+    else:
+        # train/'s paths relative to it, as before validation folders were read; val/'s relative to DIR
+        root = Path(data_dir)
+        relative = [(path, len(str(root / "train"))) for path in items] + [(path, len(str(root))) for path in val_items]
+        content = "\n".join(
+            sorted(
+                f"{path[prefix:]}\0{os.stat(path).st_size if os.path.exists(path) else -1}"  # -1: a broken link
+                for path, prefix in relative
             )
+        ).encode()
+    counts = torch.bincount(labels, minlength=len(classes)).tolist()
+    return {"sha256": hashlib.sha256(content).hexdigest()[:16], "images_per_class": dict(zip(classes, counts))}
 
 
-def fits_in_memory(count, side, device=None, reserved=0):
+def data_difference(expected, found):
+    """What differs between two fingerprints, in words; None when they match."""
+    if expected == found:
+        return None
+    had, has = expected["images_per_class"], found["images_per_class"]
+    changes = [f"{name}: {has.get(name, 0)} images, the run had {n}" for name, n in had.items() if has.get(name) != n]
+    changes += [f"{name}: a class the run did not have" for name in has if name not in had]
+    if changes:
+        return "; ".join(changes[:3]) + ("; ..." if len(changes) > 3 else "")
+    return "as many images per class, but other files or file sizes: images replaced, or another copy"
+
+
+# ---------------------------------------------------------------------------------- decoding
+
+
+def decode(items, labels, positions, side):
+    """uint8 images [M, 3, side, side] and their labels, for the items at positions. CIFAR-10's are
+    decoded already. Unreadable images are skipped and counted, so one bad file does not cost a run."""
+    if isinstance(items, torch.Tensor):
+        return items[positions], labels[positions]
+    paths = [items[i] for i in positions.tolist()]
+    pixels = np.empty((len(paths), 3, side, side), dtype=np.uint8)
+    readable = decode_into(paths, side, pixels)
+    say_unreadable([path for path, ok in zip(paths, readable) if not ok], len(paths))
+    if not readable.all():
+        pixels = pixels[readable]
+    return torch.from_numpy(pixels), labels[positions][torch.from_numpy(readable)]
+
+
+def decode_into(paths, side, pixels):
+    """Decode every path into pixels (uint8 [N, 3, side, side]: memory, or a cache file being written),
+    with a progress bar; returns which could be read (bool [N]). Photos are decoded by a thread per
+    core (PIL lets go of Python's lock while it decodes and resizes); small images in this thread, as
+    Python's own work per image dominates them and threads would only wait for its lock."""
+    readable = np.zeros(len(paths), dtype=bool)
+    threads = 1 if side <= SMALL_SIDE else len(os.sched_getaffinity(0))
+    pool = ThreadPoolExecutor(threads)
+    images = (pool.map if threads > 1 else map)(read_image, paths, itertools.repeat(side))
+    bar = tqdm(images, total=len(paths), desc="decoding", unit="img", leave=False, disable=None)  # None: a terminal
     try:
-        check_memory(count, side, device, reserved=reserved)
-        return True
-    except UserError:
-        return False
+        for i, image in enumerate(bar):
+            if image is not None:
+                pixels[i] = image.transpose(2, 0, 1)  # PIL's height, width, channel -> channel first
+                readable[i] = True
+    finally:  # on Ctrl-C, drop the images not started: waiting for them all would look like a hang
+        bar.close()
+        pool.shutdown(wait=False, cancel_futures=True)
+    return readable
 
 
-def available_memory():
-    """Bytes of memory free for new allocations (Linux's MemAvailable), or None where unknown."""
+UNREADABLE = "broken, not images, or 32-bit pixels with no fixed range"  # what read_image skips
+
+
+def say_unreadable(unreadable, count, where=""):
+    """The warning line that names the images that could not be read (the first five); an error
+    when none could."""
+    if not unreadable:
+        return
+    if len(unreadable) == count:
+        raise UserError(f"none of the {count} images{where}, e.g. {unreadable[0]}, could be read ({UNREADABLE})")
+    named = ", ".join(unreadable[:5]) + (", ..." if len(unreadable) > 5 else "")
+    LOG(f"warning: skipped {len(unreadable)} unreadable image(s){where} ({UNREADABLE}): {named}")
+
+
+def read_image(path, side):
+    """One image as uint8 [side, side, 3]: its shorter side resized to side (bicubic), then the centre
+    side x side; None when it cannot be read (truncated, not an image, a decompression bomb, bad EXIF
+    data: decoders raise OSError, ValueError, SyntaxError, struct.error and more), or its pixels have
+    no fixed range (to_rgb)."""
     try:
-        with open("/proc/meminfo") as file:
-            fields = dict(line.split(":", 1) for line in file)
-        return int(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
+        with Image.open(path) as image:
+            image.draft("RGB", (side, side))  # JPEG: decode at a reduced scale when still large enough
+            image = to_rgb(ImageOps.exif_transpose(as_16_bit(image)))  # upright, as phones mark their photos
+            if image.size != (side, side):
+                scale = side / min(image.size)
+                width, height = max(side, round(image.width * scale)), max(side, round(image.height * scale))
+                left, top = (width - side) // 2, (height - side) // 2
+                image = image.resize((width, height), Image.BICUBIC).crop((left, top, left + side, top + side))
+            return np.asarray(image)
+    except Exception:
         return None
 
 
-def place_data(data_on, cached, cache_dir, subset, sources, parts, side, device, reserved):
-    """Where the splits are held: "device" (in memory, checked to fit) or "disk" (the cache, read
-    batch by batch); "auto" is device when the images fit the memory check, else disk."""
-    count = sum(len(sources[part][2]) for part in parts)
-    advice = TRAINING_ADVICE if "train" in parts else "free memory first"
-    if data_on != "device" and not cached:
-        if data_on == "disk" and cache_dir is None:
-            raise UserError("--data-on disk reads batches from the cache; drop --cache-dir none")
-        if data_on == "disk":
-            why = "--max-train-samples decodes its subset and writes no cache" if subset else "CIFAR-10 is in memory"
-            LOG(f"data: held in memory, not on disk: {why}")
-        data_on = "device"
-    if data_on == "auto":
-        data_on = "device" if fits_in_memory(count, side, device, reserved) else "disk"
-        if data_on == "disk":
-            LOG(f"data: {count} images at {side}x{side} do not fit in memory; training reads them from the cache")
-    if data_on == "device":
-        check_memory(count, side, device, f"pass --data-on disk, or {advice}" if cached else advice, reserved)
-    return data_on
+def as_16_bit(image):
+    """Pillow before 11 opens 16-bit grayscale PNGs as mode I (32-bit integers): their file says 16
+    bits (the decoder's raw mode), so make them I;16, the mode to_rgb reads 16-bit images from."""
+    raw = image.tile[0].args if image.mode == "I" and len(image.tile) == 1 else None
+    if str(raw[0] if isinstance(raw, tuple) else raw).startswith("I;16"):
+        return Image.fromarray(np.asarray(image).astype(np.uint16))
+    return image
 
 
-def load_part(items, labels, positions, side, folder, cache_dir, opened, on_disk=False):
-    """A Split of the items at positions: decoded into memory, or (cache_dir) rows of folder's cache,
-    built first when there is none (opened: the caches opened so far, by folder). A cache that cannot
-    be written costs only the cache: the images are decoded into memory, as said in a warning;
-    unless they are to be read from disk (on_disk), which then cannot be."""
-    if cache_dir is not None and folder not in opened:
-        try:
-            opened[folder] = open_or_build_cache(items, side, folder, cache_dir)
-            say_unreadable(opened[folder][2], len(items), f" of {folder}")
-        except CacheUnavailable as why:
-            if on_disk:
-                raise UserError(f"{why}; --data-on disk reads from the cache, and nothing else is left") from None
-            LOG(f"warning: {why}; decoding into memory, without a cache")
-            opened[folder] = None
-    if cache_dir is None or opened[folder] is None:
-        started = time.perf_counter()
-        split = Split(*decode(items, labels, positions, side))
-        if not isinstance(items, torch.Tensor):
-            LOG(f"data: {folder}: decoded {len(positions)} images in {time.perf_counter() - started:.1f}s, no cache")
-        return split
-    pixels, readable, _ = opened[folder]
-    keep = positions[readable[positions]]
-    return Split(pixels, labels[keep], rows=keep)
+def to_rgb(image):
+    """8-bit RGB with the image's true colours, whatever its mode. 16-bit grayscale (I;16 and its byte
+    orders) is scaled to 8 bits: PIL's own conversion clips it to 255, all white. 32-bit integer (I)
+    and float (F) pixels are refused (ValueError): they have no fixed range, and PIL's conversion
+    clips them, so a float image of 0..1 would read as black. Transparent pixels go onto
+    TRANSPARENT_BACKGROUND: converted straight to RGB they would keep whatever colour hides under
+    them. La (premultiplied luminance and alpha) has no conversion in PIL: composited here."""
+    if image.mode in ("I", "F"):
+        raise ValueError(f"mode {image.mode}: 32-bit pixels have no fixed range; save the image with 8 or 16 bits")
+    if image.mode.startswith("I;16"):
+        image = Image.fromarray((np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8))  # 0..65535 -> 0..255
+    if image.mode == "La":
+        luminance, alpha = np.asarray(image, dtype=np.float32).transpose(2, 0, 1)
+        background = np.mean(TRANSPARENT_BACKGROUND)
+        image = Image.fromarray(np.clip(luminance + (255 - alpha) * background / 255, 0, 255).round().astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA", "RGBa") or "transparency" in image.info:
+        image = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", image.size, (*TRANSPARENT_BACKGROUND, 255)), image)
+    return image.convert("RGB")
 
 
 # ---------------------------------------------------------------------------------- the cache
+
+
 # An image folder is decoded once, whole, at its stored side into a file of raw uint8 pixels that
 # every later run (and every process of a run) maps into memory: the page cache holds one copy for
 # all of them. A cache is a folder <cache_dir>/<folder>-<side>px-<key>/ holding images.npy
@@ -538,7 +939,11 @@ def load_part(items, labels, positions, side, folder, cache_dir, opened, on_disk
 # folder, or an image replaced by another, gets a new cache.
 
 CACHE_VERSION = 2  # raise it when read_image stores other pixels: old caches are then never read
+
+
 TEMPORARY_BUILD = re.compile(r"(.+-\d+px-[0-9a-f]{16})\.tmp-\d+")  # <cache>.tmp-<pid>: see build_of
+
+
 CACHE_RULE = "shorter side resized to the side (bicubic), centre square; EXIF upright; 8-bit RGB, transparent white"
 
 
@@ -728,546 +1133,154 @@ def open_cache(where, count, side):
     return torch.from_numpy(pixels), torch.from_numpy(readable), unreadable
 
 
-def decode(items, labels, positions, side):
-    """uint8 images [M, 3, side, side] and their labels, for the items at positions. CIFAR-10's are
-    decoded already. Unreadable images are skipped and counted, so one bad file does not cost a run."""
-    if isinstance(items, torch.Tensor):
-        return items[positions], labels[positions]
-    paths = [items[i] for i in positions.tolist()]
-    pixels = np.empty((len(paths), 3, side, side), dtype=np.uint8)
-    readable = decode_into(paths, side, pixels)
-    say_unreadable([path for path, ok in zip(paths, readable) if not ok], len(paths))
-    if not readable.all():
-        pixels = pixels[readable]
-    return torch.from_numpy(pixels), labels[positions][torch.from_numpy(readable)]
+# ---------------------------------------------------------------------------------- memory placement
 
 
-def decode_into(paths, side, pixels):
-    """Decode every path into pixels (uint8 [N, 3, side, side]: memory, or a cache file being written),
-    with a progress bar; returns which could be read (bool [N]). Photos are decoded by a thread per
-    core (PIL lets go of Python's lock while it decodes and resizes); small images in this thread, as
-    Python's own work per image dominates them and threads would only wait for its lock."""
-    readable = np.zeros(len(paths), dtype=bool)
-    threads = 1 if side <= SMALL_SIDE else len(os.sched_getaffinity(0))
-    pool = ThreadPoolExecutor(threads)
-    images = (pool.map if threads > 1 else map)(read_image, paths, itertools.repeat(side))
-    bar = tqdm(images, total=len(paths), desc="decoding", unit="img", leave=False, disable=None)  # None: a terminal
-    try:
-        for i, image in enumerate(bar):
-            if image is not None:
-                pixels[i] = image.transpose(2, 0, 1)  # PIL's height, width, channel -> channel first
-                readable[i] = True
-    finally:  # on Ctrl-C, drop the images not started: waiting for them all would look like a hang
-        bar.close()
-        pool.shutdown(wait=False, cancel_futures=True)
-    return readable
-
-
-UNREADABLE = "broken, not images, or 32-bit pixels with no fixed range"  # what read_image skips
-
-
-def say_unreadable(unreadable, count, where=""):
-    """The warning line that names the images that could not be read (the first five); an error
-    when none could."""
-    if not unreadable:
-        return
-    if len(unreadable) == count:
-        raise UserError(f"none of the {count} images{where}, e.g. {unreadable[0]}, could be read ({UNREADABLE})")
-    named = ", ".join(unreadable[:5]) + (", ..." if len(unreadable) > 5 else "")
-    LOG(f"warning: skipped {len(unreadable)} unreadable image(s){where} ({UNREADABLE}): {named}")
-
-
-def read_image(path, side):
-    """One image as uint8 [side, side, 3]: its shorter side resized to side (bicubic), then the centre
-    side x side; None when it cannot be read (truncated, not an image, a decompression bomb, bad EXIF
-    data: decoders raise OSError, ValueError, SyntaxError, struct.error and more), or its pixels have
-    no fixed range (to_rgb)."""
-    try:
-        with Image.open(path) as image:
-            image.draft("RGB", (side, side))  # JPEG: decode at a reduced scale when still large enough
-            image = to_rgb(ImageOps.exif_transpose(as_16_bit(image)))  # upright, as phones mark their photos
-            if image.size != (side, side):
-                scale = side / min(image.size)
-                width, height = max(side, round(image.width * scale)), max(side, round(image.height * scale))
-                left, top = (width - side) // 2, (height - side) // 2
-                image = image.resize((width, height), Image.BICUBIC).crop((left, top, left + side, top + side))
-            return np.asarray(image)
-    except Exception:
-        return None
-
-
-def as_16_bit(image):
-    """Pillow before 11 opens 16-bit grayscale PNGs as mode I (32-bit integers): their file says 16
-    bits (the decoder's raw mode), so make them I;16, the mode to_rgb reads 16-bit images from."""
-    raw = image.tile[0].args if image.mode == "I" and len(image.tile) == 1 else None
-    if str(raw[0] if isinstance(raw, tuple) else raw).startswith("I;16"):
-        return Image.fromarray(np.asarray(image).astype(np.uint16))
-    return image
-
-
-def to_rgb(image):
-    """8-bit RGB with the image's true colours, whatever its mode. 16-bit grayscale (I;16 and its byte
-    orders) is scaled to 8 bits: PIL's own conversion clips it to 255, all white. 32-bit integer (I)
-    and float (F) pixels are refused (ValueError): they have no fixed range, and PIL's conversion
-    clips them, so a float image of 0..1 would read as black. Transparent pixels go onto
-    TRANSPARENT_BACKGROUND: converted straight to RGB they would keep whatever colour hides under
-    them. La (premultiplied luminance and alpha) has no conversion in PIL: composited here."""
-    if image.mode in ("I", "F"):
-        raise ValueError(f"mode {image.mode}: 32-bit pixels have no fixed range; save the image with 8 or 16 bits")
-    if image.mode.startswith("I;16"):
-        image = Image.fromarray((np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8))  # 0..65535 -> 0..255
-    if image.mode == "La":
-        luminance, alpha = np.asarray(image, dtype=np.float32).transpose(2, 0, 1)
-        background = np.mean(TRANSPARENT_BACKGROUND)
-        image = Image.fromarray(np.clip(luminance + (255 - alpha) * background / 255, 0, 255).round().astype(np.uint8))
-    if image.mode in ("RGBA", "LA", "PA", "RGBa") or "transparency" in image.info:
-        image = image.convert("RGBA")
-        image = Image.alpha_composite(Image.new("RGBA", image.size, (*TRANSPARENT_BACKGROUND, 255)), image)
-    return image.convert("RGB")
-
-
-def fingerprint(data_dir, items, labels, classes, val_items=()):
-    """A small record of the data a run is split from, to check later that a folder still holds it:
-    the images per class (labels: train/'s, and a validation folder's after them), and a hash of an
-    image folder's listed images (items, and a validation folder's val_items) as relative paths and
-    file sizes, sorted so that the order files are listed in does not matter; or of CIFAR-10's
-    pixels and labels (items, from list_images)."""
-    if isinstance(items, torch.Tensor):
-        content = items.numpy().tobytes() + labels.numpy().tobytes()
-    else:
-        # train/'s paths relative to it, as before validation folders were read; val/'s relative to DIR
-        root = Path(data_dir)
-        relative = [(path, len(str(root / "train"))) for path in items] + [(path, len(str(root))) for path in val_items]
-        content = "\n".join(
-            sorted(
-                f"{path[prefix:]}\0{os.stat(path).st_size if os.path.exists(path) else -1}"  # -1: a broken link
-                for path, prefix in relative
+def check_memory(count, side, device=None, advice=TRAINING_ADVICE, reserved=0):
+    """Refuse, before decoding, a dataset whose uint8 tensor would not fit comfortably: with `reserved`
+    bytes more, at most MEMORY_SHARE of the free memory, and of the free device memory when it goes
+    to a GPU."""
+    need = count * 3 * side * side + reserved
+    free = {"memory": available_memory()}
+    if device is not None and torch.device(device).type == "cuda":
+        free["GPU memory"] = torch.cuda.mem_get_info(device)[0]
+    for where, available in free.items():
+        if available is not None and need > MEMORY_SHARE * available:
+            raise UserError(
+                f"{count} images at {side}x{side}{' and training' if reserved else ''} need "
+                f"{need / 2**30:.2f} GiB in {where}, more than "
+                f"{MEMORY_SHARE:.0%} of the {available / 2**30:.2f} GiB free; {advice}"
             )
-        ).encode()
-    counts = torch.bincount(labels, minlength=len(classes)).tolist()
-    return {"sha256": hashlib.sha256(content).hexdigest()[:16], "images_per_class": dict(zip(classes, counts))}
 
 
-def data_difference(expected, found):
-    """What differs between two fingerprints, in words; None when they match."""
-    if expected == found:
+def fits_in_memory(count, side, device=None, reserved=0):
+    try:
+        check_memory(count, side, device, reserved=reserved)
+        return True
+    except UserError:
+        return False
+
+
+def available_memory():
+    """Bytes of memory free for new allocations (Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as file:
+            fields = dict(line.split(":", 1) for line in file)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
         return None
-    had, has = expected["images_per_class"], found["images_per_class"]
-    changes = [f"{name}: {has.get(name, 0)} images, the run had {n}" for name, n in had.items() if has.get(name) != n]
-    changes += [f"{name}: a class the run did not have" for name in has if name not in had]
-    if changes:
-        return "; ".join(changes[:3]) + ("; ..." if len(changes) > 3 else "")
-    return "as many images per class, but other files or file sizes: images replaced, or another copy"
-
-
-# ---------------------------------------------------------------------------------- splits
-
-
-def stratified_split(labels, fraction, seed):
-    """Split positions 0..len(labels)-1 into (rest, taken), taking `fraction` of every class.
-
-    Depends only on labels, fraction and seed, so every machine and process count agrees."""
-    generator = torch.Generator().manual_seed(seed)
-    rest, taken = [], []
-    for label in labels.unique():
-        positions = (labels == label).nonzero().flatten()
-        positions = positions[torch.randperm(len(positions), generator=generator)]
-        n_taken = round(len(positions) * fraction)
-        taken.append(positions[:n_taken])
-        rest.append(positions[n_taken:])
-    return torch.cat(rest).sort().values, torch.cat(taken).sort().values
-
-
-def training_subset(labels, train, max_train_samples, seed):
-    """The training indices cut to a stratified subset of about max_train_samples (None: all)."""
-    if max_train_samples and max_train_samples < len(train):
-        _, keep = stratified_split(labels[train], max_train_samples / len(train), seed)
-        train = train[keep]
-    return train
-
-
-def train_val_indices(labels, classes, val_fraction, seed, max_train_samples=None):
-    """The run's train and validation indices; the training part optionally cut to a stratified
-    subset of about max_train_samples. Refuses a split that leaves a class without a training or
-    a validation image."""
-    train, val = stratified_split(labels, val_fraction, seed)
-    subset = bool(max_train_samples and max_train_samples < len(train))
-    train = training_subset(labels, train, max_train_samples, seed)
-    counts = [torch.bincount(labels[part], minlength=len(classes)).tolist() for part in (train, val)]
-    for name, n_train, n_val in zip(classes, *counts):
-        if n_train and n_val:
-            continue
-        if n_val == 0:
-            advice = "raise --val-fraction or add images of it"
-        elif subset:
-            advice = f"raise --max-train-samples (at least {len(classes)}, one image a class)"
-        else:
-            advice = "lower --val-fraction or add images of it"
-        raise UserError(
-            f"class {name!r} would have {n_train} training and {n_val} validation images "
-            f"(--val-fraction {val_fraction}); {advice}"
-        )
-    return train, val
-
-
-# ---------------------------------------------------------------------------------- batches
-
-
-class Split(torch.utils.data.Dataset):
-    """A split's images and labels, fetched a whole batch at a time (__getitems__: one indexing call;
-    accelerate still shards, pads and skips batches as for any dataset). images: uint8 [N, 3, S, S]
-    in memory or on the training device, labels beside them; or (rows given) a folder's
-    memory-mapped cache, of which rows are the split's: each batch is gathered from the page cache
-    on the host, and the loader pins it and moves it to the device (make_loader)."""
-
-    def __init__(self, images, labels, rows=None):
-        self.images, self.labels, self.rows = images, labels, rows
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, index):
-        return self.__getitems__([index])
-
-    def __getitems__(self, indices):
-        index = torch.tensor(indices)
-        if self.rows is not None:
-            return self.images[self.rows[index]], self.labels[index]
-        if self.labels.is_cuda:  # from pinned memory the copy is queued, instead of waiting for the GPU
-            index = index.pin_memory()
-        index = index.to(self.labels.device, non_blocking=True)
-        return self.images[index], self.labels[index]
-
-    def in_memory(self):
-        """The split held in this process's memory: a cache's rows gathered (a copy)."""
-        return self if self.rows is None else Split(self.images[self.rows], self.labels)
-
-    def to(self, device):
-        """The split on the training device; one on disk stays there (its batches move one by one)."""
-        return self if self.rows is not None else Split(self.images.to(device), self.labels.to(device))
-
-
-def _keep_batch(batch):
-    return batch  # __getitems__ already returns a stacked batch
-
-
-def make_loader(split, batch_size, shuffle, drop_last=False):
-    """Batches of a Split. From disk to a GPU, two worker processes gather the next batches while
-    the GPU trains, into pinned memory for a copy that does not block; elsewhere the batch is one
-    indexing call in this process."""
-    from_disk_to_gpu = split.rows is not None and torch.cuda.is_available()
-    return torch.utils.data.DataLoader(
-        split,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        drop_last=drop_last,
-        collate_fn=_keep_batch,
-        num_workers=2 if from_disk_to_gpu else 0,
-        pin_memory=from_disk_to_gpu,
-        persistent_workers=from_disk_to_gpu,
-    )
-
-
-# ---------------------------------------------------------------------------------- augmentation
-
-
-def random_crop_flip(images, padding, generator):
-    """Random crop with zero padding and horizontal flip, as torchvision's RandomCrop(padding=p)
-    and RandomHorizontalFlip, drawn independently for every image of the batch."""
-    n, channels, height, width = images.shape
-    device = images.device
-    if padding:
-        padded = F.pad(images, (padding,) * 4)
-        dy = torch.randint(0, 2 * padding + 1, (n, 1), device=device, generator=generator)
-        dx = torch.randint(0, 2 * padding + 1, (n, 1), device=device, generator=generator)
-        rows = (dy + torch.arange(height, device=device))[:, None, :, None]
-        cols = (dx + torch.arange(width, device=device))[:, None, None, :]
-        batch = torch.arange(n, device=device)[:, None, None, None]
-        channel = torch.arange(channels, device=device)[None, :, None, None]
-        images = padded[batch, channel, rows, cols]
-    flip = torch.rand(n, device=device, generator=generator) < 0.5
-    return torch.where(flip[:, None, None, None], images.flip(3), images)
-
-
-def _uniform(n, low, high, like, generator):
-    return low + (high - low) * torch.rand(n, device=like.device, generator=generator)
-
-
-def random_resized_crop_flip(images, size, generator):
-    """uint8 batch -> float batch [N, 3, size, size] in [0, 1]: a random-resized crop and a horizontal
-    flip as torchvision's RandomResizedCrop(size) and RandomHorizontalFlip, each image with its own
-    area, aspect ratio, position and flip, sampled in one grid_sample call for the whole batch."""
-    n, _, height, width = images.shape
-    # torchvision draws up to 10 boxes per image and takes the first that fits; so do we, all at once
-    area = _uniform(n * 10, *CROP_AREA, images, generator).view(n, 10) * height * width
-    log_ratio = _uniform(n * 10, *map(math.log, CROP_RATIO), images, generator).view(n, 10)
-    w, h = (area * log_ratio.exp()).sqrt(), (area / log_ratio.exp()).sqrt()
-    fits = (w <= width) & (h <= height)
-    first = fits.int().argmax(1, keepdim=True)  # the first box that fits; none fits: the whole image
-    found = fits.any(1)
-    w = torch.where(found, w.gather(1, first).squeeze(1), width)
-    h = torch.where(found, h.gather(1, first).squeeze(1), height)
-    left = torch.rand(n, device=images.device, generator=generator) * (width - w)
-    top = torch.rand(n, device=images.device, generator=generator) * (height - h)
-    flip = torch.rand(n, device=images.device, generator=generator) < 0.5
-    # grid_sample's coordinates run from -1 to 1 across the image: scale and shift into the box
-    scale_x = torch.where(flip, -w / width, w / width)
-    shift_x, shift_y = (2 * left + w) / width - 1, (2 * top + h) / height - 1
-    zero = torch.zeros_like(w)
-    theta = torch.stack([torch.stack([scale_x, zero, shift_x], 1), torch.stack([zero, h / height, shift_y], 1)], 1)
-    grid = F.affine_grid(theta, [n, 3, size, size], align_corners=False)
-    return F.grid_sample(images.float().div_(255), grid, mode="bilinear", align_corners=False)
-
-
-def rotate(images, degrees, generator):
-    angle = _uniform(len(images), -math.radians(degrees), math.radians(degrees), images, generator)
-    cos, sin, zero = angle.cos(), angle.sin(), torch.zeros_like(angle)
-    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, padding_mode="zeros", align_corners=False)
-
-
-def color_jitter(images, strength, generator):
-    """Brightness, contrast and saturation, each with its own factor per image (float in [0, 1])."""
-    n = len(images)
-
-    def factor():
-        return _uniform(n, 1 - strength, 1 + strength, images, generator)[:, None, None, None]
-
-    images = images * factor()
-    mean = _gray(images).mean((2, 3), keepdim=True)
-    images = (images - mean) * factor() + mean
-    gray = _gray(images)
-    images = (images - gray) * factor() + gray
-    return images.clamp(0, 1)
-
-
-def _gray(images):
-    """Luma, [N, 1, H, W]; Python weights, as a tensor of them would be a copy to the device per batch."""
-    red, green, blue = images.split(1, dim=1)
-    return 0.299 * red + 0.587 * green + 0.114 * blue
-
-
-def random_erase(images, probability, generator):
-    """Zero one random rectangle per image with the given probability (torchvision's defaults)."""
-    n, _, height, width = images.shape
-    area = _uniform(n, *ERASE_AREA, images, generator) * height * width
-    log_ratio = _uniform(n, math.log(ERASE_RATIO[0]), math.log(ERASE_RATIO[1]), images, generator)
-    h = (area * log_ratio.exp()).sqrt().round().clamp(1, height)
-    w = (area / log_ratio.exp()).sqrt().round().clamp(1, width)
-    top = (torch.rand(n, device=images.device, generator=generator) * (height - h + 1)).floor()
-    left = (torch.rand(n, device=images.device, generator=generator) * (width - w + 1)).floor()
-    rows = torch.arange(height, device=images.device)[None, :, None]
-    cols = torch.arange(width, device=images.device)[None, None, :]
-    inside_rows = (rows >= top[:, None, None]) & (rows < (top + h)[:, None, None])
-    inside = inside_rows & (cols >= left[:, None, None]) & (cols < (left + w)[:, None, None])
-    erase = torch.rand(n, device=images.device, generator=generator) < probability
-    return images.masked_fill((inside & erase[:, None, None])[:, None], 0)
-
-
-def targeted_augment(images, generator):
-    """The seed write-up's augmentation for hard classes: rotation, colour jitter, erasing."""
-    images = rotate(images, ROTATION_DEGREES, generator)
-    images = color_jitter(images, JITTER, generator)
-    return random_erase(images, ERASE_PROBABILITY, generator)
-
-
-def augment(images, labels, generator, padding=4, targeted_labels=None, resized_crop=None, policy="none"):
-    """uint8 batch -> float batch in [0, 1]: a random crop (padded; or random-resized to resized_crop
-    pixels, for photos) and a flip for all, then the --auto-augment policy (ta_wide, ra or none); the
-    targeted augmentation for samples whose label is in targeted_labels (a tensor of class indices)."""
-    if resized_crop:
-        images = random_resized_crop_flip(images, resized_crop, generator)
-    else:
-        images = random_crop_flip(images, padding, generator).float().div_(255)
-    if policy != "none":
-        images = auto_augment(images, policy, generator)
-    if targeted_labels is not None and len(targeted_labels):
-        chosen = torch.isin(labels, targeted_labels)
-        # Augment the whole batch and keep the chosen rows: fixed shapes, no host sync.
-        images = torch.where(chosen[:, None, None, None], targeted_augment(images, generator), images)
-    return images
-
-
-def auto_augment(images, policy, generator):
-    """TrivialAugment-wide (policy ta_wide) or RandAugment (ra) on a float batch in [0, 1]: each image
-    draws its own operations and strengths. The colour operations go first, then the affine ones, all
-    rounds' composed into one grid_sample (torchvision applies them in the order drawn, each to a
-    uint8 image, with nearest-pixel sampling; here they are bilinear)."""
-    n = len(images)
-    theta = torch.eye(3, device=images.device).expand(n, 3, 3)
-    for _ in range(RAND_AUGMENT_OPS if policy == "ra" else 1):
-        op = torch.randint(len(AUTO_AUGMENT_OPS), (n,), device=images.device, generator=generator)
-        if policy == "ra":
-            strength = torch.full((n,), RAND_AUGMENT_BIN / (AUTO_AUGMENT_BINS - 1), device=images.device)
-        else:
-            strength = torch.randint(AUTO_AUGMENT_BINS, (n,), device=images.device, generator=generator)
-            strength = strength / (AUTO_AUGMENT_BINS - 1)
-        sign = torch.where(torch.rand(n, device=images.device, generator=generator) < 0.5, -1.0, 1.0)
-        images = colour_operations(images, op, strength, sign, AUTO_AUGMENT_RANGES[policy])
-        theta = theta @ affine_matrix(op, strength * sign, AUTO_AUGMENT_RANGES[policy], images.shape[-1])
-    grid = F.affine_grid(theta[:, :2], list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-
-
-def affine_matrix(op, signed, ranges, side):
-    """[N, 3, 3]: each image's shear, translation or rotation (identity for the other operations), in
-    grid_sample's coordinates, which run from -1 to 1 across the (square) image. Shears are about the
-    top-left corner, as torchvision's; rotations about the centre."""
-
-    def amount(name, limit):
-        return torch.where(op == AUTO_AUGMENT_OPS.index(name), signed * limit, 0.0)
-
-    shear_x, shear_y = amount("shear_x", ranges["shear"]), amount("shear_y", ranges["shear"])
-    pixels, share = ranges["translate"]
-    to_grid = 2 * (pixels / side + share)  # a shift of the whole side is 2 in grid units
-    shift_x, shift_y = amount("translate_x", to_grid), amount("translate_y", to_grid)
-    angle = amount("rotate", math.radians(ranges["rotate"]))
-    cos, sin, zero, one = angle.cos(), angle.sin(), torch.zeros_like(angle), torch.ones_like(angle)
-    rows = [
-        [cos, -sin + shear_x, shear_x + shift_x],
-        [sin + shear_y, cos, shear_y + shift_y],
-        [zero, zero, one],
-    ]
-    return torch.stack([torch.stack(row, 1) for row in rows], 1)
-
-
-def colour_operations(images, op, strength, sign, ranges):
-    """Each image's colour operation (the others pass through): brightness, color (saturation),
-    contrast and sharpness blend with a degenerate image by a factor 1 + sign x strength x enhance;
-    posterize keeps 8 down to ranges["bits"] bits; solarize inverts pixels at or above 1 - strength;
-    autocontrast stretches each channel to [0, 1]; equalize flattens each channel's histogram."""
-
-    def chosen(name):
-        return (op == AUTO_AUGMENT_OPS.index(name))[:, None, None, None]
-
-    factor = (1 + sign * strength * ranges["enhance"])[:, None, None, None]
-    gray = _gray(images)
-    for name, degenerate in (
-        ("brightness", torch.zeros_like(images)),
-        ("color", gray),
-        ("contrast", gray.mean((2, 3), keepdim=True)),
-        ("sharpness", _smoothed(images)),
-    ):
-        images = torch.where(chosen(name), (degenerate + factor * (images - degenerate)).clamp(0, 1), images)
-    bits = (8 - (strength * (8 - ranges["bits"])).round())[:, None, None, None]
-    step = 2 ** (8 - bits)
-    images = torch.where(chosen("posterize"), (images * 255 / step).floor() * step / 255, images)
-    threshold = (1 - strength)[:, None, None, None]
-    images = torch.where(chosen("solarize") & (images >= threshold), 1 - images, images)
-    low, high = images.amin((2, 3), keepdim=True), images.amax((2, 3), keepdim=True)
-    stretched = torch.where(high > low, (images - low) / (high - low), images)
-    images = torch.where(chosen("autocontrast"), stretched, images)
-    return torch.where(chosen("equalize"), _equalized(images), images)
-
-
-def _smoothed(images):
-    """PIL's SMOOTH filter (torchvision's sharpness degenerate): 3x3, centre weight 5; the border kept."""
-    kernel = torch.ones(3, 3, device=images.device)
-    kernel[1, 1] = 5
-    kernel = (kernel / kernel.sum()).expand(images.shape[1], 1, 3, 3)
-    inner = F.conv2d(images, kernel, groups=images.shape[1])
-    return torch.cat([images[..., :1, :], torch.cat([images[..., 1:-1, :1], inner, images[..., 1:-1, -1:]], 3),
-                      images[..., -1:, :]], 2)  # fmt: skip
-
-
-def _equalized(images):
-    """Histogram equalisation of each channel of each image on 256 levels, as torchvision's equalize."""
-    n, channels, height, width = images.shape
-    levels = (images * 255).round().long().view(n * channels, -1)
-    histogram = torch.zeros(n * channels, 256, dtype=torch.long, device=images.device)
-    histogram.scatter_add_(1, levels, torch.ones_like(levels))
-    # torchvision: the pixels of all levels but the highest present, in 255 steps
-    step = (height * width - histogram.gather(1, levels.amax(1, keepdim=True))) // 255
-    table = (histogram.cumsum(1) + step // 2) // step.clamp(min=1)
-    table = F.pad(table, (1, 0))[:, :-1].clamp(0, 255)
-    equalized = torch.where(step > 0, table.gather(1, levels), levels)
-    return (equalized.float() / 255).view(n, channels, height, width)
-
-
-def mix(images, labels, generator, mixup_alpha=0.0, cutmix_alpha=0.0):
-    """Mixup (Zhang et al. 2018) or CutMix (Yun et al. 2019) of the whole batch, as torchvision's v2
-    MixUp and CutMix: each image is mixed with the one before it in the batch, by a share
-    lam ~ Beta(alpha, alpha) of the batch's own. With both alphas, each batch takes one of the two at
-    random. Returns (images, the partner labels, the share of each image's own label: a 0-d tensor; the
-    partner's is 1 - share). CutMix pastes a box of the partner of area (1 - lam) x the image, cut at
-    the borders, and the share is the area left."""
-    partner_images, partner = images.roll(1, 0), labels.roll(1, 0)
-    if mixup_alpha > 0:
-        mixup_share = _beta(mixup_alpha, generator, images.device)
-        mixed, share = mixup_share * images + (1 - mixup_share) * partner_images, mixup_share
-    if cutmix_alpha > 0:
-        box = _cutmix_box(images.shape[-2:], _beta(cutmix_alpha, generator, images.device), generator)
-        cutmix_images, cutmix_share = torch.where(box, partner_images, images), 1 - box.float().mean()
-        if mixup_alpha > 0:  # both: one of the two, drawn on the device (no branch on a device value)
-            cutmix = torch.rand((), device=images.device, generator=generator) < 0.5
-            mixed, share = torch.where(cutmix, cutmix_images, mixed), torch.where(cutmix, cutmix_share, share)
-        else:
-            mixed, share = cutmix_images, cutmix_share
-    return mixed, partner, share
-
-
-def _beta(alpha, generator, device):
-    """One draw of Beta(alpha, alpha) from the generator, on the device: X / (X + Y) of two gammas."""
-    x, y = torch._standard_gamma(torch.full((2,), float(alpha), device=device), generator=generator)
-    return x / (x + y)
-
-
-def _cutmix_box(shape, lam, generator):
-    """[H, W] bool mask of CutMix's box: centred at a random pixel, sides sqrt(1 - lam) of the image's."""
-    rows, cols = (torch.arange(side, device=lam.device) for side in shape)
-    inside = []
-    for positions, side in ((rows, shape[0]), (cols, shape[1])):
-        centre = (torch.rand((), device=lam.device, generator=generator) * side).floor()
-        half = (0.5 * (1 - lam).sqrt() * side).floor()
-        inside.append((positions >= centre - half) & (positions < (centre + half).clamp(max=side)))
-    return inside[0][:, None] & inside[1][None, :]
-
-
-def normalizer(mean, std, size, device, crop=None):
-    """A function: uint8 or [0, 1] float batch -> normalised float batch of size x size pixels,
-    channels_last. Batches larger than crop (stored photos, in evaluation) are centre-cropped to it
-    first; training batches arrive cropped. Its constants are put on the device here, once: made
-    from the tuples for every batch, they would be two blocking host-to-device copies per step on a GPU."""
-    mean = torch.tensor(mean, device=device)[:, None, None]
-    std = torch.tensor(std, device=device)[:, None, None]
-
-    def normalize(images):
-        if crop and images.shape[-1] > crop:
-            top, left = (images.shape[-2] - crop) // 2, (images.shape[-1] - crop) // 2
-            images = images[..., top : top + crop, left : left + crop]
-        if images.dtype == torch.uint8:
-            images = images.float().div_(255)
-        if images.shape[-2:] != (size, size):
-            images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=size < images.shape[-1])
-        return ((images - mean) / std).contiguous(memory_format=torch.channels_last)
-
-    return normalize
-
-
-def class_indices(spec, classes):
-    """Class indices named by spec: 'none', 'all', a group of GROUPS, or comma-separated names."""
-    if spec == "none":
-        return []
-    if spec == "all":
-        return list(range(len(classes)))
-    if spec in GROUPS:  # a group's classes that this data has
-        names = [name for name in GROUPS[spec] if name in classes]
-        if not names:
-            raise UserError(f"the group {spec} ({', '.join(GROUPS[spec])}) has none of the classes {classes}; "
-                            f"name classes, or edit data.GROUPS")  # fmt: skip
-        return [classes.index(name) for name in names]
-    names = spec.split(",")
-    unknown = [name for name in names if name not in classes]
-    if unknown:
-        raise UserError(f"unknown class {unknown[0]!r}; use all, none, {', '.join(GROUPS)} or names from {classes}")
-    return [classes.index(name) for name in names]
-
-
-def group_of_classes(classes):
-    """{group: [class indices]} when GROUPS names every class exactly once and every group has one,
-    else None."""
-    index = {name: i for i, name in enumerate(classes)}
-    groups = {group: [index[c] for c in members if c in index] for group, members in GROUPS.items()}
-    covered = sorted(i for members in groups.values() for i in members)
-    return groups if covered == list(range(len(classes))) and all(groups.values()) else None
+
+
+def place_data(data_on, cached, cache_dir, subset, sources, parts, side, device, reserved):
+    """Where the splits are held: "device" (in memory, checked to fit) or "disk" (the cache, read
+    batch by batch); "auto" is device when the images fit the memory check, else disk."""
+    count = sum(len(sources[part][2]) for part in parts)
+    advice = TRAINING_ADVICE if "train" in parts else "free memory first"
+    if data_on != "device" and not cached:
+        if data_on == "disk" and cache_dir is None:
+            raise UserError("--data-on disk reads batches from the cache; drop --cache-dir none")
+        if data_on == "disk":
+            why = "--max-train-samples decodes its subset and writes no cache" if subset else "CIFAR-10 is in memory"
+            LOG(f"data: held in memory, not on disk: {why}")
+        data_on = "device"
+    if data_on == "auto":
+        data_on = "device" if fits_in_memory(count, side, device, reserved) else "disk"
+        if data_on == "disk":
+            LOG(f"data: {count} images at {side}x{side} do not fit in memory; training reads them from the cache")
+    if data_on == "device":
+        check_memory(count, side, device, f"pass --data-on disk, or {advice}" if cached else advice, reserved)
+    return data_on
+
+
+def load_part(items, labels, positions, side, folder, cache_dir, opened, on_disk=False):
+    """A Split of the items at positions: decoded into memory, or (cache_dir) rows of folder's cache,
+    built first when there is none (opened: the caches opened so far, by folder). A cache that cannot
+    be written costs only the cache: the images are decoded into memory, as said in a warning;
+    unless they are to be read from disk (on_disk), which then cannot be."""
+    if cache_dir is not None and folder not in opened:
+        try:
+            opened[folder] = open_or_build_cache(items, side, folder, cache_dir)
+            say_unreadable(opened[folder][2], len(items), f" of {folder}")
+        except CacheUnavailable as why:
+            if on_disk:
+                raise UserError(f"{why}; --data-on disk reads from the cache, and nothing else is left") from None
+            LOG(f"warning: {why}; decoding into memory, without a cache")
+            opened[folder] = None
+    if cache_dir is None or opened[folder] is None:
+        started = time.perf_counter()
+        split = Split(*decode(items, labels, positions, side))
+        if not isinstance(items, torch.Tensor):
+            LOG(f"data: {folder}: decoded {len(positions)} images in {time.perf_counter() - started:.1f}s, no cache")
+        return split
+    pixels, readable, _ = opened[folder]
+    keep = positions[readable[positions]]
+    return Split(pixels, labels[keep], rows=keep)
+
+
+# ---------------------------------------------------------------------------------- errors and the console
+
+
+class UserError(Exception):
+    """A problem with the user's input or files. Each script's main() prints it as one `error:` line
+    and exits non-zero; library code raises it so that a notebook importing this module survives."""
+
+
+def one_line_errors(parser):
+    """The scripts' argparse parser, its refusals made one line like every other bad input's: argparse
+    prints its whole usage block first, which buries the line that says what is wrong."""
+
+    def error(message):
+        parser.exit(2, f"{parser.prog}: error: {message} ({parser.prog} --help lists the flags)\n")
+
+    parser.error = error
+    return parser
+
+
+def path_flag(text):
+    """An argparse type for file and folder flags: an empty value (an unset shell variable, as in
+    --data-dir "$DATA") is refused, not taken as the current folder or a default."""
+    if not text:
+        raise argparse.ArgumentTypeError("is empty (an unset shell variable?); pass a path")
+    return text
+
+
+class QuietConsole:
+    """sys.stdout or sys.stderr that goes quiet when its reader has gone (`| head`, a closed terminal),
+    instead of raising BrokenPipeError from the next print: the run goes on, and the files the user
+    asked for are still written."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self.silence()
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self.silence()
+
+    def silence(self):
+        """Point the stream's file descriptor at /dev/null: what is still buffered, and whatever is
+        printed later, goes there."""
+        os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def quiet_when_closed():
+    """The scripts' console inside main(): see QuietConsole. Once silenced, a stream's descriptor stays
+    on /dev/null, so the interpreter's last flush at exit finds no closed pipe either."""
+    console = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = QuietConsole(sys.stdout), QuietConsole(sys.stderr)
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = console

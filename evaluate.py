@@ -74,90 +74,67 @@ ONNX_CHECK_IMAGES, ONNX_SYNTHETIC, ONNX_TOLERANCE = 1000, 16, 1e-3
 ONNX_PACKAGES = "pip install -r requirements-dev.txt (onnx, onnxruntime, onnxscript)"
 
 
-def positive_int(text):
-    if not text.isdecimal() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return int(text)
+def main(argv=None):
+    try:
+        with data.quiet_when_closed():  # `evaluate.py ... | head`: the files asked for are written all the same
+            args = parse_args(argv)
+            (export_onnx if exporting(args) else classify if args.predict else evaluate)(args)
+    except data.UserError as error:
+        sys.exit(f"error: {' '.join(str(error).split())}")  # one line, whatever the message
+    except KeyboardInterrupt:
+        sys.exit(130)
 
 
-def parse_args(argv=None):
-    parser = data.one_line_errors(
-        argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    )
-    add, path = parser.add_argument, data.path_flag
-    add("checkpoint", type=path, help="a .safetensors file written by train.py")
-    add("--data-dir", type=path, help="CIFAR-10, or an image folder (default: the run's, as its checkpoint says)")
-    add("--split", choices=["test", "val"], help="test/, or the run's validation split (test)")
-    add(
-        "--batch-size",
-        type=positive_int,
-        help=f"images per pass, >= 1 ({BATCH_PIXELS // 32**2} at 32x32, as many pixels at larger inputs: 20 at 224)",
-    )
-    add("--cache-dir", type=path, help="where train.py decoded the image folders; none: decode (the run's)")
-    add("--tta", action="store_true", help="average each image's logits with its mirror's (off)")
-    add("--json", type=path, help="also write the results to this JSON file (off)")
-    add("--plot-dir", type=path, help="where the PNGs go (default: the checkpoint's folder)")
-    add("--no-plots", action="store_true", help="write no PNGs (off)")
-    add(
-        "--skip-data-check",
-        action="store_true",
-        help="--split val on a folder that is not the run's data: evaluate anyway, said in the report (off)",
-    )
-    add("--predict", type=path, nargs="+", metavar="PATH", help="classify these images or folders of them")
-    add("--csv", type=path, help="--predict: also write the predictions to this CSV file (off)")
-    add("--top-k", type=positive_int, help="--predict: classes shown per image (3)")
-    add("--no-calibration", action="store_true", help="--predict: raw probabilities, not divided by the run's T (off)")
-    add(
-        "--explain",
-        action="store_true",
-        help="Grad-CAM heat maps: <stem>_<split>_explained.png of the mistakes; with --predict, on the sheets (off)",
-    )
-    add("--export-onnx", metavar="PATH", help="write the network as ONNX (uint8 pixels in, logits out) and check it")
-    add("--overwrite", action="store_true", help="--export-onnx: replace an existing file (off)")
-    args = parser.parse_args(argv)
-    for refused, message in REFUSALS:
-        if refused(args):
-            parser.error(message)
-    args.split, args.top_k = args.split or "test", args.top_k or 3
-    return args
+def evaluate(args):
+    model, metadata = load_checkpoint(args.checkpoint)
+    classes = metadata["classes"]
+    run_data_from(args, metadata)
+    folders = output_folders(args)
+    images, labels, data_check = load_split(args, metadata)
+    create(folders)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    logits = predict(model, images, metadata, args.batch_size, args.tta, device)
+    predictions = logits.argmax(1)
+    confusion = confusion_matrix(labels, predictions, len(classes))
+    precision, recall, f1 = precision_recall_f1(confusion)
+    history, history_problem = read_history(args.checkpoint)
+    results = {
+        "split": args.split,
+        "num_samples": len(labels),
+        "accuracy": (predictions == labels).double().mean().item(),
+        "loss": F.cross_entropy(logits, labels).item(),
+        "per_class": dict(zip(classes, recall.tolist())),
+        "per_class_precision": dict(zip(classes, precision.tolist())),
+        "per_class_recall": dict(zip(classes, recall.tolist())),  # = per_class, kept for older readers
+        "per_class_f1": dict(zip(classes, f1.tolist())),
+        "confusion": confusion.tolist(),
+        "groups": group_accuracies(recall, classes),
+        "stage1_accuracy": stage1_accuracy(logits, labels, classes),
+        "top_confusions": top_confusions(confusion, classes),
+        "overfitting": overfitting(history, metadata.get("config", {})),
+        "calibration": calibration_report(logits, labels, metadata),
+        "tta": args.tta,
+        "checkpoint": str(args.checkpoint),
+        "data_check": data_check,
+    }
+    print_report(results, classes)
+    if history_problem:
+        print(f"\n{history_problem}")
+    if args.json:
+        with writing(args.json, "--json"):
+            Path(args.json).write_text(json.dumps(results, indent=1))
+        print(f"\nresults: {args.json}")
+    if not args.no_plots:
+        explain = (model, metadata, device) if args.explain else None
+        write_plots(args, results, confusion, classes, history, (images, labels, logits.softmax(1)), explain)
 
 
-def exporting(args):
-    return args.export_onnx is not None  # --export-onnx "" too: refused by export_onnx, not evaluated
-
-
-# Flags that would do nothing in the combination given: (refused when, the one line that says so).
-REFUSALS = [
-    (
-        lambda a: exporting(a) and (a.predict or a.tta or a.explain),
-        "--export-onnx exports the plain network; drop --predict, --tta and --explain",
-    ),
-    (
-        lambda a: exporting(a) and (a.json or a.plot_dir or a.no_calibration),
-        "--export-onnx writes the .onnx file and nothing else, the temperature in its metadata for the user to "
-        "apply or not; drop --json, --plot-dir and --no-calibration",
-    ),
-    (
-        lambda a: exporting(a) and a.batch_size,
-        "--export-onnx checks the file in batches of its own choosing; drop --batch-size",
-    ),
-    (
-        lambda a: a.no_calibration and not a.predict,
-        "--no-calibration goes with --predict; an evaluation reports both T = 1 and the fitted T",
-    ),
-    (lambda a: a.explain and a.no_plots, "--explain draws heat maps, and --no-plots draws nothing; drop one of them"),
-    (
-        lambda a: a.overwrite and not exporting(a),
-        "--overwrite goes with --export-onnx; evaluation plots are always rewritten",
-    ),
-    (lambda a: a.csv and not a.predict, "--csv goes with --predict; for an evaluation's results pass --json"),
-    (lambda a: a.json and a.predict, "--json goes with an evaluation; for --predict's results pass --csv"),
-    (lambda a: a.top_k and not a.predict, "--top-k goes with --predict: the classes shown for each image"),
-    (
-        lambda a: a.split and a.predict,
-        "--split chooses what an evaluation measures; --predict classifies the paths given: drop --split",
-    ),
-]
+def run_data_from(args, metadata):
+    """The run's --data-dir, as its checkpoint records it, unless one is given."""
+    recorded = metadata.get("config", {}).get("data_dir")
+    if not args.data_dir and recorded and not Path(recorded).exists():
+        raise data.UserError(f"the run's data folder {recorded} does not exist any more (moved?); pass --data-dir")
+    args.data_dir = args.data_dir or recorded or "./data"
 
 
 def load_split(args, metadata):
@@ -238,7 +215,7 @@ def predict(model, images, metadata, batch_size, tta, device):
     return torch.cat(logits)
 
 
-# ---------------------------------------------------------------------------------- metrics
+# ---------------------------------------------------------------------------------- the scores
 
 
 def confusion_matrix(labels, predictions, num_classes):
@@ -255,68 +232,6 @@ def precision_recall_f1(confusion):
     recall = hits / confusion.sum(1).clamp(min=1)
     f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
     return precision, recall, f1
-
-
-def fit_temperature(logits, labels):
-    """The temperature T minimising the negative log-likelihood of softmax(logits / T) (Guo et al.
-    2017): one number for all classes, so it never changes the argmax. A golden-section search on
-    log T within TEMPERATURE_RANGE (the NLL is convex in 1/T, so it has one minimum there)."""
-    logits, labels = logits.double().cpu(), labels.cpu()
-
-    def nll(log_temperature):
-        return F.cross_entropy(logits / math.exp(log_temperature), labels).item()
-
-    low, high = map(math.log, TEMPERATURE_RANGE)
-    shrink = (math.sqrt(5) - 1) / 2
-    for _ in range(60):  # each step keeps 0.618 of the interval: 60 leave 3e-13 of it
-        left, right = high - shrink * (high - low), low + shrink * (high - low)
-        if nll(left) < nll(right):
-            high = right
-        else:
-            low = left
-    return math.exp((low + high) / 2)
-
-
-def calibration(logits, labels, temperature=1.0):
-    """How far softmax(logits / temperature) is from the frequencies it claims: the expected
-    calibration error over CALIBRATION_BINS equal-width confidence bins (the share of images in a
-    bin x |its accuracy - its mean confidence|, summed), the negative log-likelihood, the Brier score
-    (squared distance to the one-hot label, summed over classes, averaged), and each bin's accuracy,
-    mean confidence and count for the reliability diagram."""
-    logits, labels = logits.double().cpu() / temperature, labels.cpu()
-    probabilities = logits.softmax(1)
-    confidence, predicted = probabilities.max(1)
-    bins = (confidence * CALIBRATION_BINS).ceil().long().clamp(1, CALIBRATION_BINS) - 1  # (i/15, (i+1)/15]
-    counts = torch.zeros(CALIBRATION_BINS, dtype=torch.float64).index_add_(0, bins, torch.ones_like(confidence))
-    hits = torch.zeros_like(counts).index_add_(0, bins, (predicted == labels).double())
-    confidences = torch.zeros_like(counts).index_add_(0, bins, confidence)
-    accuracy, mean_confidence = hits / counts.clamp(min=1), confidences / counts.clamp(min=1)
-    one_hot = F.one_hot(labels, logits.shape[1]).double()
-    return dict(
-        temperature=temperature,
-        ece=((counts / len(labels)) * (accuracy - mean_confidence).abs()).sum().item(),
-        nll=F.cross_entropy(logits, labels).item(),
-        brier=(probabilities - one_hot).pow(2).sum(1).mean().item(),
-        bins=dict(accuracy=accuracy.tolist(), confidence=mean_confidence.tolist(), count=counts.long().tolist()),
-    )
-
-
-def calibration_report(logits, labels, metadata):
-    """The split's calibration at T = 1 and, when the checkpoint has one, at its fitted temperature."""
-    temperature = metadata.get("temperature")
-    raw = calibration(logits, labels)
-    calibrated = None if temperature is None else calibration(logits, labels, temperature)
-    return dict(raw=raw, calibrated=calibrated, caveat=few_images_caveat(metadata))
-
-
-def few_images_caveat(metadata):
-    """A sentence when the checkpoint's temperature was fitted on fewer than FEW_FOR_CALIBRATION
-    images, else ''."""
-    images = metadata.get("calibration", {}).get("images", FEW_FOR_CALIBRATION)
-    if images >= FEW_FOR_CALIBRATION:
-        return ""
-    return (f"T was fitted on only {images} validation images, too few to trust: check it on a test/ folder of "
-            f"your own; --predict --no-calibration gives the raw probabilities")  # fmt: skip
 
 
 def group_accuracies(recall, classes):
@@ -398,7 +313,7 @@ def read_history(checkpoint):
     return history, None
 
 
-# ---------------------------------------------------------------------------------- report
+# ---------------------------------------------------------------------------------- the report
 
 
 def describe(results):
@@ -483,6 +398,72 @@ def print_report(results, classes):
 
 
 # ---------------------------------------------------------------------------------- plots
+
+
+def write_plots(args, results, confusion, classes, history, shown, explain=None):
+    """Named after checkpoint, split and TTA, so that evaluations sharing a folder do not overwrite
+    each other; the curves come from the run's history, the same for best and last."""
+    folder = plot_folder(args)
+    prefix = f"{Path(args.checkpoint).stem}_{args.split}{'_tta' if args.tta else ''}"
+    title = describe(results)
+    figures = {
+        f"{prefix}_confusion.png": lambda: plot_confusion(confusion, classes, title),
+        f"{prefix}_per_class.png": lambda: plot_per_class(results["per_class"], classes, title),
+        f"{prefix}_calibration.png": lambda: plot_calibration(results["calibration"], title),
+    }
+    if results["top_confusions"]:
+        images, labels, probabilities = shown
+        rows = mistake_rows(labels, probabilities, results["top_confusions"], classes)
+        figures[f"{prefix}_mistakes.png"] = lambda: plot_mistakes(images, probabilities, rows, classes, title)
+        if explain:  # (model, metadata, device): the maps of the same images, for the predicted and true class
+            chosen = torch.tensor([i for _, _, wrong in rows for i in wrong])
+            targets = torch.stack([probabilities[chosen].argmax(1), labels[chosen]])
+            seen, maps = explained(*explain, images[chosen], targets)
+            figures[f"{prefix}_explained.png"] = lambda: plot_explained(seen, maps, probabilities, rows, classes, title)
+    elif explain:
+        print("\n--explain: no mistakes on this split, so no heat maps to draw")
+    data_dir = Path(args.data_dir).resolve()
+    shows = (
+        f"evaluate.py {Path(args.checkpoint).resolve()} --data-dir {data_dir} --split {args.split}{' --tta' * args.tta}"
+    )
+    shown = dict.fromkeys(figures, shows)
+    if history:
+        source = Path(args.checkpoint).with_name("history.json")
+        figures["curves.png"] = lambda: plot_curves(history, f"training curves: {source}")
+        shown["curves.png"] = f"evaluate.py curves of {source.resolve()}"
+    save_figures(folder, figures, shown)
+    # an earlier evaluation's mistakes (and their maps) would pass for this one's: ours are removed
+    names = (f"{prefix}_mistakes.png", f"{prefix}_explained.png")
+    stale = [name for name in names if name not in figures and png_source(folder / name) is not None]
+    for name in stale:
+        (folder / name).unlink()
+    if stale:
+        why = "pass --explain to draw it for this one" if results["top_confusions"] else "this one has no mistakes"
+        print(f"removed {', '.join(stale)}, drawn by an earlier evaluation: {why}")
+
+
+def save_figures(folder, figures, shown):
+    """Draw, write and close each figure ({file name: drawing function}); print where they went. Each
+    PNG records what it shows (shown: {file name: words}, as the PNG's Source), so that replacing a
+    file that showed something else (another checkpoint, split or set of images) is said."""
+    replaced = [name for name in figures if (folder / name).is_file() and png_source(folder / name) != shown[name]]
+    for name, draw in figures.items():
+        figure = draw()
+        with writing(folder / name, "--plot-dir"):
+            figure.savefig(folder / name, dpi=120, metadata={"Source": shown[name]})
+        plt.close(figure)
+    print("\nplots: " + ", ".join(str(folder / name) for name in figures))
+    if replaced:
+        print(f"replaced {len(replaced)} plot(s) of another checkpoint, split or set of images: {', '.join(replaced)}")
+
+
+def png_source(path):
+    """What an earlier PNG of ours shows (save_figures), or None (not ours, or unreadable)."""
+    try:
+        with Image.open(path) as image:
+            return image.text.get("Source")
+    except Exception:  # not a PNG, or broken: what it showed is unknown
+        return None
 
 
 def plot_curves(history, title):
@@ -645,179 +626,72 @@ def shorten(name, width=22):
     return name if len(name) <= width else "..." + name[-width + 3 :]
 
 
-# ---------------------------------------------------------------------------------- outputs
+# ---------------------------------------------------------------------------------- calibration
 
 
-def plot_folder(args):
-    return Path(args.plot_dir or Path(args.checkpoint).parent)
+def fit_temperature(logits, labels):
+    """The temperature T minimising the negative log-likelihood of softmax(logits / T) (Guo et al.
+    2017): one number for all classes, so it never changes the argmax. A golden-section search on
+    log T within TEMPERATURE_RANGE (the NLL is convex in 1/T, so it has one minimum there)."""
+    logits, labels = logits.double().cpu(), labels.cpu()
+
+    def nll(log_temperature):
+        return F.cross_entropy(logits / math.exp(log_temperature), labels).item()
+
+    low, high = map(math.log, TEMPERATURE_RANGE)
+    shrink = (math.sqrt(5) - 1) / 2
+    for _ in range(60):  # each step keeps 0.618 of the interval: 60 leave 3e-13 of it
+        left, right = high - shrink * (high - low), low + shrink * (high - low)
+        if nll(left) < nll(right):
+            high = right
+        else:
+            low = left
+    return math.exp((low + high) / 2)
 
 
-def output_folders(args):
-    """(flag, path given, folder) for the JSON file and the plots. Checked before any work, so that a path that
-    cannot be written is refused at once; created once the inputs have loaded, so that bad input
-    leaves nothing behind."""
-    folders = []
-    for flag, path in (("--json", args.json), ("--csv", args.csv)):
-        if path and Path(path).is_dir():
-            raise data.UserError(f"{flag} {path} is a folder; pass a file name in it")
-        kind = flag.removeprefix("--")
-        # the name guards what the user has: a mistyped --json CKPT would replace the checkpoint
-        if path and (Path(path).suffix.lower() != f".{kind}" or Path(path).name == "history.json"):
-            raise data.UserError(f"{flag} {path}: pass a new .{kind} file name, such as results.{kind}")
-        if path:
-            folders.append((flag, path, Path(path).parent))
-    if not args.no_plots:
-        folders.append(("--plot-dir", plot_folder(args), plot_folder(args)))
-    for flag, given, folder in folders:
-        check_folder_can_be_made(folder, flag, given)
-    return folders
-
-
-def create(folders):
-    """Make the output folders (output_folders), once the inputs have proved good."""
-    for flag, _, folder in folders:
-        with writing(folder, flag):
-            folder.mkdir(parents=True, exist_ok=True)
-
-
-@contextlib.contextmanager
-def writing(path, flag):
-    """A write that fails (disk full, permissions changed) becomes one error line, not a traceback."""
-    try:
-        yield
-    except OSError as error:
-        raise data.UserError(
-            f"could not write {path} ({error}); check the free space and permissions, or pass another {flag}"
-        ) from error
-
-
-def write_plots(args, results, confusion, classes, history, shown, explain=None):
-    """Named after checkpoint, split and TTA, so that evaluations sharing a folder do not overwrite
-    each other; the curves come from the run's history, the same for best and last."""
-    folder = plot_folder(args)
-    prefix = f"{Path(args.checkpoint).stem}_{args.split}{'_tta' if args.tta else ''}"
-    title = describe(results)
-    figures = {
-        f"{prefix}_confusion.png": lambda: plot_confusion(confusion, classes, title),
-        f"{prefix}_per_class.png": lambda: plot_per_class(results["per_class"], classes, title),
-        f"{prefix}_calibration.png": lambda: plot_calibration(results["calibration"], title),
-    }
-    if results["top_confusions"]:
-        images, labels, probabilities = shown
-        rows = mistake_rows(labels, probabilities, results["top_confusions"], classes)
-        figures[f"{prefix}_mistakes.png"] = lambda: plot_mistakes(images, probabilities, rows, classes, title)
-        if explain:  # (model, metadata, device): the maps of the same images, for the predicted and true class
-            chosen = torch.tensor([i for _, _, wrong in rows for i in wrong])
-            targets = torch.stack([probabilities[chosen].argmax(1), labels[chosen]])
-            seen, maps = explained(*explain, images[chosen], targets)
-            figures[f"{prefix}_explained.png"] = lambda: plot_explained(seen, maps, probabilities, rows, classes, title)
-    elif explain:
-        print("\n--explain: no mistakes on this split, so no heat maps to draw")
-    data_dir = Path(args.data_dir).resolve()
-    shows = (
-        f"evaluate.py {Path(args.checkpoint).resolve()} --data-dir {data_dir} --split {args.split}{' --tta' * args.tta}"
+def calibration(logits, labels, temperature=1.0):
+    """How far softmax(logits / temperature) is from the frequencies it claims: the expected
+    calibration error over CALIBRATION_BINS equal-width confidence bins (the share of images in a
+    bin x |its accuracy - its mean confidence|, summed), the negative log-likelihood, the Brier score
+    (squared distance to the one-hot label, summed over classes, averaged), and each bin's accuracy,
+    mean confidence and count for the reliability diagram."""
+    logits, labels = logits.double().cpu() / temperature, labels.cpu()
+    probabilities = logits.softmax(1)
+    confidence, predicted = probabilities.max(1)
+    bins = (confidence * CALIBRATION_BINS).ceil().long().clamp(1, CALIBRATION_BINS) - 1  # (i/15, (i+1)/15]
+    counts = torch.zeros(CALIBRATION_BINS, dtype=torch.float64).index_add_(0, bins, torch.ones_like(confidence))
+    hits = torch.zeros_like(counts).index_add_(0, bins, (predicted == labels).double())
+    confidences = torch.zeros_like(counts).index_add_(0, bins, confidence)
+    accuracy, mean_confidence = hits / counts.clamp(min=1), confidences / counts.clamp(min=1)
+    one_hot = F.one_hot(labels, logits.shape[1]).double()
+    return dict(
+        temperature=temperature,
+        ece=((counts / len(labels)) * (accuracy - mean_confidence).abs()).sum().item(),
+        nll=F.cross_entropy(logits, labels).item(),
+        brier=(probabilities - one_hot).pow(2).sum(1).mean().item(),
+        bins=dict(accuracy=accuracy.tolist(), confidence=mean_confidence.tolist(), count=counts.long().tolist()),
     )
-    shown = dict.fromkeys(figures, shows)
-    if history:
-        source = Path(args.checkpoint).with_name("history.json")
-        figures["curves.png"] = lambda: plot_curves(history, f"training curves: {source}")
-        shown["curves.png"] = f"evaluate.py curves of {source.resolve()}"
-    save_figures(folder, figures, shown)
-    # an earlier evaluation's mistakes (and their maps) would pass for this one's: ours are removed
-    names = (f"{prefix}_mistakes.png", f"{prefix}_explained.png")
-    stale = [name for name in names if name not in figures and png_source(folder / name) is not None]
-    for name in stale:
-        (folder / name).unlink()
-    if stale:
-        why = "pass --explain to draw it for this one" if results["top_confusions"] else "this one has no mistakes"
-        print(f"removed {', '.join(stale)}, drawn by an earlier evaluation: {why}")
 
 
-def save_figures(folder, figures, shown):
-    """Draw, write and close each figure ({file name: drawing function}); print where they went. Each
-    PNG records what it shows (shown: {file name: words}, as the PNG's Source), so that replacing a
-    file that showed something else (another checkpoint, split or set of images) is said."""
-    replaced = [name for name in figures if (folder / name).is_file() and png_source(folder / name) != shown[name]]
-    for name, draw in figures.items():
-        figure = draw()
-        with writing(folder / name, "--plot-dir"):
-            figure.savefig(folder / name, dpi=120, metadata={"Source": shown[name]})
-        plt.close(figure)
-    print("\nplots: " + ", ".join(str(folder / name) for name in figures))
-    if replaced:
-        print(f"replaced {len(replaced)} plot(s) of another checkpoint, split or set of images: {', '.join(replaced)}")
+def calibration_report(logits, labels, metadata):
+    """The split's calibration at T = 1 and, when the checkpoint has one, at its fitted temperature."""
+    temperature = metadata.get("temperature")
+    raw = calibration(logits, labels)
+    calibrated = None if temperature is None else calibration(logits, labels, temperature)
+    return dict(raw=raw, calibrated=calibrated, caveat=few_images_caveat(metadata))
 
 
-def png_source(path):
-    """What an earlier PNG of ours shows (save_figures), or None (not ours, or unreadable)."""
-    try:
-        with Image.open(path) as image:
-            return image.text.get("Source")
-    except Exception:  # not a PNG, or broken: what it showed is unknown
-        return None
+def few_images_caveat(metadata):
+    """A sentence when the checkpoint's temperature was fitted on fewer than FEW_FOR_CALIBRATION
+    images, else ''."""
+    images = metadata.get("calibration", {}).get("images", FEW_FOR_CALIBRATION)
+    if images >= FEW_FOR_CALIBRATION:
+        return ""
+    return (f"T was fitted on only {images} validation images, too few to trust: check it on a test/ folder of "
+            f"your own; --predict --no-calibration gives the raw probabilities")  # fmt: skip
 
 
-def main(argv=None):
-    try:
-        with data.quiet_when_closed():  # `evaluate.py ... | head`: the files asked for are written all the same
-            args = parse_args(argv)
-            (export_onnx if exporting(args) else classify if args.predict else evaluate)(args)
-    except data.UserError as error:
-        sys.exit(f"error: {' '.join(str(error).split())}")  # one line, whatever the message
-    except KeyboardInterrupt:
-        sys.exit(130)
-
-
-def evaluate(args):
-    model, metadata = load_checkpoint(args.checkpoint)
-    classes = metadata["classes"]
-    run_data_from(args, metadata)
-    folders = output_folders(args)
-    images, labels, data_check = load_split(args, metadata)
-    create(folders)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    logits = predict(model, images, metadata, args.batch_size, args.tta, device)
-    predictions = logits.argmax(1)
-    confusion = confusion_matrix(labels, predictions, len(classes))
-    precision, recall, f1 = precision_recall_f1(confusion)
-    history, history_problem = read_history(args.checkpoint)
-    results = {
-        "split": args.split,
-        "num_samples": len(labels),
-        "accuracy": (predictions == labels).double().mean().item(),
-        "loss": F.cross_entropy(logits, labels).item(),
-        "per_class": dict(zip(classes, recall.tolist())),
-        "per_class_precision": dict(zip(classes, precision.tolist())),
-        "per_class_recall": dict(zip(classes, recall.tolist())),  # = per_class, kept for older readers
-        "per_class_f1": dict(zip(classes, f1.tolist())),
-        "confusion": confusion.tolist(),
-        "groups": group_accuracies(recall, classes),
-        "stage1_accuracy": stage1_accuracy(logits, labels, classes),
-        "top_confusions": top_confusions(confusion, classes),
-        "overfitting": overfitting(history, metadata.get("config", {})),
-        "calibration": calibration_report(logits, labels, metadata),
-        "tta": args.tta,
-        "checkpoint": str(args.checkpoint),
-        "data_check": data_check,
-    }
-    print_report(results, classes)
-    if history_problem:
-        print(f"\n{history_problem}")
-    if args.json:
-        with writing(args.json, "--json"):
-            Path(args.json).write_text(json.dumps(results, indent=1))
-        print(f"\nresults: {args.json}")
-    if not args.no_plots:
-        explain = (model, metadata, device) if args.explain else None
-        write_plots(args, results, confusion, classes, history, (images, labels, logits.softmax(1)), explain)
-
-
-def run_data_from(args, metadata):
-    """The run's --data-dir, as its checkpoint records it, unless one is given."""
-    recorded = metadata.get("config", {}).get("data_dir")
-    if not args.data_dir and recorded and not Path(recorded).exists():
-        raise data.UserError(f"the run's data folder {recorded} does not exist any more (moved?); pass --data-dir")
-    args.data_dir = args.data_dir or recorded or "./data"
+# ---------------------------------------------------------------------------------- --predict
 
 
 def image_files(paths):
@@ -1086,6 +960,141 @@ def compare_with_pytorch(onnx_file, model, metadata, images, source, onnxruntime
             f"or onnxruntime, or raise ONNX_TOLERANCE in evaluate.py if such a difference is acceptable to you"
         )
     return line
+
+
+# ---------------------------------------------------------------------------------- flags
+
+
+def positive_int(text):
+    if not text.isdecimal() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
+
+
+def parse_args(argv=None):
+    parser = data.one_line_errors(
+        argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    )
+    add, path = parser.add_argument, data.path_flag
+    add("checkpoint", type=path, help="a .safetensors file written by train.py")
+    add("--data-dir", type=path, help="CIFAR-10, or an image folder (default: the run's, as its checkpoint says)")
+    add("--split", choices=["test", "val"], help="test/, or the run's validation split (test)")
+    add(
+        "--batch-size",
+        type=positive_int,
+        help=f"images per pass, >= 1 ({BATCH_PIXELS // 32**2} at 32x32, as many pixels at larger inputs: 20 at 224)",
+    )
+    add("--cache-dir", type=path, help="where train.py decoded the image folders; none: decode (the run's)")
+    add("--tta", action="store_true", help="average each image's logits with its mirror's (off)")
+    add("--json", type=path, help="also write the results to this JSON file (off)")
+    add("--plot-dir", type=path, help="where the PNGs go (default: the checkpoint's folder)")
+    add("--no-plots", action="store_true", help="write no PNGs (off)")
+    add(
+        "--skip-data-check",
+        action="store_true",
+        help="--split val on a folder that is not the run's data: evaluate anyway, said in the report (off)",
+    )
+    add("--predict", type=path, nargs="+", metavar="PATH", help="classify these images or folders of them")
+    add("--csv", type=path, help="--predict: also write the predictions to this CSV file (off)")
+    add("--top-k", type=positive_int, help="--predict: classes shown per image (3)")
+    add("--no-calibration", action="store_true", help="--predict: raw probabilities, not divided by the run's T (off)")
+    add(
+        "--explain",
+        action="store_true",
+        help="Grad-CAM heat maps: <stem>_<split>_explained.png of the mistakes; with --predict, on the sheets (off)",
+    )
+    add("--export-onnx", metavar="PATH", help="write the network as ONNX (uint8 pixels in, logits out) and check it")
+    add("--overwrite", action="store_true", help="--export-onnx: replace an existing file (off)")
+    args = parser.parse_args(argv)
+    for refused, message in REFUSALS:
+        if refused(args):
+            parser.error(message)
+    args.split, args.top_k = args.split or "test", args.top_k or 3
+    return args
+
+
+def exporting(args):
+    return args.export_onnx is not None  # --export-onnx "" too: refused by export_onnx, not evaluated
+
+
+# Flags that would do nothing in the combination given: (refused when, the one line that says so).
+REFUSALS = [
+    (
+        lambda a: exporting(a) and (a.predict or a.tta or a.explain),
+        "--export-onnx exports the plain network; drop --predict, --tta and --explain",
+    ),
+    (
+        lambda a: exporting(a) and (a.json or a.plot_dir or a.no_calibration),
+        "--export-onnx writes the .onnx file and nothing else, the temperature in its metadata for the user to "
+        "apply or not; drop --json, --plot-dir and --no-calibration",
+    ),
+    (
+        lambda a: exporting(a) and a.batch_size,
+        "--export-onnx checks the file in batches of its own choosing; drop --batch-size",
+    ),
+    (
+        lambda a: a.no_calibration and not a.predict,
+        "--no-calibration goes with --predict; an evaluation reports both T = 1 and the fitted T",
+    ),
+    (lambda a: a.explain and a.no_plots, "--explain draws heat maps, and --no-plots draws nothing; drop one of them"),
+    (
+        lambda a: a.overwrite and not exporting(a),
+        "--overwrite goes with --export-onnx; evaluation plots are always rewritten",
+    ),
+    (lambda a: a.csv and not a.predict, "--csv goes with --predict; for an evaluation's results pass --json"),
+    (lambda a: a.json and a.predict, "--json goes with an evaluation; for --predict's results pass --csv"),
+    (lambda a: a.top_k and not a.predict, "--top-k goes with --predict: the classes shown for each image"),
+    (
+        lambda a: a.split and a.predict,
+        "--split chooses what an evaluation measures; --predict classifies the paths given: drop --split",
+    ),
+]
+
+
+# ---------------------------------------------------------------------------------- output paths
+
+
+def plot_folder(args):
+    return Path(args.plot_dir or Path(args.checkpoint).parent)
+
+
+def output_folders(args):
+    """(flag, path given, folder) for the JSON file and the plots. Checked before any work, so that a path that
+    cannot be written is refused at once; created once the inputs have loaded, so that bad input
+    leaves nothing behind."""
+    folders = []
+    for flag, path in (("--json", args.json), ("--csv", args.csv)):
+        if path and Path(path).is_dir():
+            raise data.UserError(f"{flag} {path} is a folder; pass a file name in it")
+        kind = flag.removeprefix("--")
+        # the name guards what the user has: a mistyped --json CKPT would replace the checkpoint
+        if path and (Path(path).suffix.lower() != f".{kind}" or Path(path).name == "history.json"):
+            raise data.UserError(f"{flag} {path}: pass a new .{kind} file name, such as results.{kind}")
+        if path:
+            folders.append((flag, path, Path(path).parent))
+    if not args.no_plots:
+        folders.append(("--plot-dir", plot_folder(args), plot_folder(args)))
+    for flag, given, folder in folders:
+        check_folder_can_be_made(folder, flag, given)
+    return folders
+
+
+def create(folders):
+    """Make the output folders (output_folders), once the inputs have proved good."""
+    for flag, _, folder in folders:
+        with writing(folder, flag):
+            folder.mkdir(parents=True, exist_ok=True)
+
+
+@contextlib.contextmanager
+def writing(path, flag):
+    """A write that fails (disk full, permissions changed) becomes one error line, not a traceback."""
+    try:
+        yield
+    except OSError as error:
+        raise data.UserError(
+            f"could not write {path} ({error}); check the free space and permissions, or pass another {flag}"
+        ) from error
 
 
 if __name__ == "__main__":

@@ -19,34 +19,7 @@ from data import UserError
 # The network: any torchvision ResNet (resnet34, resnet50, wide_resnet50_2, ...) by its name. Checkpoints
 # record it and evaluate.py rebuilds each from its own; --resume refuses a run of another.
 ARCH = "resnet18"
-
-
-def group_index(groups, num_classes):
-    """Tensor mapping each class index to the index of its group (groups: lists of class indices)."""
-    group_of = torch.empty(num_classes, dtype=torch.long)
-    for index, members in enumerate(groups):
-        group_of[members] = index
-    return group_of
-
-
-class TwoStageHead(torch.nn.Module):
-    """Stage 1 picks a group (animals or vehicles), stage 2 a class within it, trained jointly.
-
-    Returns log p(class) = log p(group) + log p(class | group): the usual cross-entropy trains both
-    stages, and the argmax predicts through the hierarchy."""
-
-    def __init__(self, groups, num_classes, features):
-        super().__init__()
-        self.group = torch.nn.Linear(features, len(groups))
-        self.classes = torch.nn.Linear(features, num_classes)
-        # Rebuilt from the checkpoint's metadata, so not saved with the weights.
-        self.register_buffer("group_of", group_index(groups, num_classes), persistent=False)
-
-    def forward(self, features):
-        logits = self.classes(features)
-        same_group = self.group_of[:, None] == self.group_of[None, :]
-        within = logits - logits[:, None, :].masked_fill(~same_group, -math.inf).logsumexp(2)
-        return self.group(features).log_softmax(1)[:, self.group_of] + within
+HEAD = "fc"  # the new last layer: torchvision's name for it
 
 
 def build_model(num_classes, stem="cifar", weights="imagenet", groups=None, zero_init_residual=False, arch=None):
@@ -74,7 +47,32 @@ def build_model(num_classes, stem="cifar", weights="imagenet", groups=None, zero
     return model
 
 
-HEAD = "fc"  # the new last layer: torchvision's name for it
+class TwoStageHead(torch.nn.Module):
+    """Stage 1 picks a group (animals or vehicles), stage 2 a class within it, trained jointly.
+
+    Returns log p(class) = log p(group) + log p(class | group): the usual cross-entropy trains both
+    stages, and the argmax predicts through the hierarchy."""
+
+    def __init__(self, groups, num_classes, features):
+        super().__init__()
+        self.group = torch.nn.Linear(features, len(groups))
+        self.classes = torch.nn.Linear(features, num_classes)
+        # Rebuilt from the checkpoint's metadata, so not saved with the weights.
+        self.register_buffer("group_of", group_index(groups, num_classes), persistent=False)
+
+    def forward(self, features):
+        logits = self.classes(features)
+        same_group = self.group_of[:, None] == self.group_of[None, :]
+        within = logits - logits[:, None, :].masked_fill(~same_group, -math.inf).logsumexp(2)
+        return self.group(features).log_softmax(1)[:, self.group_of] + within
+
+
+def group_index(groups, num_classes):
+    """Tensor mapping each class index to the index of its group (groups: lists of class indices)."""
+    group_of = torch.empty(num_classes, dtype=torch.long)
+    for index, members in enumerate(groups):
+        group_of[members] = index
+    return group_of
 
 
 def is_head(name):
@@ -104,6 +102,21 @@ def imagenet_state_dict(arch):
         ) from error
 
 
+def load_backbone(model, path, arch):
+    """Load a torchvision ResNet18 state dict into model, all but the last layer, whatever that is
+    (torchvision's 1000 classes, one of our runs' heads, a --two-stage run's TwoStageHead)."""
+    state = read_state_dict(path)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path} holds no state dict; save one with torch.save(model.state_dict(), path)")
+    state = {key.removeprefix("module."): value for key, value in state.items()}
+    state = {key: value for key, value in state.items() if not is_head(key)}
+    backbone = {key: value for key, value in model.state_dict().items() if not is_head(key)}
+    problem = first_mismatch(backbone, state)
+    if problem:
+        raise UserError(f"{path} is not a torchvision {arch} state dict: {problem}")
+    model.load_state_dict(state | {k: v for k, v in model.state_dict().items() if is_head(k)})
+
+
 def read_state_dict(path):
     path = Path(path)
     if not path.is_file():
@@ -130,19 +143,7 @@ def first_mismatch(expected, found):
     return f"unexpected key {extra[0]!r}" if extra else None
 
 
-def load_backbone(model, path, arch):
-    """Load a torchvision ResNet18 state dict into model, all but the last layer, whatever that is
-    (torchvision's 1000 classes, one of our runs' heads, a --two-stage run's TwoStageHead)."""
-    state = read_state_dict(path)
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"{path} holds no state dict; save one with torch.save(model.state_dict(), path)")
-    state = {key.removeprefix("module."): value for key, value in state.items()}
-    state = {key: value for key, value in state.items() if not is_head(key)}
-    backbone = {key: value for key, value in model.state_dict().items() if not is_head(key)}
-    problem = first_mismatch(backbone, state)
-    if problem:
-        raise UserError(f"{path} is not a torchvision {arch} state dict: {problem}")
-    model.load_state_dict(state | {k: v for k, v in model.state_dict().items() if is_head(k)})
+# ---------------------------------------------------------------------------------- the checkpoint format
 
 
 def save_checkpoint(model, path, metadata):
@@ -151,46 +152,6 @@ def save_checkpoint(model, path, metadata):
     state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
     text = {key: value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items()}
     write_atomically(path, lambda temporary: save_file(state, temporary, metadata=text))
-
-
-def write_atomically(path, write):
-    """write(temporary) next to path, then rename it over path: a crash or a full disk at any point
-    leaves the old file whole, and no temporary file behind. The temporary's name is this process's, so
-    that it never takes a user's file (model.onnx.tmp) or another process's."""
-    temporary = Path(f"{path}.tmp-{os.getpid()}")
-    try:
-        write(temporary)
-        usual_permissions(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def usual_permissions(path):
-    """safetensors creates files that only their owner can read (0600); give them the mode the
-    user's umask gives any new file."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
-def check_folder_can_be_made(folder, flag, given):
-    """Refuse, before any work, a folder that could not be made or written in."""
-    existing = next(path for path in (folder, *folder.absolute().parents) if path.exists())
-    if not existing.is_dir():
-        raise UserError(f"{flag} {given}: {existing} is a file, not a folder; pass another {flag}")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {given}: cannot write in {existing}; pass a {flag} you can write to")
-
-
-def decode_metadata(text):
-    def decode(value):
-        try:
-            return json.loads(value)
-        except ValueError:
-            return value  # plain strings are stored as they are
-
-    return {key: decode(value) for key, value in text.items()}
 
 
 def load_checkpoint(path):
@@ -223,3 +184,46 @@ def load_checkpoint(path):
         )
     model.load_state_dict(state)
     return model, metadata
+
+
+def decode_metadata(text):
+    def decode(value):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value  # plain strings are stored as they are
+
+    return {key: decode(value) for key, value in text.items()}
+
+
+# ---------------------------------------------------------------------------------- file safety
+
+
+def write_atomically(path, write):
+    """write(temporary) next to path, then rename it over path: a crash or a full disk at any point
+    leaves the old file whole, and no temporary file behind. The temporary's name is this process's, so
+    that it never takes a user's file (model.onnx.tmp) or another process's."""
+    temporary = Path(f"{path}.tmp-{os.getpid()}")
+    try:
+        write(temporary)
+        usual_permissions(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def usual_permissions(path):
+    """safetensors creates files that only their owner can read (0600); give them the mode the
+    user's umask gives any new file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def check_folder_can_be_made(folder, flag, given):
+    """Refuse, before any work, a folder that could not be made or written in."""
+    existing = next(path for path in (folder, *folder.absolute().parents) if path.exists())
+    if not existing.is_dir():
+        raise UserError(f"{flag} {given}: {existing} is a file, not a folder; pass another {flag}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {given}: cannot write in {existing}; pass a {flag} you can write to")

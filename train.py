@@ -155,7 +155,8 @@ def train(args):
     args, out, progress = open_run(args, accelerator)
     if args is None:  # a resumed run with nothing left to train
         return
-    run = setup(args, out, progress, accelerator)
+    run = prepare_training(args, progress, accelerator)  # the data, network, optimizer, schedule and loss
+    start_run(run, args, out, progress, accelerator)
     stop = StopRequest(accelerator)
     try:  # the lock is let go of at the end, also when train() is called again in one process
         if not progress:  # a state before the first step, so that even a run killed in epoch 1 resumes
@@ -205,17 +206,17 @@ def train(args):
     accelerator.print(final_summary(run.out, args, run.history))
 
 
-def setup(args, out, progress, accelerator):
-    """Everything the loop needs, ready: the data, the model and its optimizer, schedule and loss
-    wrapped by accelerate, the run folder (made and locked) and, resumed, the state and history."""
-    run = prepare_training(args, progress, accelerator)
+def start_run(run, args, out, progress, accelerator):
+    """The rest of what the loop needs: the network validated and saved (run.evaluated: the EMA copy
+    with --ema), the run folder (made and locked) and, resumed, the state and history."""
+    network = accelerator.unwrap_model(run.model, keep_torch_compile=False)  # also under --dynamo_backend
     # The EMA copy is not wrapped for data parallel: every process updates it from the same weights.
-    run.ema = copy.deepcopy(run.network).requires_grad_(False) if args.ema else None
+    run.ema = copy.deepcopy(network).requires_grad_(False) if args.ema else None
     if run.ema is not None:
         accelerator.register_for_checkpointing(run.ema)
     # Validated and saved: uncompiled (compiling validation too would cost a compilation per batch size),
     # so with torchvision's names.
-    run.evaluated = run.ema if run.ema is not None else run.network
+    run.evaluated = run.ema if run.ema is not None else network
     if args.compile:  # last, as accelerate's own; the state it saves keeps the names of the uncompiled model
         run.model = torch.compile(run.model, mode=COMPILE_MODE)
     run.out, run.lock = start_output_dir(out, args.resume, args.overwrite, accelerator)
@@ -234,7 +235,6 @@ def setup(args, out, progress, accelerator):
         run.history, run.best_val_loss = progress["history"], progress["best_val_loss"]
         change = f"; {run.change}" if run.change else ""
         accelerator.print(f"resumed {run.out} after epoch {len(run.history)}{change}")
-    return run
 
 
 def train_epoch(epoch, run, accelerator, args, stop):
@@ -242,7 +242,7 @@ def train_epoch(epoch, run, accelerator, args, stop):
     but the loss (and the gradient norm) every LOG_EVERY steps is read back from the device, so on a
     GPU the host queues the next steps while the device runs this one."""
     loader, scheduler = run.train_loader, run.scheduler
-    training_mode(run, args, epoch)
+    training_mode(run, args, epoch, accelerator)
     # Augmentation randomness depends only on (seed, epoch, process), so a resumed epoch replays exactly.
     generator = torch.Generator(accelerator.device).manual_seed(
         args.seed * 100_000 + epoch * 100 + accelerator.process_index
@@ -256,7 +256,7 @@ def train_epoch(epoch, run, accelerator, args, stop):
         loss, cross_entropy, hits, grad_norm = train_step(run, accelerator, args, images, labels, generator)
         global_step = (epoch - 1) * len(loader) + step
         if run.ema is not None:
-            update_ema(run.ema, run.network, global_step, args.ema)
+            update_ema(run.ema, accelerator.unwrap_model(run.model, keep_torch_compile=False), global_step, args.ema)
         total_loss += cross_entropy
         correct += hits
         if step % LOG_EVERY == 0 or step == len(loader):
@@ -282,11 +282,11 @@ def train_epoch(epoch, run, accelerator, args, stop):
     return total_loss.item() / seen, correct.item() / seen
 
 
-def training_mode(run, args, epoch):
+def training_mode(run, args, epoch, accelerator):
     """The model in training mode as epoch trains it: within --freeze-epochs, only the head."""
     run.model.train()
     if args.freeze_epochs:
-        freeze_backbone(run.network, frozen=epoch <= args.freeze_epochs)
+        freeze_backbone(accelerator.unwrap_model(run.model, keep_torch_compile=False), epoch <= args.freeze_epochs)
 
 
 def train_step(run, accelerator, args, images, labels, generator):
@@ -299,7 +299,13 @@ def train_step(run, accelerator, args, images, labels, generator):
     step_loss, cross_entropy, hits, grad_norm = 0, 0, 0, None
     # the loader's batches are whole (drop_last), so each splits into grad_accum_steps parts of batch_size
     for part_images, part_labels in zip(images.chunk(args.grad_accum_steps), labels.chunk(args.grad_accum_steps)):
-        inputs, partner, share = run.inputs(part_images, part_labels, generator)
+        images = data.augment(
+            part_images, part_labels, generator, args.crop_padding, run.targeted, run.resized_crop, args.auto_augment
+        )
+        partner, share = part_labels, None  # share: of each image's own label, when mixed
+        if args.mixup or args.cutmix:
+            images, partner, share = data.mix(images, part_labels, generator, args.mixup, args.cutmix)
+        inputs = run.normalize(images)
         with accelerator.accumulate(run.model):
             with accelerator.autocast():
                 logits = run.model(inputs)
@@ -332,7 +338,10 @@ def prepare_training(args, progress, accelerator, schedule=None):
     )
     run = SimpleNamespace(progress=progress)
     run.train_loader, run.val_loader, train_labels, run.classes = load_data(args, accelerator)
-    run.normalize, run.inputs = input_pipeline(args, run.classes, accelerator)
+    # evaluation's preprocessing; training's is data.augment, in train_step, then the same normalize
+    run.normalize = data.normalizer(args.mean, args.std, args.input_size, accelerator.device, crop=args.eval_crop)
+    run.targeted = torch.tensor(data.class_indices(args.targeted_augment, run.classes), device=accelerator.device)
+    run.resized_crop = args.input_size if args.train_crop == "random-resized" else None
     run.groups = two_stage_groups(run.classes) if args.two_stage else None
     network, optimizer, scheduler, run.criterion, run.change = build_training(
         args, run, train_labels, progress, accelerator, schedule
@@ -341,7 +350,6 @@ def prepare_training(args, progress, accelerator, schedule=None):
         network, optimizer, run.train_loader, run.val_loader, scheduler
     )
     run.images_per_epoch = len(run.train_loader) * effective_batch(args, accelerator)  # drop_last
-    run.network = accelerator.unwrap_model(run.model, keep_torch_compile=False)  # also under --dynamo_backend
     return run
 
 
@@ -386,25 +394,6 @@ def build_training(args, run, train_labels, progress, accelerator, schedule=None
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     criterion = torch.nn.CrossEntropyLoss(weight=loss_weights, label_smoothing=args.label_smoothing)
     return network, optimizer, scheduler, criterion.to(accelerator.device), change
-
-
-def input_pipeline(args, classes, accelerator):
-    """(normalize: evaluation batches -> network inputs; inputs: training batches -> network inputs,
-    augmented and mixed on the device)."""
-    targeted = torch.tensor(data.class_indices(args.targeted_augment, classes), device=accelerator.device)
-    normalize = data.normalizer(args.mean, args.std, args.input_size, accelerator.device, crop=args.eval_crop)
-    resized_crop = args.input_size if args.train_crop == "random-resized" else None
-    mixed = args.mixup > 0 or args.cutmix > 0
-
-    def inputs(images, labels, generator):
-        """-> (network inputs, each image's partner label, the share of its own label: None unmixed)."""
-        images = data.augment(images, labels, generator, args.crop_padding, targeted, resized_crop, args.auto_augment)
-        if not mixed:
-            return normalize(images), labels, None
-        images, partner, share = data.mix(images, labels, generator, args.mixup, args.cutmix)
-        return normalize(images), partner, share
-
-    return normalize, inputs
 
 
 def parameter_groups(network, weight_decay, lr, backbone_lr=None):
@@ -1099,7 +1088,7 @@ def find_lr(args, accelerator):
 
     # the head's lr (the backbone's is x --backbone-lr-mult); accelerate steps the scheduler once a process
     run = prepare_training(args, None, accelerator, lambda step: lr_at(step // accelerator.num_processes) / args.lr)
-    training_mode(run, args, epoch=1)
+    training_mode(run, args, 1, accelerator)
     generator = torch.Generator(accelerator.device).manual_seed(args.seed)
     lrs, losses, smoothed, average = [], [], [], 0.0
     bar = tqdm(total=FIND_LR_STEPS, desc="lr range test", leave=False, disable=not accelerator.is_local_main_process)

@@ -1236,6 +1236,14 @@ def one_line_errors(parser):
     return parser
 
 
+def refuse(parser, args, refusals):
+    """parser.error, one line, for the first of refusals that applies: (refused when, message), each a
+    function of args, the message also a plain string."""
+    for refused, message in refusals:
+        if refused(args):
+            parser.error(message(args) if callable(message) else message)
+
+
 def path_flag(text):
     """An argparse type for file and folder flags: an empty value (an unset shell variable, as in
     --data-dir "$DATA") is refused, not taken as the current folder or a default."""

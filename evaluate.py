@@ -971,84 +971,67 @@ def positive_int(text):
     return int(text)
 
 
+# The flags: (flag, argparse's settings, help). data.path_flag refuses an empty path.
+# fmt: off
+FLAGS = [
+    ("checkpoint", dict(type=data.path_flag), "a .safetensors file written by train.py"),
+    ("--data-dir", dict(type=data.path_flag), "CIFAR-10, or an image folder (default: the run's, as recorded)"),
+    ("--split", dict(choices=["test", "val"]), "test/, or the run's validation split (test)"),
+    ("--batch-size", dict(type=positive_int), f"images per pass, >= 1 ({BATCH_PIXELS // 32**2} at 32x32, as many "
+     "pixels at larger inputs: 20 at 224)"),
+    ("--cache-dir", dict(type=data.path_flag), "where train.py decoded the image folders; none: decode (the run's)"),
+    ("--tta", dict(action="store_true"), "average each image's logits with its mirror's (off)"),
+    ("--json", dict(type=data.path_flag), "also write the results to this JSON file (off)"),
+    ("--plot-dir", dict(type=data.path_flag), "where the PNGs go (default: the checkpoint's folder)"),
+    ("--no-plots", dict(action="store_true"), "write no PNGs (off)"),
+    ("--skip-data-check", dict(action="store_true"), "--split val on a folder that is not the run's data: evaluate "
+     "anyway, said in the report (off)"),
+    ("--predict", dict(type=data.path_flag, nargs="+", metavar="PATH"), "classify these images or folders of them"),
+    ("--csv", dict(type=data.path_flag), "--predict: also write the predictions to this CSV file (off)"),
+    ("--top-k", dict(type=positive_int), "--predict: classes shown per image (3)"),
+    ("--no-calibration", dict(action="store_true"), "--predict: raw probabilities, not divided by the run's T (off)"),
+    ("--explain", dict(action="store_true"), "Grad-CAM heat maps: <stem>_<split>_explained.png of the mistakes; "
+     "with --predict, on the sheets (off)"),
+    ("--export-onnx", dict(metavar="PATH"), "write the network as ONNX (uint8 pixels in, logits out) and check it"),
+    ("--overwrite", dict(action="store_true"), "--export-onnx: replace an existing file (off)"),
+]
+# Flags that would do nothing in the combination given: (refused when, the one line that says so).
+REFUSALS = [
+    (lambda a: exporting(a) and (a.predict or a.tta or a.explain),
+     "--export-onnx exports the plain network; drop --predict, --tta and --explain"),
+    (lambda a: exporting(a) and (a.json or a.plot_dir or a.no_calibration),
+     "--export-onnx writes the .onnx file and nothing else, the temperature in its metadata for the user to "
+     "apply or not; drop --json, --plot-dir and --no-calibration"),
+    (lambda a: exporting(a) and a.batch_size,
+     "--export-onnx checks the file in batches of its own choosing; drop --batch-size"),
+    (lambda a: a.no_calibration and not a.predict,
+     "--no-calibration goes with --predict; an evaluation reports both T = 1 and the fitted T"),
+    (lambda a: a.explain and a.no_plots, "--explain draws heat maps, and --no-plots draws nothing; drop one of them"),
+    (lambda a: a.overwrite and not exporting(a),
+     "--overwrite goes with --export-onnx; evaluation plots are always rewritten"),
+    (lambda a: a.csv and not a.predict, "--csv goes with --predict; for an evaluation's results pass --json"),
+    (lambda a: a.json and a.predict, "--json goes with an evaluation; for --predict's results pass --csv"),
+    (lambda a: a.top_k and not a.predict, "--top-k goes with --predict: the classes shown for each image"),
+    (lambda a: a.split and a.predict,
+     "--split chooses what an evaluation measures; --predict classifies the paths given: drop --split"),
+]
+# fmt: on
+
+
 def parse_args(argv=None):
     parser = data.one_line_errors(
         argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     )
-    add, path = parser.add_argument, data.path_flag
-    add("checkpoint", type=path, help="a .safetensors file written by train.py")
-    add("--data-dir", type=path, help="CIFAR-10, or an image folder (default: the run's, as its checkpoint says)")
-    add("--split", choices=["test", "val"], help="test/, or the run's validation split (test)")
-    add(
-        "--batch-size",
-        type=positive_int,
-        help=f"images per pass, >= 1 ({BATCH_PIXELS // 32**2} at 32x32, as many pixels at larger inputs: 20 at 224)",
-    )
-    add("--cache-dir", type=path, help="where train.py decoded the image folders; none: decode (the run's)")
-    add("--tta", action="store_true", help="average each image's logits with its mirror's (off)")
-    add("--json", type=path, help="also write the results to this JSON file (off)")
-    add("--plot-dir", type=path, help="where the PNGs go (default: the checkpoint's folder)")
-    add("--no-plots", action="store_true", help="write no PNGs (off)")
-    add(
-        "--skip-data-check",
-        action="store_true",
-        help="--split val on a folder that is not the run's data: evaluate anyway, said in the report (off)",
-    )
-    add("--predict", type=path, nargs="+", metavar="PATH", help="classify these images or folders of them")
-    add("--csv", type=path, help="--predict: also write the predictions to this CSV file (off)")
-    add("--top-k", type=positive_int, help="--predict: classes shown per image (3)")
-    add("--no-calibration", action="store_true", help="--predict: raw probabilities, not divided by the run's T (off)")
-    add(
-        "--explain",
-        action="store_true",
-        help="Grad-CAM heat maps: <stem>_<split>_explained.png of the mistakes; with --predict, on the sheets (off)",
-    )
-    add("--export-onnx", metavar="PATH", help="write the network as ONNX (uint8 pixels in, logits out) and check it")
-    add("--overwrite", action="store_true", help="--export-onnx: replace an existing file (off)")
+    for flag, settings, text in FLAGS:
+        parser.add_argument(flag, help=text, **settings)
     args = parser.parse_args(argv)
-    for refused, message in REFUSALS:
-        if refused(args):
-            parser.error(message)
+    data.refuse(parser, args, REFUSALS)
     args.split, args.top_k = args.split or "test", args.top_k or 3
     return args
 
 
 def exporting(args):
     return args.export_onnx is not None  # --export-onnx "" too: refused by export_onnx, not evaluated
-
-
-# Flags that would do nothing in the combination given: (refused when, the one line that says so).
-REFUSALS = [
-    (
-        lambda a: exporting(a) and (a.predict or a.tta or a.explain),
-        "--export-onnx exports the plain network; drop --predict, --tta and --explain",
-    ),
-    (
-        lambda a: exporting(a) and (a.json or a.plot_dir or a.no_calibration),
-        "--export-onnx writes the .onnx file and nothing else, the temperature in its metadata for the user to "
-        "apply or not; drop --json, --plot-dir and --no-calibration",
-    ),
-    (
-        lambda a: exporting(a) and a.batch_size,
-        "--export-onnx checks the file in batches of its own choosing; drop --batch-size",
-    ),
-    (
-        lambda a: a.no_calibration and not a.predict,
-        "--no-calibration goes with --predict; an evaluation reports both T = 1 and the fitted T",
-    ),
-    (lambda a: a.explain and a.no_plots, "--explain draws heat maps, and --no-plots draws nothing; drop one of them"),
-    (
-        lambda a: a.overwrite and not exporting(a),
-        "--overwrite goes with --export-onnx; evaluation plots are always rewritten",
-    ),
-    (lambda a: a.csv and not a.predict, "--csv goes with --predict; for an evaluation's results pass --json"),
-    (lambda a: a.json and a.predict, "--json goes with an evaluation; for --predict's results pass --csv"),
-    (lambda a: a.top_k and not a.predict, "--top-k goes with --predict: the classes shown for each image"),
-    (
-        lambda a: a.split and a.predict,
-        "--split chooses what an evaluation measures; --predict classifies the paths given: drop --split",
-    ),
-]
 
 
 # ---------------------------------------------------------------------------------- output paths

@@ -75,23 +75,6 @@ from model import (
 if __name__ == "__main__":  # imported: from here on main() handles Ctrl-C
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
-# The default recipe. Every value is a flag; the README explains each choice.
-DEFAULT_RECIPE = dict(
-    epochs=30,
-    batch_size=128,  # per process
-    lr=0.05,  # peak, after warmup: fine-tuning, so below the from-scratch 0.1
-    momentum=0.9,
-    nesterov=True,
-    weight_decay=5e-4,  # not applied to norms and biases
-    schedule="cosine",
-    warmup_epochs=1,
-    label_smoothing=0.1,
-    zero_init_residual=True,  # from scratch: helps at high lr, slows the seed's lr 0.001 down
-    stem="cifar",  # photos: torchvision's own (data_settings)
-    crop_padding=2,  # measured: +2.2 points over 4 in 8 epochs from scratch (bench/accuracy.md)
-    mean=None,  # the data's: CIFAR-10's, or ImageNet's for photos (data_settings)
-    std=None,
-)
 RUN_WEIGHT_FLOOR = 0.1  # --class-weights RUN: a class the run got all right weighs a tenth of the mean error
 SCRATCH_LR = 0.2  # --weights none: no features to protect; measured +1.3 points over 0.1 (bench/accuracy.md)
 # Photos: a folder of a few hundred would make one or two steps an epoch at batch 128. The recipe's lr is
@@ -101,23 +84,6 @@ PHOTO_BATCH_SIZE = 32
 # it is 12x12 after the stem and 2x2 at the end. Measured from scratch at 8 epochs: 81.26% against
 # 78.88% at 32x32, for 2.6x the time per epoch (bench/accuracy.md).
 IMAGENET_STEM_INPUT_SIZE = 48
-# The seed write-up: 81.92% validation accuracy after 50 epochs.
-SEED_RECIPE = dict(
-    epochs=50,
-    batch_size=128,
-    lr=1e-3,
-    momentum=0.9,
-    nesterov=False,
-    weight_decay=0.0,
-    schedule="constant",
-    warmup_epochs=0,
-    label_smoothing=0.0,
-    zero_init_residual=False,
-    stem="imagenet",
-    crop_padding=4,
-    mean=(0.5, 0.5, 0.5),
-    std=(0.5, 0.5, 0.5),
-)
 # Training's own memory, roughly, for the check before decoding: the activations a step keeps for the
 # backward pass, about 500 bytes per input pixel of the batch with torchvision's stem (a review measured
 # 16.8 GB at 1024x1024, batch 32), 16x that with the cifar stem, whose maps are 4x larger on each side.
@@ -520,177 +486,132 @@ def bounded(kind, low, high=math.inf, open_low=False, open_high=False):
     return parse
 
 
-def recipe_help(key, text=""):
-    """Help for a recipe setting: what it is and its value in each recipe."""
-    return f"{text} (default {DEFAULT_RECIPE[key]}; seed recipe {SEED_RECIPE[key]})".lstrip()
+# The flags that are not recipe settings: (flag, argparse's settings, help).
+# fmt: off
+FLAGS = [
+    ("--data-dir", dict(type=data.path_flag),
+     "CIFAR-10 location, or a folder with train/<class>/ (./data; --resume: the run's)"),
+    ("--output-dir", dict(type=data.path_flag), "the run's folder (default runs/<timestamp>)"),
+    ("--recipe", dict(choices=["default", "seed"], default="default"), "the values of the settings that name a seed recipe (%(default)s)"),
+    ("--weights", dict(type=data.path_flag, default="imagenet"),
+     "imagenet, none, or a local ResNet18 state dict (%(default)s)"),
+    ("--seed", dict(type=bounded(int, 0, 2**32 - 1), default=0), "split, order and augmentation (%(default)s)"),
+    ("--val-fraction", dict(type=bounded(float, 0, 1, open_low=True, open_high=True), default=0.2),
+     "stratified (%(default)s)"),
+    ("--max-train-samples", dict(type=bounded(int, 1)), "a stratified subset of about N training images (all)"),
+    ("--patience", dict(type=bounded(int, 1)), "stop after N epochs without a lower validation loss (off)"),
+    ("--targeted-augment", dict(default="none"), "rotation, jitter, erasing for: none, all, a group or classes (none)"),
+    ("--class-weights", dict(type=data.path_flag, default="none"),
+     "none, auto, a run's history.json or checkpoint, or w0,w1,... (none)"),
+    ("--two-stage", dict(action="store_true"), "animals-vs-vehicles head, then a head per group (off)"),
+    ("--resume", dict(action="store_true"), "continue the run in --output-dir (may change: --epochs, --data-dir, "
+     "--cache-dir, --data-on, --compile, --log-with)"),
+    ("--overwrite", dict(action="store_true"), "replace the run in --output-dir"),
+    ("--ema", dict(type=bounded(float, 0, 1, open_high=True), default=0.0), "EMA decay of the weights (0: off)"),
+    ("--cache-dir", dict(type=data.path_flag), "where image folders are decoded once, to be read by later runs; "
+     f"none: decode in memory each time ({data.default_cache_dir()})"),
+    ("--data-on", dict(choices=["auto", "device", "disk"], default="auto"), "device: the images in the training "
+     "device's memory; disk: read batch by batch from the cache; auto: device when they fit (%(default)s)"),
+    ("--compile", dict(action="store_true"), f"torch.compile the training step, mode {COMPILE_MODE} (off)"),
+    # the training controls: their defaults leave the recipes as they are
+    ("--grad-accum-steps", dict(type=bounded(int, 1), metavar="N", default=1), "batches whose gradients add up "
+     "before each step: an effective batch of --batch-size x processes x N (%(default)s)"),
+    ("--clip-grad-norm", dict(type=bounded(float, 0, open_low=True), metavar="X"),
+     "clip the gradient's norm to this (off)"),
+    ("--mixup", dict(type=bounded(float, 0, MAX_MIX_ALPHA), metavar="ALPHA", default=0.0),
+     "mixup's alpha: mix pairs of images (0: off)"),
+    ("--cutmix", dict(type=bounded(float, 0, MAX_MIX_ALPHA), metavar="ALPHA", default=0.0),
+     "CutMix's alpha; with --mixup, each batch takes one of the two at random (0: off)"),
+    ("--auto-augment", dict(choices=["none", "ta_wide", "ra"], default="none"),
+     "an augmentation policy: TrivialAugment-wide or RandAugment (%(default)s)"),
+    ("--freeze-epochs", dict(type=bounded(int, 0), metavar="N", default=0),
+     "train only the new head for N epochs first (0)"),
+    ("--backbone-lr-mult", dict(type=bounded(float, 0, MAX_LR, open_low=True), metavar="M", default=1.0),
+     "the lr of every layer but the head, times this (%(default)s)"),
+    ("--find-lr", dict(action="store_true"), "run the lr range test, write lr_find.png, and train nothing"),
+    ("--log-with", dict(choices=[str(t) for t in LoggerType]), "also log to this tracker, through accelerate (none)"),
+    ("--input-size", dict(type=bounded(int, 8, 1024)), f"the network's input side. CIFAR-sized images stay "
+     f"{data.IMAGE_SIZE}x{data.IMAGE_SIZE} in memory and are resized per batch (default {data.IMAGE_SIZE}; "
+     f"{IMAGENET_STEM_INPUT_SIZE} with --stem imagenet, but {data.IMAGE_SIZE} in the seed recipe); photos are "
+     f"stored a little larger ({round(data.PHOTO_INPUT_SIZE * data.STORED_SCALE)} for {data.PHOTO_INPUT_SIZE}) "
+     f"and cropped to it (default {data.PHOTO_INPUT_SIZE})"),
+]
+# The two recipes, a row a setting: (flag, argparse's settings, the default recipe's value, the seed
+# recipe's, help). The seed recipe is the write-up's, 81.92% after 50 epochs; a flag given wins.
+RECIPES = [
+    ("--epochs", dict(type=bounded(int, 1)), 30, 50, "passes over the training split"),
+    ("--batch-size", dict(type=bounded(int, 2)), 128, 128,
+     f"per process, 2 or more for BatchNorm; {PHOTO_BATCH_SIZE} for photos"),
+    # the peak, after warmup: fine-tuning, so below the from-scratch 0.1
+    ("--lr", dict(type=bounded(float, 0, MAX_LR, open_low=True)), 0.05, 1e-3,
+     f"peak; {SCRATCH_LR} with --weights none; photos: x{PHOTO_BATCH_SIZE}/128"),
+    ("--momentum", dict(type=bounded(float, 0, 1, open_high=True)), 0.9, 0.9, "SGD momentum"),
+    ("--nesterov", dict(action=argparse.BooleanOptionalAction), True, False, "Nesterov momentum"),
+    ("--weight-decay", dict(type=bounded(float, 0, 1)), 5e-4, 0.0, "not on norms and biases"),
+    ("--schedule", dict(choices=["cosine", "linear", "constant"]), "cosine", "constant", "after warmup"),
+    ("--warmup-epochs", dict(type=bounded(float, 0, 1000)), 1, 0, "linear warmup"),
+    ("--label-smoothing", dict(type=bounded(float, 0, 1, open_high=True)), 0.1, 0.0, "of the cross-entropy targets"),
+    # from scratch it helps at a high lr, and slows the seed's lr 0.001 down
+    ("--zero-init-residual", dict(action=argparse.BooleanOptionalAction), True, False,
+     "residual blocks start as the identity"),
+    # photos get torchvision's own (data_settings)
+    ("--stem", dict(choices=["cifar", "imagenet"]), "cifar", "imagenet",
+     "cifar: stride-1 conv1, no max-pool; imagenet for photos"),
+    # measured: +2.2 points over 4 in 8 epochs from scratch (bench/accuracy.md)
+    ("--crop-padding", dict(type=bounded(int, 0, 32)), 2, 4, "CIFAR-sized images: the random crop's zero padding"),
+    # not flags: the data's own (CIFAR-10's, or ImageNet's for photos: data_settings), or the seed's 0.5
+    ("mean", None, None, (0.5, 0.5, 0.5), None),
+    ("std", None, None, (0.5, 0.5, 0.5), None),
+]
+# fmt: on
+DEFAULT_RECIPE = {flag.lstrip("-").replace("-", "_"): ours for flag, _, ours, _, _ in RECIPES}
+SEED_RECIPE = {flag.lstrip("-").replace("-", "_"): seed for flag, _, _, seed, _ in RECIPES}
+
+
+def protecting(args):
+    """The flags given that protect pretrained features."""
+    return [flag for flag, on in (("--freeze-epochs", args.freeze_epochs), ("--backbone-lr-mult",
+            args.backbone_lr_mult != 1)) if on]  # fmt: skip
+
+
+# Flag combinations refused as the command line is read: (refused when, the one line that says why).
+RESUME_REFUSALS = [
+    (lambda a: not a.output_dir, "--resume needs --output-dir, the folder of the run to continue"),
+    (lambda a: a.overwrite, "--resume continues the run in --output-dir and --overwrite replaces it; pass one of them"),
+    (lambda a: a.find_lr, "--find-lr saves no run, so there is none to resume; drop --resume"),
+]
+REFUSALS = [
+    (
+        lambda a: a.weights == "none" and protecting(a),
+        lambda a: (
+            f"{' and '.join(protecting(a))} protect(s) pretrained features, and --weights none has none; "
+            f"drop {' and '.join(protecting(a))}"
+        ),
+    ),
+    (
+        lambda a: a.freeze_epochs >= a.epochs,
+        lambda a: (
+            f"--freeze-epochs {a.freeze_epochs} leaves none of the {a.epochs} epochs to train the whole "
+            f"network; pass fewer, or more --epochs"
+        ),
+    ),
+]
 
 
 def parse_args(argv=None):
     parser = data.one_line_errors(
         argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     )
-    add = parser.add_argument
-    add(
-        "--data-dir",
-        type=data.path_flag,
-        help="CIFAR-10 location, or a folder with train/<class>/ (./data; --resume: the run's)",
-    )
-    add("--output-dir", type=data.path_flag, help="the run's folder (default runs/<timestamp>)")
-    add("--recipe", choices=["default", "seed"], default="default", help="settings marked recipe (%(default)s)")
-    add(
-        "--weights",
-        type=data.path_flag,
-        default="imagenet",
-        help="imagenet, none, or a local ResNet18 state dict (%(default)s)",
-    )
-    add("--seed", type=bounded(int, 0, 2**32 - 1), default=0, help="split, order and augmentation (%(default)s)")
-    add(
-        "--val-fraction",
-        type=bounded(float, 0, 1, open_low=True, open_high=True),
-        default=0.2,
-        help="stratified (%(default)s)",
-    )
-    add("--max-train-samples", type=bounded(int, 1), help="a stratified subset of about N training images (all)")
-    add("--patience", type=bounded(int, 1), help="stop after N epochs without a lower validation loss (off)")
-    add(
-        "--targeted-augment", default="none", help="rotation, jitter, erasing for: none, all, a group or classes (none)"
-    )
-    add(
-        "--class-weights",
-        type=data.path_flag,
-        default="none",
-        help="none, auto, a run's history.json or checkpoint, or w0,w1,... (none)",
-    )
-    add("--two-stage", action="store_true", help="animals-vs-vehicles head, then a head per group (off)")
-    add(
-        "--resume",
-        action="store_true",
-        help="continue the run in --output-dir (may change: --epochs, --data-dir, --cache-dir, --data-on, "
-        "--compile, --log-with)",
-    )
-    add("--overwrite", action="store_true", help="replace the run in --output-dir")
-    add("--ema", type=bounded(float, 0, 1, open_high=True), default=0.0, help="EMA decay of the weights (0: off)")
-    add(
-        "--cache-dir",
-        type=data.path_flag,
-        help=f"where image folders are decoded once, to be read by later runs; none: decode in memory each time "
-        f"({data.default_cache_dir()})",
-    )
-    add(
-        "--data-on",
-        choices=["auto", "device", "disk"],
-        default="auto",
-        help="device: the images in the training device's memory; disk: read batch by batch from the cache; "
-        "auto: device when they fit (%(default)s)",
-    )
-    add("--compile", action="store_true", help=f"torch.compile the training step, mode {COMPILE_MODE} (off)")
-    # Training controls; their defaults leave the recipes as they are. README: Training.
-    add(
-        "--grad-accum-steps",
-        type=bounded(int, 1),
-        metavar="N",
-        default=1,
-        help="batches whose gradients add up before each step: an effective batch of --batch-size x processes x N "
-        "(%(default)s)",
-    )
-    add(
-        "--clip-grad-norm",
-        type=bounded(float, 0, open_low=True),
-        metavar="X",
-        help="clip the gradient's norm to this (off)",
-    )
-    add(
-        "--mixup",
-        type=bounded(float, 0, MAX_MIX_ALPHA),
-        metavar="ALPHA",
-        default=0.0,
-        help="mixup's alpha: mix pairs of images (0: off)",
-    )
-    add(
-        "--cutmix",
-        type=bounded(float, 0, MAX_MIX_ALPHA),
-        metavar="ALPHA",
-        default=0.0,
-        help="CutMix's alpha; with --mixup, each batch takes one of the two at random (0: off)",
-    )
-    add(
-        "--auto-augment",
-        choices=["none", "ta_wide", "ra"],
-        default="none",
-        help="an augmentation policy: TrivialAugment-wide or RandAugment (%(default)s)",
-    )
-    add(
-        "--freeze-epochs",
-        type=bounded(int, 0),
-        metavar="N",
-        default=0,
-        help="train only the new head for N epochs first (0)",
-    )
-    add(
-        "--backbone-lr-mult",
-        type=bounded(float, 0, MAX_LR, open_low=True),
-        metavar="M",
-        default=1.0,
-        help="the lr of every layer but the head, times this (%(default)s)",
-    )
-    add("--find-lr", action="store_true", help="run the lr range test, write lr_find.png, and train nothing")
-    add("--log-with", choices=[str(t) for t in LoggerType], help="also log to this tracker, through accelerate (none)")
-    # Recipe settings: None means "take it from --recipe".
-    add("--epochs", type=bounded(int, 1), help=recipe_help("epochs", "passes over the training split"))
-    add(
-        "--batch-size",
-        type=bounded(int, 2),
-        help=recipe_help("batch_size", f"per process, 2 or more for BatchNorm; {PHOTO_BATCH_SIZE} for photos"),
-    )
-    add(
-        "--lr",
-        type=bounded(float, 0, MAX_LR, open_low=True),
-        help=recipe_help("lr", f"peak; {SCRATCH_LR} with --weights none; photos: x{PHOTO_BATCH_SIZE}/128"),
-    )
-    add("--momentum", type=bounded(float, 0, 1, open_high=True), help=recipe_help("momentum", "SGD momentum"))
-    add("--nesterov", action=argparse.BooleanOptionalAction, help=recipe_help("nesterov", "Nesterov momentum"))
-    add("--weight-decay", type=bounded(float, 0, 1), help=recipe_help("weight_decay", "not on norms and biases"))
-    add("--schedule", choices=["cosine", "linear", "constant"], help=recipe_help("schedule", "after warmup"))
-    add("--warmup-epochs", type=bounded(float, 0, 1000), help=recipe_help("warmup_epochs", "linear warmup"))
-    add(
-        "--label-smoothing",
-        type=bounded(float, 0, 1, open_high=True),
-        help=recipe_help("label_smoothing", "of the cross-entropy targets"),
-    )
-    add(
-        "--stem",
-        choices=["cifar", "imagenet"],
-        help=recipe_help("stem", "cifar: stride-1 conv1, no max-pool; imagenet for photos"),
-    )
-    add(
-        "--zero-init-residual",
-        action=argparse.BooleanOptionalAction,
-        help=recipe_help("zero_init_residual", "residual blocks start as the identity"),
-    )
-    add(
-        "--crop-padding",
-        type=bounded(int, 0, 32),
-        help=recipe_help("crop_padding", "CIFAR-sized images: the random crop's zero padding"),
-    )
-    add(
-        "--input-size",
-        type=bounded(int, 8, 1024),
-        help=f"the network's input side. CIFAR-sized images stay {data.IMAGE_SIZE}x{data.IMAGE_SIZE} in memory and "
-        f"are resized per batch (default {data.IMAGE_SIZE}; {IMAGENET_STEM_INPUT_SIZE} with --stem imagenet, but "
-        f"{data.IMAGE_SIZE} in the seed recipe); photos are stored a little larger "
-        f"({round(data.PHOTO_INPUT_SIZE * data.STORED_SCALE)} for {data.PHOTO_INPUT_SIZE}) and cropped to it "
-        f"(default {data.PHOTO_INPUT_SIZE})",
-    )
+    for flag, settings, text in FLAGS:
+        parser.add_argument(flag, help=text, **settings)
+    for flag, settings, ours, seed, text in RECIPES:
+        if settings is not None:  # None: take it from --recipe (parse_args, data_settings)
+            parser.add_argument(flag, help=f"{text} (default {ours}; seed recipe {seed})", **settings)
     args = parser.parse_args(argv)
     # recorded absolute, so that evaluate.py and --resume find it from any working folder
     absolute_paths(vars(args))
     if args.resume:  # the run's saved settings apply; see resumed_settings
-        if not args.output_dir:
-            parser.error("--resume needs --output-dir, the folder of the run to continue")
-        if args.overwrite:
-            parser.error("--resume continues the run in --output-dir and --overwrite replaces it; pass one of them")
-        if args.find_lr:
-            parser.error("--find-lr saves no run, so there is none to resume; drop --resume")
+        data.refuse(parser, args, RESUME_REFUSALS)
         # the flags on the command line, to compare with the run's own values once they are read
         unset = object()
         parser.set_defaults(**dict.fromkeys(vars(args), unset))
@@ -704,16 +625,7 @@ def parse_args(argv=None):
         if getattr(args, key, None) is None and key not in ("stem", "batch_size", "lr"):  # see data_settings
             setattr(args, key, value)
     args.decay_start = None  # set when a resumed run's --epochs changes; see lr_factor
-    protecting = [flag for flag, on in (("--freeze-epochs", args.freeze_epochs), ("--backbone-lr-mult",
-                  args.backbone_lr_mult != 1)) if on]  # fmt: skip
-    if args.weights == "none" and protecting:
-        flags = " and ".join(protecting)
-        parser.error(f"{flags} protect(s) pretrained features, and --weights none has none; drop {flags}")
-    if args.freeze_epochs >= args.epochs:
-        parser.error(
-            f"--freeze-epochs {args.freeze_epochs} leaves none of the {args.epochs} epochs to train the whole "
-            f"network; pass fewer, or more --epochs"
-        )
+    data.refuse(parser, args, REFUSALS)
     return args
 
 

@@ -51,7 +51,7 @@ STORED_SCALE = 8 / 7  # 224 -> 256
 CROP_AREA = (0.08, 1.0)  # random-resized crop: fraction of the stored image, and its aspect ratio (torchvision's)
 CROP_RATIO = (3 / 4, 4 / 3)
 MEMORY_SHARE = 0.5  # of the free memory, for the decoded images: decoding holds two copies for a moment
-TRAINING_ADVICE = "pass a smaller --input-size or --max-train-samples"  # when they would not fit
+TRAINING_ADVICE = "pass a smaller --batch-size, --input-size or --max-train-samples"  # when they would not fit
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # photos: the statistics the pretrained weights were trained with
@@ -293,8 +293,8 @@ def list_images(data_dir, split):
         return list_folder(root / split)
     if any(child.is_dir() and child.name != "cifar-10-batches-py" for child in root.glob("*")):
         raise UserError(
-            f"--data-dir {root} has folders but no train/ folder; for your own images pass the folder that "
-            f"holds train/<class>/ (not train/ itself), for CIFAR-10 a folder of its own"
+            f"--data-dir {root} has folders but no {split}/ folder; for your own images pass the folder that "
+            f"holds {split}/<class>/ (not {split}/ itself), for CIFAR-10 a folder of its own"
         )
     if not is_cifar10_location(root):
         found = "neither train/<class>/ nor CIFAR-10 there" if root.exists() else "no such folder"
@@ -624,12 +624,12 @@ class Seen:
     """What find_images met: the real folders entered and files taken, and what it passed over."""
 
     def __init__(self, folders=()):
-        self.folders, self.files, self.others, self.links = set(folders), set(), [], 0
+        self.folders, self.files, self.others, self.links = set(folders), set(), {}, 0  # others: {file: path}
 
     def report(self, where):
         """One line each for what was passed over: files that are not images, and links."""
         if self.others:
-            example = Path(sorted(self.others)[0]).name
+            example = Path(min(self.others.values())).name
             LOG(f"{where}: skipped {len(self.others)} file(s) that are not images, e.g. {example}")
         if self.links:
             LOG(f"{where}: skipped {self.links} link(s) or repeated path(s) to folders or images already listed; "
@@ -659,7 +659,7 @@ def find_images(folder, seen):
         for path in (os.path.join(directory, file) for file in sorted(files)):
             real = file_identity(path)
             if not path.lower().endswith(IMAGE_EXTENSIONS):
-                seen.others.append(path)
+                seen.others.setdefault(file_identity(path), path)  # once, however often it is reached
             elif real in seen.files:
                 seen.links += 1
             else:
@@ -898,10 +898,15 @@ def read_image(path, side):
 
 
 def as_16_bit(image):
-    """Pillow before 11 opens 16-bit grayscale PNGs as mode I (32-bit integers): their file says 16
-    bits (the decoder's raw mode), so make them I;16, the mode to_rgb reads 16-bit images from."""
-    raw = image.tile[0].args if image.mode == "I" and len(image.tile) == 1 else None
-    if str(raw[0] if isinstance(raw, tuple) else raw).startswith("I;16"):
+    """Mode I (32-bit integer) images whose file holds unsigned 16 bits or fewer, made I;16, the mode
+    to_rgb reads 16-bit images from: Pillow before 11 opens 16-bit grayscale PNGs as I (raw mode I;16,
+    I;16B), and every Pillow opens PGMs of over 8 bits as I, scaled to 0..65535 whatever their maxval.
+    Signed 16-bit TIFFs (I;16S) stay I: they have no fixed range either."""
+    if image.mode != "I" or len(image.tile) != 1:
+        return image
+    codec, _, _, raw = image.tile[0]
+    raw = raw[0] if isinstance(raw, tuple) else raw
+    if codec in ("ppm", "ppm_plain") or re.fullmatch(r"I;16[BLN]?", str(raw)):
         return Image.fromarray(np.asarray(image).astype(np.uint16))
     return image
 
@@ -916,7 +921,11 @@ def to_rgb(image):
     if image.mode in ("I", "F"):
         raise ValueError(f"mode {image.mode}: 32-bit pixels have no fixed range; save the image with 8 or 16 bits")
     if image.mode.startswith("I;16"):
-        image = Image.fromarray((np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8))  # 0..65535 -> 0..255
+        pixels = np.asarray(image).astype(np.uint16)
+        gray = Image.fromarray((pixels >> 8).astype(np.uint8))  # 0..65535 -> 0..255
+        transparent = image.info.get("transparency")  # a PNG's one transparent 16-bit value
+        alpha = Image.fromarray(np.where(pixels == transparent, 0, 255).astype(np.uint8))
+        image = gray if transparent is None else Image.merge("LA", (gray, alpha))
     if image.mode == "La":
         luminance, alpha = np.asarray(image, dtype=np.float32).transpose(2, 0, 1)
         background = np.mean(TRANSPARENT_BACKGROUND)

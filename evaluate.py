@@ -999,9 +999,9 @@ FLAGS = [
 REFUSALS = [
     (lambda a: exporting(a) and (a.predict or a.tta or a.explain),
      "--export-onnx exports the plain network; drop --predict, --tta and --explain"),
-    (lambda a: exporting(a) and (a.json or a.plot_dir or a.no_calibration),
+    (lambda a: exporting(a) and (a.json or a.plot_dir or a.no_plots or a.no_calibration),
      "--export-onnx writes the .onnx file and nothing else, the temperature in its metadata for the user to "
-     "apply or not; drop --json, --plot-dir and --no-calibration"),
+     "apply or not; drop --json, --plot-dir, --no-plots and --no-calibration"),
     (lambda a: exporting(a) and a.batch_size,
      "--export-onnx checks the file in batches of its own choosing; drop --batch-size"),
     (lambda a: a.no_calibration and not a.predict,
@@ -1014,6 +1014,11 @@ REFUSALS = [
     (lambda a: a.top_k and not a.predict, "--top-k goes with --predict: the classes shown for each image"),
     (lambda a: a.split and a.predict,
      "--split chooses what an evaluation measures; --predict classifies the paths given: drop --split"),
+    (lambda a: a.predict and (a.data_dir or a.cache_dir or a.skip_data_check),
+     "--predict classifies the paths given, no data folder; drop --data-dir, --cache-dir and --skip-data-check"),
+    (lambda a: a.skip_data_check and a.split != "val",
+     "--skip-data-check goes with --split val: it skips the check that the folder holds the run's data"),
+    (lambda a: a.plot_dir and a.no_plots, "--plot-dir says where plots go, and --no-plots draws none; drop one"),
 ]
 # fmt: on
 

@@ -119,6 +119,8 @@ def load_backbone(model, path, arch):
 
 def read_state_dict(path):
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"--weights {path} is a folder; pass a file in it, such as {path / 'best.safetensors'}")
     if not path.is_file():
         raise UserError(f"weights file {path} not found; pass an existing file, or --weights none")
     try:

@@ -466,11 +466,15 @@ def update_ema(ema, network, step, decay):
 
 
 def bounded(kind, low, high=math.inf, open_low=False, open_high=False):
-    """An argparse type: a finite number of `kind` between low and high (either end excluded if open)."""
+    """An argparse type: a finite number of `kind` between low and high (either end excluded if open).
+    Integers stop at 2**53, the largest a float holds exactly: the code mixes them with floats (time
+    estimates, fractions), and a 309-digit one overflowed there."""
     word = "an integer" if kind is int else "a number"
     span = f"{'above' if open_low else 'at least'} {low}"
     if high < math.inf:
         span += f" and {'below' if open_high else 'at most'} {high}"
+    elif kind is int:
+        high = 2**53  # said only to a value above it
 
     def parse(text):
         try:
@@ -479,8 +483,9 @@ def bounded(kind, low, high=math.inf, open_low=False, open_high=False):
             raise argparse.ArgumentTypeError(f"{text!r} is not {word}") from None
         above_low = low < value if open_low else low <= value
         below_high = value < high if open_high else value <= high
-        if not (math.isfinite(value) and above_low and below_high):
-            raise argparse.ArgumentTypeError(f"must be {word} {span}, got {text}")
+        if not ((kind is int or math.isfinite(value)) and above_low and below_high):
+            limit = f" and at most {high}" if above_low and "most" not in span else ""
+            raise argparse.ArgumentTypeError(f"must be {word} {span}{limit}, got {text}")
         return value
 
     return parse
@@ -492,7 +497,8 @@ FLAGS = [
     ("--data-dir", dict(type=data.path_flag),
      "CIFAR-10 location, or a folder with train/<class>/ (./data; --resume: the run's)"),
     ("--output-dir", dict(type=data.path_flag), "the run's folder (default runs/<timestamp>)"),
-    ("--recipe", dict(choices=["default", "seed"], default="default"), "the values of the settings that name a seed recipe (%(default)s)"),
+    ("--recipe", dict(choices=["default", "seed"], default="default"),
+     "the values of the settings that name a seed recipe (%(default)s)"),
     ("--weights", dict(type=data.path_flag, default="imagenet"),
      "imagenet, none, or a local ResNet18 state dict (%(default)s)"),
     ("--seed", dict(type=bounded(int, 0, 2**32 - 1), default=0), "split, order and augmentation (%(default)s)"),
@@ -705,14 +711,18 @@ RESUME_MAY_CHANGE = (
 
 def resumed_settings(args, progress):
     """A resumed run keeps its own settings; only a new --epochs (to extend it) and --data-dir (the
-    same data, moved: checked against its fingerprint) are taken, and how it runs (--compile,
-    --log-with) comes from the command line. Any other flag given must equal the run's value, so the
-    command that started the run, with --resume added, continues it. Settings that train.py gained
-    after the run started take their defaults for the run's recipe."""
+    same data, moved: checked against its fingerprint) are taken, and --cache-dir and --data-on when
+    given (else the run's); --compile and --log-with come from the command line. Any other flag
+    given must equal the run's value, so the command that started the run, with --resume added,
+    continues it. Settings that train.py gained after the run started take their defaults for the
+    run's recipe."""
     saved = progress["config"]
     defaults = vars(parse_args(["--recipe", saved["recipe"], "--weights", saved["weights"]]))
-    machinery = {key: getattr(args, key) for key in ("cache_dir", "data_on", "compile", "log_with", "output_dir")}
-    machinery["resume"] = True
+    # where its data comes from and how it runs: the run's own, unless given anew (the printed resume
+    # command names neither, and the run's cache is not the default one when it had a --cache-dir)
+    machinery = {key: args.given.get(key, saved.get(key, getattr(args, key))) for key in ("cache_dir", "data_on")}
+    # how it runs: this command's (--compile is on or off as typed; the launch has made its trackers)
+    machinery |= dict(compile=args.compile, log_with=args.log_with, output_dir=args.output_dir, resume=True)
     # what runs from before these settings existed did: no fingerprint, CIFAR-sized images at 32x32
     older = dict(data_fingerprint=None, train_crop="padded", arch="resnet18", optimizer="SGD")
     older |= dict.fromkeys(("input_size", "image_size", "eval_crop"), data.IMAGE_SIZE)
@@ -1226,6 +1236,9 @@ def open_run(args, accelerator):
         return args, out, None
     progress = json.loads((latest_state(out) / "progress.json").read_text())
     args = resumed_settings(args, progress)
+    if progress["config"].get("log_with") and not args.log_with:
+        accelerator.print(f"warning: the run logged to {progress['config']['log_with']}; this part of it logs to no "
+                          f"tracker unless you pass --log-with {progress['config']['log_with']}")  # fmt: skip
     check_resumable(out, args, progress, accelerator)
     finished = finished_run(args, progress["history"], progress["config"]["epochs"])
     if finished:

@@ -86,12 +86,27 @@ def mode_cases(folder):
         saved(as_rgb.convert("LAB"), folder / "lab.tif", rgb),
         saved(as_rgb.convert("CMYK"), folder / "cmyk.tif", rgb),
         saved(Image.fromarray(gray.astype(np.int32)), folder / "int32.tif", None),
+        saved(Image.fromarray(gray.astype(np.int16) - 100), folder / "signed16.tif", None),  # I;16S: no fixed range
         saved(Image.fromarray(gray.astype(np.float32) / 255), folder / "float.tif", None),
     ]
 
 
+def other_depths(folder):
+    """PGMs of over 8 bits (any maxval: Pillow opens them as I, scaled to 16 bits) and a 16-bit PNG with a
+    transparent value, with what they must read as."""
+    gray = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
+    ten_bits = (gray.astype(np.uint32) * 1023 // 255).astype(">u2")
+    (folder / "ten_bits.pgm").write_bytes(b"P5\n8 8\n1023\n" + ten_bits.tobytes())
+    sixteen = Image.fromarray(gray.astype(np.uint16) * 257)
+    sixteen.save(folder / "transparent16.png", transparency=0)  # the first pixel's value: transparent
+    on_white = np.repeat(gray[..., None], 3, axis=2).astype(int)
+    on_white[0, 0] = data.TRANSPARENT_BACKGROUND
+    return [(folder / "ten_bits.pgm", np.repeat(gray[..., None], 3, axis=2)), (folder / "transparent16.png", on_white)]
+
+
 def test_every_mode_is_read_right_or_skipped(tmp_path):
-    for path, expected in mode_cases(tmp_path / "modes"):
+    cases = mode_cases(tmp_path / "modes")
+    for path, expected in cases + other_depths(tmp_path / "modes"):
         pixels = data.read_image(path, 8)
         if expected is None:
             assert pixels is None, path.name  # not black: no fixed range to read it in
@@ -253,6 +268,11 @@ def test_resuming_after_the_class_weights_run_moved_keeps_its_weights(tmp_path, 
         (evaluate.main, ["x.safetensors", "--top-k", "5"], "--top-k goes with --predict"),
         (evaluate.main, ["x.safetensors", "--export-onnx", "m.onnx", "--batch-size", "8"], "drop --batch-size"),
         (evaluate.main, ["x.safetensors", "--predict", "a.jpg", "--split", "val"], "drop --split"),
+        (evaluate.main, ["x.safetensors", "--predict", "a.jpg", "--data-dir", "d"], "drop --data-dir"),
+        (evaluate.main, ["x.safetensors", "--skip-data-check"], "--skip-data-check goes with --split val"),
+        (evaluate.main, ["x.safetensors", "--no-plots", "--plot-dir", "p"], "draws none"),
+        (train.main, ["--seed", "1" + "0" * 309], "at most 4294967295"),
+        (train.main, ["--epochs", "1" + "0" * 309], "at most 9007199254740992"),
     ],
 )
 def test_empty_paths_and_flags_that_would_do_nothing_are_refused(main, argv, message, capsys):
@@ -272,3 +292,22 @@ def test_an_empty_data_dir_from_the_command_line_is_one_line(tmp_path):
     result = subprocess.run([sys.executable, "train.py", "--data-dir", ""], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2 and one_error_line(result.stderr) and "is empty" in result.stderr
     assert not (ROOT / "data").exists() or any((ROOT / "data").iterdir())  # no download folder made
+
+
+def test_a_resumed_run_keeps_its_cache_and_weights_folders_name_the_file(tmp_path, capsys):
+    root, cache = two_classes(tmp_path / "d"), tmp_path / "my-cache"
+    train.main(short_run(root, tmp_path / "run", "--cache-dir", cache))
+    capsys.readouterr()
+    train.main(["--output-dir", str(tmp_path / "run"), "--resume", "--epochs", "2"])  # as the printed command
+    out = capsys.readouterr().out
+    assert f"from the cache {cache}" in out and f"--cache-dir {cache}" in out.split("evaluate: ")[-1]
+    message = refused(short_run(root, tmp_path / "other", "--weights", tmp_path / "run"))
+    assert f"is a folder; pass a file in it, such as {tmp_path / 'run' / 'best.safetensors'}" in message
+
+
+def test_files_reached_twice_are_counted_once(trained_run, tmp_path, capsys):
+    write_images(tmp_path / "photos", 2)
+    (tmp_path / "photos" / "notes.txt").write_text("not an image")
+    twice = [str(tmp_path / "photos")] * 2
+    evaluate.main([str(trained_run / "best.safetensors"), "--predict", *twice, "--no-plots"])
+    assert "skipped 1 file(s) that are not images" in capsys.readouterr().out

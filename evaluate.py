@@ -129,6 +129,53 @@ def evaluate(args):
         write_plots(args, results, confusion, classes, history, (images, labels, logits.softmax(1)), explain)
 
 
+def print_report(results, classes):
+    print(f"{describe(results)}: {results['num_samples']} images")
+    if results["split"] == "val":
+        print(f"data: {results['data_check']}")
+    print(f"accuracy {results['accuracy']:.2%}   loss {results['loss']:.4f}")
+    print(calibration_line(results["calibration"], results["split"]) + "\n")
+    accuracies = [results["per_class"][name] for name in classes]
+    order = sorted(range(len(classes)), key=lambda i: -accuracies[i])
+    marks = best_and_worst(accuracies)
+    width = max(len("macro"), *(len(c) for c in classes))
+    # A class's accuracy is its recall (the share of its images predicted as it): one column for both.
+    columns = ("per_class", "per_class_precision", "per_class_f1")
+    print(f"{'class':<{width}}   accuracy  precision         F1   (per-class accuracy = recall)")
+    for i in order:
+        cells = "".join(f"  {results[column][classes[i]]:9.2%}" for column in columns)
+        print(f"{classes[i]:<{width}}{cells}  {marks.get(i, '')}".rstrip())
+    macro = "".join(f"  {sum(results[column].values()) / len(classes):9.2%}" for column in columns)
+    print(f"{'macro':<{width}}{macro}")
+    if results["groups"]:
+        g = results["groups"]
+        print(f"\nvehicles {g['vehicles']:.2%}   animals {g['animals']:.2%}   gap {100 * g['gap']:.2f} points")
+        print(f"stage 1 (vehicles or animals) accuracy {results['stage1_accuracy']:.2%}")
+    if results["top_confusions"]:
+        print("\nmost confused (true -> predicted):")
+        for c in results["top_confusions"]:
+            print(f"  {c['true']:>{width}} -> {c['pred']:<{width}}  {c['count']}")
+    o = results["overfitting"]
+    if o:
+
+        def number(value, unit=""):
+            return "n/a (a loss of 0)" if value is None else f"{value:.{1 if unit else 2}f}{unit}"
+
+        print(
+            f"\nhistory: lowest validation loss at epoch {o['best_epoch']}; "
+            f"validation loss rose {number(o['val_loss_increase_pct'], '%')} from there to the last epoch\n"
+            f"train-val accuracy gap: {o['train_val_acc_gap_best']:.2f} points at the best epoch, "
+            f"{o['train_val_acc_gap_last']:.2f} at the last\n"
+            f"val/train loss ratio: {number(o['loss_ratio_best'])} at the best epoch, "
+            f"{number(o['loss_ratio_last'])} at the last"
+        )
+        if o["mixed_training_batches"]:
+            print(
+                "(the run trained on mixed batches, --mixup/--cutmix: its training loss and accuracy are against "
+                "each image's larger share's label, so they sit below an unmixed run's and the gaps read smaller)"
+            )
+
+
 def run_data_from(args, metadata):
     """The run's --data-dir, as its checkpoint records it, unless one is given."""
     recorded = metadata.get("config", {}).get("data_dir")
@@ -348,53 +395,6 @@ def best_and_worst(accuracies):
     best = [i for i in order[:n_best] if accuracies[i] > accuracies[order[n_best]]]
     worst = [i for i in order[len(order) - n_worst :] if accuracies[i] < accuracies[order[-n_worst - 1]]]
     return {i: "best" for i in best} | {i: "worst" for i in worst}
-
-
-def print_report(results, classes):
-    print(f"{describe(results)}: {results['num_samples']} images")
-    if results["split"] == "val":
-        print(f"data: {results['data_check']}")
-    print(f"accuracy {results['accuracy']:.2%}   loss {results['loss']:.4f}")
-    print(calibration_line(results["calibration"], results["split"]) + "\n")
-    accuracies = [results["per_class"][name] for name in classes]
-    order = sorted(range(len(classes)), key=lambda i: -accuracies[i])
-    marks = best_and_worst(accuracies)
-    width = max(len("macro"), *(len(c) for c in classes))
-    # A class's accuracy is its recall (the share of its images predicted as it): one column for both.
-    columns = ("per_class", "per_class_precision", "per_class_f1")
-    print(f"{'class':<{width}}   accuracy  precision         F1   (per-class accuracy = recall)")
-    for i in order:
-        cells = "".join(f"  {results[column][classes[i]]:9.2%}" for column in columns)
-        print(f"{classes[i]:<{width}}{cells}  {marks.get(i, '')}".rstrip())
-    macro = "".join(f"  {sum(results[column].values()) / len(classes):9.2%}" for column in columns)
-    print(f"{'macro':<{width}}{macro}")
-    if results["groups"]:
-        g = results["groups"]
-        print(f"\nvehicles {g['vehicles']:.2%}   animals {g['animals']:.2%}   gap {100 * g['gap']:.2f} points")
-        print(f"stage 1 (vehicles or animals) accuracy {results['stage1_accuracy']:.2%}")
-    if results["top_confusions"]:
-        print("\nmost confused (true -> predicted):")
-        for c in results["top_confusions"]:
-            print(f"  {c['true']:>{width}} -> {c['pred']:<{width}}  {c['count']}")
-    o = results["overfitting"]
-    if o:
-
-        def number(value, unit=""):
-            return "n/a (a loss of 0)" if value is None else f"{value:.{1 if unit else 2}f}{unit}"
-
-        print(
-            f"\nhistory: lowest validation loss at epoch {o['best_epoch']}; "
-            f"validation loss rose {number(o['val_loss_increase_pct'], '%')} from there to the last epoch\n"
-            f"train-val accuracy gap: {o['train_val_acc_gap_best']:.2f} points at the best epoch, "
-            f"{o['train_val_acc_gap_last']:.2f} at the last\n"
-            f"val/train loss ratio: {number(o['loss_ratio_best'])} at the best epoch, "
-            f"{number(o['loss_ratio_last'])} at the last"
-        )
-        if o["mixed_training_batches"]:
-            print(
-                "(the run trained on mixed batches, --mixup/--cutmix: its training loss and accuracy are against "
-                "each image's larger share's label, so they sit below an unmixed run's and the gaps read smaller)"
-            )
 
 
 # ---------------------------------------------------------------------------------- plots

@@ -172,35 +172,103 @@ def train(args):
     accelerator.print(final_summary(run.out, args, run.history))
 
 
-def start_run(run, args, out, progress, accelerator):
-    """The rest of what the loop needs: the network validated and saved (run.evaluated: the EMA copy
-    with --ema), the run folder (made and locked) and, resumed, the state and history."""
-    network = accelerator.unwrap_model(run.model, keep_torch_compile=False)  # also under --dynamo_backend
-    # The EMA copy is not wrapped for data parallel: every process updates it from the same weights.
-    run.ema = copy.deepcopy(network).requires_grad_(False) if args.ema else None
-    if run.ema is not None:
-        accelerator.register_for_checkpointing(run.ema)
-    # Validated and saved: uncompiled (compiling validation too would cost a compilation per batch size),
-    # so with torchvision's names.
-    run.evaluated = run.ema if run.ema is not None else network
-    if args.compile:  # last, as accelerate's own; the state it saves keeps the names of the uncompiled model
-        run.model = torch.compile(run.model, mode=COMPILE_MODE)
-    run.out, run.lock = start_output_dir(out, args.resume, args.overwrite, accelerator)
-    args.output_dir = str(run.out)
-    start_trackers(accelerator, run.out, args)
-    accumulated = f" x {args.grad_accum_steps} accumulated" if args.grad_accum_steps > 1 else ""
-    accelerator.print(
-        f"recipe: {args.recipe}, {args.epochs} epochs, batch {args.batch_size} per process{accumulated} "
-        f"(effective {effective_batch(args, accelerator)}), lr {args.lr} ({args.schedule}, {args.warmup_epochs} "
-        f"warmup), weights {args.weights}, stem {args.stem}, input {args.input_size}x{args.input_size}"
-        f"{', compiled' if args.compile else ''}{training_controls(args)}\noutput: {run.out}"
+def prepare_training(args, progress, accelerator, schedule=None):
+    """The data, and the model with its optimizer, schedule and loss, wrapped by accelerate: what both
+    training and the lr range test need. schedule: see build_training."""
+    set_seed(args.seed)
+    precision = {"no": "float32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}.get(
+        accelerator.mixed_precision, f"{accelerator.mixed_precision} mixed precision"
     )
-    run.history, run.best_val_loss = [], math.inf
-    if progress:
-        accelerator.load_state(run.out / "state")
-        run.history, run.best_val_loss = progress["history"], progress["best_val_loss"]
-        change = f"; {run.change}" if run.change else ""
-        accelerator.print(f"resumed {run.out} after epoch {len(run.history)}{change}")
+    accelerator.print(
+        f"{accelerator.num_processes} process(es) ({accelerator.distributed_type.value}) on {accelerator.device}, "
+        f"{torch.get_num_threads()} CPU thread(s) each, {precision}"
+    )
+    run = SimpleNamespace(progress=progress)
+    run.train_loader, run.val_loader, train_labels, run.classes = load_data(args, accelerator)
+    # evaluation's preprocessing; training's is data.augment, in train_step, then the same normalize
+    run.normalize = data.normalizer(args.mean, args.std, args.input_size, accelerator.device, crop=args.eval_crop)
+    run.targeted = torch.tensor(data.class_indices(args.targeted_augment, run.classes), device=accelerator.device)
+    run.resized_crop = args.input_size if args.train_crop == "random-resized" else None
+    run.groups = two_stage_groups(run.classes) if args.two_stage else None
+    network, optimizer, scheduler, run.criterion, run.change = build_training(
+        args, run, train_labels, progress, accelerator, schedule
+    )
+    run.model, run.optimizer, run.train_loader, run.val_loader, run.scheduler = accelerator.prepare(
+        network, optimizer, run.train_loader, run.val_loader, scheduler
+    )
+    run.images_per_epoch = len(run.train_loader) * effective_batch(args, accelerator)  # drop_last
+    return run
+
+
+def build_training(args, run, train_labels, progress, accelerator, schedule=None):
+    """(network, optimizer, scheduler, criterion, what extending a resumed run changes or None).
+    schedule: step -> lr factor, instead of the recipe's (--find-lr)."""
+    if getattr(args, "loss_weights", None) is None:  # a resumed run keeps the weights it computed
+        weights = class_weights(args.class_weights, train_labels, run.classes)
+        args.loss_weights = None if weights is None else weights.tolist()
+    loss_weights = None if args.loss_weights is None else torch.tensor(args.loss_weights)
+    if loss_weights is not None:
+        weights = ", ".join(f"{name} {w:.3g}" for name, w in zip(run.classes, loss_weights.tolist()))
+        accelerator.print(f"class weights: {weights}")
+    weights = "none" if progress else args.weights  # a resumed run's weights come from its state
+    network = build_model(len(run.classes), args.stem, weights, run.groups, args.zero_init_residual)
+    network = network.to(memory_format=torch.channels_last)
+    separate = args.freeze_epochs or args.backbone_lr_mult != 1  # the backbone in groups of its own
+    groups = parameter_groups(
+        network, args.weight_decay, args.lr, args.lr * args.backbone_lr_mult if separate else None
+    )
+    optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov)
+    same_optimizer(args, progress, optimizer)
+    # Counted in optimizer steps of the whole dataset (a loader batch is one: batch_size x grad_accum_steps
+    # images a process); accelerate steps the scheduler once per process.
+    steps_per_epoch = len(run.train_loader)
+    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    change = None
+    if progress and args.epochs != progress["config"]["epochs"]:
+        saved_epochs, done = progress["config"]["epochs"], len(progress["history"])
+        change = extend_schedule(args, saved_epochs, done, steps_per_epoch, warmup_steps)
+    total_steps = args.epochs * steps_per_epoch
+
+    def recipe(step):
+        return lr_factor(step, total_steps, warmup_steps, args.schedule, args.decay_start)
+
+    def backbone(step):  # --freeze-epochs: from the unfreeze, a warmup of its own, not the peak at once
+        since = step - args.freeze_epochs * steps_per_epoch
+        ramp = 1.0 if warmup_steps == 0 else min(1.0, (since + 1) / warmup_steps)
+        return recipe(step) * ramp if since >= 0 else 0.0
+
+    schedule = schedule or ([backbone, backbone, recipe, recipe] if args.freeze_epochs else recipe)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    criterion = torch.nn.CrossEntropyLoss(weight=loss_weights, label_smoothing=args.label_smoothing)
+    return network, optimizer, scheduler, criterion.to(accelerator.device), change
+
+
+def lr_factor(step, total_steps, warmup_steps, schedule, decay_start=None):
+    """Linear warmup, then constant, cosine or linear decay to zero (linear after a linear warmup
+    is the one-cycle triangle). decay_start=(step, factor): the decay starts there from that
+    factor instead, as when a resumed run's --epochs moves its end (see extend_schedule)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    start, factor = decay_start or (warmup_steps, 1.0)
+    progress = min(1.0, (step - start) / max(1, total_steps - start))
+    return factor * (1.0 - progress if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def parameter_groups(network, weight_decay, lr, backbone_lr=None):
+    """Weight decay on conv and linear weights only: decaying norms and biases only hurts. With
+    backbone_lr, every layer but the head has its own two groups, first, at that lr."""
+    named = list(network.named_parameters())
+    parts = [(named, lr)]
+    if backbone_lr is not None:
+        parts = [([(n, p) for n, p in named if not is_head(n)], backbone_lr)]
+        parts.append(([(n, p) for n, p in named if is_head(n)], lr))
+    return [
+        {"params": [p for _, p in params if (p.ndim > 1) == decayed], "lr": part_lr, "weight_decay": decay}
+        for params, part_lr in parts
+        for decayed, decay in ((True, weight_decay), (False, 0.0))
+    ]
 
 
 def train_epoch(epoch, run, accelerator, args, stop):
@@ -291,105 +359,6 @@ def train_step(run, accelerator, args, images, labels, generator):
     return step_loss, cross_entropy, hits, grad_norm
 
 
-def prepare_training(args, progress, accelerator, schedule=None):
-    """The data, and the model with its optimizer, schedule and loss, wrapped by accelerate: what both
-    training and the lr range test need. schedule: see build_training."""
-    set_seed(args.seed)
-    precision = {"no": "float32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}.get(
-        accelerator.mixed_precision, f"{accelerator.mixed_precision} mixed precision"
-    )
-    accelerator.print(
-        f"{accelerator.num_processes} process(es) ({accelerator.distributed_type.value}) on {accelerator.device}, "
-        f"{torch.get_num_threads()} CPU thread(s) each, {precision}"
-    )
-    run = SimpleNamespace(progress=progress)
-    run.train_loader, run.val_loader, train_labels, run.classes = load_data(args, accelerator)
-    # evaluation's preprocessing; training's is data.augment, in train_step, then the same normalize
-    run.normalize = data.normalizer(args.mean, args.std, args.input_size, accelerator.device, crop=args.eval_crop)
-    run.targeted = torch.tensor(data.class_indices(args.targeted_augment, run.classes), device=accelerator.device)
-    run.resized_crop = args.input_size if args.train_crop == "random-resized" else None
-    run.groups = two_stage_groups(run.classes) if args.two_stage else None
-    network, optimizer, scheduler, run.criterion, run.change = build_training(
-        args, run, train_labels, progress, accelerator, schedule
-    )
-    run.model, run.optimizer, run.train_loader, run.val_loader, run.scheduler = accelerator.prepare(
-        network, optimizer, run.train_loader, run.val_loader, scheduler
-    )
-    run.images_per_epoch = len(run.train_loader) * effective_batch(args, accelerator)  # drop_last
-    return run
-
-
-def build_training(args, run, train_labels, progress, accelerator, schedule=None):
-    """(network, optimizer, scheduler, criterion, what extending a resumed run changes or None).
-    schedule: step -> lr factor, instead of the recipe's (--find-lr)."""
-    if getattr(args, "loss_weights", None) is None:  # a resumed run keeps the weights it computed
-        weights = class_weights(args.class_weights, train_labels, run.classes)
-        args.loss_weights = None if weights is None else weights.tolist()
-    loss_weights = None if args.loss_weights is None else torch.tensor(args.loss_weights)
-    if loss_weights is not None:
-        weights = ", ".join(f"{name} {w:.3g}" for name, w in zip(run.classes, loss_weights.tolist()))
-        accelerator.print(f"class weights: {weights}")
-    weights = "none" if progress else args.weights  # a resumed run's weights come from its state
-    network = build_model(len(run.classes), args.stem, weights, run.groups, args.zero_init_residual)
-    network = network.to(memory_format=torch.channels_last)
-    separate = args.freeze_epochs or args.backbone_lr_mult != 1  # the backbone in groups of its own
-    groups = parameter_groups(
-        network, args.weight_decay, args.lr, args.lr * args.backbone_lr_mult if separate else None
-    )
-    optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov)
-    same_optimizer(args, progress, optimizer)
-    # Counted in optimizer steps of the whole dataset (a loader batch is one: batch_size x grad_accum_steps
-    # images a process); accelerate steps the scheduler once per process.
-    steps_per_epoch = len(run.train_loader)
-    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
-    change = None
-    if progress and args.epochs != progress["config"]["epochs"]:
-        saved_epochs, done = progress["config"]["epochs"], len(progress["history"])
-        change = extend_schedule(args, saved_epochs, done, steps_per_epoch, warmup_steps)
-    total_steps = args.epochs * steps_per_epoch
-
-    def recipe(step):
-        return lr_factor(step, total_steps, warmup_steps, args.schedule, args.decay_start)
-
-    def backbone(step):  # --freeze-epochs: from the unfreeze, a warmup of its own, not the peak at once
-        since = step - args.freeze_epochs * steps_per_epoch
-        ramp = 1.0 if warmup_steps == 0 else min(1.0, (since + 1) / warmup_steps)
-        return recipe(step) * ramp if since >= 0 else 0.0
-
-    schedule = schedule or ([backbone, backbone, recipe, recipe] if args.freeze_epochs else recipe)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    criterion = torch.nn.CrossEntropyLoss(weight=loss_weights, label_smoothing=args.label_smoothing)
-    return network, optimizer, scheduler, criterion.to(accelerator.device), change
-
-
-def parameter_groups(network, weight_decay, lr, backbone_lr=None):
-    """Weight decay on conv and linear weights only: decaying norms and biases only hurts. With
-    backbone_lr, every layer but the head has its own two groups, first, at that lr."""
-    named = list(network.named_parameters())
-    parts = [(named, lr)]
-    if backbone_lr is not None:
-        parts = [([(n, p) for n, p in named if not is_head(n)], backbone_lr)]
-        parts.append(([(n, p) for n, p in named if is_head(n)], lr))
-    return [
-        {"params": [p for _, p in params if (p.ndim > 1) == decayed], "lr": part_lr, "weight_decay": decay}
-        for params, part_lr in parts
-        for decayed, decay in ((True, weight_decay), (False, 0.0))
-    ]
-
-
-def lr_factor(step, total_steps, warmup_steps, schedule, decay_start=None):
-    """Linear warmup, then constant, cosine or linear decay to zero (linear after a linear warmup
-    is the one-cycle triangle). decay_start=(step, factor): the decay starts there from that
-    factor instead, as when a resumed run's --epochs moves its end (see extend_schedule)."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    start, factor = decay_start or (warmup_steps, 1.0)
-    progress = min(1.0, (step - start) / max(1, total_steps - start))
-    return factor * (1.0 - progress if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 @torch.inference_mode()
 def validate(network, loader, accelerator, normalize, num_classes):
     """Loss, accuracy and per-class accuracy over the whole split, every sample counted once. The
@@ -460,6 +429,37 @@ def update_ema(ema, network, step, decay):
     torch._foreach_lerp_(*zip(*floating), 1 - decay)  # one call for every tensor
     if counters:
         torch._foreach_copy_(*zip(*counters))
+
+
+def start_run(run, args, out, progress, accelerator):
+    """The rest of what the loop needs: the network validated and saved (run.evaluated: the EMA copy
+    with --ema), the run folder (made and locked) and, resumed, the state and history."""
+    network = accelerator.unwrap_model(run.model, keep_torch_compile=False)  # also under --dynamo_backend
+    # The EMA copy is not wrapped for data parallel: every process updates it from the same weights.
+    run.ema = copy.deepcopy(network).requires_grad_(False) if args.ema else None
+    if run.ema is not None:
+        accelerator.register_for_checkpointing(run.ema)
+    # Validated and saved: uncompiled (compiling validation too would cost a compilation per batch size),
+    # so with torchvision's names.
+    run.evaluated = run.ema if run.ema is not None else network
+    if args.compile:  # last, as accelerate's own; the state it saves keeps the names of the uncompiled model
+        run.model = torch.compile(run.model, mode=COMPILE_MODE)
+    run.out, run.lock = start_output_dir(out, args.resume, args.overwrite, accelerator)
+    args.output_dir = str(run.out)
+    start_trackers(accelerator, run.out, args)
+    accumulated = f" x {args.grad_accum_steps} accumulated" if args.grad_accum_steps > 1 else ""
+    accelerator.print(
+        f"recipe: {args.recipe}, {args.epochs} epochs, batch {args.batch_size} per process{accumulated} "
+        f"(effective {effective_batch(args, accelerator)}), lr {args.lr} ({args.schedule}, {args.warmup_epochs} "
+        f"warmup), weights {args.weights}, stem {args.stem}, input {args.input_size}x{args.input_size}"
+        f"{', compiled' if args.compile else ''}{training_controls(args)}\noutput: {run.out}"
+    )
+    run.history, run.best_val_loss = [], math.inf
+    if progress:
+        accelerator.load_state(run.out / "state")
+        run.history, run.best_val_loss = progress["history"], progress["best_val_loss"]
+        change = f"; {run.change}" if run.change else ""
+        accelerator.print(f"resumed {run.out} after epoch {len(run.history)}{change}")
 
 
 # ---------------------------------------------------------------------------------- settings and flags

@@ -1,4 +1,5 @@
-"""Model: torchvision's ResNet18 with a new last layer for our classes, and its checkpoint format.
+"""Model: torchvision's ResNet18 (ARCH: any torchvision ResNet) with a new last layer for our classes, and its
+checkpoint format.
 
 A checkpoint is a safetensors file holding the plain torchvision state dict (no wrapper prefix)
 and string metadata that says what it holds: enough to rebuild the model with nothing else.
@@ -103,7 +104,7 @@ def imagenet_state_dict(arch):
 
 
 def load_backbone(model, path, arch):
-    """Load a torchvision ResNet18 state dict into model, all but the last layer, whatever that is
+    """Load a torchvision state dict of arch into model, all but the last layer, whatever that is
     (torchvision's 1000 classes, one of our runs' heads, a --two-stage run's TwoStageHead)."""
     state = read_state_dict(path)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -658,10 +658,10 @@ def find_images(folder, seen):
     for directory, files in sorted(walk):
         for path in (os.path.join(directory, file) for file in sorted(files)):
             real = file_identity(path)
-            if not path.lower().endswith(IMAGE_EXTENSIONS):
-                seen.others.setdefault(file_identity(path), path)  # once, however often it is reached
-            elif real in seen.files:
+            if real in seen.files:  # listed already, or named outright (--predict)
                 seen.links += 1
+            elif not path.lower().endswith(IMAGE_EXTENSIONS):
+                seen.others.setdefault(real, path)  # once, however often it is reached
             else:
                 seen.files.add(real)
                 paths.append(path)
@@ -864,7 +864,7 @@ def decode_into(paths, side, pixels):
     return readable
 
 
-UNREADABLE = "broken, not images, or 32-bit pixels with no fixed range"  # what read_image skips
+UNREADABLE = "broken, not images, or pixels with no fixed range: 32-bit, signed or float"  # read_image skips
 
 
 def say_unreadable(unreadable, count, where=""):
@@ -882,11 +882,11 @@ def read_image(path, side):
     """One image as uint8 [side, side, 3]: its shorter side resized to side (bicubic), then the centre
     side x side; None when it cannot be read (truncated, not an image, a decompression bomb, bad EXIF
     data: decoders raise OSError, ValueError, SyntaxError, struct.error and more), or its pixels have
-    no fixed range (to_rgb)."""
+    no fixed range (true_values, to_rgb)."""
     try:
         with Image.open(path) as image:
             image.draft("RGB", (side, side))  # JPEG: decode at a reduced scale when still large enough
-            image = to_rgb(ImageOps.exif_transpose(as_16_bit(image)))  # upright, as phones mark their photos
+            image = to_rgb(ImageOps.exif_transpose(true_values(image)))  # upright, as phones mark their photos
             if image.size != (side, side):
                 scale = side / min(image.size)
                 width, height = max(side, round(image.width * scale)), max(side, round(image.height * scale))
@@ -897,17 +897,26 @@ def read_image(path, side):
         return None
 
 
-def as_16_bit(image):
-    """Mode I (32-bit integer) images whose file holds unsigned 16 bits or fewer, made I;16, the mode
-    to_rgb reads 16-bit images from: Pillow before 11 opens 16-bit grayscale PNGs as I (raw mode I;16,
-    I;16B), and every Pillow opens PGMs of over 8 bits as I, scaled to 0..65535 whatever their maxval.
-    Signed 16-bit TIFFs (I;16S) stay I: they have no fixed range either."""
-    if image.mode != "I" or len(image.tile) != 1:
-        return image
-    codec, _, _, raw = image.tile[0]
-    raw = raw[0] if isinstance(raw, tuple) else raw
-    if codec in ("ppm", "ppm_plain") or re.fullmatch(r"I;16[BLN]?", str(raw)):
-        return Image.fromarray(np.asarray(image).astype(np.uint16))
+def true_values(image):
+    """The image as its file means its pixels, where Pillow opens it otherwise: mode I (32-bit
+    integers) whose file holds unsigned 16 bits or fewer is made I;16, the mode to_rgb reads 16-bit
+    images from (Pillow before 11 opens 16-bit grayscale PNGs as I; every Pillow opens PGMs of over
+    8 bits as I, scaled to 0..65535); a 16-bit TIFF whose black is its maximum (MinIsWhite) is
+    inverted, as Pillow inverts 8-bit ones. A TIFF of signed or float samples (SampleFormat 2 or 3)
+    has no fixed range: ValueError, even when Pillow opens it as 8-bit L."""
+    tags = getattr(image, "tag_v2", {})
+    formats = tags.get(339, ())  # SampleFormat, one per channel: 1 unsigned, 2 signed, 3 float
+    if {2, 3} & set(formats if isinstance(formats, tuple) else (formats,)):
+        raise ValueError("signed or float samples: no fixed range; save the image with unsigned 8 or 16 bits")
+    if image.mode == "I" and len(image.tile) == 1:
+        codec, _, _, raw = image.tile[0]
+        raw = raw[0] if isinstance(raw, tuple) else raw
+        if codec in ("ppm", "ppm_plain") or re.fullmatch(r"I;16[BLN]?", str(raw)):
+            info, image = image.info, Image.fromarray(np.asarray(image).astype(np.uint16))
+            image.info = info  # a PNG's transparent value, for to_rgb
+    if image.mode.startswith("I;16") and tags.get(262) == 0:  # PhotometricInterpretation 0: MinIsWhite
+        info, image = image.info, Image.fromarray(65535 - np.asarray(image).astype(np.uint16))
+        image.info = info
     return image
 
 
@@ -1251,6 +1260,38 @@ def refuse(parser, args, refusals):
     for refused, message in refusals:
         if refused(args):
             parser.error(message(args) if callable(message) else message)
+
+
+def bounded(kind, low, high=math.inf, open_low=False, open_high=False):
+    """An argparse type: a finite number of `kind` between low and high (either end excluded if open).
+    Integers stop at 2**53, the largest a float holds exactly: the code mixes them with floats (time
+    estimates, fractions), and a 309-digit one overflowed there."""
+    word = "an integer" if kind is int else "a number"
+    span = f"{'above' if open_low else 'at least'} {low}"
+    if high < math.inf:
+        span += f" and {'below' if open_high else 'at most'} {high}"
+    capped = kind is int and high == math.inf
+    high = 2**53 if capped else high
+
+    def parse(text):
+        digits = text.strip().lstrip("+-")
+        if "_" in text or (kind is int and digits.isdecimal() and len(digits) > 16):  # int() of 4,300 digits fails
+            value = None if "_" in text else math.inf
+        else:
+            try:
+                value = kind(text)
+            except ValueError:
+                value = None
+        if value is None:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {word}")
+        above_low = low < value if open_low else low <= value
+        below_high = value < high if open_high else value <= high
+        if not ((kind is int or math.isfinite(value)) and above_low and below_high):
+            limit = f" and at most {high}" if capped and above_low else ""
+            raise argparse.ArgumentTypeError(f"must be {word} {span}{limit}, got {text}")
+        return value
+
+    return parse
 
 
 def path_flag(text):

@@ -50,6 +50,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import data  # noqa: E402
+from data import bounded  # noqa: E402
 from model import check_folder_can_be_made, group_index, load_checkpoint, write_atomically  # noqa: E402
 
 if __name__ == "__main__":  # imported: from here on main() handles Ctrl-C
@@ -707,6 +708,7 @@ def image_files(paths):
             named = data.file_identity(path)
             images = [] if named in seen.files else [path]
             seen.files.add(named)
+            seen.others.pop(named, None)  # named outright: read, not counted as passed over
             seen.links += not images
         else:
             images = list(map(Path, data.find_images(path, seen)))
@@ -965,19 +967,13 @@ def compare_with_pytorch(onnx_file, model, metadata, images, source, onnxruntime
 # ---------------------------------------------------------------------------------- flags
 
 
-def positive_int(text):
-    if not text.isdecimal() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return int(text)
-
-
 # The flags: (flag, argparse's settings, help). data.path_flag refuses an empty path.
 # fmt: off
 FLAGS = [
     ("checkpoint", dict(type=data.path_flag), "a .safetensors file written by train.py"),
     ("--data-dir", dict(type=data.path_flag), "CIFAR-10, or an image folder (default: the run's, as recorded)"),
     ("--split", dict(choices=["test", "val"]), "test/, or the run's validation split (test)"),
-    ("--batch-size", dict(type=positive_int), f"images per pass, >= 1 ({BATCH_PIXELS // 32**2} at 32x32, as many "
+    ("--batch-size", dict(type=bounded(int, 1)), f"images per pass, >= 1 ({BATCH_PIXELS // 32**2} at 32x32, as many "
      "pixels at larger inputs: 20 at 224)"),
     ("--cache-dir", dict(type=data.path_flag), "where train.py decoded the image folders; none: decode (the run's)"),
     ("--tta", dict(action="store_true"), "average each image's logits with its mirror's (off)"),
@@ -988,7 +984,7 @@ FLAGS = [
      "anyway, said in the report (off)"),
     ("--predict", dict(type=data.path_flag, nargs="+", metavar="PATH"), "classify these images or folders of them"),
     ("--csv", dict(type=data.path_flag), "--predict: also write the predictions to this CSV file (off)"),
-    ("--top-k", dict(type=positive_int), "--predict: classes shown per image (3)"),
+    ("--top-k", dict(type=bounded(int, 1)), "--predict: classes shown per image (3)"),
     ("--no-calibration", dict(action="store_true"), "--predict: raw probabilities, not divided by the run's T (off)"),
     ("--explain", dict(action="store_true"), "Grad-CAM heat maps: <stem>_<split>_explained.png of the mistakes; "
      "with --predict, on the sheets (off)"),

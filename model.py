@@ -121,7 +121,7 @@ def load_backbone(model, path, arch):
 def read_state_dict(path):
     path = Path(path)
     if path.is_dir():
-        raise UserError(f"--weights {path} is a folder; pass a file in it, such as {path / 'best.safetensors'}")
+        raise UserError(f"--weights {path} is a folder; pass a checkpoint: {checkpoint_in(path)}")
     if not path.is_file():
         raise UserError(f"weights file {path} not found; pass an existing file, or --weights none")
     try:
@@ -161,7 +161,7 @@ def load_checkpoint(path):
     """Rebuild the model from a checkpoint written by train.py; return (model, metadata)."""
     path = Path(path)
     if path.is_dir():
-        raise UserError(f"{path} is a folder; pass a checkpoint in it, such as {path / 'best.safetensors'}")
+        raise UserError(f"{path} is a folder; pass a checkpoint: {checkpoint_in(path)}")
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found; pass the best.safetensors or last.safetensors of a run")
     try:
@@ -187,6 +187,12 @@ def load_checkpoint(path):
         )
     model.load_state_dict(state)
     return model, metadata
+
+
+def checkpoint_in(folder):
+    """The checkpoint to name when a folder is given for one: its best.safetensors, if it has one."""
+    best = Path(folder) / "best.safetensors"
+    return best if best.is_file() else "a run's best.safetensors (that folder has none)"
 
 
 def decode_metadata(text):

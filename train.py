@@ -59,11 +59,12 @@ except ImportError:
 
 import data
 import model  # model.ARCH is read when a run starts
-from data import UserError
+from data import UserError, bounded
 from evaluate import calibration, few_images_caveat, fit_temperature, writing
 from model import (
     build_model,
     check_folder_can_be_made,
+    checkpoint_in,
     decode_metadata,
     freeze_backbone,
     is_head,
@@ -465,32 +466,6 @@ def start_run(run, args, out, progress, accelerator):
 # ---------------------------------------------------------------------------------- settings and flags
 
 
-def bounded(kind, low, high=math.inf, open_low=False, open_high=False):
-    """An argparse type: a finite number of `kind` between low and high (either end excluded if open).
-    Integers stop at 2**53, the largest a float holds exactly: the code mixes them with floats (time
-    estimates, fractions), and a 309-digit one overflowed there."""
-    word = "an integer" if kind is int else "a number"
-    span = f"{'above' if open_low else 'at least'} {low}"
-    if high < math.inf:
-        span += f" and {'below' if open_high else 'at most'} {high}"
-    elif kind is int:
-        high = 2**53  # said only to a value above it
-
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {word}") from None
-        above_low = low < value if open_low else low <= value
-        below_high = value < high if open_high else value <= high
-        if not ((kind is int or math.isfinite(value)) and above_low and below_high):
-            limit = f" and at most {high}" if above_low and "most" not in span else ""
-            raise argparse.ArgumentTypeError(f"must be {word} {span}{limit}, got {text}")
-        return value
-
-    return parse
-
-
 # The flags that are not recipe settings: (flag, argparse's settings, help).
 # fmt: off
 FLAGS = [
@@ -769,7 +744,7 @@ def class_weights(spec, train_labels, classes):
         errors = 1 - torch.tensor(per_class_accuracy_of_run(Path(spec), classes), dtype=torch.double)
         weights = errors.clamp(min=RUN_WEIGHT_FLOOR * errors.mean().item()) if errors.any() else torch.ones(num_classes)
     elif Path(spec).is_dir():
-        raise UserError(f"--class-weights {spec} is a folder; pass a run's file: {Path(spec) / 'best.safetensors'}")
+        raise UserError(f"--class-weights {spec} is a folder; pass a run's checkpoint: {checkpoint_in(spec)}")
     elif weight_list(spec) is None:
         raise UserError(f"--class-weights {spec!r} is not none, auto, a file or a list of numbers")
     else:

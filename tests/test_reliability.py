@@ -487,7 +487,7 @@ def test_a_moved_data_folder_is_named_as_the_runs(tmp_path):
     assert f"the run's data folder {root} does not exist any more (moved?)" in message
     message = refused([tmp_path / "run" / "best.safetensors", "--split", "val"], main=evaluate.main)
     assert "does not exist any more (moved?); pass --data-dir" in message
-    assert "is a folder; pass a checkpoint in it" in refused([tmp_path / "run"], main=evaluate.main)
+    assert "is a folder; pass a checkpoint: " in refused([tmp_path / "run"], main=evaluate.main)
 
 
 def test_a_loss_of_zero_is_a_history_not_an_unreadable_one():

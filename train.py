@@ -89,8 +89,8 @@ IMAGENET_STEM_INPUT_SIZE = 48
 # backward pass, about 500 bytes per input pixel of the batch with torchvision's stem (a review measured
 # 16.8 GB at 1024x1024, batch 32), 16x that with the cifar stem, whose maps are 4x larger on each side.
 ACTIVATION_BYTES_PER_PIXEL = 500
-# --lr and --backbone-lr-mult: far above any that trains (a run diverges at 10, one line says so), and
-# their product stays a float32, which the optimizer's step needs (1e308 crashed it)
+# --lr and --backbone-lr-mult: far above any that trains (--lr 100 went to NaN in one epoch here, said in
+# one line), and their product stays a float32, which the optimizer's step needs (1e308 crashed it)
 MAX_LR = 100
 # --mixup/--cutmix: Beta(alpha, alpha) is 0.5 +- 0.01 at 1000 already, so larger alphas only mix halves;
 # above float32's 3.4e38 data.mix's gamma draws cannot be made at all (a crash at the first step)

@@ -716,7 +716,10 @@ def validation_folder_sources(data_dir, val_dir, items, labels, classes, max_tra
 def check_classes(classes, expected, data_dir):
     """A checkpoint's classes (expected) must be the folder's, before anything is decoded."""
     if expected is not None and classes != expected:
-        raise UserError(f"the checkpoint's classes {expected} differ from those in {data_dir}: {classes}")
+        raise UserError(
+            f"the checkpoint's classes {expected} differ from the class folders found in {data_dir}: {classes}; "
+            f"evaluate on folders of the checkpoint's classes, all of them (or --split val, the run's own split)"
+        )
 
 
 def typical_side(items, sample=50):
@@ -809,7 +812,7 @@ def fingerprint(data_dir, items, labels, classes, val_items=()):
                 f"{path[prefix:]}\0{os.stat(path).st_size if os.path.exists(path) else -1}"  # -1: a broken link
                 for path, prefix in relative
             )
-        ).encode()
+        ).encode(errors="surrogateescape")  # a file name of other bytes than UTF-8 (an old zip's) too
     counts = torch.bincount(labels, minlength=len(classes)).tolist()
     return {"sha256": hashlib.sha256(content).hexdigest()[:16], "images_per_class": dict(zip(classes, counts))}
 
@@ -985,7 +988,7 @@ def cache_location(flag):
 def cache_folder(paths, side, folder, cache_dir):
     key = hashlib.sha256(f"{CACHE_VERSION}\0{side}\0".encode())
     for path in paths:
-        key.update(f"{os.path.abspath(path)}\0{file_state(path)}\n".encode())
+        key.update(f"{os.path.abspath(path)}\0{file_state(path)}\n".encode(errors="surrogateescape"))
     name = f"{Path(folder).absolute().parent.name}-{Path(folder).name}-{side}px-{key.hexdigest()[:16]}"
     return Path(cache_dir) / name
 
@@ -1316,6 +1319,8 @@ class QuietConsole:
         except BrokenPipeError:
             self.silence()
             return len(text)
+        except UnicodeEncodeError:  # a file name of other bytes than the console's encoding: shown escaped
+            return self.write(text.encode(self.stream.encoding, "backslashreplace").decode(self.stream.encoding))
 
     def flush(self):
         try:

@@ -122,8 +122,8 @@ def evaluate(args):
     if history_problem:
         print(f"\n{history_problem}")
     if args.json:
-        with writing(args.json, "--json"):
-            Path(args.json).write_text(json.dumps(results, indent=1))
+        with writing(args.json, "--json"):  # under a temporary name, then renamed: a failed write keeps the old file
+            write_atomically(args.json, lambda temporary: temporary.write_text(json.dumps(results, indent=1)))
         print(f"\nresults: {args.json}")
     if not args.no_plots:
         explain = (model, metadata, device) if args.explain else None
@@ -623,6 +623,12 @@ def plot_sheet(images, names, probabilities, classes, title, maps=None):
     return figure
 
 
+def printable(text):
+    """text, a file name of other bytes than UTF-8 (an old zip's) shown with those bytes escaped: fonts
+    and PNG text cannot hold Python's stand-ins for them."""
+    return text.encode(errors="surrogateescape").decode(errors="backslashreplace")
+
+
 def shorten(name, width=22):
     return name if len(name) <= width else "..." + name[-width + 3 :]
 
@@ -751,12 +757,8 @@ def classify(args):
     for path, classes_and_p in zip(files, ranked):
         print(f"{str(path):<{width}}  " + "  ".join(f"{name} {p:6.1%}" for name, p in classes_and_p))
     if args.csv:
-        with writing(args.csv, "--csv"), open(args.csv, "w", newline="") as file:
-            table = csv.writer(file)
-            table.writerow(["path", "class", "probability", f"top_{top.indices.shape[1]}"])
-            for path, classes_and_p in zip(files, ranked):
-                name, p = classes_and_p[0]
-                table.writerow([path, name, f"{p:.4f}", "; ".join(f"{n} {q:.4f}" for n, q in classes_and_p)])
+        with writing(args.csv, "--csv"):
+            write_atomically(args.csv, lambda temporary: write_csv(temporary, files, ranked, top.indices.shape[1]))
         print(f"\npredictions: {args.csv}")
     if not args.no_plots:
         maps = None
@@ -764,6 +766,17 @@ def classify(args):
             images, maps = explained(model, metadata, device, images, probabilities.argmax(1)[None], args.batch_size)
             maps = maps[0]
         write_sheets(args, files, images, probabilities, classes, maps)
+
+
+def write_csv(path, files, ranked, k):
+    """--predict's table: each image's path, its most likely class and probability, and its top k. A
+    file name of other bytes than UTF-8 is written as its own bytes."""
+    with open(path, "w", newline="", errors="surrogateescape") as file:
+        table = csv.writer(file)
+        table.writerow(["path", "class", "probability", f"top_{k}"])
+        for path, classes_and_p in zip(files, ranked):
+            name, p = classes_and_p[0]
+            table.writerow([path, name, f"{p:.4f}", "; ".join(f"{n} {q:.4f}" for n, q in classes_and_p)])
 
 
 def write_sheets(args, files, images, probabilities, classes, maps=None):
@@ -775,11 +788,11 @@ def write_sheets(args, files, images, probabilities, classes, maps=None):
         name = f"{Path(args.checkpoint).stem}_predictions{f'_{n}' if len(starts) > 1 else ''}.png"
         part = slice(start, start + per_sheet)
         title = f"predictions of {args.checkpoint} (sheet {n} of {len(starts)})"
-        names = [path.name for path in files[part]]
+        names = [printable(path.name) for path in files[part]]
         heat = None if maps is None else maps[part]
         figures[name] = functools.partial(plot_sheet, images[part], names, probabilities[part], classes, title, heat)
     inputs = " ".join(str(Path(path).resolve()) for path in args.predict)
-    shows = f"evaluate.py {Path(args.checkpoint).resolve()} --predict {inputs}"
+    shows = printable(f"evaluate.py {Path(args.checkpoint).resolve()} --predict {inputs}")
     folder = plot_folder(args)
     stale = sorted(
         p.name for p in folder.glob(f"{Path(args.checkpoint).stem}_predictions*.png") if p.name not in figures
@@ -989,7 +1002,7 @@ FLAGS = [
     ("--explain", dict(action="store_true"), "Grad-CAM heat maps: <stem>_<split>_explained.png of the mistakes; "
      "with --predict, on the sheets (off)"),
     ("--export-onnx", dict(metavar="PATH"), "write the network as ONNX (uint8 pixels in, logits out) and check it"),
-    ("--overwrite", dict(action="store_true"), "--export-onnx: replace an existing file (off)"),
+    ("--overwrite", dict(action="store_true"), "replace a file of yours at --export-onnx, --json or --csv (off)"),
 ]
 # Flags that would do nothing in the combination given: (refused when, the one line that says so).
 REFUSALS = [
@@ -1003,8 +1016,8 @@ REFUSALS = [
     (lambda a: a.no_calibration and not a.predict,
      "--no-calibration goes with --predict; an evaluation reports both T = 1 and the fitted T"),
     (lambda a: a.explain and a.no_plots, "--explain draws heat maps, and --no-plots draws nothing; drop one of them"),
-    (lambda a: a.overwrite and not exporting(a),
-     "--overwrite goes with --export-onnx; evaluation plots are always rewritten"),
+    (lambda a: a.overwrite and not (exporting(a) or a.json or a.csv),
+     "--overwrite goes with --export-onnx, --json or --csv: a file of yours there; plots are always rewritten"),
     (lambda a: a.csv and not a.predict, "--csv goes with --predict; for an evaluation's results pass --json"),
     (lambda a: a.json and a.predict, "--json goes with an evaluation; for --predict's results pass --csv"),
     (lambda a: a.top_k and not a.predict, "--top-k goes with --predict: the classes shown for each image"),
@@ -1054,6 +1067,10 @@ def output_folders(args):
         # the name guards what the user has: a mistyped --json CKPT would replace the checkpoint
         if path and (Path(path).suffix.lower() != f".{kind}" or Path(path).name == "history.json"):
             raise data.UserError(f"{flag} {path}: pass a new .{kind} file name, such as results.{kind}")
+        if path and Path(path).is_file() and not args.overwrite and not written_here(Path(path)):
+            raise data.UserError(
+                f"{flag} {path} exists and is not one evaluate.py wrote; pass --overwrite to replace it, or a new name"
+            )
         if path:
             folders.append((flag, path, Path(path).parent))
     if not args.no_plots:
@@ -1061,6 +1078,16 @@ def output_folders(args):
     for flag, given, folder in folders:
         check_folder_can_be_made(folder, flag, given)
     return folders
+
+
+def written_here(path):
+    """Whether a --json or --csv file is one evaluate.py wrote (rewritten without a word, as its plots)."""
+    try:
+        if path.suffix.lower() == ".json":
+            return {"checkpoint", "num_samples"} <= set(json.loads(path.read_text()))
+        return path.read_text(errors="replace").startswith("path,class,probability,top_")
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def create(folders):

@@ -170,7 +170,7 @@ def train(args):
         if run.lock is not None:
             run.lock.close()
     accelerator.end_training()
-    accelerator.print(final_summary(run.out, args, run.history))
+    accelerator.print(final_summary(run.out, args, run.history, run.classes))
 
 
 def prepare_training(args, progress, accelerator, schedule=None):
@@ -922,12 +922,14 @@ def calibrate(logits, labels):
     )
 
 
-def final_summary(out, args, history):
+def final_summary(out, args, history, classes):
     """The best epoch, the run's files as they are (a resumed run may have lost its best.safetensors,
     and rewrites it only when an epoch improves on it), and the command that evaluates it."""
     best = best_record(history)
     folder = Path(args.data_dir)
-    split = " --split val" if (folder / "train").is_dir() and not (folder / "test").is_dir() else ""
+    test = folder / "test"  # evaluated by default when it holds the run's classes, else the run's own split
+    tested = test.is_dir() and sorted(p.name for p in test.iterdir() if p.is_dir() and p.name[0] != ".") == classes
+    split = " --split val" if (folder / "train").is_dir() and not tested else ""
     lines = [f"best: epoch {best['epoch']}, val loss {best['val_loss']:.4f}, val acc {best['val_acc']:.2%}"]
     checkpoint = out / "best.safetensors"
     if checkpoint.is_file():

@@ -303,3 +303,34 @@ def test_files_reached_twice_are_counted_once(trained_run, tmp_path, capsys):
     evaluate.main([str(trained_run / "best.safetensors"), "--predict", *named, "--no-plots"])
     out = capsys.readouterr().out
     assert "skipped 1 file(s) that are not images, e.g. notes.txt" in out and "1 unreadable image(s)" in out
+
+
+def test_a_file_name_of_other_bytes_trains_and_is_predicted(tmp_path, capsys):
+    root = two_classes(tmp_path / "d")
+    odd = os.fsdecode(bytes(root / "train" / "ant") + b"/caf\xe9.png")  # Latin-1, as an old zip's
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(odd)
+    train.main(short_run(root, tmp_path / "run"))
+    table, sheets = tmp_path / "p.csv", tmp_path / "sheets"
+    predict = ["--predict", str(root / "train" / "ant"), "--csv", str(table), "--plot-dir", str(sheets)]
+    evaluate.main([str(tmp_path / "run" / "best.safetensors"), *predict])
+    assert b"caf\xe9.png" in table.read_bytes() and (sheets / "best_predictions.png").is_file()
+
+
+def test_a_json_or_csv_of_yours_is_kept_unless_overwrite(trained_run, tmp_path, capsys):
+    mine, checkpoint = tmp_path / "settings.json", str(trained_run / "best.safetensors")
+    mine.write_text('{"lr": 0.1}')
+    with pytest.raises(SystemExit, match="exists and is not one evaluate.py wrote; pass --overwrite"):
+        evaluate.main([checkpoint, "--no-plots", "--json", str(mine)])
+    assert mine.read_text() == '{"lr": 0.1}'
+    evaluate.main([checkpoint, "--no-plots", "--json", str(mine), "--overwrite"])
+    evaluate.main([checkpoint, "--no-plots", "--json", str(mine)])  # its own: rewritten without a word
+    assert json.loads(mine.read_text())["num_samples"] == 50
+
+
+def test_a_test_folder_without_every_class_points_to_the_runs_split(image_folder, tmp_path, capsys):
+    root = two_classes(tmp_path / "d")
+    write_images(root / "test" / "ant", 3)  # no bee: the run's classes are not all there
+    train.main(short_run(root, tmp_path / "run"))
+    assert "--split val" in capsys.readouterr().out.split("evaluate: ")[-1]
+    with pytest.raises(SystemExit, match=r"or --split val, the run's own split"):
+        evaluate.main([str(tmp_path / "run" / "best.safetensors"), "--no-plots"])

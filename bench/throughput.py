@@ -233,8 +233,11 @@ def cold_inductor(scratch):
 def checkout(revision, scratch):
     """The scripts as they were at revision, in a folder of their own."""
     folder = Path(tempfile.mkdtemp(dir=scratch, prefix="before-"))
-    archive = subprocess.run(["git", "archive", revision, "train.py", "data.py", "model.py"], cwd=ROOT,
-                             check=True, capture_output=True).stdout  # fmt: skip
+    files = subprocess.run(
+        ["git", "ls-tree", "--name-only", revision], cwd=ROOT, check=True, capture_output=True, text=True
+    )
+    scripts = [name for name in ("train.py", "data.py", "model.py", "evaluate.py") if name in files.stdout.split()]
+    archive = subprocess.run(["git", "archive", revision, *scripts], cwd=ROOT, check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
     return folder / "train.py"
 

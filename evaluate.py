@@ -447,6 +447,12 @@ def save_figures(folder, figures, shown):
     """Draw, write and close each figure ({file name: drawing function}); print where they went. Each
     PNG records what it shows (shown: {file name: words}, as the PNG's Source), so that replacing a
     file that showed something else (another checkpoint, split or set of images) is said."""
+    foreign = [name for name in figures if (folder / name).exists() and not drawn_here(folder / name)]
+    if foreign:  # a photo of yours that happens to bear a plot's name is not ours to replace
+        raise data.UserError(
+            f"{folder / foreign[0]} is not a plot of evaluate.py, and a plot would replace it; move it, or pass "
+            f"another --plot-dir"
+        )
     replaced = [name for name in figures if (folder / name).is_file() and png_source(folder / name) != shown[name]]
     for name, draw in figures.items():
         figure = draw()
@@ -456,6 +462,11 @@ def save_figures(folder, figures, shown):
     print("\nplots: " + ", ".join(str(folder / name) for name in figures))
     if replaced:
         print(f"replaced {len(replaced)} plot(s) of another checkpoint, split or set of images: {', '.join(replaced)}")
+
+
+def drawn_here(path):
+    """Whether a file is a plot or contact sheet of evaluate.py (save_figures records that in it)."""
+    return (png_source(path) or "").startswith("evaluate.py")
 
 
 def png_source(path):
@@ -716,8 +727,8 @@ def image_files(paths):
             seen.files.add(named)
             seen.others.pop(named, None)  # named outright: read, not counted as passed over
             seen.links += not images
-        else:
-            images = list(map(Path, data.find_images(path, seen)))
+        else:  # an earlier --predict's contact sheets, drawn into this folder, are not photos to classify
+            images = [image for image in map(Path, data.find_images(path, seen)) if not sheet_of_ours(image)]
         if not images and seen.links == repeated:
             kinds = ", ".join(data.IMAGE_EXTENSIONS[:3])
             raise data.UserError(f"--predict {path}: no images there ({kinds}, ...: see data.IMAGE_EXTENSIONS)")
@@ -766,6 +777,10 @@ def classify(args):
             images, maps = explained(model, metadata, device, images, probabilities.argmax(1)[None], args.batch_size)
             maps = maps[0]
         write_sheets(args, files, images, probabilities, classes, maps)
+
+
+def sheet_of_ours(path):
+    return path.suffix.lower() == ".png" and "_predictions" in path.stem and drawn_here(path)
 
 
 def write_csv(path, files, ranked, k):

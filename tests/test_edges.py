@@ -334,3 +334,20 @@ def test_a_test_folder_without_every_class_points_to_the_runs_split(image_folder
     assert "--split val" in capsys.readouterr().out.split("evaluate: ")[-1]
     with pytest.raises(SystemExit, match=r"or --split val, the run's own split"):
         evaluate.main([str(tmp_path / "run" / "best.safetensors"), "--no-plots"])
+
+
+def test_predict_skips_its_own_sheets_and_keeps_a_photo_bearing_a_plots_name(trained_run, tmp_path, capsys):
+    write_images(tmp_path / "photos", 2)
+    checkpoint = str(trained_run / "best.safetensors")
+    for _ in range(2):  # the second time, the first's sheet lies among the photos
+        evaluate.main([checkpoint, "--predict", str(tmp_path / "photos"), "--plot-dir", str(tmp_path / "photos")])
+    out = capsys.readouterr().out
+    assert out.count("2 image(s)") == 2 and "3 image(s)" not in out
+    Image.new("RGB", (32, 32)).save(tmp_path / "best_predictions.png")  # a photo of the user's
+    with pytest.raises(SystemExit, match="is not a plot of evaluate.py"):
+        evaluate.main([checkpoint, "--predict", str(tmp_path / "photos" / "000.png"), "--plot-dir", str(tmp_path)])
+    assert png_source_is_none(tmp_path / "best_predictions.png")
+
+
+def png_source_is_none(path):
+    return evaluate.png_source(path) is None

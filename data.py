@@ -30,7 +30,7 @@ from torchvision.datasets import CIFAR10
 from tqdm.auto import tqdm
 
 try:
-    import fcntl  # the cache's lock; Windows has none
+    import fcntl  # the cache's and the run folder's locks; Windows has none
 except ImportError:
     fcntl = None
 
@@ -116,11 +116,9 @@ def augment(images, labels, generator, padding=4, targeted_labels=None, resized_
 
 def mix(images, labels, generator, mixup_alpha=0.0, cutmix_alpha=0.0):
     """Mixup (Zhang et al. 2018) or CutMix (Yun et al. 2019) of the whole batch, as torchvision's v2
-    MixUp and CutMix: each image is mixed with the one before it in the batch, by a share
-    lam ~ Beta(alpha, alpha) of the batch's own. With both alphas, each batch takes one of the two at
-    random. Returns (images, the partner labels, the share of each image's own label: a 0-d tensor; the
-    partner's is 1 - share). CutMix pastes a box of the partner of area (1 - lam) x the image, cut at
-    the borders, and the share is the area left."""
+    MixUp and CutMix: each image is mixed with the one before it, keeping a share lam ~ Beta(alpha,
+    alpha) of its own (CutMix: the area outside a pasted box). With both, each batch takes one at
+    random. Returns (images, the partner labels, the share of each image's own label: a 0-d tensor)."""
     partner_images, partner = images.roll(1, 0), labels.roll(1, 0)
     if mixup_alpha > 0:
         mixup_share = _beta(mixup_alpha, generator, images.device)
@@ -158,11 +156,9 @@ def normalizer(mean, std, size, device, crop=None):
 
 
 class Split(torch.utils.data.Dataset):
-    """A split's images and labels, fetched a whole batch at a time (__getitems__: one indexing call;
-    accelerate still shards, pads and skips batches as for any dataset). images: uint8 [N, 3, S, S]
-    in memory or on the training device, labels beside them; or (rows given) a folder's
-    memory-mapped cache, of which rows are the split's: each batch is gathered from the page cache
-    on the host, and the loader pins it and moves it to the device (make_loader)."""
+    """A split's images (uint8 [N, 3, S, S]) and labels, on the training device or in memory, fetched
+    a whole batch at a time by one indexing call (__getitems__). With rows, images is a folder's
+    memory-mapped cache and rows the split's: batches are gathered on the host (see make_loader)."""
 
     def __init__(self, images, labels, rows=None):
         self.images, self.labels, self.rows = images, labels, rows
@@ -227,16 +223,11 @@ def load_split(
     data_on="device",
     check=None,
 ):
-    """The run's training and validation images at side x side: DIR/val/ when there is one, else a
-    stratified val_fraction of train/; the training part optionally cut to about max_train_samples.
-    Only the parts asked for are decoded, once they are known to fit in memory with `reserved` bytes
-    more (training's own). listing: list_images(data_dir, "train") when the caller has it already.
-    An image folder is decoded once, whole, into a cache in cache_dir (None: no cache), unless a
-    subset is asked for. data_on: "device", the splits in memory (for the caller to put on the
-    training device); "disk", read batch by batch from the cache; "auto", device when it fits.
-    check(fingerprint), when given, may refuse the data before anything is decoded. Returns
-    ({part: Split}, class names, the data's fingerprint, where the validation images come from, in
-    words)."""
+    """({part: Split} of the parts asked for, class names, the data's fingerprint, where the validation
+    images come from, in words). Validation: DIR/val/ when there is one, else a stratified val_fraction
+    of train/. data_on: "device" (in memory, checked to fit with `reserved` bytes more), "disk" (read
+    batch by batch from the cache in cache_dir; None: no cache) or "auto". listing: list_images(data_dir,
+    "train") when the caller has it; check(fingerprint) may refuse the data before any decoding."""
     items, labels, classes = listing or list_images(data_dir, "train")
     check_classes(classes, expected_classes, data_dir)
     if len(classes) == 1:  # a model that is always right: loss 0, 100% accuracy
@@ -924,12 +915,10 @@ def true_values(image):
 
 
 def to_rgb(image):
-    """8-bit RGB with the image's true colours, whatever its mode. 16-bit grayscale (I;16 and its byte
-    orders) is scaled to 8 bits: PIL's own conversion clips it to 255, all white. 32-bit integer (I)
-    and float (F) pixels are refused (ValueError): they have no fixed range, and PIL's conversion
-    clips them, so a float image of 0..1 would read as black. Transparent pixels go onto
-    TRANSPARENT_BACKGROUND: converted straight to RGB they would keep whatever colour hides under
-    them. La (premultiplied luminance and alpha) has no conversion in PIL: composited here."""
+    """8-bit RGB with the image's true colours, whatever its mode; PIL's own conversion clips 16-bit
+    pixels to 255 (all white) and 32-bit and float ones too (a float image of 0..1 reads black), so
+    16-bit ones are scaled here and 32-bit ones refused (ValueError). Transparent pixels go onto
+    TRANSPARENT_BACKGROUND (else they keep whatever colour hides under them); La is composited here."""
     if image.mode in ("I", "F"):
         raise ValueError(f"mode {image.mode}: 32-bit pixels have no fixed range; save the image with 8 or 16 bits")
     if image.mode.startswith("I;16"):
@@ -951,13 +940,10 @@ def to_rgb(image):
 # ---------------------------------------------------------------------------------- the cache
 
 
-# An image folder is decoded once, whole, at its stored side into a file of raw uint8 pixels that
-# every later run (and every process of a run) maps into memory: the page cache holds one copy for
-# all of them. A cache is a folder <cache_dir>/<folder>-<side>px-<key>/ holding images.npy
-# [N, 3, side, side], readable.npy [N] and manifest.json, the last file written; it is built in a
-# temporary folder and renamed into place, so a build that is killed leaves nothing to be taken for
-# a cache. The key hashes CACHE_VERSION, the side and every image's path and file_state: a changed
-# folder, or an image replaced by another, gets a new cache.
+# A cache is a folder <cache_dir>/<folder>-<side>px-<key>/ holding images.npy [N, 3, side, side],
+# readable.npy [N] and manifest.json, built in a temporary folder and renamed into place: a build that
+# is killed leaves nothing to be taken for a cache. The key hashes CACHE_VERSION, the side and every
+# image's path and file_state: a changed folder, or an image replaced by another, gets a new cache.
 
 CACHE_VERSION = 2  # raise it when read_image stores other pixels: old caches are then never read
 
@@ -1039,25 +1025,32 @@ def try_cache(where, count, side, folder, quiet=False):
     return found
 
 
+def lock_file(path, wait=True):
+    """An open file that holds path's lock (flock) until it is closed or the process ends, crashed or
+    not; None when wait is False and another process holds it. Read access is enough, so a lock file
+    left by another user serves."""
+    try:
+        handle = open(path, "a")
+    except OSError:
+        handle = open(path)
+    try:
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        return handle
+    except BlockingIOError:
+        handle.close()
+        return None
+
+
 @contextlib.contextmanager
 def cache_lock(where, wait=True):
-    """Hold where's lock file (flock: read access is enough, so a lock file left by another user
-    serves); yields False instead of waiting when wait is False and another process holds it."""
+    """Hold where's lock file; yields False instead of waiting when wait is False and it is held."""
     try:
-        handle = open(f"{where}.lock", "a")
-    except OSError:
-        try:
-            handle = open(f"{where}.lock")
-        except OSError as error:
-            raise CacheUnavailable(f"cannot use the lock file {where}.lock ({error.strerror})") from error
-    with handle:
-        try:
-            if fcntl is not None:
-                fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        yield True  # released when the file closes, or the process ends
+        handle = lock_file(f"{where}.lock", wait)
+    except OSError as error:
+        raise CacheUnavailable(f"cannot use the lock file {where}.lock ({error.strerror})") from error
+    with handle or contextlib.nullcontext():
+        yield handle is not None
 
 
 def prepare_cache_dir(cache_dir):
@@ -1158,9 +1151,8 @@ def open_cache(where, count, side):
 
 
 def check_memory(count, side, device=None, advice=TRAINING_ADVICE, reserved=0):
-    """Refuse, before decoding, a dataset whose uint8 tensor would not fit comfortably: with `reserved`
-    bytes more, at most MEMORY_SHARE of the free memory, and of the free device memory when it goes
-    to a GPU."""
+    """Refuse, before decoding, images that would not fit comfortably: with `reserved` bytes more, at
+    most MEMORY_SHARE of the free memory, and of the free GPU memory for a GPU."""
     need = count * 3 * side * side + reserved
     free = {"memory": available_memory()}
     if device is not None and torch.device(device).type == "cuda":
@@ -1172,14 +1164,6 @@ def check_memory(count, side, device=None, advice=TRAINING_ADVICE, reserved=0):
                 f"{need / 2**30:.2f} GiB in {where}, more than "
                 f"{MEMORY_SHARE:.0%} of the {available / 2**30:.2f} GiB free; {advice}"
             )
-
-
-def fits_in_memory(count, side, device=None, reserved=0):
-    try:
-        check_memory(count, side, device, reserved=reserved)
-        return True
-    except UserError:
-        return False
 
 
 def available_memory():
@@ -1205,8 +1189,11 @@ def place_data(data_on, cached, cache_dir, subset, sources, parts, side, device,
             LOG(f"data: held in memory, not on disk: {why}")
         data_on = "device"
     if data_on == "auto":
-        data_on = "device" if fits_in_memory(count, side, device, reserved) else "disk"
-        if data_on == "disk":
+        try:
+            check_memory(count, side, device, reserved=reserved)
+            data_on = "device"
+        except UserError:
+            data_on = "disk"
             LOG(f"data: {count} images at {side}x{side} do not fit in memory; training reads them from the cache")
     if data_on == "device":
         check_memory(count, side, device, f"pass --data-on disk, or {advice}" if cached else advice, reserved)
@@ -1246,9 +1233,13 @@ class UserError(Exception):
     and exits non-zero; library code raises it so that a notebook importing this module survives."""
 
 
-def one_line_errors(parser):
-    """The scripts' argparse parser, its refusals made one line like every other bad input's: argparse
-    prints its whole usage block first, which buries the line that says what is wrong."""
+def parser_of(description, flags):
+    """A script's argparse parser, from its table of flags ((flag, argparse's settings, help) rows), its
+    refusals made one line like every other bad input's: argparse prints its whole usage block first,
+    which buries the line that says what is wrong."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for flag, settings, text in flags:
+        parser.add_argument(flag, help=text, **settings)
 
     def error(message):
         parser.exit(2, f"{parser.prog}: error: {message} ({parser.prog} --help lists the flags)\n")

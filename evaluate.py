@@ -7,20 +7,11 @@ classify new images.
     python evaluate.py CKPT --predict photo.jpg more/photos/ --csv predictions.csv
     python evaluate.py CKPT --export-onnx model.onnx --data-dir DIR
 
-Prints overall and per-class accuracy, precision/recall/F1, the vehicles-vs-animals gap, the most
-confused pairs and, from the history.json beside the checkpoint, an overfitting analysis. Writes
-curves.png and, named after what was evaluated, <stem>_<split>[_tta]_confusion.png,
-_per_class.png and _mistakes.png (e.g. best_val_mistakes.png: the most confident mistakes of the
-most confused pairs) beside the checkpoint or to --plot-dir.
---predict prints each image's most likely classes, and writes contact sheets of the images with
-their predicted labels (<stem>_predictions[_N].png) and, with --csv, a table.
---export-onnx writes the network as ONNX, from uint8 pixels to logits, and checks it against
-PyTorch with onnxruntime (optional packages: requirements-dev.txt).
-Images are preprocessed as the checkpoint records that training did. Bad input gets one `error:`
-line and a non-zero exit, and nothing is written.
+The report goes to the console; curves.png and <stem>_<split>[_tta]_confusion.png, _per_class.png,
+_calibration.png and _mistakes.png beside the checkpoint (or to --plot-dir); --predict's contact
+sheets, <stem>_predictions[_N].png. Images are preprocessed as the checkpoint records that training did.
 """
 
-import argparse
 import contextlib
 import csv
 import functools
@@ -433,14 +424,8 @@ def write_plots(args, results, confusion, classes, history, shown, explain=None)
         figures["curves.png"] = lambda: plot_curves(history, f"training curves: {source}")
         shown["curves.png"] = f"evaluate.py curves of {source.resolve()}"
     save_figures(folder, figures, shown)
-    # an earlier evaluation's mistakes (and their maps) would pass for this one's: ours are removed
-    names = (f"{prefix}_mistakes.png", f"{prefix}_explained.png")
-    stale = [name for name in names if name not in figures and png_source(folder / name) is not None]
-    for name in stale:
-        (folder / name).unlink()
-    if stale:
-        why = "pass --explain to draw it for this one" if results["top_confusions"] else "this one has no mistakes"
-        print(f"removed {', '.join(stale)}, drawn by an earlier evaluation: {why}")
+    why = "pass --explain to draw it for this one" if results["top_confusions"] else "this one has no mistakes"
+    remove_stale(folder, [f"{prefix}_mistakes.png", f"{prefix}_explained.png"], figures, why)
 
 
 def save_figures(folder, figures, shown):
@@ -456,12 +441,23 @@ def save_figures(folder, figures, shown):
     replaced = [name for name in figures if (folder / name).is_file() and png_source(folder / name) != shown[name]]
     for name, draw in figures.items():
         figure = draw()
+        figure.tight_layout()
         with writing(folder / name, "--plot-dir"):
             figure.savefig(folder / name, dpi=120, metadata={"Source": shown[name]})
         plt.close(figure)
     print("\nplots: " + ", ".join(str(folder / name) for name in figures))
     if replaced:
         print(f"replaced {len(replaced)} plot(s) of another checkpoint, split or set of images: {', '.join(replaced)}")
+
+
+def remove_stale(folder, names, figures, why):
+    """Remove the plots among names that an earlier evaluation drew and this one did not: they would
+    pass for this one's. A file evaluate.py did not draw stays."""
+    stale = sorted(name for name in names if name not in figures and drawn_here(folder / name))
+    for name in stale:
+        (folder / name).unlink()
+    if stale:
+        print(f"removed {', '.join(stale)}, drawn by an earlier evaluation: {why}")
 
 
 def drawn_here(path):
@@ -492,7 +488,6 @@ def plot_curves(history, title):
         axis.grid(alpha=0.3)
         axis.legend()
     figure.suptitle(title)
-    figure.tight_layout()
     return figure
 
 
@@ -511,7 +506,6 @@ def plot_confusion(confusion, classes, title):
                 color = "white" if value > 0.5 else "black"
                 axis.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8, color=color)
     figure.colorbar(image, ax=axis, fraction=0.046)
-    figure.tight_layout()
     return figure
 
 
@@ -529,7 +523,6 @@ def plot_per_class(per_class, classes, title):
     axis.tick_params(axis="x", rotation=45)
     if groups:
         axis.legend(loc="upper right")
-    figure.tight_layout()
     return figure
 
 
@@ -554,7 +547,6 @@ def plot_calibration(report, title):
         axis.set_title(f"{which}: ECE {scores['ece']:.4f}, NLL {scores['nll']:.3f}, Brier {scores['brier']:.3f}")
         axis.legend(loc="upper left", fontsize=8)
     figure.suptitle(f"reliability ({CALIBRATION_BINS} confidence bins; the number on a bar is its images)\n{title}")
-    figure.tight_layout()
     return figure
 
 
@@ -593,7 +585,6 @@ def plot_mistakes(images, probabilities, rows, classes, title):
             label = None if i is None else mistake_label(true, predicted, probabilities[i, predicted], classes)
             show(axis, None if i is None else images[i], label)
     figure.suptitle(f"most confident mistakes of the most confused pairs (true -> predicted, raw probability)\n{title}")
-    figure.tight_layout()
     return figure
 
 
@@ -616,7 +607,6 @@ def plot_explained(images, maps, probabilities, rows, classes, title):
         f"where the network looked (Grad-CAM, last stage): each mistake (raw probability), then its map for the "
         f"predicted class, then for the true one; red = most evidence\n{title}"
     )
-    figure.tight_layout()
     return figure
 
 
@@ -630,7 +620,6 @@ def plot_sheet(images, names, probabilities, classes, title, maps=None):
         label = None if p is None else f"{classes[p.argmax()]} {p.max():.0%}\n{shorten(name)}"
         show(axis, image, label, heat)
     figure.suptitle(title)
-    figure.tight_layout()
     return figure
 
 
@@ -809,14 +798,9 @@ def write_sheets(args, files, images, probabilities, classes, maps=None):
     inputs = " ".join(str(Path(path).resolve()) for path in args.predict)
     shows = printable(f"evaluate.py {Path(args.checkpoint).resolve()} --predict {inputs}")
     folder = plot_folder(args)
-    stale = sorted(
-        p.name for p in folder.glob(f"{Path(args.checkpoint).stem}_predictions*.png") if p.name not in figures
-    )
     save_figures(folder, figures, dict.fromkeys(figures, shows))
-    if stale:  # sheets of an earlier, longer --predict: they would pass for this one's
-        for name in stale:
-            (folder / name).unlink(missing_ok=True)
-        print(f"removed {len(stale)} earlier contact sheet(s) of {Path(args.checkpoint).stem}: {', '.join(stale)}")
+    earlier = [path.name for path in folder.glob(f"{Path(args.checkpoint).stem}_predictions*.png")]
+    remove_stale(folder, earlier, figures, "sheets of an earlier, longer --predict")
 
 
 # ---------------------------------------------------------------------------------- where the model looked
@@ -1048,11 +1032,7 @@ REFUSALS = [
 
 
 def parse_args(argv=None):
-    parser = data.one_line_errors(
-        argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    )
-    for flag, settings, text in FLAGS:
-        parser.add_argument(flag, help=text, **settings)
+    parser = data.parser_of(__doc__, FLAGS)
     args = parser.parse_args(argv)
     data.refuse(parser, args, REFUSALS)
     args.split, args.top_k = args.split or "test", args.top_k or 3

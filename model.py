@@ -25,15 +25,11 @@ HEAD = "fc"  # the new last layer: torchvision's name for it
 
 def build_model(num_classes, stem="cifar", weights="imagenet", groups=None, zero_init_residual=False, arch=None):
     """The ARCH network (or arch: a checkpoint's) with a fresh num_classes head (a TwoStageHead when
-    groups, lists of class indices, are given).
-
-    weights: 'imagenet' (torchvision's weights API, downloaded once), 'none', or a local state
-    dict file (.pth or .safetensors, torchvision key names; its 1000-class head is ignored).
-    stem: 'imagenet' keeps torchvision's stem, which shrinks 32x32 inputs to 8x8 before the first
-    residual block; 'cifar' makes the first convolution stride 1 and drops the max-pool, keeping
-    the pretrained weights, so the blocks see 32x32 (16x the compute, much better accuracy)."""
-    # zero_init_residual: each residual block starts as the identity (its last BatchNorm scale is
-    # zero; Goyal et al., 2017). It only matters from scratch: loaded weights overwrite it.
+    groups, lists of class indices, are given). weights: 'imagenet', 'none', or a local state dict
+    (.pth or .safetensors, torchvision's key names; its head is ignored). stem 'cifar': the first
+    convolution at stride 1 and no max-pool, so the blocks see 32x32, not torchvision's 8x8 (16x the
+    compute, much better accuracy). zero_init_residual: each residual block starts as the identity
+    (Goyal et al., 2017); loaded weights overwrite it."""
     arch = arch or ARCH
     model = torchvision.models.get_model(arch, zero_init_residual=zero_init_residual)
     if weights == "imagenet":
@@ -120,8 +116,7 @@ def load_backbone(model, path, arch):
 
 def read_state_dict(path):
     path = Path(path)
-    if path.is_dir():
-        raise UserError(f"--weights {path} is a folder; pass a checkpoint: {checkpoint_in(path)}")
+    not_a_folder(path, "--weights ")
     if not path.is_file():
         raise UserError(f"weights file {path} not found; pass an existing file, or --weights none")
     try:
@@ -160,8 +155,7 @@ def save_checkpoint(model, path, metadata):
 def load_checkpoint(path):
     """Rebuild the model from a checkpoint written by train.py; return (model, metadata)."""
     path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{path} is a folder; pass a checkpoint: {checkpoint_in(path)}")
+    not_a_folder(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found; pass the best.safetensors or last.safetensors of a run")
     try:
@@ -189,10 +183,12 @@ def load_checkpoint(path):
     return model, metadata
 
 
-def checkpoint_in(folder):
-    """The checkpoint to name when a folder is given for one: its best.safetensors, if it has one."""
-    best = Path(folder) / "best.safetensors"
-    return best if best.is_file() else "a run's best.safetensors (that folder has none)"
+def not_a_folder(path, flag=""):
+    """Refuse a (run) folder given for a checkpoint, naming its best.safetensors if it has one."""
+    best = Path(path) / "best.safetensors"
+    if Path(path).is_dir():
+        named = best if best.is_file() else "a run's best.safetensors (that folder has none)"
+        raise UserError(f"{flag}{path} is a folder; pass a run's checkpoint: {named}")
 
 
 def decode_metadata(text):

@@ -52,11 +52,6 @@ from accelerate.utils import (
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-try:
-    import fcntl  # the run folder's lock; Windows has none
-except ImportError:
-    fcntl = None
-
 import data
 import model  # model.ARCH is read when a run starts
 from data import UserError, bounded
@@ -64,10 +59,10 @@ from evaluate import calibration, few_images_caveat, fit_temperature, writing
 from model import (
     build_model,
     check_folder_can_be_made,
-    checkpoint_in,
     decode_metadata,
     freeze_backbone,
     is_head,
+    not_a_folder,
     save_checkpoint,
     usual_permissions,
     write_atomically,
@@ -325,12 +320,10 @@ def training_mode(run, args, epoch, accelerator):
 
 
 def train_step(run, accelerator, args, images, labels, generator):
-    """One optimizer step on a loader batch (batch_size x grad_accum_steps images a process), in
-    grad_accum_steps parts of batch_size: each is augmented and mixed, then goes forward and
-    backward, and accelerate adds up their gradients (averaging over the processes once, at the
-    last part) before the step. Returns device tensors: the loss, the summed cross-entropy and the
-    hits against each image's larger share's label (train_loss, train_acc), and the gradient norm
-    before clipping (None without --clip-grad-norm)."""
+    """One optimizer step on a loader batch, in grad_accum_steps parts, each augmented, mixed, sent
+    forward and backward; accelerate adds up their gradients. Returns device tensors: the loss, the
+    summed cross-entropy and the hits (against each image's larger share's label), and the gradient
+    norm before clipping (None without --clip-grad-norm)."""
     step_loss, cross_entropy, hits, grad_norm = 0, 0, 0, None
     # the loader's batches are whole (drop_last), so each splits into grad_accum_steps parts of batch_size
     for part_images, part_labels in zip(images.chunk(args.grad_accum_steps), labels.chunk(args.grad_accum_steps)):
@@ -395,9 +388,8 @@ def validate(network, loader, accelerator, normalize, num_classes):
 
 def end_epoch(run, record, args, accelerator, validated):
     """The epoch's record into the history and the trackers; last.safetensors, best.safetensors when
-    the validation loss is the lowest so far (each with the temperature fitted on the validation
-    logits and labels, validated), history.json and the resumable state. Returns whether it improved.
-    A validation loss that is not finite stops the run, the last good files kept."""
+    the validation loss is the lowest so far (with the temperature fitted on validated: logits and
+    labels), history.json and the state. Returns whether it improved; a non-finite loss stops the run."""
     if not math.isfinite(record["val_loss"]):
         kept = f"best.safetensors (epoch {best_record(run.history)['epoch']}) is kept" if run.history else ""
         raise UserError(
@@ -544,6 +536,20 @@ RECIPES = [
     ("mean", None, None, (0.5, 0.5, 0.5), None),
     ("std", None, None, (0.5, 0.5, 0.5), None),
 ]
+# Flag combinations refused as the command line is read: (refused when, the one line that says why).
+RESUME_REFUSALS = [
+    (lambda a: not a.output_dir, "--resume needs --output-dir, the folder of the run to continue"),
+    (lambda a: a.overwrite, "--resume continues the run in --output-dir and --overwrite replaces it; pass one of them"),
+    (lambda a: a.find_lr, "--find-lr saves no run, so there is none to resume; drop --resume"),
+]
+REFUSALS = [
+    (lambda a: a.weights == "none" and protecting(a),
+     lambda a: f"{' and '.join(protecting(a))} protect(s) pretrained features, and --weights none has none; "
+               f"drop {' and '.join(protecting(a))}"),
+    (lambda a: a.freeze_epochs >= a.epochs,
+     lambda a: f"--freeze-epochs {a.freeze_epochs} leaves none of the {a.epochs} epochs to train the whole "
+               f"network; pass fewer, or more --epochs"),
+]
 # fmt: on
 DEFAULT_RECIPE = {flag.lstrip("-").replace("-", "_"): ours for flag, _, ours, _, _ in RECIPES}
 SEED_RECIPE = {flag.lstrip("-").replace("-", "_"): seed for flag, _, _, seed, _ in RECIPES}
@@ -555,39 +561,10 @@ def protecting(args):
             args.backbone_lr_mult != 1)) if on]  # fmt: skip
 
 
-# Flag combinations refused as the command line is read: (refused when, the one line that says why).
-RESUME_REFUSALS = [
-    (lambda a: not a.output_dir, "--resume needs --output-dir, the folder of the run to continue"),
-    (lambda a: a.overwrite, "--resume continues the run in --output-dir and --overwrite replaces it; pass one of them"),
-    (lambda a: a.find_lr, "--find-lr saves no run, so there is none to resume; drop --resume"),
-]
-REFUSALS = [
-    (
-        lambda a: a.weights == "none" and protecting(a),
-        lambda a: (
-            f"{' and '.join(protecting(a))} protect(s) pretrained features, and --weights none has none; "
-            f"drop {' and '.join(protecting(a))}"
-        ),
-    ),
-    (
-        lambda a: a.freeze_epochs >= a.epochs,
-        lambda a: (
-            f"--freeze-epochs {a.freeze_epochs} leaves none of the {a.epochs} epochs to train the whole "
-            f"network; pass fewer, or more --epochs"
-        ),
-    ),
-]
-
-
 def parse_args(argv=None):
-    parser = data.one_line_errors(
-        argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    )
-    for flag, settings, text in FLAGS:
-        parser.add_argument(flag, help=text, **settings)
-    for flag, settings, ours, seed, text in RECIPES:
-        if settings is not None:  # None: take it from --recipe (parse_args, data_settings)
-            parser.add_argument(flag, help=f"{text} (default {ours}; seed recipe {seed})", **settings)
+    # a recipe's row without argparse settings is no flag: its value comes from --recipe (data_settings)
+    recipes = [(flag, kind, f"{text} (default {ours}; seed recipe {seed})") for flag, kind, ours, seed, text in RECIPES]
+    parser = data.parser_of(__doc__, FLAGS + [row for row in recipes if row[1] is not None])
     args = parser.parse_args(argv)
     # recorded absolute, so that evaluate.py and --resume find it from any working folder
     absolute_paths(vars(args))
@@ -612,16 +589,13 @@ def parse_args(argv=None):
 
 def absolute_paths(settings):
     """The files and folders among the settings ({name: value}), made absolute: recorded so, the run
-    finds them again, and the command that started it matches, from any working folder."""
-    if settings.get("data_dir"):
-        settings["data_dir"] = os.path.abspath(settings["data_dir"])
-    if settings.get("cache_dir") not in (None, "none"):
-        settings["cache_dir"] = os.path.abspath(settings["cache_dir"])
-    if settings.get("weights") not in (None, "imagenet", "none"):
-        settings["weights"] = os.path.abspath(settings["weights"])
-    if settings.get("class_weights") not in (None, "none", "auto") and not weight_list(settings["class_weights"]):
-        # also when the run it names has moved since: the resumed run keeps the weights it computed
-        settings["class_weights"] = os.path.abspath(settings["class_weights"])
+    finds them again, and the command that started it matches, from any working folder. A moved
+    --class-weights run too: the resumed run keeps the weights it computed."""
+    words = dict(data_dir=(), cache_dir=("none",), weights=("imagenet", "none"), class_weights=("none", "auto"))
+    for key, not_paths in words.items():
+        value = settings.get(key)
+        if value and value not in not_paths and not (key == "class_weights" and weight_list(value)):
+            settings[key] = os.path.abspath(value)
 
 
 def data_settings(args, typical_side):
@@ -674,23 +648,13 @@ def describe_sizes(args):
     return f"stored: {stored}; training: {train}, {network}; evaluation: {evaluation}, {network}"
 
 
-RESUME_MAY_CHANGE = (
-    "epochs",
-    "data_dir",
-    "cache_dir",
-    "data_on",
-    "compile",
-    "log_with",
-)  # the rest of a resumed run is its own
+RESUME_MAY_CHANGE = ("epochs", "data_dir", "cache_dir", "data_on", "compile", "log_with")  # the rest: the run's own
 
 
 def resumed_settings(args, progress):
-    """A resumed run keeps its own settings; only a new --epochs (to extend it) and --data-dir (the
-    same data, moved: checked against its fingerprint) are taken, and --cache-dir and --data-on when
-    given (else the run's); --compile and --log-with come from the command line. Any other flag
-    given must equal the run's value, so the command that started the run, with --resume added,
-    continues it. Settings that train.py gained after the run started take their defaults for the
-    run's recipe."""
+    """The run's own settings, but those of RESUME_MAY_CHANGE given (--data-dir: the same data, moved,
+    checked against its fingerprint). Any other flag given must equal the run's value, so the command
+    that started the run, with --resume added, continues it. Settings newer than the run: defaults."""
     saved = progress["config"]
     defaults = vars(parse_args(["--recipe", saved["recipe"], "--weights", saved["weights"]]))
     # where its data comes from and how it runs: the run's own, unless given anew (the printed resume
@@ -743,9 +707,8 @@ def class_weights(spec, train_labels, classes):
     elif Path(spec).is_file():
         errors = 1 - torch.tensor(per_class_accuracy_of_run(Path(spec), classes), dtype=torch.double)
         weights = errors.clamp(min=RUN_WEIGHT_FLOOR * errors.mean().item()) if errors.any() else torch.ones(num_classes)
-    elif Path(spec).is_dir():
-        raise UserError(f"--class-weights {spec} is a folder; pass a run's checkpoint: {checkpoint_in(spec)}")
     elif weight_list(spec) is None:
+        not_a_folder(spec, "--class-weights ")
         raise UserError(f"--class-weights {spec!r} is not none, auto, a file or a list of numbers")
     else:
         weights = torch.tensor(weight_list(spec), dtype=torch.double)
@@ -880,22 +843,11 @@ def check_data(args, found, accelerator):
 
 def checkpoint_metadata(args, classes, groups, accelerator, record):
     """What the checkpoint holds, enough to rebuild and evaluate it with nothing else (README)."""
-    keys = ("stem", "mean", "std", "input_size", "image_size", "eval_crop", "train_crop", "seed", "val_fraction")
+    keys = "arch stem mean std input_size image_size eval_crop train_crop seed val_fraction".split()
     settings = {key: getattr(args, key) for key in keys} | {"preprocessing": describe_sizes(args)}
     scores = {key: record[key] for key in ("epoch", "val_loss", "val_acc", "val_per_class")}
-    return (
-        settings
-        | scores
-        | {
-            "arch": args.arch,
-            "groups": groups,
-            "num_classes": len(classes),
-            "classes": classes,
-            "num_processes": accelerator.num_processes,
-            "effective_batch_size": effective_batch(args, accelerator),
-            "config": vars(args),
-        }
-    )
+    run = dict(groups=groups, num_classes=len(classes), classes=classes, num_processes=accelerator.num_processes)
+    return settings | scores | run | dict(effective_batch_size=effective_batch(args, accelerator), config=vars(args))
 
 
 def sync_batchnorm_statistics(network, accelerator):
@@ -1104,12 +1056,9 @@ def new_run_dir():
 def lock(out):
     """Hold out/.lock for as long as this process lives; the system lets go of it when the process
     ends, crashed or not, so a second run in the same folder is refused and a crash never jams it."""
-    handle = open(out / ".lock", "a")
-    if fcntl is not None:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"another train.py is running in {out}; wait for it or pass another --output-dir") from None
+    handle = data.lock_file(out / ".lock", wait=False)
+    if handle is None:
+        raise UserError(f"another train.py is running in {out}; wait for it or pass another --output-dir")
     return handle
 
 
@@ -1226,10 +1175,8 @@ def open_run(args, accelerator):
 
 
 def check_resumable(out, args, progress, accelerator):
-    """Refuse a resume with fewer epochs than the run has trained. Say what changes when it resumes
-    with another process count: the global batch (per-process batch x processes), so the steps an
-    epoch and the images per step. The schedule counts images, so the learning rate at each point
-    of the run stays as planned; the random state comes from process 0's file."""
+    """Refuse a resume under another ARCH, or with too few epochs. Warn when another process count
+    changes the global batch (the schedule counts images, so the lr at each point stays as planned)."""
     done = len(progress["history"])
     if args.arch != model.ARCH:
         raise UserError(

@@ -13,7 +13,6 @@ predicted as one of those classes: how sure the network is when it says "cat" or
 often it is right then.
 """
 
-import argparse
 import contextlib
 import sys
 from pathlib import Path
@@ -62,9 +61,7 @@ def row(name, logits, labels, metadata):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    evaluate.data.one_line_errors(parser)
-    parser.add_argument("checkpoint")
+    parser = evaluate.data.parser_of(__doc__, [("checkpoint", {}, "a checkpoint of train.py")])
     parser.add_argument("--data-dir", required=True, help="the run's folder of train/, val/ and test/")
     parser.add_argument("--splits", nargs="+", default=["val", "test"], choices=["val", "test"])
     parser.add_argument("--predicted", nargs="+", default=[], metavar="CLASS", help="a row of these predictions too")

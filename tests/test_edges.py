@@ -289,7 +289,7 @@ def test_class_weights_given_a_run_folder_names_the_file_to_pass(tmp_path):
 
 def test_a_run_folder_for_weights_names_the_file_to_pass(trained_run, image_folder, tmp_path):
     message = refused(short_run(image_folder, tmp_path / "other", "--weights", trained_run))
-    assert f"is a folder; pass a checkpoint: {trained_run / 'best.safetensors'}" in message
+    assert f"is a folder; pass a run's checkpoint: {trained_run / 'best.safetensors'}" in message
 
 
 def test_files_reached_twice_are_counted_once(trained_run, tmp_path, capsys):

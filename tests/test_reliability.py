@@ -487,7 +487,7 @@ def test_a_moved_data_folder_is_named_as_the_runs(tmp_path):
     assert f"the run's data folder {root} does not exist any more (moved?)" in message
     message = refused([tmp_path / "run" / "best.safetensors", "--split", "val"], main=evaluate.main)
     assert "does not exist any more (moved?); pass --data-dir" in message
-    assert "is a folder; pass a checkpoint: " in refused([tmp_path / "run"], main=evaluate.main)
+    assert "is a folder; pass a run's checkpoint: " in refused([tmp_path / "run"], main=evaluate.main)
 
 
 def test_a_loss_of_zero_is_a_history_not_an_unreadable_one():
@@ -506,9 +506,12 @@ def test_plots_of_another_test_folder_and_stale_contact_sheets_are_said(trained_
     evaluate.main([checkpoint, "--data-dir", str(tmp_path / "other"), "--plot-dir", plots])
     assert "replaced 4 plot(s)" in capsys.readouterr().out
     evaluate.main([checkpoint, "--predict", str(image_folder / "test"), "--plot-dir", plots])  # 50 images: 2 sheets
+    Image.new("RGB", (8, 8)).save(tmp_path / "plots" / "best_predictions_mine.png")  # the user's: it stays
     evaluate.main([checkpoint, "--predict", str(image_folder / "test" / "cat"), "--plot-dir", plots])  # 5: one
-    assert "removed 2 earlier contact sheet(s) of best: best_predictions_1.png" in capsys.readouterr().out
-    assert sorted(p.name for p in (tmp_path / "plots").glob("best_predictions*")) == ["best_predictions.png"]
+    out = capsys.readouterr().out
+    assert "removed best_predictions_1.png, best_predictions_2.png, drawn by an earlier evaluation: sheets of" in out
+    kept = sorted(p.name for p in (tmp_path / "plots").glob("best_predictions*"))
+    assert kept == ["best_predictions.png", "best_predictions_mine.png"]
 
 
 def test_a_group_takes_the_classes_the_data_has():

@@ -895,9 +895,10 @@ def true_values(image):
     """The image as its file means its pixels, where Pillow opens it otherwise: mode I (32-bit
     integers) whose file holds unsigned 16 bits or fewer is made I;16, the mode to_rgb reads 16-bit
     images from (Pillow before 11 opens 16-bit grayscale PNGs as I; every Pillow opens PGMs of over
-    8 bits as I, scaled to 0..65535); a 16-bit TIFF whose black is its maximum (MinIsWhite) is
-    inverted, as Pillow inverts 8-bit ones. A TIFF of signed or float samples (SampleFormat 2 or 3)
-    has no fixed range: ValueError, even when Pillow opens it as 8-bit L."""
+    8 bits as I, scaled to 0..65535); a TIFF of 9 to 15 bits, which Pillow opens as I;16 with its own
+    maximum (4095 for 12 bits), is scaled to 0..65535; a 16-bit TIFF whose black is its maximum
+    (MinIsWhite) is inverted, as Pillow inverts 8-bit ones. A TIFF of signed or float samples
+    (SampleFormat 2 or 3) has no fixed range: ValueError, even when Pillow opens it as 8-bit L."""
     tags = getattr(image, "tag_v2", {})
     formats = tags.get(339, ())  # SampleFormat, one per channel: 1 unsigned, 2 signed, 3 float
     if {2, 3} & set(formats if isinstance(formats, tuple) else (formats,)):
@@ -908,8 +909,13 @@ def true_values(image):
         if codec in ("ppm", "ppm_plain") or re.fullmatch(r"I;16[BLN]?", str(raw)):
             info, image = image.info, Image.fromarray(np.asarray(image).astype(np.uint16))
             image.info = info  # a PNG's transparent value, for to_rgb
-    if image.mode.startswith("I;16") and tags.get(262) == 0:  # PhotometricInterpretation 0: MinIsWhite
-        info, image = image.info, Image.fromarray(65535 - np.asarray(image).astype(np.uint16))
+    bits = tags.get(258, 16)  # BitsPerSample, one per channel
+    top = 2 ** min(16, bits[0] if isinstance(bits, tuple) else bits) - 1
+    minimum_is_white = tags.get(262) == 0  # PhotometricInterpretation 0
+    if image.mode.startswith("I;16") and (top < 65535 or minimum_is_white):
+        pixels = np.minimum(np.asarray(image).astype(np.uint32), top)
+        pixels = top - pixels if minimum_is_white else pixels
+        info, image = image.info, Image.fromarray((pixels * 65535 // top).astype(np.uint16))
         image.info = info
     return image
 

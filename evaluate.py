@@ -461,8 +461,8 @@ def remove_stale(folder, names, figures, why):
 
 
 def drawn_here(path):
-    """Whether a file is a plot or contact sheet of evaluate.py (save_figures records that in it)."""
-    return (png_source(path) or "").startswith("evaluate.py")
+    """Whether a file is a plot of ours: evaluate.py's save_figures, train.py's --find-lr record that in it."""
+    return (png_source(path) or "").startswith(("evaluate.py", "train.py"))
 
 
 def png_source(path):

@@ -31,6 +31,7 @@ import errno
 import itertools
 import json
 import math
+import re
 import shlex
 import shutil
 import time
@@ -55,7 +56,7 @@ from tqdm.auto import tqdm
 import data
 import model  # model.ARCH is read when a run starts
 from data import UserError, bounded
-from evaluate import calibration, few_images_caveat, fit_temperature, writing
+from evaluate import calibration, drawn_here, few_images_caveat, fit_temperature, writing
 from model import (
     build_model,
     check_folder_can_be_made,
@@ -549,6 +550,9 @@ REFUSALS = [
     (lambda a: a.freeze_epochs >= a.epochs,
      lambda a: f"--freeze-epochs {a.freeze_epochs} leaves none of the {a.epochs} epochs to train the whole "
                f"network; pass fewer, or more --epochs"),
+    (lambda a: a.warmup_epochs > a.epochs,
+     lambda a: f"--warmup-epochs {a.warmup_epochs:g} is longer than the run's {a.epochs} epochs: the lr would never "
+               f"reach its peak; pass fewer, or more --epochs"),
 ]
 # fmt: on
 DEFAULT_RECIPE = {flag.lstrip("-").replace("-", "_"): ours for flag, _, ours, _, _ in RECIPES}
@@ -716,6 +720,7 @@ def class_weights(spec, train_labels, classes):
         raise UserError(
             f"--class-weights needs {num_classes} finite, non-negative weights, not all 0; got {weights.tolist()}"
         )
+    weights = weights / weights.max()  # first: the sum of weights near 1e308 would overflow
     return (weights * num_classes / weights.sum()).float()
 
 
@@ -930,8 +935,9 @@ def find_lr(args, accelerator):
     here). Nothing else is written: the trained weights are thrown away."""
     plot = Path(args.output_dir or ".") / "lr_find.png"
     check_folder_can_be_made(plot.parent, "--output-dir", args.output_dir or ".")
-    if plot.is_dir():
-        raise UserError(f"{plot} is a folder, where the plot would go; move it, or pass another --output-dir")
+    if plot.is_dir() or (plot.exists() and not drawn_here(plot)):
+        raise UserError(f"{plot} is not a plot of train.py --find-lr, and the plot would replace it; move it, or "
+                        f"pass another --output-dir")  # fmt: skip
     low, high = FIND_LR_RANGE
 
     def lr_at(step):
@@ -1004,7 +1010,7 @@ def plot_lr_find(path, lrs, losses, smoothed, suggestion, args):
     weights = args.weights if args.weights in ("imagenet", "none") else "/".join(Path(args.weights).parts[-2:])
     axes.set_title(f"lr range test: {Path(args.data_dir).name}, weights {weights}", fontsize=10)
     figure.legend(loc="outside lower center", ncols=2, fontsize=9)  # beside the curves, not over them
-    figure.savefig(path, format="png", dpi=120)
+    figure.savefig(path, format="png", dpi=120, metadata={"Source": f"train.py --find-lr on {args.data_dir}"})
     plt.close(figure)
 
 
@@ -1021,6 +1027,12 @@ EVALUATION_PLOTS = ("curves.png", "*_confusion.png", "*_per_class.png", "*_mista
 # accelerate's resumable state, newest first: state-tmp is being written (complete once its progress.json
 # is), state the last one, state-old the one before, during the swap. See save_state.
 STATE_DIRS = ("state-tmp", "state", "state-old")
+# what a state folder holds: accelerate's files (see accelerate.utils.constants), our progress.json, and
+# write_atomically's temporaries. A folder of these names holding anything else is not ours to remove.
+STATE_FILES = re.compile(
+    r"(progress\.json|(pytorch_)?model(_\d+)?\.(safetensors|bin)|(optimizer|scheduler|sampler|dl_state_dict)(_\d+)?"
+    r"\.bin|(random_states|custom_checkpoint)_\d+\.pkl|scaler\.pt)(\.tmp-\d+)?"
+)
 
 
 def latest_state(out):
@@ -1031,6 +1043,10 @@ def latest_state(out):
 def check_output_dir(out, resume, overwrite):
     """Refuse, before any work: a file in the way, nothing to resume, or a run not to be touched."""
     check_folder_can_be_made(out, "--output-dir", out)
+    foreign = [name for name in STATE_DIRS if (out / name).exists() and not is_state(out / name)]
+    if foreign:
+        raise UserError(f"{out / foreign[0]} is not a state train.py saved, and a run would replace it; move it, or "
+                        f"pass another --output-dir")  # fmt: skip
     if resume and not latest_state(out):
         raise UserError(f"nothing to resume in {out}; start a new run without --resume")
     finished = any((out / name).exists() for name in RUN_FILES) or latest_state(out)
@@ -1039,6 +1055,10 @@ def check_output_dir(out, resume, overwrite):
             f"{out} already holds a run; pass --resume to continue it, --overwrite to replace it, "
             f"or another --output-dir"
         )
+
+
+def is_state(path):
+    return path.is_dir() and all(STATE_FILES.fullmatch(file.name) for file in path.iterdir())
 
 
 def new_run_dir():
@@ -1079,8 +1099,10 @@ def start_output_dir(out, resume, overwrite, accelerator):
             if resume:
                 leftovers = [n for n in STATE_DIRS if n != "state"]
             else:  # --overwrite, or a new folder
-                plots = [path.name for pattern in EVALUATION_PLOTS for path in out.glob(pattern)]
+                plots = [path.name for pattern in EVALUATION_PLOTS for path in out.glob(pattern) if drawn_here(path)]
                 leftovers = [*RUN_FILES, *STATE_DIRS, *plots]
+                if plots:  # yours of the same names stay
+                    print(f"removed {', '.join(sorted(plots))}: evaluate.py's plots of the run in {out} before")
             for name in leftovers:
                 discard(out / name)
             kept = sorted(path.name for path in out.iterdir() if path.name != ".lock")
@@ -1185,11 +1207,12 @@ def check_resumable(out, args, progress, accelerator):
         )
     if args.epochs < done:
         raise UserError(f"{out} has already trained {done} epochs; pass a larger --epochs")
-    if args.freeze_epochs >= args.epochs:
-        raise UserError(
-            f"the run trains only its head for --freeze-epochs {args.freeze_epochs}, and --epochs {args.epochs} "
-            f"would end it before the whole network trains; pass a larger --epochs"
-        )
+    limits = [("--freeze-epochs", args.freeze_epochs, args.epochs - 1, "the whole network trains"),
+              ("--warmup-epochs", args.warmup_epochs, args.epochs, "its lr reaches its peak")]  # fmt: skip
+    for flag, value, most, until in limits:
+        if value > most:
+            raise UserError(f"the run has {flag} {value:g}, and --epochs {args.epochs} would end it before {until}; "
+                            f"pass a larger --epochs")  # fmt: skip
     had = len(list(latest_state(out).glob("random_states_*.pkl")))  # accelerate saves one per process
     now = accelerator.num_processes
     if had and had != now:

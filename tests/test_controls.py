@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import quick_args
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_pre_hook
@@ -239,7 +240,11 @@ def test_find_lr_refuses_a_folder_in_the_plots_place_and_says_when_the_loss_is_n
 ):
     monkeypatch.setattr(train, "FIND_LR_STEPS", 5)
     (tmp_path / "lr_find.png").mkdir()
-    with pytest.raises(train.UserError, match="is a folder, where the plot would go"):
+    with pytest.raises(train.UserError, match="is not a plot of train.py --find-lr, and the plot would replace it"):
+        train.train(train.parse_args([*quick_args(image_folder, tmp_path), "--find-lr"]))
+    (tmp_path / "lr_find.png").rmdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "lr_find.png")  # a picture of yours, by chance of that name
+    with pytest.raises(train.UserError, match="is not a plot of train.py --find-lr"):
         train.train(train.parse_args([*quick_args(image_folder, tmp_path), "--find-lr"]))
     monkeypatch.setattr(train.data, "normalizer", lambda *args, **kwargs: lambda images: images.float() * math.inf)
     with pytest.raises(train.UserError, match="finite from the start"):

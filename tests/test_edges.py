@@ -4,8 +4,10 @@ that were lost, commands a user naturally types, and messages that did not say w
 import csv
 import json
 import os
+import struct
 import sys
 from argparse import Namespace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,12 +103,27 @@ def other_depths(folder):
     on_white[0, 0] = data.TRANSPARENT_BACKGROUND
     Image.fromarray(gray).save(folder / "signed8.tif", tiffinfo={339: 2})  # SampleFormat: signed; Pillow says L
     sixteen.save(folder / "min_is_white16.tif", tiffinfo={262: 0})  # PhotometricInterpretation: 0 is white
+    twelve_bits(folder / "twelve_bits.tif", gray)
     return [
+        (folder / "twelve_bits.tif", np.repeat(gray[..., None], 3, axis=2)),
         (folder / "ten_bits.pgm", np.repeat(gray[..., None], 3, axis=2)),
         (folder / "transparent16.png", on_white),
         (folder / "signed8.tif", None),
         (folder / "min_is_white16.tif", np.repeat(255 - gray[..., None], 3, axis=2)),
     ]
+
+
+def twelve_bits(path, gray):
+    """An 8x8 12-bit grayscale TIFF, as scanners write them: Pillow opens it as I;16 of 0..4095."""
+    values = (gray.astype(np.uint32) * 4095 // 255).flatten().tolist()
+    pixels = bytes(b for a, c in zip(values[::2], values[1::2]) for b in (a >> 4, (a & 15) << 4 | c >> 8, c & 255))
+    # (tag, type: 3 short, 4 long, value): width, height, bits, no compression, black is 0, where the
+    # pixels start (after the 8-byte header, this 9-entry directory and its 4-byte end), 1 sample, 8 rows, size
+    tags = [(256, 4, 8), (257, 4, 8), (258, 3, 12), (259, 3, 1), (262, 3, 1), (273, 4, 122), (277, 3, 1),
+            (278, 4, 8), (279, 4, len(pixels))]  # fmt: skip
+    entries = b"".join(struct.pack("<HHI" + ("I" if kind == 4 else "HH"), tag, kind, 1, value, *[0] * (kind == 3))
+                       for tag, kind, value in tags)  # fmt: skip
+    path.write_bytes(b"II*\0" + struct.pack("<IH", 8, len(tags)) + entries + b"\0" * 4 + pixels)
 
 
 def test_every_mode_is_read_right_or_skipped(tmp_path):
@@ -351,3 +368,33 @@ def test_predict_skips_its_own_sheets_and_keeps_a_photo_bearing_a_plots_name(tra
 
 def png_source_is_none(path):
     return evaluate.png_source(path) is None
+
+
+def test_a_warmup_longer_than_the_run_is_refused(capsys):
+    assert train.parse_args(["--epochs", "1"]).warmup_epochs == 1  # a run of warmup alone: its lr reaches the peak
+    with pytest.raises(SystemExit):
+        train.parse_args(["--epochs", "2", "--warmup-epochs", "2.5"])
+    assert "--warmup-epochs 2.5 is longer than the run's 2 epochs: the lr would never reach" in capsys.readouterr().err
+    args = Namespace(arch=model.ARCH, epochs=2, freeze_epochs=0, warmup_epochs=3)  # resumed: it was planned longer
+    with pytest.raises(train.UserError, match="--warmup-epochs 3, and --epochs 2 would end it before its lr reaches"):
+        train.check_resumable(Path("run"), args, {"history": [{}]}, None)
+
+
+def test_huge_class_weights_are_scaled_not_overflowed():
+    weights = train.class_weights("1e308,1e308,5e307", torch.tensor([0, 1, 2]), ["a", "b", "c"])
+    assert torch.allclose(weights, torch.tensor([1.2, 1.2, 0.6]))
+
+
+def test_a_new_run_keeps_a_state_folder_and_plots_of_yours(tmp_path, capsys):
+    root, out = two_classes(tmp_path / "d"), tmp_path / "project"
+    (out / "state").mkdir(parents=True)
+    (out / "state" / "notes.txt").write_text("mine")
+    Image.new("RGB", (8, 8)).save(out / "holiday_predictions.png")  # a name of evaluate.py's plots
+    assert f"{out / 'state'} is not a state train.py saved" in refused(short_run(root, out))
+    (out / "state").rename(out / "kept")
+    train.main(short_run(root, out))
+    assert (out / "kept" / "notes.txt").read_text() == "mine" and (out / "holiday_predictions.png").exists()
+    evaluate.main([str(out / "best.safetensors"), "--split", "val"])
+    train.main(short_run(root, out, "--overwrite"))
+    assert "removed best_val_calibration.png, best_val_confusion.png" in capsys.readouterr().out
+    assert not (out / "curves.png").exists() and (out / "holiday_predictions.png").exists()

@@ -315,9 +315,12 @@ def test_an_unusable_history_is_reported_and_the_evaluation_still_runs(text, rea
     assert files_under(checkpoint.parent) == expected  # no curves.png
 
 
-def test_batch_size_below_one_is_refused_at_parse_time(tmp_path):
-    result = run_script(sys.executable, "evaluate.py", str(tmp_path / "best.safetensors"), "--batch-size", "0")
-    assert_refused(result, "--batch-size", "at least 1", usage=True)
+def test_batch_size_below_one_is_refused_at_parse_time(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:  # in-process: the same main() a command runs
+        evaluate.main([str(tmp_path / "best.safetensors"), "--batch-size", "0"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert stopped.value.code == 2 and len(lines) == 1 and "error: argument --batch-size: " in lines[0]
+    assert "at least 1" in lines[0] and not (tmp_path / "best.safetensors").exists()
 
 
 @pytest.mark.parametrize(
@@ -366,13 +369,16 @@ def test_unwritable_outputs_are_refused_before_any_work(case, tmp_path, capsys):
     assert capsys.readouterr().out == "" and files_under(tmp_path) == before
 
 
-def test_the_script_refuses_an_unwritable_output_in_one_line(tmp_path):
+def test_the_script_refuses_an_unwritable_output_in_one_line(tmp_path, capsys):
     checkpoint, data_dir = small_run(tmp_path / "input", ["cat", "dog"])
     flags, words = unwritable_outputs(tmp_path)["plot dir is a file"]
     before = files_under(tmp_path)
-    result = run_script(sys.executable, "evaluate.py", str(checkpoint), "--data-dir", str(data_dir), *map(str, flags))
-    assert_refused(result, *words)
-    assert result.stdout == "" and files_under(tmp_path) == before
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:  # in-process: the same main() a command runs
+        evaluate.main([str(checkpoint), "--data-dir", str(data_dir), *map(str, flags)])
+    error = str(stopped.value.code)
+    assert error.startswith("error: ") and "\n" not in error and all(word in error for word in words), error
+    assert capsys.readouterr().out == "" and files_under(tmp_path) == before
 
 
 def test_missing_output_folders_are_created(tmp_path, capsys):

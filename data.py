@@ -1339,7 +1339,8 @@ def quiet_when_closed():
     """The scripts' console inside main(): see QuietConsole. Once silenced, a stream's descriptor stays
     on /dev/null, so the interpreter's last flush at exit finds no closed pipe either."""
     console = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = QuietConsole(sys.stdout), QuietConsole(sys.stderr)
+    # a stream closed from the start (`2>&-`) is None, and /dev/null here
+    sys.stdout, sys.stderr = (QuietConsole(stream or open(os.devnull, "w")) for stream in console)
     try:
         yield
     finally:

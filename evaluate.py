@@ -397,32 +397,31 @@ def write_plots(args, results, confusion, classes, history, shown, explain=None)
     each other; the curves come from the run's history, the same for best and last."""
     folder = plot_folder(args)
     prefix = f"{Path(args.checkpoint).stem}_{args.split}{'_tta' if args.tta else ''}"
-    title = describe(results)
+    title, names = printable(describe(results)), [printable(name) for name in classes]  # as drawn
+    per_class = dict(zip(names, results["per_class"].values()))
     figures = {
-        f"{prefix}_confusion.png": lambda: plot_confusion(confusion, classes, title),
-        f"{prefix}_per_class.png": lambda: plot_per_class(results["per_class"], classes, title),
+        f"{prefix}_confusion.png": lambda: plot_confusion(confusion, names, title),
+        f"{prefix}_per_class.png": lambda: plot_per_class(per_class, names, title),
         f"{prefix}_calibration.png": lambda: plot_calibration(results["calibration"], title),
     }
     if results["top_confusions"]:
         images, labels, probabilities = shown
         rows = mistake_rows(labels, probabilities, results["top_confusions"], classes)
-        figures[f"{prefix}_mistakes.png"] = lambda: plot_mistakes(images, probabilities, rows, classes, title)
+        figures[f"{prefix}_mistakes.png"] = lambda: plot_mistakes(images, probabilities, rows, names, title)
         if explain:  # (model, metadata, device): the maps of the same images, for the predicted and true class
             chosen = torch.tensor([i for _, _, wrong in rows for i in wrong])
             targets = torch.stack([probabilities[chosen].argmax(1), labels[chosen]])
             seen, maps = explained(*explain, images[chosen], targets)
-            figures[f"{prefix}_explained.png"] = lambda: plot_explained(seen, maps, probabilities, rows, classes, title)
+            figures[f"{prefix}_explained.png"] = lambda: plot_explained(seen, maps, probabilities, rows, names, title)
     elif explain:
         print("\n--explain: no mistakes on this split, so no heat maps to draw")
     data_dir = Path(args.data_dir).resolve()
-    shows = (
-        f"evaluate.py {Path(args.checkpoint).resolve()} --data-dir {data_dir} --split {args.split}{' --tta' * args.tta}"
-    )
-    shown = dict.fromkeys(figures, shows)
+    shows = f"evaluate.py {Path(args.checkpoint).resolve()} --data-dir {data_dir} --split {args.split}"
+    shown = dict.fromkeys(figures, printable(shows + " --tta" * args.tta))
     if history:
         source = Path(args.checkpoint).with_name("history.json")
-        figures["curves.png"] = lambda: plot_curves(history, f"training curves: {source}")
-        shown["curves.png"] = f"evaluate.py curves of {source.resolve()}"
+        figures["curves.png"] = lambda: plot_curves(history, printable(f"training curves: {source}"))
+        shown["curves.png"] = printable(f"evaluate.py curves of {source.resolve()}")
     save_figures(folder, figures, shown)
     why = "pass --explain to draw it for this one" if results["top_confusions"] else "this one has no mistakes"
     remove_stale(folder, [f"{prefix}_mistakes.png", f"{prefix}_explained.png"], figures, why)
@@ -624,8 +623,8 @@ def plot_sheet(images, names, probabilities, classes, title, maps=None):
 
 
 def printable(text):
-    """text, a file name of other bytes than UTF-8 (an old zip's) shown with those bytes escaped: fonts
-    and PNG text cannot hold Python's stand-ins for them."""
+    """text, with the bytes of a file or folder name of other bytes than UTF-8 (an old zip's) escaped:
+    fonts and PNG text cannot hold Python's stand-ins for them."""
     return text.encode(errors="surrogateescape").decode(errors="backslashreplace")
 
 
@@ -791,16 +790,17 @@ def write_sheets(args, files, images, probabilities, classes, maps=None):
     for n, start in enumerate(starts, 1):
         name = f"{Path(args.checkpoint).stem}_predictions{f'_{n}' if len(starts) > 1 else ''}.png"
         part = slice(start, start + per_sheet)
-        title = f"predictions of {args.checkpoint} (sheet {n} of {len(starts)})"
+        title = printable(f"predictions of {args.checkpoint} (sheet {n} of {len(starts)})")
         names = [printable(path.name) for path in files[part]]
         heat = None if maps is None else maps[part]
-        figures[name] = functools.partial(plot_sheet, images[part], names, probabilities[part], classes, title, heat)
+        drawn = [printable(name) for name in classes]
+        figures[name] = functools.partial(plot_sheet, images[part], names, probabilities[part], drawn, title, heat)
     inputs = " ".join(str(Path(path).resolve()) for path in args.predict)
     shows = printable(f"evaluate.py {Path(args.checkpoint).resolve()} --predict {inputs}")
     folder = plot_folder(args)
     save_figures(folder, figures, dict.fromkeys(figures, shows))
     earlier = [path.name for path in folder.glob(f"{Path(args.checkpoint).stem}_predictions*.png")]
-    remove_stale(folder, earlier, figures, "sheets of an earlier, longer --predict")
+    remove_stale(folder, earlier, figures, "sheets of an earlier --predict")
 
 
 # ---------------------------------------------------------------------------------- where the model looked

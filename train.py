@@ -1028,7 +1028,7 @@ EVALUATION_PLOTS = ("curves.png", "*_confusion.png", "*_per_class.png", "*_mista
 # is), state the last one, state-old the one before, during the swap. See save_state.
 STATE_DIRS = ("state-tmp", "state", "state-old")
 # what a state folder holds: accelerate's files (see accelerate.utils.constants), our progress.json, and
-# write_atomically's temporaries. A folder of these names holding anything else is not ours to remove.
+# write_atomically's temporaries. A file or folder of a run's names that is not the run's is not ours to remove.
 STATE_FILES = re.compile(
     r"(progress\.json|(pytorch_)?model(_\d+)?\.(safetensors|bin)|(optimizer|scheduler|sampler|dl_state_dict)(_\d+)?"
     r"\.bin|(random_states|custom_checkpoint)_\d+\.pkl|scaler\.pt)(\.tmp-\d+)?"
@@ -1043,9 +1043,9 @@ def latest_state(out):
 def check_output_dir(out, resume, overwrite):
     """Refuse, before any work: a file in the way, nothing to resume, or a run not to be touched."""
     check_folder_can_be_made(out, "--output-dir", out)
-    foreign = [name for name in STATE_DIRS if (out / name).exists() and not is_state(out / name)]
+    foreign = [name for name in (*RUN_FILES, *STATE_DIRS) if (out / name).exists() and not of_a_run(out / name)]
     if foreign:
-        raise UserError(f"{out / foreign[0]} is not a state train.py saved, and a run would replace it; move it, or "
+        raise UserError(f"{out / foreign[0]} was not written by train.py, and a run would replace it; move it, or "
                         f"pass another --output-dir")  # fmt: skip
     if resume and not latest_state(out):
         raise UserError(f"nothing to resume in {out}; start a new run without --resume")
@@ -1057,8 +1057,19 @@ def check_output_dir(out, resume, overwrite):
         )
 
 
-def is_state(path):
-    return path.is_dir() and all(STATE_FILES.fullmatch(file.name) for file in path.iterdir())
+def of_a_run(path):
+    """Whether a file or folder of a run's names (RUN_FILES, STATE_DIRS) is what train.py writes there."""
+    try:
+        if path.name == TRACKER_PROJECT:  # TensorBoard's event files
+            return path.is_dir() and all(f.name.startswith("events.out.") for f in path.rglob("*") if f.is_file())
+        if path.name == "history.json":
+            return all({"epoch", "val_loss"} <= set(record) for record in json.loads(path.read_text()))
+        if path.suffix == ".safetensors":
+            with safe_open(path, framework="pt") as file:
+                return "classes" in (file.metadata() or {})
+        return path.is_dir() and all(STATE_FILES.fullmatch(file.name) for file in path.iterdir())
+    except (OSError, ValueError, TypeError, SafetensorError):
+        return False
 
 
 def new_run_dir():

@@ -326,11 +326,14 @@ def test_a_file_name_of_other_bytes_trains_and_is_predicted(tmp_path, capsys):
     root = two_classes(tmp_path / "d")
     odd = os.fsdecode(bytes(root / "train" / "ant") + b"/caf\xe9.png")  # Latin-1, as an old zip's
     Image.new("RGB", (32, 32), (200, 30, 30)).save(odd)
+    os.rename(root / "train" / "bee", os.fsdecode(bytes(root / "train") + b"/b\xe9e"))  # a class folder too
     train.main(short_run(root, tmp_path / "run"))
     table, sheets = tmp_path / "p.csv", tmp_path / "sheets"
     predict = ["--predict", str(root / "train" / "ant"), "--csv", str(table), "--plot-dir", str(sheets)]
     evaluate.main([str(tmp_path / "run" / "best.safetensors"), *predict])
     assert b"caf\xe9.png" in table.read_bytes() and (sheets / "best_predictions.png").is_file()
+    evaluate.main([str(tmp_path / "run" / "best.safetensors"), "--split", "val", "--plot-dir", str(sheets)])
+    assert (sheets / "best_val_confusion.png").is_file()  # the class's name drawn escaped, not a traceback
 
 
 def test_a_json_or_csv_of_yours_is_kept_unless_overwrite(trained_run, tmp_path, capsys):
@@ -390,7 +393,7 @@ def test_a_new_run_keeps_a_state_folder_and_plots_of_yours(tmp_path, capsys):
     (out / "state").mkdir(parents=True)
     (out / "state" / "notes.txt").write_text("mine")
     Image.new("RGB", (8, 8)).save(out / "holiday_predictions.png")  # a name of evaluate.py's plots
-    assert f"{out / 'state'} is not a state train.py saved" in refused(short_run(root, out))
+    assert f"{out / 'state'} was not written by train.py, and a run would replace it" in refused(short_run(root, out))
     (out / "state").rename(out / "kept")
     train.main(short_run(root, out))
     assert (out / "kept" / "notes.txt").read_text() == "mine" and (out / "holiday_predictions.png").exists()
@@ -398,3 +401,27 @@ def test_a_new_run_keeps_a_state_folder_and_plots_of_yours(tmp_path, capsys):
     train.main(short_run(root, out, "--overwrite"))
     assert "removed best_val_calibration.png, best_val_confusion.png" in capsys.readouterr().out
     assert not (out / "curves.png").exists() and (out / "holiday_predictions.png").exists()
+
+
+def test_files_of_yours_with_a_runs_names_are_never_replaced(tmp_path):
+    root, out = two_classes(tmp_path / "d"), tmp_path / "project"
+    (out / "resnet18-cifar10").mkdir(parents=True)  # the code itself, cloned into the run's folder
+    (out / "resnet18-cifar10" / "train.py").write_text("")
+    (out / "history.json").write_text('{"mine": 1}')
+    for extra in ([], ["--overwrite"]):
+        message = refused(short_run(root, out, *extra))
+        assert f"{out / 'history.json'} was not written by train.py, and a run would replace it" in message
+    (out / "history.json").unlink()
+    assert f"{out / 'resnet18-cifar10'} was not written by train.py" in refused(short_run(root, out, "--overwrite"))
+    assert (out / "resnet18-cifar10" / "train.py").exists()
+
+
+def test_a_console_closed_from_the_start_loses_no_file(trained_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "stderr", None)  # `2>&-`: Python starts without a stderr
+    monkeypatch.setattr(sys, "stdout", None)
+    train.main(short_run(two_classes(tmp_path / "d"), tmp_path / "run"))
+    assert (tmp_path / "run" / "best.safetensors").is_file() and (tmp_path / "run" / "history.json").is_file()
+    table = tmp_path / "p.csv"
+    evaluate.main([str(trained_run / "best.safetensors"), "--predict", str(tmp_path / "d"), "--csv", str(table),
+                   "--plot-dir", str(tmp_path / "sheets")])  # fmt: skip
+    assert table.read_text().startswith("path,class") and (tmp_path / "sheets" / "best_predictions.png").is_file()

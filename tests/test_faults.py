@@ -212,10 +212,8 @@ def test_an_empty_state_tmp_left_by_a_crash_before_the_first_save_does_not_block
 def test_output_dir_problems_are_one_line_errors(image_folder, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("mine")
-    result = run_script(sys.executable, "train.py", *quick_args(image_folder, blocker))  # as the user meets it
-    assert result.returncode == 1 and one_error_line(result.stderr), result.stderr
-    assert "is a file, not a folder; pass another --output-dir" in result.stderr
-    for out, message in ((blocker / "run", "a-file is a file"), ("/proc/run", "cannot write to")):
+    cases = ((blocker, "is a file, not a folder; pass another --output-dir"), (blocker / "run", "a-file is a file"))
+    for out, message in (*cases, ("/proc/run", "cannot write to")):
         with pytest.raises(SystemExit, match=f"^error: .*{message}"):
             train.main(quick_args(image_folder, out))
     assert blocker.read_text() == "mine"

@@ -881,6 +881,10 @@ def read_image(path, side):
         with Image.open(path) as image:
             image.draft("RGB", (side, side))  # JPEG: decode at a reduced scale when still large enough
             image = to_rgb(ImageOps.exif_transpose(true_values(image)))  # upright, as phones mark their photos
+            short = min(image.size)
+            if max(image.size) > 4 * short:  # a thin strip (1x30000): its centre square first, or the resize
+                left, top = (image.width - short) // 2, (image.height - short) // 2  # below would take gigabytes
+                image = image.crop((left, top, left + short, top + short))
             if image.size != (side, side):
                 scale = side / min(image.size)
                 width, height = max(side, round(image.width * scale)), max(side, round(image.height * scale))

@@ -20,6 +20,7 @@ import itertools
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -799,7 +800,8 @@ def write_sheets(args, files, images, probabilities, classes, maps=None):
     shows = printable(f"evaluate.py {Path(args.checkpoint).resolve()} --predict {inputs}")
     folder = plot_folder(args)
     save_figures(folder, figures, dict.fromkeys(figures, shows))
-    earlier = [path.name for path in folder.glob(f"{Path(args.checkpoint).stem}_predictions*.png")]
+    sheet = re.compile(rf"{re.escape(Path(args.checkpoint).stem)}_predictions(_\d+)?\.png")  # ours, not renamed
+    earlier = [path.name for path in folder.glob("*.png") if sheet.fullmatch(path.name)]
     remove_stale(folder, earlier, figures, "sheets of an earlier --predict")
 
 

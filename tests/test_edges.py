@@ -4,6 +4,7 @@ that were lost, commands a user naturally types, and messages that did not say w
 import csv
 import json
 import os
+import shutil
 import struct
 import sys
 from argparse import Namespace
@@ -401,6 +402,11 @@ def test_a_new_run_keeps_a_state_folder_and_plots_of_yours(tmp_path, capsys):
     train.main(short_run(root, out, "--overwrite"))
     assert "removed best_val_calibration.png, best_val_confusion.png" in capsys.readouterr().out
     assert not (out / "curves.png").exists() and (out / "holiday_predictions.png").exists()
+    evaluate.main([str(out / "best.safetensors"), "--split", "val"])
+    (tmp_path / "other").mkdir()  # a plot of this run, copied beside another to compare: it stays
+    shutil.copy(out / "best_val_confusion.png", tmp_path / "other" / "first_val_confusion.png")
+    train.main(short_run(root, tmp_path / "other"))
+    assert (tmp_path / "other" / "first_val_confusion.png").exists()
 
 
 def test_files_of_yours_with_a_runs_names_are_never_replaced(tmp_path):
@@ -425,3 +431,13 @@ def test_a_console_closed_from_the_start_loses_no_file(trained_run, tmp_path, mo
     evaluate.main([str(trained_run / "best.safetensors"), "--predict", str(tmp_path / "d"), "--csv", str(table),
                    "--plot-dir", str(tmp_path / "sheets")])  # fmt: skip
     assert table.read_text().startswith("path,class") and (tmp_path / "sheets" / "best_predictions.png").is_file()
+
+
+def test_a_thin_strip_is_read_without_a_resize_of_gigabytes(tmp_path, monkeypatch):
+    Image.new("RGB", (1, 30000), (200, 40, 40)).save(tmp_path / "strip.png")  # 1x30000: 5.9 GB resized whole
+    sizes, resize = [], Image.Image.resize
+    monkeypatch.setattr(
+        Image.Image, "resize", lambda image, size, *a, **k: sizes.append(size) or resize(image, size, *a, **k)
+    )
+    pixels = data.read_image(tmp_path / "strip.png", 256)
+    assert pixels.shape == (256, 256, 3) and (pixels == (200, 40, 40)).all() and max(map(max, sizes)) <= 4 * 256

@@ -326,7 +326,10 @@ def test_help_shows_every_flag_with_its_default(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for shown in ("(default 30; seed recipe 50)", "peak; 0.2 with --weights none; photos: x32/128 (default 0.05;"):
+    for shown in (
+        "(default 30, seed 50, cpu 22)",
+        "peak; 0.2 with --weights none (but seed); photos: x32/128 (default",
+    ):
         assert shown in text
     assert "--mixed_precision bf16 train.py" in text  # the launcher's flags go before the script
     import evaluate

@@ -496,11 +496,12 @@ def test_plots_of_another_test_folder_and_stale_contact_sheets_are_said(trained_
     assert "replaced 4 plot(s)" in capsys.readouterr().out
     evaluate.main([checkpoint, "--predict", str(image_folder / "test"), "--plot-dir", plots])  # 50 images: 2 sheets
     Image.new("RGB", (8, 8)).save(tmp_path / "plots" / "best_predictions_mine.png")  # the user's: it stays
+    shutil.copy(tmp_path / "plots" / "best_predictions_1.png", tmp_path / "plots" / "best_predictions_kept.png")
     evaluate.main([checkpoint, "--predict", str(image_folder / "test" / "cat"), "--plot-dir", plots])  # 5: one
     out = capsys.readouterr().out
     assert "removed best_predictions_1.png, best_predictions_2.png, drawn by an earlier evaluation: sheets of" in out
     kept = sorted(p.name for p in (tmp_path / "plots").glob("best_predictions*"))
-    assert kept == ["best_predictions.png", "best_predictions_mine.png"]
+    assert kept == ["best_predictions.png", "best_predictions_kept.png", "best_predictions_mine.png"]
 
 
 def test_a_group_takes_the_classes_the_data_has():

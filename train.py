@@ -7,7 +7,7 @@
     accelerate launch train.py --compile --log-with tensorboard
 
 The same script runs on CPU, one GPU or several: accelerate picks the device and the processes.
-On a CPU the default (cifar stem) takes hours; --stem imagenet --input-size 32 is about 10x faster.
+On a CPU the default (cifar stem) takes hours; --recipe cpu (torchvision's stem at 32x32) is about 10x faster.
 Each epoch writes last.safetensors, best.safetensors (lowest validation loss), history.json and
 a resumable state/ to --output-dir.
 """
@@ -1325,7 +1325,7 @@ def time_estimate(epoch_seconds, epoch, args, accelerator):
         f"estimate: {epoch_seconds / 60:.1f} min an epoch, {total / 3600:.1f} h for the {args.epochs - epoch + 1} left"
     )
     if accelerator.device.type == "cpu" and total > 3600 and args.stem == "cifar":
-        line += "; on a CPU, --stem imagenet --input-size 32 is about 10x faster (bench/speed.md)"
+        line += "; on a CPU, --recipe cpu is about 10x faster (bench/accuracy.md)"
     return line
 
 
@@ -1429,7 +1429,8 @@ def make_accelerator(args):
 
 
 # --recipe cpu takes bf16 autocast on CPUs with these instructions (/proc/cpuinfo's names for AVX512-BF16 and
-# AMX): 1.4x faster than float32 here at the same accuracy. Without them bf16 ran many times slower.
+# AMX); without them bf16 ran 0.12-0.45x float32. With them it paid 1.4x at 48x48 (issue #29), but 0.87-1.01x
+# at 32x32 on an AMX Xeon (bench/speed.md): the rule is still being measured.
 BF16_INSTRUCTIONS = {"avx512_bf16", "amx_bf16"}
 
 

@@ -343,8 +343,8 @@ def test_help_shows_every_flag_with_its_default(capsys):
 def test_the_time_estimate_warns_about_the_cifar_stem_on_a_cpu():
     cpu = SimpleNamespace(device=torch.device("cpu"))
     slow = train.time_estimate(660, 1, SimpleNamespace(epochs=30, stem="cifar"), cpu)
-    assert slow.startswith("estimate: 11.0 min an epoch, 5.5 h for the 30 left") and "--stem imagenet" in slow
-    assert "--stem imagenet" not in train.time_estimate(60, 1, SimpleNamespace(epochs=30, stem="imagenet"), cpu)
+    assert slow.startswith("estimate: 11.0 min an epoch, 5.5 h for the 30 left") and "--recipe cpu" in slow
+    assert "--recipe cpu" not in train.time_estimate(60, 1, SimpleNamespace(epochs=30, stem="imagenet"), cpu)
 
 
 def running(pid):

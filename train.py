@@ -119,6 +119,7 @@ def train(args):
     args, out, progress = open_run(args, accelerator)
     if args is None:  # a resumed run with nothing left to train
         return
+    args.mixed_precision = accelerator.mixed_precision  # recorded: a resumed --recipe cpu run keeps it
     run = prepare_training(args, progress, accelerator)  # the data, network, optimizer, schedule and loss
     start_run(run, args, out, progress, accelerator)
     stop = StopRequest(accelerator)
@@ -1437,11 +1438,13 @@ BF16_INSTRUCTIONS = {"avx512_bf16", "amx_bf16"}
 def cpu_precision(args):
     """--recipe cpu on a CPU: ("bf16", why) where the CPU has BF16_INSTRUCTIONS, else ("no", why). (None,
     None), accelerate's choice as launched, for another recipe, on a GPU, or where the user chose one."""
-    recipe, state = args.recipe, args.resume and args.output_dir and latest_state(Path(args.output_dir))
-    if state:  # a resumed run: its own recipe
-        recipe = json.loads((state / "progress.json").read_text())["config"].get("recipe")
-    if recipe != "cpu" or torch.accelerator.is_available() or precision_chosen():
+    config, state = vars(args), args.resume and args.output_dir and latest_state(Path(args.output_dir))
+    if state:  # a resumed run: its own recipe, and the precision it ran in (the printed resume command names neither)
+        config = json.loads((state / "progress.json").read_text())["config"]
+    if config.get("recipe") != "cpu" or torch.accelerator.is_available() or precision_chosen():
         return None, None
+    if state and config.get("mixed_precision"):
+        return config["mixed_precision"], f"{config['mixed_precision']}, the run's own (--mixed_precision to change it)"
     found = sorted(BF16_INSTRUCTIONS & cpu_flags())
     if found:
         return "bf16", f"bf16 autocast: --recipe cpu on a CPU with {', '.join(found)} (float32: --mixed_precision no)"

@@ -56,3 +56,14 @@ def test_the_cpu_recipe_keeps_32x32_and_the_from_scratch_lr():
     args = train.parse_args(["--recipe", "cpu", "--weights", "none"])
     train.data_settings(args, 32)
     assert (args.stem, args.input_size, args.lr, args.epochs) == ("imagenet", 32, train.SCRATCH_LR, 22)
+
+
+def test_a_resumed_cpu_run_keeps_the_precision_it_ran_in(a_cpu, monkeypatch, tmp_path):
+    monkeypatch.setattr(train, "cpu_flags", lambda: {"amx_bf16"})
+    state = tmp_path / "run" / "state"
+    state.mkdir(parents=True)
+    config = {"recipe": "cpu", "mixed_precision": "no"}  # launched with --mixed_precision no
+    (state / "progress.json").write_text(train.json.dumps({"config": config, "history": []}))
+    args = train.parse_args(["--output-dir", str(tmp_path / "run"), "--resume"])  # the printed resume command
+    precision, why = train.cpu_precision(args)
+    assert precision == "no" and "the run's own" in why

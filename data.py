@@ -581,7 +581,7 @@ def list_folder(folder):
     are not classes."""
     if not folder.is_dir():
         raise UserError(f"{folder} does not exist; expected {folder}/<class>/ folders of images")
-    classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir() and entry.name[0] != ".")
+    classes = class_folders(folder)
     if not classes:
         raise UserError(f"no class folders in {folder}; expected {folder}/<class>/ folders of images")
     real = {name: os.path.realpath(folder / name) for name in classes}
@@ -599,6 +599,11 @@ def list_folder(folder):
         labels += [label] * len(found)
     seen.report(folder)
     return paths, torch.tensor(labels), classes
+
+
+def class_folders(folder):
+    """The sorted names of folder's subfolders, its classes; hidden ones (.ipynb_checkpoints) are none."""
+    return sorted(entry.name for entry in os.scandir(folder) if entry.is_dir() and entry.name[0] != ".")
 
 
 def file_identity(path):
@@ -661,7 +666,7 @@ def find_images(folder, seen):
 
 def one_class_error(folder, name):
     """A folder with one class would train a model that is always right: say what was probably meant."""
-    inner = sorted(entry.name for entry in os.scandir(folder / name) if entry.is_dir() and entry.name[0] != ".")
+    inner = class_folders(folder / name)
     if len(inner) > 1:
         shown = ", ".join(inner[:3]) + (", ..." if len(inner) > 3 else "")
         return UserError(
@@ -911,17 +916,22 @@ def true_values(image):
         codec, _, _, raw = image.tile[0]
         raw = raw[0] if isinstance(raw, tuple) else raw
         if codec in ("ppm", "ppm_plain") or re.fullmatch(r"I;16[BLN]?", str(raw)):
-            info, image = image.info, Image.fromarray(np.asarray(image).astype(np.uint16))
-            image.info = info  # a PNG's transparent value, for to_rgb
+            image = remade(image, np.asarray(image).astype(np.uint16))
     bits = tags.get(258, 16)  # BitsPerSample, one per channel
     top = 2 ** min(16, bits[0] if isinstance(bits, tuple) else bits) - 1
     minimum_is_white = tags.get(262) == 0  # PhotometricInterpretation 0
     if image.mode.startswith("I;16") and (top < 65535 or minimum_is_white):
         pixels = np.minimum(np.asarray(image).astype(np.uint32), top)
         pixels = top - pixels if minimum_is_white else pixels
-        info, image = image.info, Image.fromarray((pixels * 65535 // top).astype(np.uint16))
-        image.info = info
+        image = remade(image, (pixels * 65535 // top).astype(np.uint16))
     return image
+
+
+def remade(image, pixels):
+    """pixels as an image that keeps image's info: a PNG's transparent value, for to_rgb."""
+    made = Image.fromarray(pixels)
+    made.info = image.info
+    return made
 
 
 def to_rgb(image):

@@ -787,14 +787,13 @@ def write_sheets(args, files, images, probabilities, classes, maps=None):
     """--predict's contact sheets, SHEET_COLUMNS x SHEET_ROWS images each."""
     per_sheet = SHEET_COLUMNS * SHEET_ROWS
     starts = range(0, len(files), per_sheet)
-    figures = {}
+    figures, drawn = {}, [printable(name) for name in classes]
     for n, start in enumerate(starts, 1):
         name = f"{Path(args.checkpoint).stem}_predictions{f'_{n}' if len(starts) > 1 else ''}.png"
         part = slice(start, start + per_sheet)
         title = printable(f"predictions of {args.checkpoint} (sheet {n} of {len(starts)})")
         names = [printable(path.name) for path in files[part]]
         heat = None if maps is None else maps[part]
-        drawn = [printable(name) for name in classes]
         figures[name] = functools.partial(plot_sheet, images[part], names, probabilities[part], drawn, title, heat)
     inputs = " ".join(str(Path(path).resolve()) for path in args.predict)
     shows = printable(f"evaluate.py {Path(args.checkpoint).resolve()} --predict {inputs}")

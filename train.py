@@ -894,7 +894,7 @@ def final_summary(out, args, history, classes):
     best = best_record(history)
     folder = Path(args.data_dir)
     test = folder / "test"  # evaluated by default when it holds the run's classes, else the run's own split
-    tested = test.is_dir() and sorted(p.name for p in test.iterdir() if p.is_dir() and p.name[0] != ".") == classes
+    tested = test.is_dir() and data.class_folders(test) == classes
     split = " --split val" if (folder / "train").is_dir() and not tested else ""
     lines = [f"best: epoch {best['epoch']}, val loss {best['val_loss']:.4f}, val acc {best['val_acc']:.2%}"]
     checkpoint = out / "best.safetensors"

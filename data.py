@@ -283,6 +283,8 @@ def list_images(data_dir, split):
     if (root / "train").is_dir() or (split != "train" and (root / split).is_dir()):  # test/ alone: held out
         return list_folder(root / split)
     if any(child.is_dir() and child.name != "cifar-10-batches-py" for child in root.glob("*")):
+        if root.name in ("train", "test", *VAL_FOLDERS):
+            raise UserError(f"--data-dir {root} is a split's folder; pass the folder that holds it, {root.parent}")
         raise UserError(
             f"--data-dir {root} has folders but no {split}/ folder; for your own images pass the folder that "
             f"holds {split}/<class>/ (not {split}/ itself), for CIFAR-10 a folder of its own"
@@ -1016,6 +1018,12 @@ def open_or_build_cache(paths, side, folder, cache_dir):
     path, from folder's cache in cache_dir, which is built first when missing or broken. A complete
     cache is only ever read, so it needs no lock, and a read-only one serves; one process builds a
     missing one while the others wait for its lock, then read it."""
+    split_folders = [Path(folder).parent / name for name in ("train", "test", *VAL_FOLDERS)]
+    inside = [split for split in split_folders if Path(cache_dir).resolve().is_relative_to(split.resolve())]
+    if inside:  # it would be read as one of the split's classes
+        raise UserError(
+            f"--cache-dir {cache_dir} is inside {inside[0]}, where each folder is read as a class; pass one outside it"
+        )
     where = cache_folder(paths, side, folder, cache_dir)
     found = try_cache(where, len(paths), side, folder)
     if found:

@@ -239,6 +239,26 @@ def test_a_held_out_folder_of_test_classes_alone_evaluates(trained_run, image_fo
     assert ": 50 images" in capsys.readouterr().out
 
 
+def test_a_validation_folder_alone_evaluates_with_split_val(trained_run, image_folder, tmp_path, capsys):
+    held_out = tmp_path / "held-out"
+    held_out.mkdir()
+    (held_out / "valid").symlink_to(image_folder / "test")
+    evaluate.main([str(trained_run / "best.safetensors"), "--data-dir", str(held_out), "--split", "val", "--no-plots"])
+    assert ": 50 images" in capsys.readouterr().out
+
+
+def test_a_split_folder_given_as_data_dir_names_its_parent(trained_run, image_folder):
+    message = refused([trained_run / "best.safetensors", "--data-dir", image_folder / "train"], evaluate.main)
+    assert "is a split's folder" in message and f"holds it, {image_folder}" in message
+
+
+def test_a_cache_inside_the_training_folder_is_refused_before_it_is_written(tmp_path):
+    root = two_classes(tmp_path / "d")
+    message = refused(short_run(root, tmp_path / "run", "--cache-dir", root / "train" / "cache"))
+    assert "is inside" in message and "read as a class" in message
+    assert not (root / "train" / "cache").exists() and not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("paths", [["{d}", "{d}"], ["{d}", "{d}/cat"], ["{d}/cat/0000.jpg", "{d}"]])
 def test_overlapping_predict_paths_predict_each_file_once(paths, trained_run, image_folder, tmp_path):
     named = [path.format(d=image_folder / "test") for path in paths]

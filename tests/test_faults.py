@@ -383,7 +383,7 @@ def test_odd_data_dirs_and_images_are_refused_or_skipped(tmp_path, image_folder)
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(data.UserError, match="is a file; pass a folder"):
         data.load_images(tmp_path / "a-file", "train")
-    with pytest.raises(data.UserError, match="not train/ itself"):
+    with pytest.raises(data.UserError, match=f"is a split.s folder; pass the folder that holds it, {image_folder}"):
         data.load_images(image_folder / "train", "train")  # the class folders, one level too deep
     folder = tiny_folder(tmp_path / "data", 3)
     (folder / "train" / "ant" / "broken.png").symlink_to(tmp_path / "nowhere.png")

@@ -7,7 +7,8 @@
     accelerate launch train.py --compile --log-with tensorboard
 
 The same script runs on CPU, one GPU or several: accelerate picks the device and the processes.
-On a CPU the default (cifar stem) takes hours; --recipe cpu (torchvision's stem at 32x32) is about 10x faster.
+On a CPU the default (cifar stem) takes hours; --recipe cpu (torchvision's stem, 32x32 then 64x64) about 21 minutes
+on 2 cores, from scratch to 83% (bench/accuracy.md).
 Each epoch writes last.safetensors, best.safetensors (lowest validation loss), history.json and
 a resumable state/ to --output-dir.
 """
@@ -36,6 +37,7 @@ import shlex
 import shutil
 import time
 from datetime import datetime
+from fractions import Fraction
 from types import SimpleNamespace
 
 import torch
@@ -82,6 +84,10 @@ PHOTO_BATCH_SIZE = 32
 # it is 12x12 after the stem and 2x2 at the end. Measured from scratch at 8 epochs: 81.26% against
 # 78.88% at 32x32, for 2.6x the time per epoch (bench/accuracy.md).
 IMAGENET_STEM_INPUT_SIZE = 48
+# --recipe cpu: progressive resizing, 2/3 of the epochs at 32x32 (about 58 s each here) and the last third at
+# 64x64 (about 118 s). From scratch, 10 + 5 epochs reached 83.01% in 1,248 s, against the default's 80.69%
+# in 1,365 s at 48x48 for 8 epochs, and 82.07% in 1,437 s for 22 epochs at 32x32 (bench/accuracy.md)
+CPU_INPUT_SIZE = 64
 # Training's own memory, roughly, for the check before decoding: the activations a step keeps for the
 # backward pass, about 500 bytes per input pixel of the batch with torchvision's stem (a review measured
 # 16.8 GB at 1024x1024, batch 32), 16x that with the cifar stem, whose maps are 4x larger on each side.
@@ -146,6 +152,7 @@ def train(args):
                 train_acc=result[1],
                 **scores,
                 lr=run.scheduler.get_last_lr()[-1],
+                input_size=epoch_input_size(args, epoch),
                 seconds=round(seconds, 2),
             )
             improved = end_epoch(run, record, args, accelerator, (logits, labels))
@@ -316,10 +323,18 @@ def train_epoch(epoch, run, accelerator, args, stop):
 
 
 def training_mode(run, args, epoch, accelerator):
-    """The model in training mode as epoch trains it: within --freeze-epochs, only the head."""
+    """The model in training mode as epoch trains it: within --freeze-epochs, only the head; within
+    --small-epochs, fed (and validated) at the images' stored size (progressive resizing)."""
     run.model.train()
     if args.freeze_epochs:
         freeze_backbone(accelerator.unwrap_model(run.model, keep_torch_compile=False), epoch <= args.freeze_epochs)
+    size = epoch_input_size(args, epoch)
+    run.normalize = data.normalizer(args.mean, args.std, size, accelerator.device, crop=args.eval_crop)
+
+
+def epoch_input_size(args, epoch):
+    """The network's input side in this epoch: --small-epochs train at the stored size, the rest at --input-size."""
+    return args.image_size if epoch <= args.small_epochs else args.input_size
 
 
 def train_step(run, accelerator, args, images, labels, generator):
@@ -503,21 +518,24 @@ FLAGS = [
      "an augmentation policy: TrivialAugment-wide or RandAugment (%(default)s)"),
     ("--freeze-epochs", dict(type=bounded(int, 0), metavar="N", default=0),
      "train only the new head for N epochs first (0)"),
+    ("--small-epochs", dict(type=bounded(int, 0), metavar="N"), "progressive resizing: the first N epochs at the "
+     "stored size of CIFAR-sized images, not upsampled to --input-size (0; cpu recipe: 2/3 of --epochs)"),
     ("--backbone-lr-mult", dict(type=bounded(float, 0, MAX_LR, open_low=True), metavar="M", default=1.0),
      "the lr of every layer but the head, times this (%(default)s)"),
     ("--find-lr", dict(action="store_true"), "run the lr range test, write lr_find.png, and train nothing"),
     ("--log-with", dict(choices=[str(t) for t in LoggerType]), "also log to this tracker, through accelerate (none)"),
     ("--input-size", dict(type=bounded(int, 8, 1024)), f"the network's input side. CIFAR-sized images stay "
      f"{data.IMAGE_SIZE}x{data.IMAGE_SIZE} in memory and are resized per batch (default {data.IMAGE_SIZE}; "
-     f"{IMAGENET_STEM_INPUT_SIZE} with --stem imagenet, but {data.IMAGE_SIZE} in the seed recipe); photos are "
-     f"stored a little larger ({round(data.PHOTO_INPUT_SIZE * data.STORED_SCALE)} for {data.PHOTO_INPUT_SIZE}) "
-     f"and cropped to it (default {data.PHOTO_INPUT_SIZE})"),
+     f"with --stem imagenet {IMAGENET_STEM_INPUT_SIZE}, {CPU_INPUT_SIZE} in the cpu recipe, {data.IMAGE_SIZE} in "
+     f"the seed's); photos are stored a little larger ({round(data.PHOTO_INPUT_SIZE * data.STORED_SCALE)} for "
+     f"{data.PHOTO_INPUT_SIZE}) and cropped to it (default {data.PHOTO_INPUT_SIZE})"),
 ]
 # The recipes, a row a setting: (flag, argparse's settings, its value in each of RECIPE_NAMES, help). The
-# seed recipe is the write-up's, 81.92% after 50 epochs; cpu is default's, sized for a CPU: torchvision's stem
-# at 32x32 (not upsampled to 48), more epochs, bf16 where the CPU has it (cpu_precision). A flag given wins.
+# seed recipe is the write-up's, 81.92% after 50 epochs; cpu is default's, sized for a CPU: torchvision's stem,
+# 2/3 of 15 epochs at 32x32 and the rest upsampled to 64x64 (data_settings), bf16 where the CPU has it
+# (cpu_precision). A flag given wins.
 RECIPES = [
-    ("--epochs", dict(type=bounded(int, 1)), (30, 50, 22), "passes over the training split"),
+    ("--epochs", dict(type=bounded(int, 1)), (30, 50, 15), "passes over the training split"),
     ("--batch-size", dict(type=bounded(int, 2)), (128, 128, 128),
      f"per process, 2 or more for BatchNorm; {PHOTO_BATCH_SIZE} for photos"),
     # the peak, after warmup: fine-tuning, so below the from-scratch 0.1
@@ -541,6 +559,10 @@ RECIPES = [
     # not flags: the data's own (CIFAR-10's, or ImageNet's for photos: data_settings), or the seed's 0.5
     ("mean", None, (None, (0.5, 0.5, 0.5), None), None),
     ("std", None, (None, (0.5, 0.5, 0.5), None), None),
+    # not flags: with torchvision's stem, CIFAR-sized images are upsampled to this side (--input-size), after
+    # this share of the epochs at their own (--small-epochs). cpu: bench/accuracy.md, "A CPU recipe"
+    ("upsampled_side", None, (IMAGENET_STEM_INPUT_SIZE, None, CPU_INPUT_SIZE), None),
+    ("small_share", None, (0, 0, Fraction(2, 3)), None),
 ]
 # Flag combinations refused as the command line is read: (refused when, the one line that says why).
 RESUME_REFUSALS = [
@@ -555,6 +577,9 @@ REFUSALS = [
     (lambda a: a.freeze_epochs >= a.epochs,
      lambda a: f"--freeze-epochs {a.freeze_epochs} leaves none of the {a.epochs} epochs to train the whole "
                f"network; pass fewer, or more --epochs"),
+    (lambda a: (a.small_epochs or 0) >= a.epochs,
+     lambda a: f"--small-epochs {a.small_epochs} leaves none of the {a.epochs} epochs at --input-size; pass fewer, "
+               f"or more --epochs"),
     (lambda a: a.warmup_epochs > a.epochs,
      lambda a: f"--warmup-epochs {a.warmup_epochs:g} is longer than the run's {a.epochs} epochs: the lr would never "
                f"reach its peak; pass fewer, or more --epochs"),
@@ -592,8 +617,9 @@ def parse_args(argv=None):
     args.data_dir = args.data_dir or os.path.abspath(data.DEFAULT_DATA_DIR)
     args.arch = model.ARCH  # recorded with the run; the optimizer's class too (same_optimizer)
     recipe = RECIPE_VALUES[args.recipe]
+    data_dependent = ("stem", "batch_size", "lr", "upsampled_side", "small_share")  # see data_settings
     for key, value in recipe.items():
-        if getattr(args, key, None) is None and key not in ("stem", "batch_size", "lr"):  # see data_settings
+        if getattr(args, key, None) is None and key not in data_dependent:
             setattr(args, key, value)
     args.decay_start = None  # set when a resumed run's --epochs changes; see lr_factor
     data.refuse(parser, args, REFUSALS)
@@ -634,12 +660,21 @@ def data_settings(args, typical_side):
         mean, std = data.IMAGENET_MEAN, data.IMAGENET_STD
     else:
         args.stem = args.stem or recipe["stem"]
-        upsampled = args.stem == "imagenet" and args.recipe == "default"
-        args.input_size = args.input_size or (max(small, IMAGENET_STEM_INPUT_SIZE) if upsampled else small)
+        upsampled_side = recipe["upsampled_side"] if args.stem == "imagenet" else None
+        args.input_size = args.input_size or max(small, upsampled_side or small)
         args.image_size = args.eval_crop = small
         args.train_crop = "padded"
         mean, std = data.CIFAR10_MEAN, data.CIFAR10_STD
     args.mean, args.std = tuple(args.mean or mean), tuple(args.std or std)
+    grows = not photos and args.input_size > args.image_size
+    if args.small_epochs is None:  # the recipe's share, where there is a larger input to grow to
+        args.small_epochs = int(args.epochs * recipe["small_share"]) if grows else 0
+    if args.small_epochs and not grows:
+        raise UserError(
+            f"--small-epochs trains CIFAR-sized images at their stored size before they are upsampled to --input-size, "
+            f"and {'these are photos' if photos else f'--input-size is {args.input_size}'}; drop --small-epochs"
+            f"{'' if photos else ', or pass a larger --input-size'}"
+        )
     if photos:
         return f"median shorter side {typical_side} px, above {data.SMALL_SIDE}: photos"
     if small > data.IMAGE_SIZE:
@@ -647,8 +682,9 @@ def data_settings(args, typical_side):
     return f"median shorter side {typical_side} px: CIFAR-sized, kept at {data.IMAGE_SIZE}x{data.IMAGE_SIZE}"
 
 
-def describe_sizes(args):
-    """The preprocessing, in words: the log line, and the checkpoint's record of it."""
+def describe_sizes(args, size=None):
+    """The preprocessing, in words: the log line, and the checkpoint's record of it (size: the input side
+    of its epoch, when --small-epochs made it another)."""
     stored = f"shorter side resized to {args.image_size}, centre {args.image_size}x{args.image_size} kept"
     if args.train_crop == "padded":
         train = f"random crop with padding {args.crop_padding}, flip"
@@ -657,7 +693,8 @@ def describe_sizes(args):
         (low, high), (narrow, wide) = data.CROP_AREA, data.CROP_RATIO
         train = f"random-resized crop (area {low:.0%}-{high:.0%}, aspect ratio {narrow:.2f}-{wide:.2f}), flip"
         evaluation = f"the centre {args.eval_crop}x{args.eval_crop}"
-    network = f"at {args.input_size}x{args.input_size}"
+    size = size or args.input_size
+    network = f"at {size}x{size}"
     return f"stored: {stored}; training: {train}, {network}; evaluation: {evaluation}, {network}"
 
 
@@ -676,7 +713,7 @@ def resumed_settings(args, progress):
     # how it runs: this command's (--compile is on or off as typed; the launch has made its trackers)
     machinery |= dict(compile=args.compile, log_with=args.log_with, output_dir=args.output_dir, resume=True)
     # what runs from before these settings existed did: no fingerprint, CIFAR-sized images at 32x32
-    older = dict(data_fingerprint=None, train_crop="padded", arch="resnet18", optimizer="SGD")
+    older = dict(data_fingerprint=None, train_crop="padded", arch="resnet18", optimizer="SGD", small_epochs=0)
     older |= dict.fromkeys(("input_size", "image_size", "eval_crop"), data.IMAGE_SIZE)
     config = defaults | older | saved | machinery
     changed = [
@@ -768,6 +805,7 @@ def training_controls(args):
     """The training controls that are on, in words, for the recipe's log line."""
     controls = [
         f"head only for {args.freeze_epochs} epoch(s)" if args.freeze_epochs else "",
+        f"the first {args.small_epochs} epoch(s) at {args.image_size}x{args.image_size}" if args.small_epochs else "",
         f"backbone lr x{args.backbone_lr_mult:g}" if args.backbone_lr_mult != 1 else "",
         f"gradient norm clipped to {args.clip_grad_norm:g}" if args.clip_grad_norm else "",
         f"mixup {args.mixup:g}" if args.mixup else "",
@@ -857,8 +895,10 @@ def check_data(args, found, accelerator):
 
 def checkpoint_metadata(args, classes, groups, accelerator, record):
     """What the checkpoint holds, enough to rebuild and evaluate it with nothing else (README)."""
-    keys = "arch stem mean std input_size image_size eval_crop train_crop seed val_fraction".split()
-    settings = {key: getattr(args, key) for key in keys} | {"preprocessing": describe_sizes(args)}
+    keys = "arch stem mean std image_size eval_crop train_crop seed val_fraction".split()
+    size = record["input_size"]  # --small-epochs: the size this epoch trained and was validated at
+    settings = {key: getattr(args, key) for key in keys} | dict(input_size=size)
+    settings["preprocessing"] = describe_sizes(args, size)
     scores = {key: record[key] for key in ("epoch", "val_loss", "val_acc", "val_per_class")}
     run = dict(groups=groups, num_classes=len(classes), classes=classes, num_processes=accelerator.num_processes)
     return settings | scores | run | dict(effective_batch_size=effective_batch(args, accelerator), config=vars(args))
@@ -1236,6 +1276,7 @@ def check_resumable(out, args, progress, accelerator):
     if args.epochs < done:
         raise UserError(f"{out} has already trained {done} epochs; pass a larger --epochs")
     limits = [("--freeze-epochs", args.freeze_epochs, args.epochs - 1, "the whole network trains"),
+              ("--small-epochs", args.small_epochs, args.epochs - 1, "it trains at --input-size"),
               ("--warmup-epochs", args.warmup_epochs, args.epochs, "its lr reaches its peak")]  # fmt: skip
     for flag, value, most, until in limits:
         if value > most:
@@ -1281,8 +1322,9 @@ def finished_run(args, history, saved_epochs):
 
 def patience_ran_out(args, history):
     """--patience: no lower validation loss for that many epochs. Never while --freeze-epochs trains
-    the head alone: a run ends with its whole network trained, whichever way it ends."""
-    if not args.patience or len(history) <= args.freeze_epochs:
+    the head alone or --small-epochs the small images: a run ends with its whole network trained at
+    --input-size, whichever way it ends."""
+    if not args.patience or len(history) <= max(args.freeze_epochs, args.small_epochs):
         return False
     return len(history) - best_record(history)["epoch"] >= args.patience
 
@@ -1318,15 +1360,19 @@ def extend_schedule(args, saved_epochs, epochs_done, steps_per_epoch, warmup_ste
 
 
 def time_estimate(epoch_seconds, epoch, args, accelerator):
-    """Said once, from the first steps, before the hours go by; None for a run of a few minutes."""
-    total = epoch_seconds * (args.epochs - epoch + 1)
+    """Said once, from the first steps, before the hours go by; None for a run of a few minutes. Within
+    --small-epochs it counts those alone: the epochs at --input-size after them are slower."""
+    left = args.epochs - epoch + 1
+    small = max(0, args.small_epochs - epoch + 1)
+    total = epoch_seconds * (small or left)
     if total < 300:
         return None
-    line = (
-        f"estimate: {epoch_seconds / 60:.1f} min an epoch, {total / 3600:.1f} h for the {args.epochs - epoch + 1} left"
-    )
+    line = f"estimate: {epoch_seconds / 60:.1f} min an epoch, {total / 3600:.1f} h for the {small or left} left"
+    if small:
+        line += f" at {args.image_size}x{args.image_size}; the {left - small} at {args.input_size}x{args.input_size} "
+        line += "after them take longer"
     if accelerator.device.type == "cpu" and total > 3600 and args.stem == "cifar":
-        line += "; on a CPU, --recipe cpu is about 10x faster (bench/accuracy.md)"
+        line += "; on a CPU, --recipe cpu takes minutes (bench/accuracy.md)"
     return line
 
 

@@ -3,6 +3,7 @@
     python bench/throughput.py                        # CPU: 40,000 training images, as a real run
     python bench/throughput.py --before a1691e8,2f3d6ec   # also train.py as it was at these commits
     python bench/throughput.py --images 2000 --only bare,train   # quicker, some rows
+    python bench/throughput.py --only sizes                       # bf16 against float32 at each recipe's size
     python bench/throughput.py --images 10000 --rounds 3 --only bare,train,plain  # the speed goals
     python bench/throughput.py --images 10000 --rounds 3 --only disk,cache,pss   # the decode-once cache
     python bench/throughput.py --images 10000 --rounds 3 --only train,controls,before --before 41d24cc
@@ -11,6 +12,8 @@
 CPU rows (--recipe seed, torchvision's stem at 32x32, from scratch, batch 128, float32 unless said):
 - bare step: forward + backward + SGD on one batch already in memory (the ceiling for any loop),
   also in bf16 autocast and compiled (torch.compile, its compilation timed);
+- sizes: the bare step at the inputs of the three recipes (32, 48 and 64 pixels a side), in float32
+  and in bf16 autocast;
 - train.py: whole epochs of `train.py --recipe seed` (data, augmentation, step, logging;
   validation excluded), as history.json records them: the first epoch, and the last one as the
   steady speed; then with --compile (the first epoch includes a cold compilation: inductor's cache
@@ -68,9 +71,10 @@ from model import build_model  # noqa: E402
 SHARED = ROOT.parent / "shared" / "data" / "cifar10-jpeg-train.tar.gz"
 PHOTOS = ROOT.parent / "shared" / "data" / "photos-ants-bees-train.tar.gz"
 BATCH = 128
-CPU_ROWS = ("bare", "compile", "train", "disk", "controls", "bf16", "before", "plain", "eval", "photos", "cache", "pss")
+CPU_ROWS = "bare sizes compile train disk controls bf16 before plain eval photos cache pss".split()
 CONTROLS = {"--auto-augment ta_wide": ("--auto-augment", "ta_wide"), "--mixup 0.2": ("--mixup", "0.2")}
 LONG_RUN_EPOCHS = 30
+SIDES = (32, 48, 64)  # the sizes row: the inputs of the seed, default (--stem imagenet) and cpu recipes
 
 
 def prepare_data(folder, images):
@@ -89,11 +93,11 @@ def prepare_data(folder, images):
     return "generated random JPEGs"
 
 
-def bare_step(batch_size, steps, channels_last=True, compile=False, bf16=False, stem="imagenet", device="cpu"):
+def bare_step(batch_size, steps, channels_last=True, compile=False, bf16=False, stem="imagenet", device="cpu", side=32):
     """Images/s of forward + backward + SGD on a fixed in-memory batch, and the seconds of the
     first two steps (compilation included)."""
     model = build_model(10, stem=stem, weights="none").to(device)
-    inputs = torch.randn(batch_size, 3, 32, 32, device=device)
+    inputs = torch.randn(batch_size, 3, side, side, device=device)
     labels = torch.randint(0, 10, (batch_size,), device=device)
     if channels_last:
         model, inputs = (
@@ -329,6 +333,11 @@ def cpu_round(args, folder, scratch, scripts, first):
             speed, _ = bare_step(batch_size, args.steps, channels_last)
             results[f"bare step, batch {batch_size}, {'channels_last' if channels_last else 'NCHW'}"] = (speed, "")
         results[f"{BARE}, bf16 autocast"] = (bare_step(BATCH, args.steps, bf16=True)[0], "")
+    if "sizes" in args.only and first:  # what bf16 autocast gains depends on the input's size too
+        for side in SIDES:
+            for bf16 in (False, True):
+                speed, _ = bare_step(BATCH, args.steps, bf16=bf16, side=side)
+                results[f"bare step at {side}x{side}, {'bf16 autocast' if bf16 else 'float32'}"] = (speed, "")
     if "compile" in args.only and first:
         os.environ.update(cold_inductor(scratch))  # this process compiles next; train.py gets its own below
         speed, warmup = bare_step(BATCH, args.steps, compile=True)

@@ -1,9 +1,16 @@
-"""--recipe cpu: its settings, and the precision it chooses: bf16 where the CPU has bf16 instructions,
-float32 where it has not, and whatever the user chose when they chose."""
+"""--recipe cpu: its settings, the precision it chooses (bf16 where the CPU has bf16 instructions,
+float32 where it has not, and whatever the user chose when they chose), and --small-epochs."""
+
+import json
+import shutil
 
 import pytest
+from conftest import quick_args
 
+import evaluate
+import model
 import train
+from model import save_checkpoint
 
 
 @pytest.fixture
@@ -52,10 +59,23 @@ def test_python_train_py_with_the_variable_set_by_hand_is_a_choice(a_cpu, monkey
     assert train.cpu_precision(train.parse_args(["--recipe", "cpu"])) == (None, None)
 
 
-def test_the_cpu_recipe_keeps_32x32_and_the_from_scratch_lr():
-    args = train.parse_args(["--recipe", "cpu", "--weights", "none"])
-    train.data_settings(args, 32)
-    assert (args.stem, args.input_size, args.lr, args.epochs) == ("imagenet", 32, train.SCRATCH_LR, 22)
+@pytest.mark.parametrize(
+    "flags, side, settings",
+    [
+        ([], 32, (15, 64, 10)),  # two thirds of the epochs at 32x32, the rest at 64x64
+        (["--epochs", "8"], 32, (8, 64, 5)),
+        (["--epochs", "1"], 32, (1, 64, 0)),
+        (["--small-epochs", "3"], 32, (15, 64, 3)),
+        (["--input-size", "32"], 32, (15, 32, 0)),  # nothing to grow to: no small epochs, and no refusal
+        (["--stem", "cifar"], 32, (15, 32, 0)),
+        ([], 300, (15, 224, 0)),  # photos
+    ],
+)
+def test_the_cpu_recipe_grows_its_inputs_where_it_can(flags, side, settings):
+    args = train.parse_args(["--recipe", "cpu", "--weights", "none", *flags])
+    train.data_settings(args, side)
+    assert (args.epochs, args.input_size, args.small_epochs) == settings
+    assert args.lr == train.SCRATCH_LR * (1 if side == 32 else train.PHOTO_BATCH_SIZE / 128)
 
 
 def test_a_resumed_cpu_run_keeps_the_precision_it_ran_in(a_cpu, monkeypatch, tmp_path):
@@ -67,3 +87,39 @@ def test_a_resumed_cpu_run_keeps_the_precision_it_ran_in(a_cpu, monkeypatch, tmp
     args = train.parse_args(["--output-dir", str(tmp_path / "run"), "--resume"])  # the printed resume command
     precision, why = train.cpu_precision(args)
     assert precision == "no" and "the run's own" in why
+
+
+def test_small_epochs_train_and_validate_at_the_stored_size_first(image_folder, tmp_path, monkeypatch, capsys):
+    def keep_each_epoch(network, path, metadata):  # last.safetensors of every epoch, kept
+        save_checkpoint(network, path, metadata)
+        if path.name == "last.safetensors":
+            shutil.copy(path, tmp_path / f"epoch{metadata['epoch']}.safetensors")
+
+    monkeypatch.setattr(train, "save_checkpoint", keep_each_epoch)
+    out = tmp_path / "run"
+    train.main(quick_args(image_folder, out, "--input-size", 48, "--small-epochs", 1))
+    history = json.loads((out / "history.json").read_text())
+    assert [record["input_size"] for record in history] == [32, 48]
+    assert "the first 1 epoch(s) at 32x32" in capsys.readouterr().out
+    # each checkpoint records its epoch's size, so evaluate.py repeats that epoch's validation
+    for record in history:
+        checkpoint = tmp_path / f"epoch{record['epoch']}.safetensors"
+        assert model.load_checkpoint(checkpoint)[1]["input_size"] == record["input_size"]
+        evaluate.main([str(checkpoint), "--split", "val", "--no-plots", "--json", str(tmp_path / "r.json")])
+        assert json.loads((tmp_path / "r.json").read_text())["accuracy"] == pytest.approx(record["val_acc"])
+
+
+@pytest.mark.parametrize(
+    "flags, says",
+    [
+        (["--input-size", 48, "--small-epochs", 2], "--small-epochs 2 leaves none of the 2 epochs at --input-size"),
+        (["--small-epochs", 1], "and --input-size is 32; drop --small-epochs, or pass a larger --input-size"),
+    ],
+)
+def test_small_epochs_that_would_do_nothing_are_refused(image_folder, tmp_path, flags, says, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        train.main([str(arg) for arg in quick_args(image_folder, tmp_path / "run", *flags)])
+    # argparse prints the first refusal and exits 2; the second is main()'s one line
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line] or [stopped.value.code]
+    assert stopped.value.code and len(errors) == 1 and says in errors[0], errors
+    assert not (tmp_path / "run").exists()

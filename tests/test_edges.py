@@ -52,10 +52,11 @@ def test_images_swapped_with_their_sizes_and_mtimes_kept_are_decoded_again(tmp_p
     assert torch.equal(after[0], before[2]) and torch.equal(after[2], before[0])  # the files' pixels, not the cache's
 
 
-def test_patience_never_ends_a_run_inside_its_freeze():
+@pytest.mark.parametrize("freeze, small", [(2, 0), (0, 2)])
+def test_patience_never_ends_a_run_inside_its_freeze_or_small_epochs(freeze, small):
     rising = [{"epoch": n, "val_loss": float(n)} for n in range(1, 4)]  # the best is epoch 1, then worse
-    args = Namespace(patience=1, freeze_epochs=2, epochs=5)
-    assert not train.patience_ran_out(args, rising[:2])  # epoch 2 trains the head alone: no stop
+    args = Namespace(patience=1, freeze_epochs=freeze, small_epochs=small, epochs=5)
+    assert not train.patience_ran_out(args, rising[:2])  # epoch 2: the head alone, or the small images: no stop
     assert train.finished_run(args, rising[:2], saved_epochs=5) is None  # resumed: it goes on
     assert train.patience_ran_out(args, rising)  # epoch 3 trained the whole network
     assert "--patience 1 stopped it" in train.finished_run(args, rising, saved_epochs=5)
@@ -399,7 +400,8 @@ def test_a_warmup_longer_than_the_run_is_refused(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--epochs", "2", "--warmup-epochs", "2.5"])
     assert "--warmup-epochs 2.5 is longer than the run's 2 epochs: the lr would never reach" in capsys.readouterr().err
-    args = Namespace(arch=model.ARCH, epochs=2, freeze_epochs=0, warmup_epochs=3)  # resumed: it was planned longer
+    # resumed: it was planned longer
+    args = Namespace(arch=model.ARCH, epochs=2, freeze_epochs=0, small_epochs=0, warmup_epochs=3)
     with pytest.raises(train.UserError, match="--warmup-epochs 3, and --epochs 2 would end it before its lr reaches"):
         train.check_resumable(Path("run"), args, {"history": [{}]}, None)
 

@@ -327,7 +327,7 @@ def test_help_shows_every_flag_with_its_default(capsys):
         train.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     for shown in (
-        "(default 30, seed 50, cpu 22)",
+        "(default 30, seed 50, cpu 15)",
         "peak; 0.2 with --weights none (but seed); photos: x32/128 (default",
     ):
         assert shown in text
@@ -342,9 +342,15 @@ def test_help_shows_every_flag_with_its_default(capsys):
 
 def test_the_time_estimate_warns_about_the_cifar_stem_on_a_cpu():
     cpu = SimpleNamespace(device=torch.device("cpu"))
-    slow = train.time_estimate(660, 1, SimpleNamespace(epochs=30, stem="cifar"), cpu)
+    slow = train.time_estimate(660, 1, SimpleNamespace(epochs=30, stem="cifar", small_epochs=0), cpu)
     assert slow.startswith("estimate: 11.0 min an epoch, 5.5 h for the 30 left") and "--recipe cpu" in slow
-    assert "--recipe cpu" not in train.time_estimate(60, 1, SimpleNamespace(epochs=30, stem="imagenet"), cpu)
+    assert "--recipe cpu" not in train.time_estimate(
+        60, 1, SimpleNamespace(epochs=30, stem="imagenet", small_epochs=0), cpu
+    )
+    grows = SimpleNamespace(epochs=15, stem="imagenet", small_epochs=10, image_size=32, input_size=64)
+    assert train.time_estimate(60, 1, grows, cpu) == (
+        "estimate: 1.0 min an epoch, 0.2 h for the 10 left at 32x32; the 5 at 64x64 after them take longer"
+    )
 
 
 def running(pid):

@@ -285,6 +285,9 @@ def list_images(data_dir, split):
     if any(child.is_dir() and child.name != "cifar-10-batches-py" for child in root.glob("*")):
         if root.name in ("train", "test", *VAL_FOLDERS):
             raise UserError(f"--data-dir {root} is a split's folder; pass the folder that holds it, {root.parent}")
+        held_out = [name for name in VAL_FOLDERS if split == "test" and (root / name).is_dir()]
+        if held_out:  # DIR/val/ alone: evaluate.py reads it with --split val
+            raise UserError(f"--data-dir {root} has {held_out[0]}/ but no test/; pass --split val to evaluate it")
         raise UserError(
             f"--data-dir {root} has folders but no {split}/ folder; for your own images pass the folder that "
             f"holds {split}/<class>/ (not {split}/ itself), for CIFAR-10 a folder of its own"

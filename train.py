@@ -131,7 +131,7 @@ def train(args):
     stop = StopRequest(accelerator)
     try:  # the lock is let go of at the end, also when train() is called again in one process
         if not progress:  # a state before the first step, so that even a run killed in epoch 1 resumes
-            save_state(accelerator, run.out, dict(config=vars(args), history=[], best_val_loss=math.inf))
+            save_state(accelerator, run.out, dict(config=vars(args), history=[]))
         for epoch in range(len(run.history) + 1, args.epochs + 1):
             run.train_loader.set_epoch(epoch)
             started = time.perf_counter()
@@ -416,15 +416,14 @@ def end_epoch(run, record, args, accelerator, validated):
         )
     run.history.append(record)
     accelerator.log(tracked_values(record, run.classes), step=record["epoch"] * len(run.train_loader))
-    improved = record["val_loss"] < run.best_val_loss
-    run.best_val_loss = min(run.best_val_loss, record["val_loss"])
+    improved = best_record(run.history) is record
     if accelerator.is_main_process:
         metadata = checkpoint_metadata(args, run.classes, run.groups, accelerator, record) | calibrate(*validated)
         save_checkpoint(run.evaluated, run.out / "last.safetensors", metadata)
         if improved:
             save_checkpoint(run.evaluated, run.out / "best.safetensors", metadata)
         write_json(run.out / "history.json", run.history)
-    save_state(accelerator, run.out, dict(config=vars(args), history=run.history, best_val_loss=run.best_val_loss))
+    save_state(accelerator, run.out, dict(config=vars(args), history=run.history))
     return improved
 
 
@@ -465,10 +464,10 @@ def start_run(run, args, out, progress, accelerator):
         f"warmup), weights {args.weights}, stem {args.stem}, input {args.input_size}x{args.input_size}"
         f"{', compiled' if args.compile else ''}{training_controls(args)}\noutput: {run.out}"
     )
-    run.history, run.best_val_loss = [], math.inf
+    run.history = []
     if progress:
         accelerator.load_state(run.out / "state")
-        run.history, run.best_val_loss = progress["history"], progress["best_val_loss"]
+        run.history = progress["history"]
         change = f"; {run.change}" if run.change else ""
         accelerator.print(f"resumed {run.out} after epoch {len(run.history)}{change}")
 
@@ -1234,8 +1233,10 @@ def resume_command(out, accelerator, processes=None, epochs=None):
 
 
 def best_record(history):
-    """The epoch with the lowest validation loss: the one best.safetensors holds."""
-    return min(history, key=lambda r: r["val_loss"])
+    """The epoch with the lowest validation loss: the one best.safetensors holds. After --small-epochs,
+    among the epochs at --input-size alone: a loss at another input size does not compare."""
+    size = history[-1].get("input_size")  # records older than the field were all at the run's one size
+    return min((r for r in history if r.get("input_size", size) == size), key=lambda r: r["val_loss"])
 
 
 def open_run(args, accelerator):

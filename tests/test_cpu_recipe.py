@@ -101,6 +101,7 @@ def test_small_epochs_train_and_validate_at_the_stored_size_first(image_folder, 
     history = json.loads((out / "history.json").read_text())
     assert [record["input_size"] for record in history] == [32, 48]
     assert "the first 1 epoch(s) at 32x32" in capsys.readouterr().out
+    assert model.load_checkpoint(out / "best.safetensors")[1]["input_size"] == 48  # epoch 2, whatever its loss
     # each checkpoint records its epoch's size, so evaluate.py repeats that epoch's validation
     for record in history:
         checkpoint = tmp_path / f"epoch{record['epoch']}.safetensors"

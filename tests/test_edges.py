@@ -52,6 +52,16 @@ def test_images_swapped_with_their_sizes_and_mtimes_kept_are_decoded_again(tmp_p
     assert torch.equal(after[0], before[2]) and torch.equal(after[2], before[0])  # the files' pixels, not the cache's
 
 
+def test_the_best_epoch_is_one_at_the_input_size_after_small_epochs():
+    history = [dict(epoch=1, val_loss=0.5, input_size=32), dict(epoch=2, val_loss=0.4, input_size=32)]
+    history.append(dict(epoch=3, val_loss=0.8, input_size=64))  # the first at 64: its loss does not compare
+    args = Namespace(patience=1, freeze_epochs=0, small_epochs=2, epochs=5)
+    assert train.best_record(history)["epoch"] == 3 and not train.patience_ran_out(args, history)
+    history.append(dict(epoch=4, val_loss=0.9, input_size=64))
+    assert train.best_record(history)["epoch"] == 3 and train.patience_ran_out(args, history)
+    assert train.best_record([dict(epoch=1, val_loss=0.3), *history[2:]])["epoch"] == 1  # a record older than sizes
+
+
 @pytest.mark.parametrize("freeze, small", [(2, 0), (0, 2)])
 def test_patience_never_ends_a_run_inside_its_freeze_or_small_epochs(freeze, small):
     rising = [{"epoch": n, "val_loss": float(n)} for n in range(1, 4)]  # the best is epoch 1, then worse
@@ -246,6 +256,8 @@ def test_a_validation_folder_alone_evaluates_with_split_val(trained_run, image_f
     (held_out / "valid").symlink_to(image_folder / "test")
     evaluate.main([str(trained_run / "best.safetensors"), "--data-dir", str(held_out), "--split", "val", "--no-plots"])
     assert ": 50 images" in capsys.readouterr().out
+    message = refused([trained_run / "best.safetensors", "--data-dir", held_out], evaluate.main)  # --split test
+    assert "has valid/ but no test/; pass --split val" in message
 
 
 def test_a_split_folder_given_as_data_dir_names_its_parent(trained_run, image_folder):

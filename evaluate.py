@@ -43,7 +43,7 @@ from PIL import Image  # noqa: E402
 
 import data  # noqa: E402
 from data import bounded  # noqa: E402
-from model import check_folder_can_be_made, group_index, load_checkpoint, write_atomically  # noqa: E402
+from model import best_record, check_folder_can_be_made, group_index, load_checkpoint, write_atomically  # noqa: E402
 
 if __name__ == "__main__":  # imported: from here on main() handles Ctrl-C
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -317,7 +317,7 @@ def overfitting(history, config=None):
     against each image's larger share's label)."""
     if not history:
         return None
-    best = min(history, key=lambda r: r["val_loss"])
+    best = best_record(history)
     last = history[-1]
 
     def ratio(a, b):  # None where a loss is 0: a perfect fit has no ratio
@@ -480,13 +480,13 @@ def png_source(path):
 
 def plot_curves(history, title):
     epochs = [r["epoch"] for r in history]
-    best = min(history, key=lambda r: r["val_loss"])["epoch"]
+    best = best_record(history)["epoch"]
     figure, (loss_axis, acc_axis) = plt.subplots(1, 2, figsize=(11, 4))
     for axis, key, label in ((loss_axis, "loss", "loss"), (acc_axis, "acc", "accuracy (%)")):
         scale = 100 if key == "acc" else 1
         axis.plot(epochs, [scale * r[f"train_{key}"] for r in history], "o-", ms=3, label="train")
         axis.plot(epochs, [scale * r[f"val_{key}"] for r in history], "o-", ms=3, label="validation")
-        axis.axvline(best, color="gray", linestyle="--", label=f"lowest val loss (epoch {best})")
+        axis.axvline(best, color="gray", linestyle="--", label=f"best.safetensors (epoch {best})")
         axis.set(xlabel="epoch", ylabel=label, title=label.split(" ")[0])
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # no epoch 1.5
         axis.grid(alpha=0.3)

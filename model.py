@@ -183,6 +183,13 @@ def load_checkpoint(path):
     return model, metadata
 
 
+def best_record(history):
+    """The record of history.json with the lowest validation loss: the epoch best.safetensors holds.
+    After --small-epochs, among the epochs at --input-size alone: a loss at another size does not compare."""
+    size = history[-1].get("input_size")  # records older than the field were all at the run's one size
+    return min((r for r in history if r.get("input_size", size) == size), key=lambda r: r["val_loss"])
+
+
 def not_a_folder(path, flag=""):
     """Refuse a (run) folder given for a checkpoint, naming its best.safetensors if it has one."""
     best = Path(path) / "best.safetensors"

@@ -61,6 +61,7 @@ import model  # model.ARCH is read when a run starts
 from data import UserError, bounded
 from evaluate import calibration, drawn_here, few_images_caveat, fit_temperature, png_source, writing
 from model import (
+    best_record,
     build_model,
     check_folder_can_be_made,
     decode_metadata,
@@ -1232,13 +1233,6 @@ def resume_command(out, accelerator, processes=None, epochs=None):
     )
 
 
-def best_record(history):
-    """The epoch with the lowest validation loss: the one best.safetensors holds. After --small-epochs,
-    among the epochs at --input-size alone: a loss at another input size does not compare."""
-    size = history[-1].get("input_size")  # records older than the field were all at the run's one size
-    return min((r for r in history if r.get("input_size", size) == size), key=lambda r: r["val_loss"])
-
-
 def open_run(args, accelerator):
     """The run's folder, checked before any work, and a resumed run's saved progress and settings:
     (args, folder or None for runs/<timestamp>, progress or None for a new run); (None, ...) when a
@@ -1316,8 +1310,11 @@ def finished_run(args, history, saved_epochs):
             f"finished: --patience {args.patience} stopped it after epoch {len(history)} (no lower validation "
             f"loss since epoch {best_record(history)['epoch']}, which best.safetensors holds); nothing to train"
         )
-    if len(history) == args.epochs:
-        return f"finished: all {args.epochs} epochs are trained; nothing to train. --epochs N continues it to epoch N"
+    if len(history) == args.epochs:  # an lr at 0 stays there when extended: see extend_schedule
+        more = "--epochs N continues it to epoch N"
+        if history[-1].get("lr") == 0:
+            more = f"Its lr is 0: --weights {args.output_dir}/best.safetensors starts a new run from its weights"
+        return f"finished: all {args.epochs} epochs are trained; nothing to train. {more}"
     return None
 
 

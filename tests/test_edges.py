@@ -52,6 +52,12 @@ def test_images_swapped_with_their_sizes_and_mtimes_kept_are_decoded_again(tmp_p
     assert torch.equal(after[0], before[2]) and torch.equal(after[2], before[0])  # the files' pixels, not the cache's
 
 
+def test_a_finished_run_whose_lr_reached_0_points_to_its_weights_not_to_more_epochs():
+    args = Namespace(patience=None, epochs=2, output_dir="run")
+    said = train.finished_run(args, [{"epoch": 1, "lr": 0.1}, {"epoch": 2, "lr": 0.0}], saved_epochs=2)
+    assert said.endswith("Its lr is 0: --weights run/best.safetensors starts a new run from its weights")
+
+
 def test_the_best_epoch_is_one_at_the_input_size_after_small_epochs():
     history = [dict(epoch=1, val_loss=0.5, input_size=32), dict(epoch=2, val_loss=0.4, input_size=32)]
     history.append(dict(epoch=3, val_loss=0.8, input_size=64))  # the first at 64: its loss does not compare

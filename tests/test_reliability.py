@@ -155,7 +155,7 @@ def test_a_finished_run_resumed_says_so_and_another_process_count_is_said(tmp_pa
     train.main(short_run(root, out))
     capsys.readouterr()
     train.main(["--output-dir", str(out), "--resume"])
-    assert "finished: all 1 epochs are trained" in capsys.readouterr().out
+    assert "finished: all 1 epochs are trained; nothing to train. --epochs N continues" in capsys.readouterr().out
     state = out / "state"
     shutil.copy(state / "random_states_0.pkl", state / "random_states_1.pkl")  # as a 2-process run leaves it
     train.main(["--output-dir", str(out), "--resume", "--epochs", "2"])

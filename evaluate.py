@@ -155,7 +155,7 @@ def print_report(results, classes):
             return "n/a (a loss of 0)" if value is None else f"{value:.{1 if unit else 2}f}{unit}"
 
         print(
-            f"\nhistory: lowest validation loss at epoch {o['best_epoch']}; "
+            f"\nhistory: best epoch {o['best_epoch']} (the lowest validation loss at the final input size); "
             f"validation loss rose {number(o['val_loss_increase_pct'], '%')} from there to the last epoch\n"
             f"train-val accuracy gap: {o['train_val_acc_gap_best']:.2f} points at the best epoch, "
             f"{o['train_val_acc_gap_last']:.2f} at the last\n"

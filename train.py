@@ -1308,7 +1308,8 @@ def finished_run(args, history, saved_epochs):
     if patience_ran_out(args, history) and args.epochs <= saved_epochs:
         return (
             f"finished: --patience {args.patience} stopped it after epoch {len(history)} (no lower validation "
-            f"loss since epoch {best_record(history)['epoch']}, which best.safetensors holds); nothing to train"
+            f"loss since epoch {best_record(history)['epoch']}, which best.safetensors holds); nothing to train. "
+            f"--epochs N, more than {saved_epochs}, continues it"
         )
     if len(history) == args.epochs:  # an lr at 0 stays there when extended: see extend_schedule
         more = "--epochs N continues it to epoch N"

@@ -145,7 +145,8 @@ def test_a_run_stopped_by_patience_is_finished_and_a_plain_resume_trains_nothing
     assert epochs_in(out) == [1, 2]
     capsys.readouterr()
     train.main([*command, "--resume"])
-    assert "finished: --patience 1 stopped it after epoch 2" in capsys.readouterr().out
+    assert "finished: --patience 1 stopped it after epoch 2" in (said := capsys.readouterr().out)
+    assert "--epochs N, more than 4, continues it" in said
     assert epochs_in(out) == [1, 2]
 
 

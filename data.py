@@ -39,6 +39,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".t
 DEFAULT_DATA_DIR = "./data"  # the only folder CIFAR-10 is downloaded into unless the user made one for it
 TRANSPARENT_BACKGROUND = (255, 255, 255)  # transparent pixels (PNG, GIF) become white, as on a page
 VAL_FOLDERS = ("val", "valid", "validation")  # DIR/<one of these>/ beside DIR/train/ is the validation split
+SPLIT_FOLDERS = ("train", "test", *VAL_FOLDERS)  # each of their subfolders is read as a class
 # Sizes, from the median shorter side of the training images. CIFAR-10, and folders of images no
 # larger, are kept at 32x32; small images up to SMALL_SIDE (Tiny ImageNet's 64x64) at that median
 # side. Both are trained with a padded random crop. Larger images are photos: kept at STORED_SCALE x
@@ -283,11 +284,11 @@ def list_images(data_dir, split):
     if (root / "train").is_dir() or (split != "train" and (root / split).is_dir()):  # test/ alone: held out
         return list_folder(root / split)
     if any(child.is_dir() and child.name != "cifar-10-batches-py" for child in root.glob("*")):
-        if root.name in ("train", "test", *VAL_FOLDERS):
+        if root.name in SPLIT_FOLDERS:
             raise UserError(f"--data-dir {root} is a split's folder; pass the folder that holds it, {root.parent}")
-        held_out = [name for name in VAL_FOLDERS if split == "test" and (root / name).is_dir()]
+        held_out = val_folder_in(root) if split == "test" else None
         if held_out:  # DIR/val/ alone: evaluate.py reads it with --split val
-            raise UserError(f"--data-dir {root} has {held_out[0]}/ but no test/; pass --split val to evaluate it")
+            raise UserError(f"--data-dir {root} has {held_out.name}/ but no test/; pass --split val to evaluate it")
         raise UserError(
             f"--data-dir {root} has folders but no {split}/ folder; for your own images pass the folder that "
             f"holds {split}/<class>/ (not {split}/ itself), for CIFAR-10 a folder of its own"
@@ -684,9 +685,12 @@ def one_class_error(folder, name):
 def validation_folder(data_dir):
     """DIR/val/ (or valid/, validation/) beside DIR/train/: the user's own validation split; None if none."""
     root = Path(data_dir)
-    if not (root / "train").is_dir():
-        return None
-    return next((root / name for name in VAL_FOLDERS if (root / name).is_dir()), None)
+    return val_folder_in(root) if (root / "train").is_dir() else None
+
+
+def val_folder_in(root):
+    """DIR/val/ (or valid/, validation/), with or without DIR/train/ beside it; None if none."""
+    return next((Path(root) / name for name in VAL_FOLDERS if (Path(root) / name).is_dir()), None)
 
 
 def validation_folder_sources(data_dir, val_dir, items, labels, classes, max_train_samples, seed):
@@ -1021,7 +1025,7 @@ def open_or_build_cache(paths, side, folder, cache_dir):
     path, from folder's cache in cache_dir, which is built first when missing or broken. A complete
     cache is only ever read, so it needs no lock, and a read-only one serves; one process builds a
     missing one while the others wait for its lock, then read it."""
-    split_folders = [Path(folder).parent / name for name in ("train", "test", *VAL_FOLDERS)]
+    split_folders = [Path(folder).parent / name for name in SPLIT_FOLDERS]
     inside = [split for split in split_folders if Path(cache_dir).resolve().is_relative_to(split.resolve())]
     if inside:  # it would be read as one of the split's classes
         raise UserError(

@@ -192,10 +192,10 @@ def load_split(args, metadata):
     if args.split == "test":
         images, labels, _ = data.load_images(args.data_dir, "test", side, metadata["classes"], cache)
         return images, labels, "any labelled test set is fair"
-    alone = [name for name in data.VAL_FOLDERS if (root / name).is_dir()]
+    alone = data.val_folder_in(root)
     if not (root / "train").is_dir() and alone:  # DIR/val/<class>/ on its own, as test/ alone: all of it
-        images, labels, _ = data.load_images(args.data_dir, alone[0], side, metadata["classes"], cache)
-        return images, labels, f"{root / alone[0]} on its own, whole: not checked against the run's data"
+        images, labels, _ = data.load_images(args.data_dir, alone.name, side, metadata["classes"], cache)
+        return images, labels, f"{alone} on its own, whole: not checked against the run's data"
     checked = []
 
     def check(found):  # before anything is decoded: other data is refused at once

@@ -60,6 +60,7 @@ TEMPERATURE_RANGE = (0.05, 20.0)
 # a temperature fitted on fewer validation images is said to be a guess: a few confident mistakes
 # decide it (on 50 photos it made 49 held-out ones worse; on 4,000 CIFAR images it helped: bench/after_training.md)
 FEW_FOR_CALIBRATION = 1000
+RUNS_OWN, UNCHECKED = "the run's own data", "unchecked"  # load_split's word on a validation split's images
 # --export-onnx: the check runs the file with onnxruntime on ONNX_CHECK_IMAGES images of the split
 # (--data-dir) or ONNX_SYNTHETIC random ones, and refuses a logit further than ONNX_TOLERANCE from
 # PyTorch's on the CPU (float32 differences are about 1e-6 here) or another top-1 class.
@@ -127,7 +128,7 @@ def print_report(results, classes):
     if results["split"] == "val":
         print(f"data: {results['data_check']}")
     print(f"accuracy {results['accuracy']:.2%}   loss {results['loss']:.4f}")
-    print(calibration_line(results["calibration"], results["split"]) + "\n")
+    print(calibration_line(results["calibration"], results["split"] == "val" and results["data_check"]) + "\n")
     accuracies = [results["per_class"][name] for name in classes]
     order = sorted(range(len(classes)), key=lambda i: -accuracies[i])
     marks = best_and_worst(accuracies)
@@ -202,7 +203,7 @@ def load_split(args, metadata):
         expected = metadata.get("config", {}).get("data_fingerprint")
         difference = expected and data.data_difference(expected, found)
         if expected is None:
-            checked.append("unchecked: the checkpoint predates data fingerprints")
+            checked.append(f"{UNCHECKED}: the checkpoint predates data fingerprints")
             print(f"warning: {checked[0]}; the validation split is the run's only if {args.data_dir} is its data")
         elif difference and not args.skip_data_check:
             raise data.UserError(
@@ -210,7 +211,7 @@ def load_split(args, metadata):
                 f"would hold other images, some perhaps trained on. Pass the run's --data-dir, or --skip-data-check"
             )
         else:
-            checked.append(f"skipped (--skip-data-check): {difference}" if difference else "the run's own data")
+            checked.append(f"skipped (--skip-data-check): {difference}" if difference else RUNS_OWN)
 
     splits, _, _, _ = data.load_split(
         args.data_dir,
@@ -365,8 +366,10 @@ def describe(results):
     return f"{results['checkpoint']}, {results['split']} split, TTA {'on' if results['tta'] else 'off'}"
 
 
-def calibration_line(report, split):
-    """ECE, NLL and Brier at T = 1, and at the checkpoint's temperature when it has one."""
+def calibration_line(report, data_check):
+    """ECE, NLL and Brier at T = 1, and at the checkpoint's temperature when it has one. data_check:
+    load_split's word on a validation split (False for the test split): the temperature was fitted on
+    the run's own, so on those images the calibrated scores are optimistic."""
     raw, calibrated = report["raw"], report["calibrated"]
     names = {"ece": "ECE", "nll": "NLL", "brier": "Brier"}
     if calibrated is None:
@@ -374,11 +377,15 @@ def calibration_line(report, split):
         return f"calibration ({CALIBRATION_BINS} equal-width bins for the ECE): {values}; an uncalibrated checkpoint " \
                f"(no temperature: written before train.py fitted one)"  # fmt: skip
     values = ", ".join(f"{label} {raw[key]:.4f} -> {calibrated[key]:.4f}" for key, label in names.items())
-    fitted = " (fitted on this split: optimistic)" if split == "val" else " (fitted on the run's validation split)"
+    fitted = "fitted on the run's validation split"
+    if data_check == RUNS_OWN:
+        fitted = "fitted on this split: optimistic"
+    elif data_check and data_check.startswith(UNCHECKED):
+        fitted += ": optimistic if these are its images"
     caveat = f"\n{report['caveat']}" if report["caveat"] else ""
     return (
         f"calibration ({CALIBRATION_BINS} equal-width bins for the ECE), at T = 1 -> at the checkpoint's T = "
-        f"{calibrated['temperature']:.3f}{fitted}: {values}{caveat}"
+        f"{calibrated['temperature']:.3f} ({fitted}): {values}{caveat}"
     )
 
 

@@ -54,7 +54,7 @@ def test_val_split_of_the_runs_own_folder_passes_and_says_so(trained_run, image_
     assert results["data_check"] == "the run's own data" and results["num_samples"] == 40
 
 
-def test_val_split_of_changed_data_is_refused_unless_overridden(trained_run, image_folder, tmp_path):
+def test_val_split_of_changed_data_is_refused_unless_overridden(trained_run, image_folder, tmp_path, capsys):
     checkpoint = trained_run / "best.safetensors"
     for folder, difference in changed_copies(image_folder, tmp_path):
         with pytest.raises(SystemExit) as refused:
@@ -64,6 +64,7 @@ def test_val_split_of_changed_data_is_refused_unless_overridden(trained_run, ima
     assert not (tmp_path / "results.json").exists()
     results = evaluate_val(checkpoint, tmp_path / "added", tmp_path, "--skip-data-check")
     assert results["data_check"] == "skipped (--skip-data-check): cat: 21 images, the run had 20"
+    assert "(fitted on the run's validation split)" in capsys.readouterr().out  # other images: not optimistic
 
 
 def test_a_checkpoint_without_a_fingerprint_evaluates_with_a_warning(trained_run, image_folder, tmp_path, capsys):
@@ -75,7 +76,9 @@ def test_a_checkpoint_without_a_fingerprint_evaluates_with_a_warning(trained_run
     save_file(tensors, old, metadata=metadata | {"config": json.dumps(config)})
     results = evaluate_val(old, image_folder, tmp_path)
     assert results["data_check"].startswith("unchecked")
-    assert sum(line.startswith("warning: ") for line in capsys.readouterr().out.splitlines()) == 1
+    out = capsys.readouterr().out
+    assert sum(line.startswith("warning: ") for line in out.splitlines()) == 1
+    assert "(fitted on the run's validation split: optimistic if these are its images)" in out
 
 
 def test_the_test_split_is_not_checked(trained_run, image_folder, tmp_path):

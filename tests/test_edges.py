@@ -261,7 +261,9 @@ def test_a_validation_folder_alone_evaluates_with_split_val(trained_run, image_f
     held_out.mkdir()
     (held_out / "valid").symlink_to(image_folder / "test")
     evaluate.main([str(trained_run / "best.safetensors"), "--data-dir", str(held_out), "--split", "val", "--no-plots"])
-    assert ": 50 images" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert ": 50 images" in out and "on its own, whole: not checked" in out
+    assert "(fitted on the run's validation split)" in out  # not these images: the calibrated scores are fair
     message = refused([trained_run / "best.safetensors", "--data-dir", held_out], evaluate.main)  # --split test
     assert "has valid/ but no test/; pass --split val" in message
 

@@ -368,7 +368,8 @@ def test_the_data_folder_is_recorded_absolute_for_evaluate_and_resume_elsewhere(
     train.main(short_run("mydata", tmp_path / "run"))
     monkeypatch.chdir(tmp_path)
     evaluate.main([str(tmp_path / "run" / "best.safetensors"), "--split", "val", "--no-plots"])
-    assert "the run's own data" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "the run's own data" in out and "(fitted on this split: optimistic)" in out
     train.main(["--output-dir", str(tmp_path / "run"), "--resume", "--epochs", "2"])
     assert epochs_in(tmp_path / "run") == [1, 2]
 

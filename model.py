@@ -114,11 +114,16 @@ def load_backbone(model, path, arch):
     model.load_state_dict(state | {k: v for k, v in model.state_dict().items() if is_head(k)})
 
 
+def check_weights_file(path):
+    """Refuse a --weights path that is no file, before any data is read."""
+    not_a_folder(path, "--weights ")
+    if not Path(path).is_file():
+        raise UserError(f"weights file {path} not found; pass an existing file, or --weights none")
+
+
 def read_state_dict(path):
     path = Path(path)
-    not_a_folder(path, "--weights ")
-    if not path.is_file():
-        raise UserError(f"weights file {path} not found; pass an existing file, or --weights none")
+    check_weights_file(path)
     try:
         if path.suffix == ".safetensors":
             return load_file(path)

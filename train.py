@@ -623,6 +623,8 @@ def parse_args(argv=None):
             setattr(args, key, value)
     args.decay_start = None  # set when a resumed run's --epochs changes; see lr_factor
     data.refuse(parser, args, REFUSALS)
+    if args.weights not in ("imagenet", "none"):
+        model.check_weights_file(args.weights)
     return args
 
 

@@ -351,6 +351,12 @@ def test_a_run_folder_for_weights_names_the_file_to_pass(trained_run, image_fold
     assert f"is a folder; pass a run's checkpoint: {trained_run / 'best.safetensors'}" in message
 
 
+def test_a_missing_weights_file_is_refused_before_the_data_is_read(tmp_path):
+    message = refused(short_run(tmp_path / "no-data", tmp_path / "run", "--weights", tmp_path / "resnet.pth"))
+    assert f"weights file {tmp_path / 'resnet.pth'} not found" in message  # not the missing data first
+    assert not (tmp_path / "run").exists()
+
+
 def test_files_reached_twice_are_counted_once(trained_run, tmp_path, capsys):
     write_images(tmp_path / "photos", 2)
     (tmp_path / "photos" / "notes.txt").write_text("not an image")

@@ -109,7 +109,9 @@ def augment(images, labels, generator, padding=4, targeted_labels=None, resized_
     if targeted_labels is not None and len(targeted_labels):  # --targeted-augment: rotation, jitter, erasing
         chosen = torch.isin(labels, targeted_labels)
         # Augment the whole batch and keep the chosen rows: fixed shapes, no host sync.
-        images = torch.where(chosen[:, None, None, None], targeted_augment(images, generator), images)
+        augmented = color_jitter(rotate(images, ROTATION_DEGREES, generator), JITTER, generator)
+        augmented = random_erase(augmented, ERASE_PROBABILITY, generator)
+        images = torch.where(chosen[:, None, None, None], augmented, images)
     # A new training-only step goes here, on [0, 1] floats; RandomErasing for every image, say:
     #     images = random_erase(images, ERASE_PROBABILITY, generator)
     return images
@@ -233,7 +235,7 @@ def load_split(
     check_classes(classes, expected_classes, data_dir)
     if len(classes) == 1:  # a model that is always right: loss 0, 100% accuracy
         raise one_class_error(Path(data_dir) / "train", classes[0])
-    val_dir = validation_folder(data_dir)
+    val_dir = val_folder_in(data_dir)  # list_images refused a val/ without train/
     if val_dir is None:
         train, val = train_val_indices(labels, classes, val_fraction, seed, max_train_samples)
         sources = {"train": (items, labels, train), "val": (items, labels, val)}
@@ -398,13 +400,6 @@ def random_erase(images, probability, generator):
     inside = inside_rows & (cols >= left[:, None, None]) & (cols < (left + w)[:, None, None])
     erase = torch.rand(n, device=images.device, generator=generator) < probability
     return images.masked_fill((inside & erase[:, None, None])[:, None], 0)
-
-
-def targeted_augment(images, generator):
-    """The seed write-up's augmentation for hard classes: rotation, colour jitter, erasing."""
-    images = rotate(images, ROTATION_DEGREES, generator)
-    images = color_jitter(images, JITTER, generator)
-    return random_erase(images, ERASE_PROBABILITY, generator)
 
 
 def auto_augment(images, policy, generator):
@@ -629,7 +624,6 @@ class Seen:
         self.folders, self.files, self.others, self.links = set(folders), set(), {}, 0  # others: {file: path}
 
     def report(self, where):
-        """One line each for what was passed over: files that are not images, and links."""
         if self.others:
             example = Path(min(self.others.values())).name
             LOG(f"{where}: skipped {len(self.others)} file(s) that are not images, e.g. {example}")
@@ -680,12 +674,6 @@ def one_class_error(folder, name):
             f"the classes; move them directly under {folder}/ ({folder}/{inner[0]}/, ...)"
         )
     return UserError(f"{folder} has one class folder, {name}; a classifier needs two or more: add a folder per class")
-
-
-def validation_folder(data_dir):
-    """DIR/val/ (or valid/, validation/) beside DIR/train/: the user's own validation split; None if none."""
-    root = Path(data_dir)
-    return val_folder_in(root) if (root / "train").is_dir() else None
 
 
 def val_folder_in(root):
@@ -742,14 +730,6 @@ def typical_side(items, sample=50):
     return sorted(sides)[len(sides) // 2] if sides else IMAGE_SIZE
 
 
-def small_image_side(typical):
-    """The side small images are kept at, from their median shorter side (typical_side): CIFAR's 32
-    for images no larger, their own up to SMALL_SIDE; None for photos."""
-    if typical > SMALL_SIDE:
-        return None
-    return max(IMAGE_SIZE, typical)
-
-
 # ---------------------------------------------------------------------------------- splits and fingerprints
 
 
@@ -769,7 +749,6 @@ def stratified_split(labels, fraction, seed):
 
 
 def training_subset(labels, train, max_train_samples, seed):
-    """The training indices cut to a stratified subset of about max_train_samples (None: all)."""
     if max_train_samples and max_train_samples < len(train):
         _, keep = stratified_split(labels[train], max_train_samples / len(train), seed)
         train = train[keep]

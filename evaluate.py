@@ -26,8 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-# Ctrl-C during the slow imports below: exit quietly, as main() does later. os._exit, not sys.exit: an
-# exception raised inside a half-loaded C extension (numpy's) can break the interpreter's shutdown.
+# Ctrl-C during the slow imports below: exit quietly, with os._exit (train.py says why)
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
 
@@ -171,7 +170,6 @@ def print_report(results, classes):
 
 
 def run_data_from(args, metadata):
-    """The run's --data-dir, as its checkpoint records it, unless one is given."""
     recorded = metadata.get("config", {}).get("data_dir")
     if not args.data_dir and recorded and not Path(recorded).exists():
         raise data.UserError(f"the run's data folder {recorded} does not exist any more (moved?); pass --data-dir")
@@ -232,7 +230,6 @@ def stored_side(metadata):
 
 
 def default_batch(size):
-    """Images a pass when --batch-size is not given: BATCH_PIXELS of network input at size x size."""
     return max(1, BATCH_PIXELS // size**2)
 
 
@@ -362,7 +359,6 @@ def read_history(checkpoint):
 
 
 def describe(results):
-    """What was evaluated, for the report's header and the plots' titles."""
     return f"{results['checkpoint']}, {results['split']} split, TTA {'on' if results['tta'] else 'off'}"
 
 
@@ -589,7 +585,6 @@ def mistake_label(true, predicted, probability, classes):
 
 
 def plot_mistakes(images, probabilities, rows, classes, title):
-    """A row per most confused pair: its images predicted wrongly with the highest confidence."""
     figure, axes = plt.subplots(len(rows), MISTAKES_PER_PAIR, figsize=(1.9 * MISTAKES_PER_PAIR, 2.2 * len(rows) + 0.6))
     for row, (true, predicted, wrong) in zip(axes.reshape(len(rows), -1), rows):
         for axis, i in itertools.zip_longest(row, wrong):
@@ -692,7 +687,6 @@ def calibration(logits, labels, temperature=1.0):
 
 
 def calibration_report(logits, labels, metadata):
-    """The split's calibration at T = 1 and, when the checkpoint has one, at its fitted temperature."""
     temperature = metadata.get("temperature")
     raw = calibration(logits, labels)
     calibrated = None if temperature is None else calibration(logits, labels, temperature)
@@ -700,8 +694,6 @@ def calibration_report(logits, labels, metadata):
 
 
 def few_images_caveat(metadata):
-    """A sentence when the checkpoint's temperature was fitted on fewer than FEW_FOR_CALIBRATION
-    images, else ''."""
     images = metadata.get("calibration", {}).get("images", FEW_FOR_CALIBRATION)
     if images >= FEW_FOR_CALIBRATION:
         return ""
@@ -795,7 +787,6 @@ def write_csv(path, files, ranked, k):
 
 
 def write_sheets(args, files, images, probabilities, classes, maps=None):
-    """--predict's contact sheets, SHEET_COLUMNS x SHEET_ROWS images each."""
     per_sheet = SHEET_COLUMNS * SHEET_ROWS
     starts = range(0, len(files), per_sheet)
     figures, drawn = {}, [printable(name) for name in classes]
@@ -1098,7 +1089,6 @@ def written_here(path):
 
 
 def create(folders):
-    """Make the output folders (output_folders), once the inputs have proved good."""
     for flag, _, folder in folders:
         with writing(folder, flag):
             folder.mkdir(parents=True, exist_ok=True)

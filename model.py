@@ -33,7 +33,15 @@ def build_model(num_classes, stem="cifar", weights="imagenet", groups=None, zero
     arch = arch or ARCH
     model = torchvision.models.get_model(arch, zero_init_residual=zero_init_residual)
     if weights == "imagenet":
-        model.load_state_dict(imagenet_state_dict(arch))
+        imagenet = torchvision.models.get_model_weights(arch).IMAGENET1K_V1  # ResNet18's only; all ResNets have them
+        try:
+            state = imagenet.get_state_dict(progress=False)
+        except Exception as error:
+            raise UserError(
+                f"could not download the ImageNet {arch} weights ({error}). Offline, pass "
+                f"--weights PATH (a saved torchvision {arch} state dict) or --weights none."
+            ) from error
+        model.load_state_dict(state)
     elif weights != "none":
         load_backbone(model, weights, arch)
     features = model.fc.in_features  # the pooled features' width: 512 for ResNet18 and 34, 2048 from 50 up
@@ -73,7 +81,6 @@ def group_index(groups, num_classes):
 
 
 def is_head(name):
-    """Whether a parameter (by its state-dict name) belongs to the head."""
     return name.startswith(f"{HEAD}.")
 
 
@@ -88,21 +95,20 @@ def freeze_backbone(model, frozen):
                 module.eval()
 
 
-def imagenet_state_dict(arch):
-    weights = torchvision.models.get_model_weights(arch).IMAGENET1K_V1  # ResNet18's only ones; all ResNets have them
-    try:
-        return weights.get_state_dict(progress=False)
-    except Exception as error:
-        raise UserError(
-            f"could not download the ImageNet {arch} weights ({error}). Offline, pass "
-            f"--weights PATH (a saved torchvision {arch} state dict) or --weights none."
-        ) from error
-
-
 def load_backbone(model, path, arch):
     """Load a torchvision state dict of arch into model, all but the last layer, whatever that is
     (torchvision's 1000 classes, one of our runs' heads, a --two-stage run's TwoStageHead)."""
-    state = read_state_dict(path)
+    check_weights_file(Path(path))  # its messages as before: the path as Path prints it
+    try:
+        if Path(path).suffix == ".safetensors":
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0].split(". ")[0]  # torch's unpickling errors run to many lines
+        raise UserError(
+            f"could not read weights {Path(path)} ({reason}); expected a .pth or .safetensors state dict"
+        ) from error
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path} holds no state dict; save one with torch.save(model.state_dict(), path)")
     state = {key.removeprefix("module."): value for key, value in state.items()}
@@ -121,20 +127,6 @@ def check_weights_file(path):
         raise UserError(f"weights file {path} not found; pass an existing file, or --weights none")
 
 
-def read_state_dict(path):
-    path = Path(path)
-    check_weights_file(path)
-    try:
-        if path.suffix == ".safetensors":
-            return load_file(path)
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        reason = str(error).strip().splitlines()[0].split(". ")[0]  # torch's unpickling errors run to many lines
-        raise UserError(
-            f"could not read weights {path} ({reason}); expected a .pth or .safetensors state dict"
-        ) from error
-
-
 def first_mismatch(expected, found):
     """Describe the first key that is missing, extra or of another shape, or return None."""
     for key, tensor in expected.items():
@@ -150,8 +142,6 @@ def first_mismatch(expected, found):
 
 
 def save_checkpoint(model, path, metadata):
-    """Write model's state dict and metadata atomically: a crash or a full disk leaves the old file
-    intact."""
     state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
     text = {key: value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items()}
     write_atomically(path, lambda temporary: save_file(state, temporary, metadata=text))
@@ -238,7 +228,6 @@ def usual_permissions(path):
 
 
 def check_folder_can_be_made(folder, flag, given):
-    """Refuse, before any work, a folder that could not be made or written in."""
     existing = next(path for path in (folder, *folder.absolute().parents) if path.exists())
     if not existing.is_dir():
         raise UserError(f"{flag} {given}: {existing} is a file, not a folder; pass another {flag}")

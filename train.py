@@ -416,7 +416,9 @@ def end_epoch(run, record, args, accelerator, validated):
             f"{kept or 'no checkpoint was saved'}. Lower --lr and start again with --overwrite"
         )
     run.history.append(record)
-    accelerator.log(tracked_values(record, run.classes), step=record["epoch"] * len(run.train_loader))
+    tracked = {key: value for key, value in record.items() if key != "val_per_class"}  # one value a class, below
+    tracked |= {f"val_acc/{name}": acc for name, acc in zip(run.classes, record["val_per_class"])}
+    accelerator.log(tracked, step=record["epoch"] * len(run.train_loader))
     improved = best_record(run.history) is record
     if accelerator.is_main_process:
         metadata = checkpoint_metadata(args, run.classes, run.groups, accelerator, record) | calibrate(*validated)
@@ -593,7 +595,6 @@ DEFAULT_RECIPE = RECIPE_VALUES["default"]
 
 
 def protecting(args):
-    """The flags given that protect pretrained features."""
     return [flag for flag, on in (("--freeze-epochs", args.freeze_epochs), ("--backbone-lr-mult",
             args.backbone_lr_mult != 1)) if on]  # fmt: skip
 
@@ -640,14 +641,11 @@ def absolute_paths(settings):
 
 
 def data_settings(args, typical_side):
-    """The settings that depend on the images, from their median shorter side: CIFAR-sized ones stay
-    32x32 in memory, small ones (up to data.SMALL_SIDE) their own size; both take a padded random crop
-    and, with torchvision's stem, are upsampled per batch to at least 48. Photos are stored a bit
-    larger than the network's input (256 for 224) for random-resized crops, evaluated on the centre
-    crop, and get torchvision's stem (the cifar stem would cost 16x the compute at 224 for nothing)
-    and a smaller batch. Flags given explicitly win. Returns the rule applied, in words."""
-    small = data.small_image_side(typical_side)
-    photos = small is None
+    """The settings that depend on the images' median shorter side (the sizes: see data.SMALL_SIDE). Photos
+    also get torchvision's stem (the cifar stem would cost 16x the compute at 224 for nothing) and a
+    smaller batch. Flags given explicitly win. Returns the rule applied, in words."""
+    photos = typical_side > data.SMALL_SIDE
+    small = max(data.IMAGE_SIZE, typical_side)  # the side CIFAR-sized and small images are kept at
     recipe = RECIPE_VALUES[args.recipe]
     if args.lr is None:
         args.lr = SCRATCH_LR if args.recipe != "seed" and args.weights == "none" else recipe["lr"]
@@ -804,7 +802,6 @@ def two_stage_groups(classes):
 
 
 def training_controls(args):
-    """The training controls that are on, in words, for the recipe's log line."""
     controls = [
         f"head only for {args.freeze_epochs} epoch(s)" if args.freeze_epochs else "",
         f"the first {args.small_epochs} epoch(s) at {args.image_size}x{args.image_size}" if args.small_epochs else "",
@@ -818,7 +815,6 @@ def training_controls(args):
 
 
 def effective_batch(args, accelerator):
-    """Images an optimizer step: per process, times processes, times accumulated batches."""
     return args.batch_size * accelerator.num_processes * args.grad_accum_steps
 
 
@@ -1035,14 +1031,12 @@ def find_lr(args, accelerator):
 
 
 def batches_forever(loader):
-    """The loader's batches, pass after pass, each pass in a new order."""
     for epoch in itertools.count(1):
         loader.set_epoch(epoch)
         yield from loader
 
 
 def plot_lr_find(path, lrs, losses, smoothed, suggestion, args):
-    """Loss against lr on a log axis, the raw loss faint, the smoothed one bold, the suggestion marked."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display needed
@@ -1397,12 +1391,6 @@ def start_trackers(accelerator, out, args):
     accelerator.init_trackers(TRACKER_PROJECT, config=config)
 
 
-def tracked_values(record, classes):
-    """The epoch's history record, with the per-class validation accuracy as one value per class."""
-    values = {key: value for key, value in record.items() if key != "val_per_class"}
-    return values | {f"val_acc/{name}": acc for name, acc in zip(classes, record["val_per_class"])}
-
-
 # ---------------------------------------------------------------------------------- process plumbing
 
 
@@ -1511,7 +1499,6 @@ def precision_chosen():
 
 
 def cpu_flags():
-    """The CPU's instruction-set flags, from Linux's /proc/cpuinfo; none elsewhere."""
     try:
         with open("/proc/cpuinfo") as file:
             return set(next((line.split(":", 1)[1].split() for line in file if line.startswith("flags")), []))

@@ -239,7 +239,7 @@ def load_split(
     if val_dir is None:
         train, val = train_val_indices(labels, classes, val_fraction, seed, max_train_samples)
         sources = {"train": (items, labels, train), "val": (items, labels, val)}
-        found = fingerprint(data_dir, items, labels, classes)
+        found = fingerprint(data_dir, items, labels, classes, val_paths=[items[i] for i in val.tolist()])
         where = f"{val_fraction:.0%} of train/ (stratified, --seed {seed})"
     else:
         sources, found = validation_folder_sources(data_dir, val_dir, items, labels, classes, max_train_samples, seed)
@@ -256,14 +256,19 @@ def load_split(
     for part in parts:
         split = load_part(*sources[part], side, folders[part], cache_dir if cached else None, opened, data_on == "disk")
         splits[part] = split if data_on == "disk" else split.in_memory()
-    for part, split in splits.items():  # a class whose images could none be read is gone
-        empty = [name for name, n in zip(classes, torch.bincount(split.labels, minlength=len(classes))) if n == 0]
-        if empty:
-            raise UserError(
-                f"none of the {part} images of class {empty[0]!r} could be read (see the warning above); "
-                f"replace them, or remove the class folder"
-            )
+    for part, split in splits.items():
+        check_every_class_read(part, split.labels, classes, "replace them, or remove the class folder")
     return splits, classes, found, where
+
+
+def check_every_class_read(part, labels, classes, advice):
+    """Refuse a part in which no image of a class could be read: that class would be gone from training,
+    or scored 0% in an evaluation."""
+    empty = [name for name, n in zip(classes, torch.bincount(labels, minlength=len(classes))) if n == 0]
+    if empty:
+        raise UserError(
+            f"none of the {part} images of class {empty[0]!r} could be read (see the warning above); {advice}"
+        )
 
 
 def load_images(data_dir, split, side=IMAGE_SIZE, expected_classes=None, cache_dir=None):
@@ -273,6 +278,7 @@ def load_images(data_dir, split, side=IMAGE_SIZE, expected_classes=None, cache_d
     check_classes(classes, expected_classes, data_dir)
     check_memory(len(labels), side, advice=f"free memory, or evaluate part of {split}/ at a time")
     part = load_part(items, labels, torch.arange(len(labels)), side, Path(data_dir) / split, cache_dir, {})
+    check_every_class_read(f"{split}/", part.labels, classes, "replace them: an evaluation needs every class")
     return part.in_memory().images, part.labels, classes
 
 
@@ -703,7 +709,8 @@ def validation_folder_sources(data_dir, val_dir, items, labels, classes, max_tra
             f"raise it (at least {len(classes)}, one image a class)"
         )
     sources = {"train": (items, labels, train), "val": (val_items, val_labels, torch.arange(len(val_labels)))}
-    return sources, fingerprint(data_dir, items, torch.cat([labels, val_labels]), classes, val_items)
+    found = fingerprint(data_dir, items, torch.cat([labels, val_labels]), classes, val_items, val_items, val_dir.name)
+    return sources, found
 
 
 def check_classes(classes, expected, data_dir):
@@ -779,38 +786,75 @@ def train_val_indices(labels, classes, val_fraction, seed, max_train_samples=Non
     return train, val
 
 
-def fingerprint(data_dir, items, labels, classes, val_items=()):
+def fingerprint(data_dir, items, labels, classes, val_items=(), val_paths=(), val_folder=None):
     """A small record of the data a run is split from, to check later that a folder still holds it:
     the images per class (labels: train/'s, and a validation folder's after them), and a hash of an
     image folder's listed images (items, and a validation folder's val_items) as relative paths and
     file sizes, sorted so that the order files are listed in does not matter; or of CIFAR-10's
-    pixels and labels (items, from list_images)."""
+    pixels and labels (items, from list_images). For an image folder also where validation comes
+    from (val_folder: DIR/<val_folder>/, or None: cut from train/) and a hash of the validation
+    images' bytes (val_paths; see sampled_bytes)."""
+    counts = dict(zip(classes, torch.bincount(labels, minlength=len(classes)).tolist()))
     if isinstance(items, torch.Tensor):
         content = items.numpy().tobytes() + labels.numpy().tobytes()
-    else:
-        # train/'s paths relative to it, as before validation folders were read; val/'s relative to DIR
-        root = Path(data_dir)
-        relative = [(path, len(str(root / "train"))) for path in items] + [(path, len(str(root))) for path in val_items]
-        content = "\n".join(
-            sorted(
-                f"{path[prefix:]}\0{os.stat(path).st_size if os.path.exists(path) else -1}"  # -1: a broken link
-                for path, prefix in relative
-            )
-        ).encode(errors="surrogateescape")  # a file name of other bytes than UTF-8 (an old zip's) too
-    counts = torch.bincount(labels, minlength=len(classes)).tolist()
-    return {"sha256": hashlib.sha256(content).hexdigest()[:16], "images_per_class": dict(zip(classes, counts))}
+        return {"sha256": hashlib.sha256(content).hexdigest()[:16], "images_per_class": counts}
+    # train/'s paths relative to it, as before validation folders were read; val/'s relative to DIR
+    root = Path(data_dir)
+    relative = [(path, len(str(root / "train"))) for path in items] + [(path, len(str(root))) for path in val_items]
+    content = "\n".join(
+        sorted(
+            f"{path[prefix:]}\0{os.stat(path).st_size if os.path.exists(path) else -1}"  # -1: a broken link
+            for path, prefix in relative
+        )
+    ).encode(errors="surrogateescape")  # a file name of other bytes than UTF-8 (an old zip's) too
+    return {
+        "sha256": hashlib.sha256(content).hexdigest()[:16],
+        "images_per_class": counts,
+        "val_folder": val_folder,
+        "val_bytes": sampled_bytes(val_paths),
+    }
+
+
+def sampled_bytes(paths, size=4096):
+    """A hash of each file's first and last `size` bytes, in path order: images swapped or replaced
+    by others of the same size (which the listing's hash misses) differ there, as a JPEG's or PNG's
+    compressed pixels run to its end. 8 KiB a file whatever its size: CIFAR-10's 10,000 validation JPEGs
+    added 0.11 s to the listing hash's 0.22 s here (files in the page cache)."""
+    digest = hashlib.sha256()
+    for path in sorted(paths):  # all in data_dir: the order of their relative paths, wherever it is
+        try:
+            with open(path, "rb") as file:
+                digest.update(file.read(size))
+                file.seek(max(size, os.fstat(file.fileno()).st_size - size))
+                digest.update(file.read(size))
+        except OSError:  # a broken link or an unreadable file: the decoder names it
+            digest.update(b"\0")
+    return digest.hexdigest()[:16]
 
 
 def data_difference(expected, found):
-    """What differs between two fingerprints, in words; None when they match."""
-    if expected == found:
+    """What differs between two fingerprints, in words; None when they match. Only what expected
+    records is compared: a run's older fingerprint lacks the validation keys."""
+    if all(found.get(key) == value for key, value in expected.items()):
         return None
+    if not same_validation_source(expected, found):
+        had, has = expected["val_folder"], found.get("val_folder")
+        return (f"the run validated on its {had}/ folder, which is not there" if had else
+                f"the run cut its validation split from train/, and this folder has {has}/")  # fmt: skip
     had, has = expected["images_per_class"], found["images_per_class"]
     changes = [f"{name}: {has.get(name, 0)} images, the run had {n}" for name, n in had.items() if has.get(name) != n]
     changes += [f"{name}: a class the run did not have" for name in has if name not in had]
     if changes:
         return "; ".join(changes[:3]) + ("; ..." if len(changes) > 3 else "")
+    if expected["sha256"] == found["sha256"]:
+        return "the same files and sizes, but validation images with other contents: images swapped or replaced"
     return "as many images per class, but other files or file sizes: images replaced, or another copy"
+
+
+def same_validation_source(expected, found):
+    """Whether the validation images come from the same place (DIR/val/, or cut from train/) as the
+    run's did: only then can --skip-data-check evaluate images the run did not train on."""
+    return "val_folder" not in expected or expected["val_folder"] == found.get("val_folder")
 
 
 # ---------------------------------------------------------------------------------- decoding

@@ -192,6 +192,10 @@ def load_split(args, metadata):
         images, labels, _ = data.load_images(args.data_dir, "test", side, metadata["classes"], cache)
         return images, labels, "any labelled test set is fair"
     alone = data.val_folder_in(root)
+    if not (root / "train").is_dir() and not alone and (root / "test").is_dir():
+        raise data.UserError(
+            f"{root} has test/ but no train/ or val/ to take a validation split from; drop --split val"
+        )
     if not (root / "train").is_dir() and alone:  # DIR/val/<class>/ on its own, as test/ alone: all of it
         images, labels, _ = data.load_images(args.data_dir, alone.name, side, metadata["classes"], cache)
         return images, labels, f"{alone} on its own, whole: not checked against the run's data"
@@ -203,10 +207,11 @@ def load_split(args, metadata):
         if expected is None:
             checked.append(f"{UNCHECKED}: the checkpoint predates data fingerprints")
             print(f"warning: {checked[0]}; the validation split is the run's only if {args.data_dir} is its data")
-        elif difference and not args.skip_data_check:
+        elif difference and not (args.skip_data_check and data.same_validation_source(expected, found)):
+            skip = ", or --skip-data-check" if data.same_validation_source(expected, found) else ""
             raise data.UserError(
                 f"{args.data_dir} is not the data this run was split from ({difference}), so its validation split "
-                f"would hold other images, some perhaps trained on. Pass the run's --data-dir, or --skip-data-check"
+                f"would hold other images, some perhaps trained on. Pass the run's --data-dir{skip}"
             )
         else:
             checked.append(f"skipped (--skip-data-check): {difference}" if difference else RUNS_OWN)
@@ -690,15 +695,23 @@ def calibration_report(logits, labels, metadata):
     temperature = metadata.get("temperature")
     raw = calibration(logits, labels)
     calibrated = None if temperature is None else calibration(logits, labels, temperature)
-    return dict(raw=raw, calibrated=calibrated, caveat=few_images_caveat(metadata))
+    return dict(raw=raw, calibrated=calibrated, caveat=calibration_caveat(metadata))
 
 
-def few_images_caveat(metadata):
+def calibration_caveat(metadata):
+    """A sentence when the checkpoint's temperature is not to be trusted, else '': fitted on fewer than
+    FEW_FOR_CALIBRATION images, or at an end of TEMPERATURE_RANGE (the split's NLL has no minimum inside)."""
     images = metadata.get("calibration", {}).get("images", FEW_FOR_CALIBRATION)
-    if images >= FEW_FOR_CALIBRATION:
+    temperature = metadata.get("temperature", 1.0)
+    if images < FEW_FOR_CALIBRATION:
+        why = f"fitted on only {images} validation images, too few to trust"
+    elif any(math.isclose(temperature, end, rel_tol=1e-6) for end in TEMPERATURE_RANGE):
+        why = f"stopped at {temperature:g}, an end of the range searched: its validation split had no better T"
+    else:
         return ""
-    return (f"T was fitted on only {images} validation images, too few to trust: check it on a test/ folder of "
-            f"your own; --predict --no-calibration gives the raw probabilities")  # fmt: skip
+    return (
+        f"T was {why}: check it on a test/ folder of your own; --predict --no-calibration gives the raw probabilities"
+    )
 
 
 # ---------------------------------------------------------------------------------- --predict
@@ -752,7 +765,7 @@ def classify(args):
     elif "temperature" in metadata:
         print(f"probabilities: calibrated, softmax of logits / {temperature:.3f} (the temperature fitted on the run's "
               f"validation split); --no-calibration shows the raw ones")  # fmt: skip
-        if caveat := few_images_caveat(metadata):
+        if caveat := calibration_caveat(metadata):
             print(caveat)
     else:
         print("probabilities: raw; the checkpoint has no temperature (written before train.py fitted one)")
@@ -904,8 +917,8 @@ def export_onnx(args):
     path = Path(args.export_onnx)
     if not path.name.lower().endswith(".onnx") or path.name.lower() == ".onnx":
         raise data.UserError(f"--export-onnx '{args.export_onnx}': give a file name ending in .onnx (model.onnx)")
-    if path.is_dir():
-        raise data.UserError(f"--export-onnx {path} is a folder; pass a file name, such as {path / 'model.onnx'}")
+    if path.is_dir() or args.export_onnx.endswith(("/", os.sep)):
+        raise data.UserError(f"--export-onnx {path} names a folder; pass a file name, such as {path / 'model.onnx'}")
     if path.exists() and not args.overwrite:
         raise data.UserError(f"--export-onnx {path} exists; pass --overwrite to replace it, or another name")
     if args.split == "val" and args.data_dir is None:
@@ -1059,8 +1072,8 @@ def output_folders(args):
     leaves nothing behind."""
     folders = []
     for flag, path in (("--json", args.json), ("--csv", args.csv)):
-        if path and Path(path).is_dir():
-            raise data.UserError(f"{flag} {path} is a folder; pass a file name in it")
+        if path and (Path(path).is_dir() or path.endswith(("/", os.sep))):  # Path("a.json/") is "a.json"
+            raise data.UserError(f"{flag} {path} names a folder; pass a file name in it")
         kind = flag.removeprefix("--")
         # the name guards what the user has: a mistyped --json CKPT would replace the checkpoint
         if path and (Path(path).suffix.lower() != f".{kind}" or Path(path).name == "history.json"):

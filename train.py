@@ -59,7 +59,7 @@ from tqdm.auto import tqdm
 import data
 import model  # model.ARCH is read when a run starts
 from data import UserError, bounded
-from evaluate import calibration, drawn_here, few_images_caveat, fit_temperature, png_source, writing
+from evaluate import calibration, calibration_caveat, drawn_here, fit_temperature, png_source, writing
 from model import (
     best_record,
     build_model,
@@ -163,7 +163,10 @@ def train(args):
                 f"({run.images_per_epoch / seconds:.3g} img/s){'  *best' if improved else ''}"
             )
             if patience_ran_out(args, run.history):
-                accelerator.print(f"early stop: no lower validation loss for {args.patience} epochs")
+                best = best_record(run.history)["epoch"]
+                accelerator.print(
+                    f"early stop: no lower validation loss in the {epoch - best} epochs since epoch {best}"
+                )
                 break
     except (OSError, SafetensorError) as error:  # safetensors reports a full disk as its own error
         full = getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error)
@@ -469,7 +472,10 @@ def start_run(run, args, out, progress, accelerator):
     )
     run.history = []
     if progress:
-        accelerator.load_state(run.out / "state")
+        try:
+            accelerator.load_state(run.out / "state")
+        except Exception as error:  # a damaged file: torch's, safetensors' or pickle's own error
+            raise UserError(damaged_state(run.out, run.out / "state", error)) from error
         run.history = progress["history"]
         change = f"; {run.change}" if run.change else ""
         accelerator.print(f"resumed {run.out} after epoch {len(run.history)}{change}")
@@ -706,7 +712,7 @@ def resumed_settings(args, progress):
     checked against its fingerprint). Any other flag given must equal the run's value, so the command
     that started the run, with --resume added, continues it. Settings newer than the run: defaults."""
     saved = progress["config"]
-    defaults = vars(parse_args(["--recipe", saved["recipe"], "--weights", saved["weights"]]))
+    defaults = vars(parse_args(["--recipe", saved["recipe"]]))  # the saved settings override these
     # where its data comes from and how it runs: the run's own, unless given anew (the printed resume
     # command names neither, and the run's cache is not the default one when it had a --cache-dir)
     machinery = {key: args.given.get(key, saved.get(key, getattr(args, key))) for key in ("cache_dir", "data_on")}
@@ -962,7 +968,7 @@ def calibration_summary(checkpoint):
         f"calibration: T = {metadata['temperature']:.3f}, fitted on {fitted['fitted_on']} (NLL {nll_before:.4f} -> "
         f"{nll_after:.4f}, ECE {ece_before:.4f} -> {ece_after:.4f}); evaluate.py divides the logits by it"
     )
-    return [line] + ([caveat] if (caveat := few_images_caveat(metadata)) else [])
+    return [line] + ([caveat] if (caveat := calibration_caveat(metadata)) else [])
 
 
 # ---------------------------------------------------------------------------------- the lr range test
@@ -984,7 +990,7 @@ def find_lr(args, accelerator):
     check_folder_can_be_made(plot.parent, "--output-dir", args.output_dir or ".")
     if plot.is_dir() or (plot.exists() and not drawn_here(plot)):
         raise UserError(f"{plot} is not a plot of train.py --find-lr, and the plot would replace it; move it, or "
-                        f"pass another --output-dir")  # fmt: skip
+                        f"move it, or pass another --output-dir")  # fmt: skip
     low, high = FIND_LR_RANGE
 
     def lr_at(step):
@@ -1085,13 +1091,33 @@ def latest_state(out):
     return next((out / name for name in STATE_DIRS if (out / name / "progress.json").is_file()), None)
 
 
+def read_progress(out):
+    """The settings and history saved with the run's newest state, refused in one line when damaged."""
+    path = latest_state(out) / "progress.json"
+    try:
+        progress = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(damaged_state(out, path, error)) from error
+    if not isinstance(progress, dict) or not {"config", "history"} <= set(progress):
+        raise UserError(damaged_state(out, path, "no config and history"))
+    return progress
+
+
+def damaged_state(out, path, error):
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return (
+        f"{path} is damaged ({reason}), so {out} cannot be resumed; start a new run from its last checkpoint "
+        f"(--weights {out / 'last.safetensors'}), or this one again with --overwrite"
+    )
+
+
 def check_output_dir(out, resume, overwrite):
     """Refuse, before any work: a file in the way, nothing to resume, or a run not to be touched."""
     check_folder_can_be_made(out, "--output-dir", out)
     foreign = [name for name in (*RUN_FILES, *STATE_DIRS) if (out / name).exists() and not of_a_run(out / name)]
     if foreign:
-        raise UserError(f"{out / foreign[0]} was not written by train.py, and a run would replace it; move it, or "
-                        f"pass another --output-dir")  # fmt: skip
+        raise UserError(f"{out / foreign[0]} was not written by train.py or is damaged, and a run would replace it; "
+                        f"move it, or pass another --output-dir")  # fmt: skip
     if resume and not latest_state(out):
         raise UserError(f"nothing to resume in {out}; start a new run without --resume")
     finished = any((out / name).exists() for name in RUN_FILES) or latest_state(out)
@@ -1241,7 +1267,7 @@ def open_run(args, accelerator):
     check_output_dir(out, args.resume, args.overwrite)
     if not args.resume:
         return args, out, None
-    progress = json.loads((latest_state(out) / "progress.json").read_text())
+    progress = read_progress(out)
     args = resumed_settings(args, progress)
     if progress["config"].get("log_with") and not args.log_with:
         accelerator.print(f"warning: the run logged to {progress['config']['log_with']}; this part of it logs to no "
@@ -1305,7 +1331,7 @@ def finished_run(args, history, saved_epochs):
         return (
             f"finished: --patience {args.patience} stopped it after epoch {len(history)} (no lower validation "
             f"loss since epoch {best_record(history)['epoch']}, which best.safetensors holds); nothing to train. "
-            f"--epochs N, more than {saved_epochs}, continues it"
+            f"--epochs N, more than {saved_epochs}, continues it until an epoch without a lower loss stops it again"
         )
     if len(history) == args.epochs:  # an lr at 0 stays there when extended: see extend_schedule
         more = "--epochs N continues it to epoch N"
@@ -1475,7 +1501,7 @@ def cpu_precision(args):
     None), accelerate's choice as launched, for another recipe, on a GPU, or where the user chose one."""
     config, state = vars(args), args.resume and args.output_dir and latest_state(Path(args.output_dir))
     if state:  # a resumed run: its own recipe, and the precision it ran in (the printed resume command names neither)
-        config = json.loads((state / "progress.json").read_text())["config"]
+        config = read_progress(Path(args.output_dir))["config"]
     if config.get("recipe") != "cpu" or torch.accelerator.is_available() or precision_chosen():
         return None, None
     if state and config.get("mixed_precision"):

@@ -99,3 +99,12 @@ def test_an_old_checkpoint_without_a_temperature_still_evaluates(trained_run, im
     assert "an uncalibrated checkpoint (no temperature" in capsys.readouterr().out
     evaluate.main([str(old), "--predict", str(next((image_folder / "test").rglob("*.jpg"))), "--no-plots"])
     assert "the checkpoint has no temperature" in capsys.readouterr().out
+
+
+def test_a_temperature_at_an_end_of_the_search_is_flagged():
+    enough = {"calibration": {"images": evaluate.FEW_FOR_CALIBRATION}}
+    logits = torch.tensor([[1.0, 0.0]] * 8)
+    for labels in (torch.zeros(8).long(), torch.ones(8).long()):  # all right: T goes to 0; all wrong: to infinity
+        fitted = evaluate.fit_temperature(logits, labels)
+        assert "an end of the range searched" in evaluate.calibration_caveat(enough | {"temperature": fitted})
+    assert evaluate.calibration_caveat(enough | {"temperature": 1.3}) == ""

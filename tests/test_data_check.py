@@ -116,3 +116,35 @@ def test_the_fingerprint_ignores_listing_order_and_hashes_cifar_pixels(image_fol
     cifar = data.fingerprint(tmp_path, pixels, torch.tensor([0, 0, 1, 1]), ["a", "b"])
     pixels[0, 0, 0, 0] = 1
     assert data.data_difference(cifar, data.fingerprint(tmp_path, pixels, torch.tensor([0, 0, 1, 1]), ["a", "b"]))
+
+
+def test_images_swapped_between_training_and_validation_are_found(tmp_path):
+    rng = np.random.default_rng(0)
+    for label, name in enumerate(["cat", "dog"]):  # BMPs: every file of a size the listing cannot tell apart
+        (tmp_path / "d" / "train" / name).mkdir(parents=True)
+        for i, pixels in enumerate(class_images(label, 10, rng)):
+            Image.fromarray(pixels).save(tmp_path / "d" / "train" / name / f"{i}.bmp")
+    paths, labels, classes = data.list_images(tmp_path / "d", "train")
+    _, val = data.train_val_indices(labels, classes, 0.2, 0)
+    before = data.fingerprint(tmp_path / "d", paths, labels, classes, val_paths=[paths[i] for i in val.tolist()])
+    held_out, trained = paths[val[0]], paths[next(i for i in range(len(paths)) if i not in val.tolist())]
+    swap = tmp_path / "swap.bmp"
+    for source, target in ((held_out, swap), (trained, held_out), (swap, trained)):
+        shutil.move(source, target)
+    after = data.fingerprint(tmp_path / "d", paths, labels, classes, val_paths=[paths[i] for i in val.tolist()])
+    assert after["sha256"] == before["sha256"]  # the same names and sizes
+    assert "validation images with other contents: images swapped" in data.data_difference(before, after)
+
+
+def test_a_run_validated_on_its_val_folder_is_not_evaluated_on_a_cut_of_train(image_folder, tmp_path):
+    shutil.copytree(image_folder / "train", tmp_path / "d" / "train")
+    shutil.copytree(image_folder / "test", tmp_path / "d" / "val")
+    train.main(quick_args(tmp_path / "d", tmp_path / "run", "--epochs", "1"))
+    (tmp_path / "d" / "val").rename(tmp_path / "d" / "val-hidden")
+    for flags in ([], ["--skip-data-check"]):  # a cut of train/ would be images the run trained on
+        with pytest.raises(SystemExit) as refused:
+            evaluate_val(tmp_path / "run" / "best.safetensors", tmp_path / "d", tmp_path, *flags)
+        assert "the run validated on its val/ folder, which is not there" in str(refused.value.code)
+        assert "--skip-data-check" not in str(refused.value.code)
+    with pytest.raises(SystemExit, match="validated on its val/ folder, which is not there"):
+        train.main(["--output-dir", str(tmp_path / "run"), "--resume", "--epochs", "2"])

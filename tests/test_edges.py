@@ -254,6 +254,16 @@ def test_a_held_out_folder_of_test_classes_alone_evaluates(trained_run, image_fo
     (held_out / "test").symlink_to(image_folder / "test")
     evaluate.main([str(trained_run / "best.safetensors"), "--data-dir", str(held_out), "--no-plots"])
     assert ": 50 images" in capsys.readouterr().out
+    message = refused([trained_run / "best.safetensors", "--data-dir", held_out, "--split", "val"], evaluate.main)
+    assert "has test/ but no train/ or val/ to take a validation split from; drop --split val" in message
+
+
+def test_a_test_class_whose_images_cannot_be_read_is_refused_not_scored_zero(trained_run, image_folder, tmp_path):
+    shutil.copytree(image_folder / "test", tmp_path / "held-out" / "test")
+    for image in (tmp_path / "held-out" / "test" / "dog").iterdir():
+        image.write_text("not an image")
+    message = refused([trained_run / "best.safetensors", "--data-dir", tmp_path / "held-out"], evaluate.main)
+    assert "none of the test/ images of class 'dog' could be read" in message
 
 
 def test_a_validation_folder_alone_evaluates_with_split_val(trained_run, image_folder, tmp_path, capsys):
@@ -442,7 +452,9 @@ def test_a_new_run_keeps_a_state_folder_and_plots_of_yours(tmp_path, capsys):
     (out / "state").mkdir(parents=True)
     (out / "state" / "notes.txt").write_text("mine")
     Image.new("RGB", (8, 8)).save(out / "holiday_predictions.png")  # a name of evaluate.py's plots
-    assert f"{out / 'state'} was not written by train.py, and a run would replace it" in refused(short_run(root, out))
+    assert f"{out / 'state'} was not written by train.py or is damaged, and a run would replace it" in refused(
+        short_run(root, out)
+    )
     (out / "state").rename(out / "kept")
     train.main(short_run(root, out))
     assert (out / "kept" / "notes.txt").read_text() == "mine" and (out / "holiday_predictions.png").exists()
@@ -464,7 +476,9 @@ def test_files_of_yours_with_a_runs_names_are_never_replaced(tmp_path):
     (out / "history.json").write_text('{"mine": 1}')
     for extra in ([], ["--overwrite"]):
         message = refused(short_run(root, out, *extra))
-        assert f"{out / 'history.json'} was not written by train.py, and a run would replace it" in message
+        assert (
+            f"{out / 'history.json'} was not written by train.py or is damaged, and a run would replace it" in message
+        )
     (out / "history.json").unlink()
     assert f"{out / 'resnet18-cifar10'} was not written by train.py" in refused(short_run(root, out, "--overwrite"))
     assert (out / "resnet18-cifar10" / "train.py").exists()

@@ -334,7 +334,8 @@ def unwritable_outputs(tmp_path):
             ["--plot-dir", tmp_path / "notes.txt" / "plots"],
             ["--plot-dir", "notes.txt is a file"],
         ),
-        "json is a folder": (["--json", tmp_path / "results"], ["--json", "is a folder"]),
+        "json is a folder": (["--json", tmp_path / "results"], ["--json", "names a folder"]),
+        "json ends in a slash": (["--json", f"{tmp_path / 'new.json'}/"], ["--json", "new.json/ names a folder"]),
         "json under a file": (
             ["--json", tmp_path / "notes.txt" / "r.json", "--no-plots"],
             ["--json", "notes.txt is a file"],

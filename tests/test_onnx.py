@@ -86,13 +86,15 @@ def test_export_refusals_are_one_line(tmp_path, monkeypatch):
         ([""], "give a file name ending in .onnx"),
         ([".onnx"], "give a file name ending in .onnx"),
         (["taken.onnx"], "exists; pass --overwrite"),
-        (["folder.onnx", "--overwrite"], "folder.onnx is a folder; pass a file name"),
+        (["folder.onnx", "--overwrite"], "folder.onnx names a folder; pass a file name"),
         (["new.onnx", "--split", "val"], "checks on --data-dir's images, else on random ones: pass --data-dir"),
     )
     for (target, *flags), words in cases:
         with pytest.raises(SystemExit) as refused:
             evaluate.main([str(path), "--export-onnx", str(tmp_path / target) if target else "", *flags])
         assert words in str(refused.value) and str(refused.value).startswith("error:")
+    with pytest.raises(SystemExit, match="fresh.onnx/? names a folder"):  # a slash at the end: not a file's name
+        evaluate.main([str(path), "--export-onnx", f"{tmp_path / 'fresh.onnx'}/"])
     assert (tmp_path / "taken.onnx").read_text() == "mine" and (tmp_path / "folder.onnx").is_dir()
     for flags in (["--json", "r.json"], ["--plot-dir", "p"], ["--no-calibration"]):
         with pytest.raises(SystemExit) as refused:  # argparse's own refusal, code 2

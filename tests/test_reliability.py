@@ -143,11 +143,14 @@ def test_a_run_stopped_by_patience_is_finished_and_a_plain_resume_trains_nothing
     command = short_run(root, out, "--epochs", "4", "--patience", "1")
     train.main(command)
     assert epochs_in(out) == [1, 2]
-    capsys.readouterr()
+    assert "early stop: no lower validation loss in the 1 epochs since epoch 1" in capsys.readouterr().out
     train.main([*command, "--resume"])
     assert "finished: --patience 1 stopped it after epoch 2" in (said := capsys.readouterr().out)
-    assert "--epochs N, more than 4, continues it" in said
+    assert "--epochs N, more than 4, continues it until an epoch without a lower loss stops it again" in said
     assert epochs_in(out) == [1, 2]
+    train.main(["--output-dir", str(out), "--resume", "--epochs", "6"])  # epoch 3's loss is higher still
+    assert epochs_in(out) == [1, 2, 3]
+    assert "no lower validation loss in the 2 epochs since epoch 1" in capsys.readouterr().out
 
 
 def test_a_finished_run_resumed_says_so_and_another_process_count_is_said(tmp_path, capsys):
@@ -510,3 +513,21 @@ def test_a_group_takes_the_classes_the_data_has():
     assert data.class_indices("vehicles", ["cat", "dog", "ship"]) == [2]
     with pytest.raises(data.UserError, match="the group vehicles .* has none of the classes"):
         data.class_indices("vehicles", ["cat", "dog"])
+
+
+@pytest.fixture(scope="module")
+def resumable_run(image_folder, tmp_path_factory):
+    """A 1-epoch run whose constant lr leaves more epochs worth training."""
+    out = tmp_path_factory.mktemp("resumable") / "run"
+    train.main(quick_args(image_folder, out, "--epochs", "1", "--schedule", "constant"))
+    return out
+
+
+@pytest.mark.parametrize("damaged", ["progress.json", "optimizer.bin", "model.safetensors"])
+def test_a_damaged_state_file_is_one_line_on_resume(resumable_run, tmp_path, damaged):
+    shutil.copytree(resumable_run, tmp_path / "run")
+    path = tmp_path / "run" / "state" / damaged
+    path.write_bytes(path.read_bytes()[:10])  # cut short, as by a full disk or a copy stopped halfway
+    message = refused(["--output-dir", tmp_path / "run", "--resume", "--epochs", "3"])
+    named = path if damaged == "progress.json" else path.parent  # accelerate's errors do not name the file
+    assert f"{named} is damaged (" in message and "cannot be resumed" in message

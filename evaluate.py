@@ -154,8 +154,11 @@ def print_report(results, classes):
         def number(value, unit=""):
             return "n/a (a loss of 0)" if value is None else f"{value:.{1 if unit else 2}f}{unit}"
 
+        size, final = o.get("best_input_size"), o.get("final_input_size")
+        at = f" at {size}x{size}" if size else ""
+        at += f", before any epoch at --input-size {final}" if size and final and size != final else ""
         print(
-            f"\nhistory: best epoch {o['best_epoch']} (the lowest validation loss at the final input size); "
+            f"\nhistory: best epoch {o['best_epoch']} (the lowest validation loss{at}); "
             f"validation loss rose {number(o['val_loss_increase_pct'], '%')} from there to the last epoch\n"
             f"train-val accuracy gap: {o['train_val_acc_gap_best']:.2f} points at the best epoch, "
             f"{o['train_val_acc_gap_last']:.2f} at the last\n"
@@ -329,6 +332,9 @@ def overfitting(history, config=None):
     increase = ratio(last["val_loss"] - best["val_loss"], best["val_loss"])
     return {
         "best_epoch": best["epoch"],
+        # after --small-epochs, the best among the epochs at the last one's size (model.best_record)
+        "best_input_size": best.get("input_size"),
+        "final_input_size": (config or {}).get("input_size"),
         "val_loss_increase_pct": None if increase is None else 100 * increase,
         "train_val_acc_gap_best": 100 * (best["train_acc"] - best["val_acc"]),
         "train_val_acc_gap_last": 100 * (last["train_acc"] - last["val_acc"]),

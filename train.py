@@ -141,7 +141,7 @@ def train(args):
             if result is None:
                 accelerator.print(
                     f"\nstopped during epoch {epoch}; {run.out} holds the state from before it. Resume with:\n"
-                    f"  {resume_command(run.out, accelerator)}"
+                    f"  {run.resume_command}"
                 )
                 sys.exit(130)
             scores, logits, labels = validate(
@@ -173,7 +173,7 @@ def train(args):
         raise UserError(
             f"could not write to {run.out} ({getattr(error, 'strerror', None) or error}); the files of the last "
             f"finished epoch are whole. {'Free space' if full else 'Make the folder writable'}, then resume: "
-            f"{resume_command(run.out, accelerator)}"
+            f"{run.resume_command}"
         ) from error
     finally:
         if run.lock is not None:
@@ -462,6 +462,11 @@ def start_run(run, args, out, progress, accelerator):
         run.model = torch.compile(run.model, mode=COMPILE_MODE)
     run.out, run.lock = start_output_dir(out, args.resume, args.overwrite, accelerator)
     args.output_dir = str(run.out)
+    # --epochs or --data-dir given anew: the state learns them at the end of an epoch, until then the command names them
+    saved = progress["config"] if progress else vars(args)
+    epochs = args.epochs if args.epochs != saved["epochs"] else None
+    data_dir = args.data_dir if args.data_dir != saved["data_dir"] else None
+    run.resume_command = resume_command(run.out, accelerator, epochs=epochs, data_dir=data_dir)
     start_trackers(accelerator, run.out, args)
     accumulated = f" x {args.grad_accum_steps} accumulated" if args.grad_accum_steps > 1 else ""
     accelerator.print(
@@ -1241,9 +1246,9 @@ def write_json(path, obj):
     write_atomically(path, lambda temporary: temporary.write_text(json.dumps(obj, indent=1)))
 
 
-def resume_command(out, accelerator, processes=None, epochs=None):
+def resume_command(out, accelerator, processes=None, epochs=None, data_dir=None):
     """The command that continues this run, with the launcher settings it ran with (processes: that
-    many instead of this launch's; epochs: extended to that many), quoted for a shell."""
+    many instead of this launch's; epochs: extended to that many; data_dir: moved there), quoted for a shell."""
     launch = ["accelerate", "launch"]
     processes = processes or accelerator.num_processes
     if processes > 1:
@@ -1251,7 +1256,9 @@ def resume_command(out, accelerator, processes=None, epochs=None):
     if accelerator.mixed_precision != "no":
         launch += ["--mixed_precision", accelerator.mixed_precision]
     return shlex.join(
-        [*launch, "train.py", "--output-dir", str(out), "--resume", *(["--epochs", str(epochs)] if epochs else [])]
+        [*launch, "train.py", "--output-dir", str(out), "--resume"]
+        + (["--epochs", str(epochs)] if epochs else [])
+        + (["--data-dir", data_dir] if data_dir else [])
     )
 
 

@@ -108,6 +108,14 @@ def test_small_epochs_train_and_validate_at_the_stored_size_first(image_folder, 
         assert model.load_checkpoint(checkpoint)[1]["input_size"] == record["input_size"]
         evaluate.main([str(checkpoint), "--split", "val", "--no-plots", "--json", str(tmp_path / "r.json")])
         assert json.loads((tmp_path / "r.json").read_text())["accuracy"] == pytest.approx(record["val_acc"])
+    capsys.readouterr()
+    evaluate.main([str(out / "best.safetensors"), "--split", "val", "--no-plots"])
+    assert "history: best epoch 2 (the lowest validation loss at 48x48);" in capsys.readouterr().out
+    (out / "history.json").write_text(json.dumps(history[:1]))  # as if stopped in epoch 2
+    evaluate.main([str(out / "best.safetensors"), "--split", "val", "--no-plots"])
+    assert "best epoch 1 (the lowest validation loss at 32x32, before any epoch at --input-size 48)" in (
+        capsys.readouterr().out
+    )
 
 
 @pytest.mark.parametrize(

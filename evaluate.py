@@ -59,7 +59,7 @@ TEMPERATURE_RANGE = (0.05, 20.0)
 # a temperature fitted on fewer validation images is said to be a guess: a few confident mistakes
 # decide it (on 50 photos it made 49 held-out ones worse; on 4,000 CIFAR images it helped: bench/after_training.md)
 FEW_FOR_CALIBRATION = 1000
-RUNS_OWN, UNCHECKED = "the run's own data", "unchecked"  # load_split's word on a validation split's images
+RUNS_OWN = "the run's own data"  # load_split's word on a validation split of the run's data
 # --export-onnx: the check runs the file with onnxruntime on ONNX_CHECK_IMAGES images of the split
 # (--data-dir) or ONNX_SYNTHETIC random ones, and refuses a logit further than ONNX_TOLERANCE from
 # PyTorch's on the CPU (float32 differences are about 1e-6 here) or another top-1 class.
@@ -208,7 +208,7 @@ def load_split(args, metadata):
         expected = metadata.get("config", {}).get("data_fingerprint")
         difference = expected and data.data_difference(expected, found)
         if expected is None:
-            checked.append(f"{UNCHECKED}: the checkpoint predates data fingerprints")
+            checked.append("unchecked: the checkpoint predates data fingerprints")
             print(f"warning: {checked[0]}; the validation split is the run's only if {args.data_dir} is its data")
         elif difference and not (args.skip_data_check and data.same_validation_source(expected, found)):
             skip = ", or --skip-data-check" if data.same_validation_source(expected, found) else ""
@@ -387,7 +387,7 @@ def calibration_line(report, data_check):
     fitted = "fitted on the run's validation split"
     if data_check == RUNS_OWN:
         fitted = "fitted on this split: optimistic"
-    elif data_check and data_check.startswith(UNCHECKED):
+    elif data_check:  # not checked, or not the run's data, or val/ alone: they may still be its images
         fitted += ": optimistic if these are its images"
     caveat = f"\n{report['caveat']}" if report["caveat"] else ""
     return (

@@ -483,7 +483,8 @@ def start_run(run, args, out, progress, accelerator):
             raise UserError(damaged_state(run.out, run.out / "state", error)) from error
         run.history = progress["history"]
         change = f"; {run.change}" if run.change else ""
-        accelerator.print(f"resumed {run.out} after epoch {len(run.history)}{change}")
+        done = f"after epoch {len(run.history)}" if run.history else "from its start (no epoch had finished)"
+        accelerator.print(f"resumed {run.out} {done}{change}")
 
 
 # ---------------------------------------------------------------------------------- settings and flags
@@ -892,8 +893,9 @@ def check_data(args, found, accelerator):
         difference = data.data_difference(args.data_fingerprint, found)
         if difference:
             raise UserError(
-                f"{args.data_dir} is not the data this run was split from ({difference}); "
-                f"resume with the run's own data: --data-dir DIR"
+                f"{args.data_dir} is not the data this run was split from ({difference}); resume with the run's "
+                f"own data (--data-dir DIR), or start a new run from its weights: "
+                f"--weights {args.output_dir}/last.safetensors"
             )
         accelerator.print(f"data: {args.data_dir} holds the run's data (fingerprint {found['sha256']})")
     args.data_fingerprint = found
@@ -957,7 +959,9 @@ def final_summary(out, args, history, classes):
         )
         checkpoint = out / "last.safetensors"
     cache = ["--cache-dir", args.cache_dir] if args.cache_dir else []  # the run's, not the default one
-    command = shlex.join(["python", "evaluate.py", str(checkpoint), "--data-dir", args.data_dir, *cache])
+    command = shlex.join(
+        ["python", beside("evaluate.py"), str(checkpoint.absolute()), "--data-dir", args.data_dir, *cache]
+    )
     return "\n".join(lines + [f"evaluate: {command}{split}"])
 
 
@@ -1123,6 +1127,8 @@ def check_output_dir(out, resume, overwrite):
     if foreign:
         raise UserError(f"{out / foreign[0]} was not written by train.py or is damaged, and a run would replace it; "
                         f"move it, or pass another --output-dir")  # fmt: skip
+    if resume and not latest_state(out) and (out / "state").is_dir():  # its progress.json lost
+        raise UserError(damaged_state(out, out / "state" / "progress.json", "missing"))
     if resume and not latest_state(out):
         raise UserError(f"nothing to resume in {out}; start a new run without --resume")
     finished = any((out / name).exists() for name in RUN_FILES) or latest_state(out)
@@ -1256,10 +1262,15 @@ def resume_command(out, accelerator, processes=None, epochs=None, data_dir=None)
     if accelerator.mixed_precision != "no":
         launch += ["--mixed_precision", accelerator.mixed_precision]
     return shlex.join(
-        [*launch, "train.py", "--output-dir", str(out), "--resume"]
+        [*launch, beside("train.py"), "--output-dir", str(Path(out).absolute()), "--resume"]
         + (["--epochs", str(epochs)] if epochs else [])
         + (["--data-dir", data_dir] if data_dir else [])
     )
+
+
+def beside(script):
+    """A script of ours as a path from the working folder, so that a printed command runs where this one did."""
+    return os.path.relpath(Path(__file__).with_name(script))
 
 
 def open_run(args, accelerator):

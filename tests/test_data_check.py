@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -61,10 +62,11 @@ def test_val_split_of_changed_data_is_refused_unless_overridden(trained_run, ima
             evaluate_val(checkpoint, folder, tmp_path)
         message = str(refused.value.code)
         assert message.startswith("error: ") and difference in message and len(message.splitlines()) == 1
+        assert "or --split val" not in message  # given already
     assert not (tmp_path / "results.json").exists()
     results = evaluate_val(checkpoint, tmp_path / "added", tmp_path, "--skip-data-check")
     assert results["data_check"] == "skipped (--skip-data-check): cat: 21 images, the run had 20"
-    assert "(fitted on the run's validation split)" in capsys.readouterr().out  # other images: not optimistic
+    assert "(fitted on the run's validation split: optimistic if these are its images)" in capsys.readouterr().out
 
 
 def test_a_checkpoint_without_a_fingerprint_evaluates_with_a_warning(trained_run, image_folder, tmp_path, capsys):
@@ -135,6 +137,10 @@ def test_images_swapped_between_training_and_validation_are_found(tmp_path):
     after = data.fingerprint(tmp_path / "d", paths, labels, classes)
     assert after["sha256"] == before["sha256"]  # the same names and sizes
     assert "but other contents: images swapped or replaced" in data.data_difference(before, after)
+    edited = bytearray(Path(trained).read_bytes())
+    edited[len(edited) // 2] ^= 1  # one bit in the middle of the pixels, the size unchanged
+    Path(trained).write_bytes(edited)
+    assert data.data_difference(after, data.fingerprint(tmp_path / "d", paths, labels, classes))
 
 
 def test_a_run_validated_on_its_val_folder_is_not_evaluated_on_a_cut_of_train(image_folder, tmp_path):
@@ -158,6 +164,7 @@ def test_a_resume_stopped_after_the_data_moved_prints_a_command_that_finds_it(
     out = tmp_path / "run"
     train.main(quick_args(tmp_path / "first", out, "--epochs", "1", "--schedule", "constant"))
     (tmp_path / "first").rename(tmp_path / "moved")
+    monkeypatch.chdir(tmp_path)  # the printed command runs from wherever this one did
     with monkeypatch.context() as patched:
         patched.setattr(train, "train_epoch", lambda *args: None)  # stopped, as by Ctrl-C, before epoch 2 ends
         with pytest.raises(SystemExit):
@@ -165,5 +172,7 @@ def test_a_resume_stopped_after_the_data_moved_prints_a_command_that_finds_it(
     printed = capsys.readouterr().out.splitlines()
     command = printed[printed.index(next(line for line in printed if line.startswith("stopped during epoch 2"))) + 1]
     assert command.endswith(f"--resume --epochs 2 --data-dir {tmp_path / 'moved'}")  # its state: 1 epoch, the old place
-    train.main(command.split()[command.split().index("train.py") + 1 :])
+    script = next(word for word in command.split() if word.endswith("train.py"))
+    assert Path(script).resolve() == Path(train.__file__).resolve()
+    train.main(command.split()[command.split().index(script) + 1 :])
     assert [r["epoch"] for r in json.loads((out / "history.json").read_text())] == [1, 2]

@@ -253,7 +253,8 @@ def test_a_held_out_folder_of_test_classes_alone_evaluates(trained_run, image_fo
     held_out.mkdir()
     (held_out / "test").symlink_to(image_folder / "test")
     evaluate.main([str(trained_run / "best.safetensors"), "--data-dir", str(held_out), "--no-plots"])
-    assert ": 50 images" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert ": 50 images" in out and "(fitted on the run's validation split)" in out  # other images: fair
     message = refused([trained_run / "best.safetensors", "--data-dir", held_out, "--split", "val"], evaluate.main)
     assert "has test/ but no train/ or val/ to take a validation split from; drop --split val" in message
 
@@ -273,7 +274,7 @@ def test_a_validation_folder_alone_evaluates_with_split_val(trained_run, image_f
     evaluate.main([str(trained_run / "best.safetensors"), "--data-dir", str(held_out), "--split", "val", "--no-plots"])
     out = capsys.readouterr().out
     assert ": 50 images" in out and "on its own, whole: not checked" in out
-    assert "(fitted on the run's validation split)" in out  # not these images: the calibrated scores are fair
+    assert "(fitted on the run's validation split: optimistic if these are its images)" in out  # unchecked
     message = refused([trained_run / "best.safetensors", "--data-dir", held_out], evaluate.main)  # --split test
     assert "has valid/ but no test/; pass --split val" in message
 

@@ -523,11 +523,15 @@ def resumable_run(image_folder, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("damaged", ["progress.json", "optimizer.bin", "model.safetensors"])
+@pytest.mark.parametrize("damaged", ["progress.json", "optimizer.bin", "model.safetensors", "lost"])
 def test_a_damaged_state_file_is_one_line_on_resume(resumable_run, tmp_path, damaged):
     shutil.copytree(resumable_run, tmp_path / "run")
     path = tmp_path / "run" / "state" / damaged
-    path.write_bytes(path.read_bytes()[:10])  # cut short, as by a full disk or a copy stopped halfway
+    if damaged == "lost":  # no progress.json at all
+        path = path.with_name("progress.json")
+        path.unlink()
+    else:
+        path.write_bytes(path.read_bytes()[:10])  # cut short, as by a full disk or a copy stopped halfway
     message = refused(["--output-dir", tmp_path / "run", "--resume", "--epochs", "3"])
-    named = path if damaged == "progress.json" else path.parent  # accelerate's errors do not name the file
+    named = path if path.name == "progress.json" else path.parent  # accelerate's errors do not name the file
     assert f"{named} is damaged (" in message and "cannot be resumed" in message

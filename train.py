@@ -999,7 +999,7 @@ def find_lr(args, accelerator):
     check_folder_can_be_made(plot.parent, "--output-dir", args.output_dir or ".")
     if plot.is_dir() or (plot.exists() and not drawn_here(plot)):
         raise UserError(f"{plot} is not a plot of train.py --find-lr, and the plot would replace it; move it, or "
-                        f"move it, or pass another --output-dir")  # fmt: skip
+                        f"pass another --output-dir")  # fmt: skip
     low, high = FIND_LR_RANGE
 
     def lr_at(step):

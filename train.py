@@ -1127,9 +1127,9 @@ def check_output_dir(out, resume, overwrite):
     if foreign:
         raise UserError(f"{out / foreign[0]} was not written by train.py or is damaged, and a run would replace it; "
                         f"move it, or pass another --output-dir")  # fmt: skip
-    if resume and not latest_state(out) and (out / "state").is_dir():  # its progress.json lost
-        raise UserError(damaged_state(out, out / "state" / "progress.json", "missing"))
     if resume and not latest_state(out):
+        if (out / "state").is_dir():  # its progress.json lost
+            raise UserError(damaged_state(out, out / "state" / "progress.json", "missing"))
         raise UserError(f"nothing to resume in {out}; start a new run without --resume")
     finished = any((out / name).exists() for name in RUN_FILES) or latest_state(out)
     if finished and not (resume or overwrite):

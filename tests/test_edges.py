@@ -210,12 +210,12 @@ def test_a_data_folder_named_like_a_temporary_build_keeps_its_cache(tmp_path, ca
 
 
 def test_the_runs_cache_follows_it_into_evaluate_and_a_resume(tmp_path, capsys):
-    root, cache = two_classes(tmp_path / "d"), tmp_path / "my-cache"
+    root, cache = two_classes(tmp_path / "cache-follows"), tmp_path / "my-cache"  # a name no other test decodes
     train.main(short_run(root, tmp_path / "run", "--cache-dir", cache))
     assert f"--cache-dir {cache}" in capsys.readouterr().out.split("evaluate: ")[-1]
     evaluate.main([str(tmp_path / "run" / "best.safetensors"), "--split", "val", "--no-plots"])
     assert f"from the cache {cache}" in capsys.readouterr().out
-    assert not any(data.default_cache_dir().glob("d-train-*")), "decoded again into the default cache"
+    assert not any(data.default_cache_dir().glob("cache-follows-train-*")), "decoded again into the default cache"
     train.main(["--output-dir", str(tmp_path / "run"), "--resume", "--epochs", "2"])  # as the printed command
     out = capsys.readouterr().out
     assert f"from the cache {cache}" in out and f"--cache-dir {cache}" in out.split("evaluate: ")[-1]

@@ -277,8 +277,9 @@ def load_images(data_dir, split, side=IMAGE_SIZE, expected_classes=None, cache_d
     """Every image of a split, decoded (or read from the cache in cache_dir): (images uint8
     [N, 3, side, side], labels, class names)."""
     items, labels, classes = list_images(data_dir, split)
-    check_classes(classes, expected_classes, data_dir, "evaluate on folders of the checkpoint's classes, all of "
-                  "them (or --split val, the run's own split)")  # fmt: skip
+    own_split = " (or --split val, the run's own split)" if split == "test" else ""  # a val/ alone: given already
+    check_classes(classes, expected_classes, data_dir, f"evaluate on folders of the checkpoint's classes, all of "
+                  f"them{own_split}")  # fmt: skip
     check_memory(len(labels), side, advice=f"free memory, or evaluate part of {split}/ at a time")
     part = load_part(items, labels, torch.arange(len(labels)), side, Path(data_dir) / split, cache_dir, {})
     check_every_class_read(f"{split}/", part.labels, classes, "replace them: an evaluation needs every class")
@@ -800,13 +801,15 @@ def fingerprint(data_dir, items, labels, classes, val_items=(), val_folder=None)
     if isinstance(items, torch.Tensor):
         content = items.numpy().tobytes() + labels.numpy().tobytes()
         return {"sha256": hashlib.sha256(content).hexdigest()[:16], "images_per_class": counts}
-    # train/'s paths relative to it, as before validation folders were read; val/'s relative to DIR
+    # train/'s paths relative to it, as before validation folders were read; val/'s relative to DIR, however
+    # DIR is spelled (--data-dir . lists val/ as val/..., not ./val/...)
     root = Path(data_dir)
-    relative = [(path, len(str(root / "train"))) for path in items] + [(path, len(str(root))) for path in val_items]
+    named = [(path, path[len(str(root / "train")) :]) for path in items]
+    named += [(path, f"/{val_folder}{path[len(str(root / val_folder)) :]}") for path in val_items]
     content = "\n".join(
         sorted(
-            f"{path[prefix:]}\0{os.stat(path).st_size if os.path.exists(path) else -1}"  # -1: a broken link
-            for path, prefix in relative
+            f"{name}\0{os.stat(path).st_size if os.path.exists(path) else -1}"  # -1: a broken link
+            for path, name in named
         )
     ).encode(errors="surrogateescape")  # a file name of other bytes than UTF-8 (an old zip's) too
     return {
@@ -841,7 +844,8 @@ def data_difference(expected, found):
     if not same_validation_source(expected, found):
         had, has = expected["val_folder"], found.get("val_folder")
         return (f"the run validated on its {had}/ folder, which is not there" if had else
-                f"the run cut its validation split from train/, and this folder has {has}/")  # fmt: skip
+                f"the run cut its validation split from train/, and this folder has a {has}/ it never used: move "
+                f"{has}/ out of it")  # fmt: skip
     had, has = expected["images_per_class"], found["images_per_class"]
     changes = [f"{name}: {has.get(name, 0)} images, the run had {n}" for name, n in had.items() if has.get(name) != n]
     changes += [f"{name}: a class the run did not have" for name in has if name not in had]

@@ -131,7 +131,9 @@ def train(args):
     start_run(run, args, out, progress, accelerator)
     stop = StopRequest(accelerator)
     try:  # the lock is let go of at the end, also when train() is called again in one process
-        if not progress:  # a state before the first step, so that even a run killed in epoch 1 resumes
+        if progress:
+            load_progress(run, progress, accelerator)
+        else:  # a state before the first step, so that even a run killed in epoch 1 resumes
             save_state(accelerator, run.out, dict(config=vars(args), history=[]))
         for epoch in range(len(run.history) + 1, args.epochs + 1):
             run.train_loader.set_epoch(epoch)
@@ -449,7 +451,7 @@ def update_ema(ema, network, step, decay):
 
 def start_run(run, args, out, progress, accelerator):
     """The rest of what the loop needs: the network validated and saved (run.evaluated: the EMA copy
-    with --ema), the run folder (made and locked) and, resumed, the state and history."""
+    with --ema) and the run folder (made and locked)."""
     network = accelerator.unwrap_model(run.model, keep_torch_compile=False)  # also under --dynamo_backend
     # The EMA copy is not wrapped for data parallel: every process updates it from the same weights.
     run.ema = copy.deepcopy(network).requires_grad_(False) if args.ema else None
@@ -462,11 +464,7 @@ def start_run(run, args, out, progress, accelerator):
         run.model = torch.compile(run.model, mode=COMPILE_MODE)
     run.out, run.lock = start_output_dir(out, args.resume, args.overwrite, accelerator)
     args.output_dir = str(run.out)
-    # --epochs or --data-dir given anew: the state learns them at the end of an epoch, until then the command names them
-    saved = progress["config"] if progress else vars(args)
-    epochs = args.epochs if args.epochs != saved["epochs"] else None
-    data_dir = args.data_dir if args.data_dir != saved["data_dir"] else None
-    run.resume_command = resume_command(run.out, accelerator, epochs=epochs, data_dir=data_dir)
+    run.resume_command = resume_command(run.out, accelerator, **given_anew(args, progress))
     start_trackers(accelerator, run.out, args)
     accumulated = f" x {args.grad_accum_steps} accumulated" if args.grad_accum_steps > 1 else ""
     accelerator.print(
@@ -476,15 +474,18 @@ def start_run(run, args, out, progress, accelerator):
         f"{', compiled' if args.compile else ''}{training_controls(args)}\noutput: {run.out}"
     )
     run.history = []
-    if progress:
-        try:
-            accelerator.load_state(run.out / "state")
-        except Exception as error:  # a damaged file: torch's, safetensors' or pickle's own error
-            raise UserError(damaged_state(run.out, run.out / "state", error)) from error
-        run.history = progress["history"]
-        change = f"; {run.change}" if run.change else ""
-        done = f"after epoch {len(run.history)}" if run.history else "from its start (no epoch had finished)"
-        accelerator.print(f"resumed {run.out} {done}{change}")
+
+
+def load_progress(run, progress, accelerator):
+    """A resumed run's state (weights, optimizer, schedule, random generators) and history."""
+    try:
+        accelerator.load_state(run.out / "state")
+    except Exception as error:  # a damaged file: torch's, safetensors' or pickle's own error
+        raise UserError(damaged_state(run.out, run.out / "state", error)) from error
+    run.history = progress["history"]
+    change = f"; {run.change}" if run.change else ""
+    done = f"after epoch {len(run.history)}" if run.history else "from its start (no epoch had finished)"
+    accelerator.print(f"resumed {run.out} {done}{change}")
 
 
 # ---------------------------------------------------------------------------------- settings and flags
@@ -894,8 +895,7 @@ def check_data(args, found, accelerator):
         if difference:
             raise UserError(
                 f"{args.data_dir} is not the data this run was split from ({difference}); resume with the run's "
-                f"own data (--data-dir DIR), or start a new run from its weights: "
-                f"--weights {args.output_dir}/last.safetensors"
+                f"own data (--data-dir DIR), or start {new_run_from(args.output_dir)}"
             )
         accelerator.print(f"data: {args.data_dir} holds the run's data (fingerprint {found['sha256']})")
     args.data_fingerprint = found
@@ -1113,11 +1113,20 @@ def read_progress(out):
 
 
 def damaged_state(out, path, error):
+    """The line for a state that would not load: unreadable (a permission: the run is whole), or damaged."""
+    if isinstance(error, PermissionError):
+        return f"cannot read {error.filename or path} ({error.strerror}); make it readable, then resume"
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return (
-        f"{path} is damaged ({reason}), so {out} cannot be resumed; start a new run from its last checkpoint "
-        f"(--weights {out / 'last.safetensors'}), or this one again with --overwrite"
+        f"{path} is damaged ({reason}), so {out} cannot be resumed; start {new_run_from(out)}, or this one again "
+        f"with --overwrite"
     )
+
+
+def new_run_from(out):
+    """A new run from the run's weights where it saved them (none before its first epoch ended)."""
+    last = Path(out) / "last.safetensors"
+    return f"a new run from its weights (--weights {last})" if last.is_file() else "a new run"
 
 
 def check_output_dir(out, resume, overwrite):
@@ -1270,7 +1279,18 @@ def resume_command(out, accelerator, processes=None, epochs=None, data_dir=None)
 
 def beside(script):
     """A script of ours as a path from the working folder, so that a printed command runs where this one did."""
-    return os.path.relpath(Path(__file__).with_name(script))
+    path = Path(__file__).with_name(script)
+    try:
+        return os.path.relpath(path)
+    except ValueError:  # Windows: the working folder is on another drive
+        return str(path)
+
+
+def given_anew(args, progress):
+    """--epochs and --data-dir given on a resume: its state learns them at the end of an epoch, until then
+    the resume command names them."""
+    saved = progress["config"] if progress else vars(args)
+    return {key: getattr(args, key) for key in ("epochs", "data_dir") if getattr(args, key) != saved[key]}
 
 
 def open_run(args, accelerator):
@@ -1320,13 +1340,12 @@ def check_resumable(out, args, progress, accelerator):
     had = len(list(latest_state(out).glob("random_states_*.pkl")))  # accelerate saves one per process
     now = accelerator.num_processes
     if had and had != now:
-        extended = args.epochs if args.epochs != progress["config"]["epochs"] else None
         per_process = args.batch_size * args.grad_accum_steps
         accelerator.print(
             f"warning: {out} was trained by {had} process(es), a global batch of {had * per_process}; it goes on "
             f"with {now}, a global batch of {now * per_process} ({per_process} per process, the same learning "
             f"rate schedule per image), so it will not match a run with {had}. For that: "
-            f"{resume_command(out, accelerator, had, extended)}"
+            f"{resume_command(out, accelerator, had, **given_anew(args, progress))}"
         )
 
 

@@ -157,6 +157,26 @@ def test_a_run_validated_on_its_val_folder_is_not_evaluated_on_a_cut_of_train(im
         train.main(["--output-dir", str(tmp_path / "run"), "--resume", "--epochs", "2"])
 
 
+def test_the_data_check_reads_a_val_folder_the_same_however_its_folder_is_spelled(image_folder, tmp_path, monkeypatch):
+    shutil.copytree(image_folder / "train", tmp_path / "d" / "train")
+    shutil.copytree(image_folder / "test", tmp_path / "d" / "val")
+
+    def found(root):
+        items, labels, classes = data.list_images(root, "train")
+        return data.validation_folder_sources(root, data.val_folder_in(root), items, labels, classes, None, 0)[1]
+
+    recorded = found(tmp_path / "d")  # train.py records it from the absolute path
+    monkeypatch.chdir(tmp_path / "d")
+    assert found(Path(".")) == recorded and found(Path("../d")) == recorded  # evaluate.py --data-dir .
+
+
+def test_a_val_folder_added_after_a_run_that_cut_its_own_says_to_move_it(image_folder, tmp_path):
+    items, labels, classes = data.list_images(image_folder, "train")
+    cut = data.fingerprint(image_folder, items, labels, classes)
+    added = dict(cut, val_folder="val")
+    assert data.data_difference(cut, added).endswith("this folder has a val/ it never used: move val/ out of it")
+
+
 def test_a_resume_stopped_after_the_data_moved_prints_a_command_that_finds_it(
     image_folder, tmp_path, monkeypatch, capsys
 ):

@@ -413,6 +413,29 @@ def test_a_test_folder_without_every_class_points_to_the_runs_split(image_folder
     assert "--split val" in capsys.readouterr().out.split("evaluate: ")[-1]
     with pytest.raises(SystemExit, match=r"or --split val, the run's own split"):
         evaluate.main([str(tmp_path / "run" / "best.safetensors"), "--no-plots"])
+    (tmp_path / "alone").mkdir()
+    (root / "test").rename(tmp_path / "alone" / "val")  # a val/ alone, as --split val reads it: given already
+    with pytest.raises(SystemExit) as refused:
+        evaluate.main(
+            [
+                str(tmp_path / "run" / "best.safetensors"),
+                "--data-dir",
+                str(tmp_path / "alone"),
+                "--split",
+                "val",
+                "--no-plots",
+            ]
+        )
+    assert "of the checkpoint's classes, all of them" in str(refused.value.code)
+    assert "--split val" not in str(refused.value.code)
+
+
+def test_printed_commands_name_the_script_by_its_absolute_path_from_another_drive(monkeypatch):
+    def other_drive(path, start=None):
+        raise ValueError("path is on mount 'D:', start on mount 'C:'")  # what Windows' relpath raises
+
+    monkeypatch.setattr(os.path, "relpath", other_drive)
+    assert train.beside("train.py") == str(Path(train.__file__).with_name("train.py"))
 
 
 def test_predict_skips_its_own_sheets_and_keeps_a_photo_bearing_a_plots_name(trained_run, tmp_path, capsys):

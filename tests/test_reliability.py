@@ -162,10 +162,14 @@ def test_a_finished_run_resumed_says_so_and_another_process_count_is_said(tmp_pa
     assert "finished: all 1 epochs are trained; nothing to train. --epochs N continues" in capsys.readouterr().out
     state = out / "state"
     shutil.copy(state / "random_states_0.pkl", state / "random_states_1.pkl")  # as a 2-process run leaves it
-    train.main(["--output-dir", str(out), "--resume", "--epochs", "2"])
+    root.rename(tmp_path / "moved")
+    train.main(["--output-dir", str(out), "--resume", "--epochs", "2", "--data-dir", str(tmp_path / "moved")])
     printed = capsys.readouterr().out
     assert "was trained by 2 process(es), a global batch of 8; it goes on with 1, a global batch of 4" in printed
-    assert f"accelerate launch --multi_gpu --num_processes 2 train.py --output-dir {out} --resume --epochs 2" in printed
+    assert (
+        f"accelerate launch --multi_gpu --num_processes 2 train.py --output-dir {out} --resume --epochs 2 "
+        f"--data-dir {tmp_path / 'moved'}" in printed
+    )
     assert epochs_in(out) == [1, 2]
 
 
@@ -535,3 +539,17 @@ def test_a_damaged_state_file_is_one_line_on_resume(resumable_run, tmp_path, dam
     message = refused(["--output-dir", tmp_path / "run", "--resume", "--epochs", "3"])
     named = path if path.name == "progress.json" else path.parent  # accelerate's errors do not name the file
     assert f"{named} is damaged (" in message and "cannot be resumed" in message
+    assert f"start a new run from its weights (--weights {tmp_path / 'run' / 'last.safetensors'})" in message
+    (tmp_path / "run" / "last.safetensors").unlink()  # as before a first epoch ended: no weights to offer
+    again = refused(["--output-dir", tmp_path / "run", "--resume", "--epochs", "3"])  # not 'another train.py is
+    assert again.endswith("cannot be resumed; start a new run, or this one again with --overwrite")  # running'
+
+
+def test_a_state_that_cannot_be_read_is_not_called_damaged(tmp_path):
+    unreadable = PermissionError(13, "Permission denied", str(tmp_path / "state" / "progress.json"))
+    message = train.damaged_state(tmp_path, tmp_path / "state", unreadable)
+    assert (
+        message
+        == f"cannot read {tmp_path / 'state' / 'progress.json'} (Permission denied); make it readable, then resume"
+    )
+    assert "--overwrite" not in message  # it would delete a run that is whole

@@ -277,7 +277,8 @@ def load_images(data_dir, split, side=IMAGE_SIZE, expected_classes=None, cache_d
     """Every image of a split, decoded (or read from the cache in cache_dir): (images uint8
     [N, 3, side, side], labels, class names)."""
     items, labels, classes = list_images(data_dir, split)
-    own_split = " (or --split val, the run's own split)" if split == "test" else ""  # a val/ alone: given already
+    # a val/ alone: given already
+    own_split = " (or the run's own split: --split val, on the run's --data-dir)" if split == "test" else ""
     check_classes(classes, expected_classes, data_dir, f"evaluate on folders of the checkpoint's classes, all of "
                   f"them{own_split}")  # fmt: skip
     check_memory(len(labels), side, advice=f"free memory, or evaluate part of {split}/ at a time")
@@ -306,9 +307,9 @@ def list_images(data_dir, split):
             f"holds {split}/<class>/ (not {split}/ itself), for CIFAR-10 a folder of its own"
         )
     if not is_cifar10_location(root):
-        found = "neither train/<class>/ nor CIFAR-10 there" if root.exists() else "no such folder"
+        found = f"neither {split}/<class>/ nor CIFAR-10 there" if root.exists() else "no such folder"
         raise UserError(
-            f"--data-dir {root}: {found}; pass the folder that holds train/<class>/ or CIFAR-10's "
+            f"--data-dir {root}: {found}; pass the folder that holds {split}/<class>/ or CIFAR-10's "
             f"cifar-10-batches-py/. CIFAR-10 is downloaded only into {DEFAULT_DATA_DIR} (the default) "
             f"or into an empty folder you made for it"
         )
@@ -571,7 +572,13 @@ def is_cifar10_location(root):
 def load_cifar10(root, train):
     try:
         dataset = CIFAR10(root, train=train, download=False)
-    except RuntimeError:  # not there yet
+    except RuntimeError as error:  # not there yet, or damaged
+        batches = root / "cifar-10-batches-py"
+        if batches.is_dir() and not (root / "cifar-10-python.tar.gz").is_file():  # nothing to unpack it from again
+            raise UserError(
+                f"{batches} is incomplete or damaged (torchvision's checksums fail); replace it with a whole copy, "
+                f"or remove it to download CIFAR-10 again"
+            ) from error
         created = [folder for folder in (root, *root.absolute().parents) if not folder.exists()]
         try:
             dataset = CIFAR10(root, train=train, download=True)
@@ -795,8 +802,9 @@ def fingerprint(data_dir, items, labels, classes, val_items=(), val_folder=None)
     image folder's listed images (items, and a validation folder's val_items) as relative paths and
     file sizes, sorted so that the order files are listed in does not matter; or of CIFAR-10's
     pixels and labels (items, from list_images). For an image folder also where validation comes
-    from (val_folder: DIR/<val_folder>/, or None: cut from train/) and a hash of the images' bytes
-    (see file_bytes)."""
+    from (val_folder: DIR/<val_folder>/, or None: cut from train/), a hash of the images' bytes (see
+    file_bytes), and the same record of the validation folder alone ("val"): evaluate.py checks only
+    those images, which train/ may change around (see validation_difference)."""
     counts = dict(zip(classes, torch.bincount(labels, minlength=len(classes)).tolist()))
     if isinstance(items, torch.Tensor):
         content = items.numpy().tobytes() + labels.numpy().tobytes()
@@ -806,18 +814,27 @@ def fingerprint(data_dir, items, labels, classes, val_items=(), val_folder=None)
     root = Path(data_dir)
     named = [(path, path[len(str(root / "train")) :]) for path in items]
     named += [(path, f"/{val_folder}{path[len(str(root / val_folder)) :]}") for path in val_items]
+    found = {"sha256": listing_hash(named), "images_per_class": counts, "val_folder": val_folder}
+    found["bytes"] = file_bytes([*items, *val_items])
+    if val_items:
+        val_counts = torch.bincount(labels[len(items) :], minlength=len(classes)).tolist()
+        found["val"] = {
+            "sha256": listing_hash(named[len(items) :]),
+            "images_per_class": dict(zip(classes, val_counts)),
+            "bytes": file_bytes(val_items),
+        }
+    return found
+
+
+def listing_hash(named):
+    """A hash of (path, name) pairs as names and file sizes, sorted: the order files are listed in does not matter."""
     content = "\n".join(
         sorted(
             f"{name}\0{os.stat(path).st_size if os.path.exists(path) else -1}"  # -1: a broken link
             for path, name in named
         )
     ).encode(errors="surrogateescape")  # a file name of other bytes than UTF-8 (an old zip's) too
-    return {
-        "sha256": hashlib.sha256(content).hexdigest()[:16],
-        "images_per_class": counts,
-        "val_folder": val_folder,
-        "bytes": file_bytes([*items, *val_items]),
-    }
+    return hashlib.sha256(content).hexdigest()[:16]
 
 
 def file_bytes(paths):
@@ -843,17 +860,28 @@ def data_difference(expected, found):
         return None
     if not same_validation_source(expected, found):
         had, has = expected["val_folder"], found.get("val_folder")
-        return (f"the run validated on its {had}/ folder, which is not there" if had else
+        instead = f" (this folder has {has}/)" if has else ""
+        return (f"the run validated on its {had}/ folder, which is not there{instead}" if had else
                 f"the run cut its validation split from train/, and this folder has a {has}/ it never used: move "
                 f"{has}/ out of it")  # fmt: skip
     had, has = expected["images_per_class"], found["images_per_class"]
     changes = [f"{name}: {has.get(name, 0)} images, the run had {n}" for name, n in had.items() if has.get(name) != n]
     changes += [f"{name}: a class the run did not have" for name in has if name not in had]
     if changes:
-        return "; ".join(changes[:3]) + ("; ..." if len(changes) > 3 else "")
+        together = f" (train/ and {expected['val_folder']}/ together)" if expected.get("val_folder") else ""
+        return "; ".join(changes[:3]) + ("; ..." if len(changes) > 3 else "") + together
     if expected["sha256"] == found["sha256"]:
         return "the same file names and sizes, but other contents: images swapped or replaced"
     return "as many images per class, but other files or file sizes: images replaced, or another copy"
+
+
+def validation_difference(expected, found):
+    """data_difference for the validation images alone: a run validated on its val/ folder keeps its
+    validation split whatever train/ holds now (val/ and train/ never share a file: load_split)."""
+    if "val" in expected and same_validation_source(expected, found):
+        difference = data_difference(expected["val"], found["val"])
+        return difference and f"in {expected['val_folder']}/: {difference}"
+    return data_difference(expected, found)
 
 
 def same_validation_source(expected, found):
@@ -1032,7 +1060,8 @@ def cache_folder(paths, side, folder, cache_dir):
     key = hashlib.sha256(f"{CACHE_VERSION}\0{side}\0".encode())
     for path in paths:
         key.update(f"{os.path.abspath(path)}\0{file_state(path)}\n".encode(errors="surrogateescape"))
-    name = f"{Path(folder).absolute().parent.name}-{Path(folder).name}-{side}px-{key.hexdigest()[:16]}"
+    folder = Path(os.path.abspath(folder))  # --data-dir .. names its folder, not '..'
+    name = f"{folder.parent.name}-{folder.name}-{side}px-{key.hexdigest()[:16]}"
     return Path(cache_dir) / name
 
 

@@ -83,6 +83,8 @@ def evaluate(args):
     classes = metadata["classes"]
     run_data_from(args, metadata)
     folders = output_folders(args)
+    if not args.no_plots:  # a PNG of yours in the way is said now, not after the evaluation
+        check_plots_are_ours(plot_folder(args), evaluation_plots(args).values())
     images, labels, data_check = load_split(args, metadata)
     create(folders)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -206,7 +208,7 @@ def load_split(args, metadata):
 
     def check(found):  # before anything is decoded: other data is refused at once
         expected = metadata.get("config", {}).get("data_fingerprint")
-        difference = expected and data.data_difference(expected, found)
+        difference = expected and data.validation_difference(expected, found)
         if expected is None:
             checked.append("unchecked: the checkpoint predates data fingerprints")
             print(f"warning: {checked[0]}; the validation split is the run's only if {args.data_dir} is its data")
@@ -214,7 +216,8 @@ def load_split(args, metadata):
             skip = ", or --skip-data-check" if data.same_validation_source(expected, found) else ""
             raise data.UserError(
                 f"{args.data_dir} is not the data this run was split from ({difference}), so its validation split "
-                f"would hold other images, some perhaps trained on. Pass the run's --data-dir{skip}"
+                f"would hold other images, some perhaps trained on. Restore the run's images, or pass --data-dir DIR "
+                f"where they are{skip}"
             )
         else:
             checked.append(f"skipped (--skip-data-check): {difference}" if difference else RUNS_OWN)
@@ -411,27 +414,33 @@ def best_and_worst(accuracies):
 # ---------------------------------------------------------------------------------- plots
 
 
-def write_plots(args, results, confusion, classes, history, shown, explain=None):
-    """Named after checkpoint, split and TTA, so that evaluations sharing a folder do not overwrite
-    each other; the curves come from the run's history, the same for best and last."""
-    folder = plot_folder(args)
+def evaluation_plots(args):
+    """The files an evaluation may draw, named after checkpoint, split and TTA, so that evaluations
+    sharing a folder do not overwrite each other; the curves come from the run's history, the same
+    for best and last."""
     prefix = f"{Path(args.checkpoint).stem}_{args.split}{'_tta' if args.tta else ''}"
+    kinds = ("confusion", "per_class", "calibration", "mistakes", "explained")
+    return {kind: f"{prefix}_{kind}.png" for kind in kinds} | {"curves": "curves.png"}
+
+
+def write_plots(args, results, confusion, classes, history, shown, explain=None):
+    folder, plot = plot_folder(args), evaluation_plots(args)
     title, names = printable(describe(results)), [printable(name) for name in classes]  # as drawn
     per_class = dict(zip(names, results["per_class"].values()))
     figures = {
-        f"{prefix}_confusion.png": lambda: plot_confusion(confusion, names, title),
-        f"{prefix}_per_class.png": lambda: plot_per_class(per_class, names, title),
-        f"{prefix}_calibration.png": lambda: plot_calibration(results["calibration"], title),
+        plot["confusion"]: lambda: plot_confusion(confusion, names, title),
+        plot["per_class"]: lambda: plot_per_class(per_class, names, title),
+        plot["calibration"]: lambda: plot_calibration(results["calibration"], title),
     }
     if results["top_confusions"]:
         images, labels, probabilities = shown
         rows = mistake_rows(labels, probabilities, results["top_confusions"], classes)
-        figures[f"{prefix}_mistakes.png"] = lambda: plot_mistakes(images, probabilities, rows, names, title)
+        figures[plot["mistakes"]] = lambda: plot_mistakes(images, probabilities, rows, names, title)
         if explain:  # (model, metadata, device): the maps of the same images, for the predicted and true class
             chosen = torch.tensor([i for _, _, wrong in rows for i in wrong])
             targets = torch.stack([probabilities[chosen].argmax(1), labels[chosen]])
             seen, maps = explained(*explain, images[chosen], targets)
-            figures[f"{prefix}_explained.png"] = lambda: plot_explained(seen, maps, probabilities, rows, names, title)
+            figures[plot["explained"]] = lambda: plot_explained(seen, maps, probabilities, rows, names, title)
     elif explain:
         print("\n--explain: no mistakes on this split, so no heat maps to draw")
     data_dir = Path(args.data_dir).resolve()
@@ -439,23 +448,18 @@ def write_plots(args, results, confusion, classes, history, shown, explain=None)
     shown = dict.fromkeys(figures, printable(shows + " --tta" * args.tta))
     if history:
         source = Path(args.checkpoint).with_name("history.json")
-        figures["curves.png"] = lambda: plot_curves(history, printable(f"training curves: {source}"))
-        shown["curves.png"] = printable(f"evaluate.py curves of {source.resolve()}")
+        figures[plot["curves"]] = lambda: plot_curves(history, printable(f"training curves: {source}"))
+        shown[plot["curves"]] = printable(f"evaluate.py curves of {source.resolve()}")
     save_figures(folder, figures, shown)
     why = "pass --explain to draw it for this one" if results["top_confusions"] else "this one has no mistakes"
-    remove_stale(folder, [f"{prefix}_mistakes.png", f"{prefix}_explained.png"], figures, why)
+    remove_stale(folder, [plot["mistakes"], plot["explained"]], figures, why)
 
 
 def save_figures(folder, figures, shown):
     """Draw, write and close each figure ({file name: drawing function}); print where they went. Each
     PNG records what it shows (shown: {file name: words}, as the PNG's Source), so that replacing a
     file that showed something else (another checkpoint, split or set of images) is said."""
-    foreign = [name for name in figures if (folder / name).exists() and not drawn_here(folder / name)]
-    if foreign:  # a photo of yours that happens to bear a plot's name is not ours to replace
-        raise data.UserError(
-            f"{folder / foreign[0]} is not a plot of evaluate.py, and a plot would replace it; move it, or pass "
-            f"another --plot-dir"
-        )
+    check_plots_are_ours(folder, figures)
     replaced = [name for name in figures if (folder / name).is_file() and png_source(folder / name) != shown[name]]
     for name, draw in figures.items():
         figure = draw()
@@ -466,6 +470,16 @@ def save_figures(folder, figures, shown):
     print("\nplots: " + ", ".join(str(folder / name) for name in figures))
     if replaced:
         print(f"replaced {len(replaced)} plot(s) of another checkpoint, split or set of images: {', '.join(replaced)}")
+
+
+def check_plots_are_ours(folder, names):
+    """A photo of yours that happens to bear a plot's name is not ours to replace."""
+    foreign = [name for name in names if (folder / name).exists() and not drawn_here(folder / name)]
+    if foreign:
+        raise data.UserError(
+            f"{folder / foreign[0]} is not a plot of evaluate.py, and a plot would replace it; move it, or pass "
+            f"another --plot-dir"
+        )
 
 
 def remove_stale(folder, names, figures, why):
@@ -754,6 +768,8 @@ def classify(args):
     classes = metadata["classes"]
     folders = output_folders(args)
     files = image_files(args.predict)
+    if not args.no_plots:
+        check_plots_are_ours(plot_folder(args), sheet_names(args, len(files)))
     side = stored_side(metadata)
     data.check_memory(len(files), side, advice="pass fewer images at a time")
     # labels: each file's own index, which tells the ones that could be read
@@ -765,7 +781,8 @@ def classify(args):
     probabilities = (predict(model, images, metadata, args.batch_size, args.tta, device) / temperature).softmax(1)
     top = probabilities.topk(min(args.top_k, len(classes)))
     ranked = [[(classes[c], p) for p, c in zip(values.tolist(), indices.tolist())] for values, indices in zip(*top)]
-    print(f"{args.checkpoint}: {len(files)} image(s); {metadata.get('preprocessing', 'stored 32x32')}")
+    tta = ", each averaged with its mirror (--tta)" if args.tta else ""
+    print(f"{args.checkpoint}: {len(files)} image(s); {metadata.get('preprocessing', 'stored 32x32')}{tta}")
     if args.no_calibration:
         print("probabilities: raw (--no-calibration), softmax of the logits")
     elif "temperature" in metadata:
@@ -805,12 +822,19 @@ def write_csv(path, files, ranked, k):
             table.writerow([path, name, f"{p:.4f}", "; ".join(f"{n} {q:.4f}" for n, q in classes_and_p)])
 
 
+def sheet_names(args, count):
+    """--predict's contact sheets for count images: <stem>_predictions.png, or _1, _2, ... when more than one."""
+    sheets = math.ceil(count / (SHEET_COLUMNS * SHEET_ROWS))
+    return [
+        f"{Path(args.checkpoint).stem}_predictions{f'_{n}' if sheets > 1 else ''}.png" for n in range(1, sheets + 1)
+    ]
+
+
 def write_sheets(args, files, images, probabilities, classes, maps=None):
     per_sheet = SHEET_COLUMNS * SHEET_ROWS
     starts = range(0, len(files), per_sheet)
     figures, drawn = {}, [printable(name) for name in classes]
-    for n, start in enumerate(starts, 1):
-        name = f"{Path(args.checkpoint).stem}_predictions{f'_{n}' if len(starts) > 1 else ''}.png"
+    for n, (name, start) in enumerate(zip(sheet_names(args, len(files)), starts), 1):
         part = slice(start, start + per_sheet)
         title = printable(f"predictions of {args.checkpoint} (sheet {n} of {len(starts)})")
         names = [printable(path.name) for path in files[part]]
@@ -928,7 +952,10 @@ def export_onnx(args):
     if path.exists() and not args.overwrite:
         raise data.UserError(f"--export-onnx {path} exists; pass --overwrite to replace it, or another name")
     if args.split == "val" and args.data_dir is None:
-        raise data.UserError("--export-onnx checks on --data-dir's images, else on random ones: pass --data-dir")
+        raise data.UserError(
+            "--split val picks the images of --data-dir that --export-onnx checks on; pass --data-dir "
+            "too (the run's own folder for its split), or drop --split"
+        )
     check_folder_can_be_made(path.parent, "--export-onnx", args.export_onnx)
     onnx, onnxruntime = onnx_packages()
     model, metadata = load_checkpoint(args.checkpoint)
@@ -1038,7 +1065,7 @@ REFUSALS = [
      "--no-calibration goes with --predict; an evaluation reports both T = 1 and the fitted T"),
     (lambda a: a.explain and a.no_plots, "--explain draws heat maps, and --no-plots draws nothing; drop one of them"),
     (lambda a: a.overwrite and not (exporting(a) or a.json or a.csv),
-     "--overwrite goes with --export-onnx, --json or --csv: a file of yours there; plots are always rewritten"),
+     "--overwrite goes with --export-onnx, --json or --csv: a file of yours there; plots replace only plots"),
     (lambda a: a.csv and not a.predict, "--csv goes with --predict; for an evaluation's results pass --json"),
     (lambda a: a.json and a.predict, "--json goes with an evaluation; for --predict's results pass --csv"),
     (lambda a: a.top_k and not a.predict, "--top-k goes with --predict: the classes shown for each image"),

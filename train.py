@@ -896,7 +896,8 @@ def check_data(args, found, accelerator):
         if difference:
             raise UserError(
                 f"{args.data_dir} is not the data this run was split from ({difference}); resume with the run's "
-                f"own data (--data-dir DIR), or start {new_run_from(args.output_dir)}"
+                f"own data (restore its images, or pass --data-dir DIR where they are), or start "
+                f"{new_run_from(args.output_dir)}"
             )
         accelerator.print(f"data: {args.data_dir} holds the run's data (fingerprint {found['sha256']})")
     args.data_fingerprint = found
@@ -1546,7 +1547,8 @@ def cpu_precision(args):
         return config["mixed_precision"], f"{config['mixed_precision']}, the run's own (--mixed_precision to change it)"
     found = sorted(BF16_INSTRUCTIONS & cpu_flags())
     if found:
-        return "bf16", f"bf16 autocast: --recipe cpu on a CPU with {', '.join(found)} (float32: --mixed_precision no)"
+        why = f"--recipe cpu on a CPU with {', '.join(found)} (float32: accelerate launch --mixed_precision no)"
+        return "bf16", f"bf16 autocast: {why}"
     return "no", "float32: --recipe cpu on a CPU with neither AVX512-BF16 nor AMX, where bf16 is slow"
 
 

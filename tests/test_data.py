@@ -107,3 +107,9 @@ def test_cifar_download_failure_names_the_offline_way(tmp_path, monkeypatch):
     monkeypatch.setattr(torchvision.datasets.CIFAR10, "download", no_network)
     with pytest.raises(data.UserError, match="--data-dir"):
         data.load_images(tmp_path, "train")
+
+
+def test_a_damaged_cifar10_copy_is_named_not_downloaded_over(fake_cifar):
+    # the fake batches fail torchvision's checksums, as a copy cut short or edited would
+    with pytest.raises(data.UserError, match="cifar-10-batches-py is incomplete or damaged .*; replace it"):
+        data.load_images(fake_cifar, "train")

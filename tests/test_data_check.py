@@ -196,3 +196,27 @@ def test_a_resume_stopped_after_the_data_moved_prints_a_command_that_finds_it(
     assert Path(script).resolve() == Path(train.__file__).resolve()
     train.main(command.split()[command.split().index(script) + 1 :])
     assert [r["epoch"] for r in json.loads((out / "history.json").read_text())] == [1, 2]
+
+
+def test_a_run_validated_on_its_val_folder_checks_those_images_alone(image_folder, tmp_path):
+    shutil.copytree(image_folder / "train", tmp_path / "d" / "train")
+    shutil.copytree(image_folder / "test", tmp_path / "d" / "val")
+    checkpoint = tmp_path / "run" / "best.safetensors"
+    train.main(quick_args(tmp_path / "d", tmp_path / "run", "--epochs", "1", "--schedule", "constant"))
+    shutil.copy(tmp_path / "d" / "train" / "cat" / "0000.png", tmp_path / "d" / "train" / "cat" / "extra.png")
+    # train/ changed around it: the validation split is the same images, trained on none
+    assert evaluate_val(checkpoint, tmp_path / "d", tmp_path)["data_check"] == "the run's own data"
+    with pytest.raises(SystemExit) as refused:  # a resumed run would train on other data: refused
+        train.main(["--output-dir", str(tmp_path / "run"), "--resume", "--epochs", "2"])
+    assert "cat: 26 images, the run had 25 (train/ and val/ together)" in str(refused.value.code)
+    assert "restore its images, or pass --data-dir DIR where they are" in str(refused.value.code)
+    (tmp_path / "d" / "val" / "cat" / "0000.jpg").unlink()
+    with pytest.raises(SystemExit) as refused:
+        evaluate_val(checkpoint, tmp_path / "d", tmp_path)
+    assert "(in val/: cat: 4 images, the run had 5)" in str(refused.value.code)
+    assert "Restore the run's images, or pass --data-dir DIR where they are, or --skip-data-check" in str(
+        refused.value.code
+    )
+    (tmp_path / "d" / "val").rename(tmp_path / "d" / "valid")
+    with pytest.raises(SystemExit, match=r"its val/ folder, which is not there \(this folder has valid/\)"):
+        evaluate_val(checkpoint, tmp_path / "d", tmp_path)

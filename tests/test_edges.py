@@ -411,7 +411,7 @@ def test_a_test_folder_without_every_class_points_to_the_runs_split(image_folder
     write_images(root / "test" / "ant", 3)  # no bee: the run's classes are not all there
     train.main(short_run(root, tmp_path / "run"))
     assert "--split val" in capsys.readouterr().out.split("evaluate: ")[-1]
-    with pytest.raises(SystemExit, match=r"or --split val, the run's own split"):
+    with pytest.raises(SystemExit, match=r"or the run's own split: --split val, on the run's --data-dir"):
         evaluate.main([str(tmp_path / "run" / "best.safetensors"), "--no-plots"])
     (tmp_path / "alone").mkdir()
     (root / "test").rename(tmp_path / "alone" / "val")  # a val/ alone, as --split val reads it: given already
@@ -447,8 +447,28 @@ def test_predict_skips_its_own_sheets_and_keeps_a_photo_bearing_a_plots_name(tra
     assert out.count("2 image(s)") == 2 and "3 image(s)" not in out
     Image.new("RGB", (32, 32)).save(tmp_path / "best_predictions.png")  # a photo of the user's
     with pytest.raises(SystemExit, match="is not a plot of evaluate.py"):
-        evaluate.main([checkpoint, "--predict", str(tmp_path / "photos" / "000.png"), "--plot-dir", str(tmp_path)])
+        evaluate.main(
+            [checkpoint, "--predict", str(tmp_path / "photos" / "000.png"), "--plot-dir", str(tmp_path), "--csv",
+             str(tmp_path / "p.csv")]
+        )  # fmt: skip
     assert png_source_is_none(tmp_path / "best_predictions.png")
+    assert not (tmp_path / "p.csv").exists()  # refused before any work: nothing written
+    Image.new("RGB", (32, 32)).save(tmp_path / "best_test_confusion.png")
+    with pytest.raises(SystemExit, match="best_test_confusion.png is not a plot of evaluate.py"):
+        evaluate.main([checkpoint, "--plot-dir", str(tmp_path), "--json", str(tmp_path / "r.json")])
+    assert not (tmp_path / "r.json").exists()
+    evaluate.main([checkpoint, "--predict", str(tmp_path / "photos" / "000.png"), "--tta", "--no-plots"])
+    assert "each averaged with its mirror (--tta)" in capsys.readouterr().out
+
+
+def test_a_cache_is_named_after_its_folder_however_the_folder_is_spelled(tmp_path, monkeypatch):
+    (tmp_path / "d" / "train").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "d" / "train")
+    named = data.cache_folder([], 32, Path("..") / "train", tmp_path / "cache").name  # --data-dir ..
+    assert (
+        named.startswith("d-train-32px-")
+        and named == data.cache_folder([], 32, tmp_path / "d" / "train", tmp_path / "cache").name
+    )
 
 
 def png_source_is_none(path):

@@ -87,7 +87,10 @@ def test_export_refusals_are_one_line(tmp_path, monkeypatch):
         ([".onnx"], "give a file name ending in .onnx"),
         (["taken.onnx"], "exists; pass --overwrite"),
         (["folder.onnx", "--overwrite"], "folder.onnx names a folder; pass a file name"),
-        (["new.onnx", "--split", "val"], "checks on --data-dir's images, else on random ones: pass --data-dir"),
+        (
+            ["new.onnx", "--split", "val"],
+            "--split val picks the images of --data-dir that --export-onnx checks on; pass --data-dir too",
+        ),
     )
     for (target, *flags), words in cases:
         with pytest.raises(SystemExit) as refused:

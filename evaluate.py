@@ -116,9 +116,12 @@ def evaluate(args):
     if history_problem:
         print(f"\n{history_problem}")
     if args.json:
+        earlier = results_in(args.json)
         with writing(args.json, "--json"):  # under a temporary name, then renamed: a failed write keeps the old file
             write_atomically(args.json, lambda temporary: temporary.write_text(json.dumps(results, indent=1)))
         print(f"\nresults: {args.json}")
+        if earlier and earlier != (results["checkpoint"], args.split, args.tta):
+            print(f"replaced the results of {earlier[0]} (--split {earlier[1]}{' --tta' * earlier[2]}) it held")
     if not args.no_plots:
         explain = (model, metadata, device) if args.explain else None
         write_plots(args, results, confusion, classes, history, (images, labels, logits.softmax(1)), explain)
@@ -1122,6 +1125,15 @@ def output_folders(args):
     for flag, given, folder in folders:
         check_folder_can_be_made(folder, flag, given)
     return folders
+
+
+def results_in(path):
+    """(checkpoint, split, tta) of the results a --json file holds; None for no file, or another."""
+    try:
+        earlier = json.loads(Path(path).read_text())
+        return earlier["checkpoint"], earlier["split"], bool(earlier.get("tta"))
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
 
 
 def written_here(path):

@@ -731,7 +731,7 @@ def resumed_settings(args, progress):
     older |= dict.fromkeys(("input_size", "image_size", "eval_crop"), data.IMAGE_SIZE)
     config = defaults | older | saved | machinery
     changed = [
-        f"--{key.replace('_', '-')} {value} (the run's: {config[key]})"
+        f"--{key.replace('_', '-')} {value} (the run's: {'not set' if config[key] is None else config[key]})"
         for key, value in args.given.items()
         if key not in (*RESUME_MAY_CHANGE, "resume", "output_dir") and value != config[key]
     ]
@@ -797,7 +797,7 @@ def per_class_accuracy_of_run(path, classes):
         if path.suffix == ".safetensors":
             accuracy = metadata["val_per_class"]
         else:
-            accuracy = min(json.loads(path.read_text()), key=lambda r: r["val_loss"])["val_per_class"]
+            accuracy = best_record(json.loads(path.read_text()))["val_per_class"]  # the epoch best.safetensors holds
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
         raise UserError(
             f"--class-weights {path}: no per-class validation accuracy with class names ({error}); "
@@ -824,6 +824,9 @@ def training_controls(args):
         f"mixup {args.mixup:g}" if args.mixup else "",
         f"CutMix {args.cutmix:g}" if args.cutmix else "",
         f"{args.auto_augment} policy" if args.auto_augment != "none" else "",
+        f"targeted augmentation for {args.targeted_augment}" if args.targeted_augment != "none" else "",
+        f"EMA {args.ema:g}" if args.ema else "",
+        "two-stage head" if args.two_stage else "",
     ]
     return "".join(f", {control}" for control in controls if control)
 

@@ -403,7 +403,9 @@ def test_a_json_or_csv_of_yours_is_kept_unless_overwrite(trained_run, tmp_path, 
     assert mine.read_text() == '{"lr": 0.1}'
     evaluate.main([checkpoint, "--no-plots", "--json", str(mine), "--overwrite"])
     evaluate.main([checkpoint, "--no-plots", "--json", str(mine)])  # its own: rewritten without a word
-    assert json.loads(mine.read_text())["num_samples"] == 50
+    assert json.loads(mine.read_text())["num_samples"] == 50 and "replaced the results" not in capsys.readouterr().out
+    evaluate.main([checkpoint.replace("best", "last"), "--no-plots", "--json", str(mine)])  # another's: said
+    assert f"replaced the results of {checkpoint} (--split test) it held" in capsys.readouterr().out
 
 
 def test_a_test_folder_without_every_class_points_to_the_runs_split(image_folder, tmp_path, capsys):
@@ -547,3 +549,9 @@ def test_a_thin_strip_is_read_without_a_resize_of_gigabytes(tmp_path, monkeypatc
     )
     pixels = data.read_image(tmp_path / "strip.png", 256)
     assert pixels.shape == (256, 256, 3) and (pixels == (200, 40, 40)).all() and max(map(max, sizes)) <= 4 * 256
+
+
+def test_the_recipe_line_names_every_control_that_is_on():
+    args = train.parse_args(["--ema", "0.9", "--two-stage", "--targeted-augment", "animals", "--mixup", "0.2"])
+    said = train.training_controls(args)
+    assert said == ", mixup 0.2, targeted augmentation for animals, EMA 0.9, two-stage head"

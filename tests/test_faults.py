@@ -74,10 +74,11 @@ def test_resume_takes_the_starting_command_refuses_changed_settings_and_needs_no
     train.main(started)
     weights.unlink()  # the state holds the weights now
     with pytest.raises(SystemExit) as refusal:
-        train.main([*started, "--resume", "--lr", "0.01", "--batch-size", "8"])
+        train.main([*started, "--resume", "--lr", "0.01", "--batch-size", "8", "--patience", "3"])
     message = str(refusal.value.code)
     assert message.startswith("error: --resume continues the run with its own settings")
     assert "--batch-size 8 (the run's: 16); --lr 0.01 (the run's: 0.05) differ" in message
+    assert "--patience 3 (the run's: not set)" in message  # not Python's None
     train.main([*started, "--resume", "--epochs", "2"])  # up-arrow, add --resume: every other flag is the run's
     assert epochs_in(out) == [1, 2]
 

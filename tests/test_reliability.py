@@ -88,6 +88,18 @@ def fake_run_checkpoint(folder, classes, per_class):
     return folder
 
 
+def test_class_weights_from_a_history_take_the_epoch_best_safetensors_holds(tmp_path):
+    run = fake_run_checkpoint(tmp_path / "run", ["ant", "bee"], [0.9, 0.5])
+    history = [  # after --small-epochs: an epoch at 32x32 with a lower loss is not the best one
+        {"epoch": 1, "val_loss": 0.5, "val_per_class": [0.5, 0.9], "input_size": 32},
+        {"epoch": 2, "val_loss": 1.0, "val_per_class": [0.9, 0.5], "input_size": 48},
+    ]
+    (run / "history.json").write_text(json.dumps(history))
+    weights = [train.class_weights(str(run / name), torch.zeros(1, dtype=torch.long), ["ant", "bee"])
+               for name in ("history.json", "best.safetensors")]  # fmt: skip
+    assert torch.equal(*weights) and weights[0].argmax() == 1  # bee, the class epoch 2 got wrong more often
+
+
 def test_class_weights_from_a_run_never_drop_a_class_and_check_its_names(tmp_path):
     labels = torch.zeros(1, dtype=torch.long)
     run = fake_run_checkpoint(tmp_path / "run", ["ant", "bee", "cat"], [1.0, 0.5, 0.8])

@@ -698,6 +698,18 @@ def val_folder_in(root):
     return next((Path(root) / name for name in VAL_FOLDERS if (Path(root) / name).is_dir()), None)
 
 
+def check_outside_splits(path, data_dirs, flag):
+    """Refuse a path to write to inside the split folders (train/, test/, val/ ...) of data_dirs (None: none),
+    where each folder is read as a class and each image as data: a cache, a run's folder or plots there
+    would join the next training or evaluation."""
+    splits = [Path(root) / name for root in data_dirs if root for name in SPLIT_FOLDERS]
+    inside = [split for split in splits if Path(path).resolve().is_relative_to(split.resolve())]
+    if inside:
+        raise UserError(
+            f"{flag} {path} is inside {inside[0]}, where each folder is read as a class; pass one outside it"
+        )
+
+
 def validation_folder_sources(data_dir, val_dir, items, labels, classes, max_train_samples, seed):
     """({part: (items, labels, positions)}, fingerprint) when DIR/val/ is the validation split: train/
     whole (or its subset), val/ whole. Refused: val/ with other classes, or images of train/."""
@@ -1085,12 +1097,7 @@ def open_or_build_cache(paths, side, folder, cache_dir):
     path, from folder's cache in cache_dir, which is built first when missing or broken. A complete
     cache is only ever read, so it needs no lock, and a read-only one serves; one process builds a
     missing one while the others wait for its lock, then read it."""
-    split_folders = [Path(folder).parent / name for name in SPLIT_FOLDERS]
-    inside = [split for split in split_folders if Path(cache_dir).resolve().is_relative_to(split.resolve())]
-    if inside:  # it would be read as one of the split's classes
-        raise UserError(
-            f"--cache-dir {cache_dir} is inside {inside[0]}, where each folder is read as a class; pass one outside it"
-        )
+    check_outside_splits(cache_dir, [Path(folder).parent], "--cache-dir")
     where = cache_folder(paths, side, folder, cache_dir)
     found = try_cache(where, len(paths), side, folder)
     if found:

@@ -82,7 +82,7 @@ def evaluate(args):
     model, metadata = load_checkpoint(args.checkpoint)
     classes = metadata["classes"]
     run_data_from(args, metadata)
-    folders = output_folders(args)
+    folders = output_folders(args, metadata)
     if not args.no_plots:  # a PNG of yours in the way is said now, not after the evaluation
         check_plots_are_ours(plot_folder(args), evaluation_plots(args).values())
     images, labels, data_check = load_split(args, metadata)
@@ -453,6 +453,8 @@ def write_plots(args, results, confusion, classes, history, shown, explain=None)
         source = Path(args.checkpoint).with_name("history.json")
         figures[plot["curves"]] = lambda: plot_curves(history, printable(f"training curves: {source}"))
         shown[plot["curves"]] = printable(f"evaluate.py curves of {source.resolve()}")
+    elif drawn_here(folder / plot["curves"]):  # kept: the history it was drawn from may be gone
+        print(f"\n{folder / plot['curves']} is an earlier evaluation's: this one had no history to draw")
     save_figures(folder, figures, shown)
     why = "pass --explain to draw it for this one" if results["top_confusions"] else "this one has no mistakes"
     remove_stale(folder, [plot["mistakes"], plot["explained"]], figures, why)
@@ -769,7 +771,7 @@ def classify(args):
     """--predict: the checkpoint's top classes for each image, printed, as contact sheets and in a CSV."""
     model, metadata = load_checkpoint(args.checkpoint)
     classes = metadata["classes"]
-    folders = output_folders(args)
+    folders = output_folders(args, metadata)
     files = image_files(args.predict)
     if not args.no_plots:
         check_plots_are_ours(plot_folder(args), sheet_names(args, len(files)))
@@ -962,6 +964,7 @@ def export_onnx(args):
     check_folder_can_be_made(path.parent, "--export-onnx", args.export_onnx)
     onnx, onnxruntime = onnx_packages()
     model, metadata = load_checkpoint(args.checkpoint)
+    data.check_outside_splits(path, data_dirs(args, metadata), "--export-onnx")
     images, source = onnx_check_images(args, metadata)
     graph = PixelsToLogits(model, metadata).eval()
 
@@ -1102,10 +1105,10 @@ def plot_folder(args):
     return Path(args.plot_dir or Path(args.checkpoint).parent)
 
 
-def output_folders(args):
+def output_folders(args, metadata):
     """(flag, path given, folder) for the JSON file and the plots. Checked before any work, so that a path that
-    cannot be written is refused at once; created once the inputs have loaded, so that bad input
-    leaves nothing behind."""
+    cannot be written, or lies among the images of the data evaluated or the run's, is refused at once; created
+    once the inputs have loaded, so that bad input leaves nothing behind."""
     folders = []
     for flag, path in (("--json", args.json), ("--csv", args.csv)):
         if path and (Path(path).is_dir() or path.endswith(("/", os.sep))):  # Path("a.json/") is "a.json"
@@ -1124,7 +1127,13 @@ def output_folders(args):
         folders.append(("--plot-dir", plot_folder(args), plot_folder(args)))
     for flag, given, folder in folders:
         check_folder_can_be_made(folder, flag, given)
+        data.check_outside_splits(given, data_dirs(args, metadata), flag)
     return folders
+
+
+def data_dirs(args, metadata):
+    """The data evaluated (none with --predict) and the run's own: outputs stay out of their split folders."""
+    return [args.data_dir, metadata.get("config", {}).get("data_dir")]
 
 
 def results_in(path):

@@ -590,6 +590,11 @@ REFUSALS = [
     (lambda a: a.weights == "none" and protecting(a),
      lambda a: f"{' and '.join(protecting(a))} protect(s) pretrained features, and --weights none has none; "
                f"drop {' and '.join(protecting(a))}"),
+    (lambda a: a.find_lr and idle_in_find_lr(a),
+     lambda a: f"--find-lr runs the lr range test and trains no run, so {' and '.join(idle_in_find_lr(a))} would "
+               f"do nothing; drop them"),
+    (lambda a: a.nesterov and a.momentum == 0,
+     "Nesterov momentum needs a --momentum above 0; pass one, or --no-nesterov for plain SGD"),
     (lambda a: a.freeze_epochs >= a.epochs,
      lambda a: f"--freeze-epochs {a.freeze_epochs} leaves none of the {a.epochs} epochs to train the whole "
                f"network; pass fewer, or more --epochs"),
@@ -606,11 +611,20 @@ RECIPE_VALUES = {
     for i, name in enumerate(RECIPE_NAMES)
 }
 DEFAULT_RECIPE = RECIPE_VALUES["default"]
+FLAG_DEFAULTS = {flag: kind.get("default", False if kind.get("action") else None) for flag, kind, _ in FLAGS}
+
+
+def changed(args, *flags):
+    """The flags among these whose values are not their defaults."""
+    return [flag for flag in flags if getattr(args, flag[2:].replace("-", "_")) != FLAG_DEFAULTS[flag]]
 
 
 def protecting(args):
-    return [flag for flag, on in (("--freeze-epochs", args.freeze_epochs), ("--backbone-lr-mult",
-            args.backbone_lr_mult != 1)) if on]  # fmt: skip
+    return changed(args, "--freeze-epochs", "--backbone-lr-mult")
+
+
+def idle_in_find_lr(args):
+    return changed(args, "--patience", "--ema", "--compile", "--log-with", "--overwrite")
 
 
 def parse_args(argv=None):
@@ -630,6 +644,9 @@ def parse_args(argv=None):
         absolute_paths(args.given)
         return args
     args.data_dir = args.data_dir or os.path.abspath(data.DEFAULT_DATA_DIR)
+    # by default runs/<timestamp> is made in the working folder, --find-lr's plot written there
+    out = args.output_dir or ("." if args.find_lr else "runs")
+    data.check_outside_splits(out, [args.data_dir], "--output-dir" if args.output_dir else "the default --output-dir")
     args.arch = model.ARCH  # recorded with the run; the optimizer's class too (same_optimizer)
     recipe = RECIPE_VALUES[args.recipe]
     data_dependent = ("stem", "batch_size", "lr", "upsampled_side", "small_share")  # see data_settings

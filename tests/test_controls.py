@@ -214,6 +214,8 @@ def test_find_lr_writes_its_plot_and_nothing_else(image_folder, tmp_path, monkey
         (["--freeze-epochs", "1", "--weights", "none"], "--weights none has none; drop --freeze-epochs"),
         (["--backbone-lr-mult", "0.1", "--weights", "none"], "drop --backbone-lr-mult"),
         (["--find-lr", "--resume", "--output-dir", "x"], "--find-lr saves no run"),
+        (["--find-lr", "--patience", "2", "--ema", "0.9"], "trains no run, so --patience and --ema would do nothing"),
+        (["--momentum", "0"], "Nesterov momentum needs a --momentum above 0; pass one, or --no-nesterov"),
         (["--auto-augment", "autoaugment"], "invalid choice"),
     ],
 )

@@ -284,6 +284,17 @@ def test_a_split_folder_given_as_data_dir_names_its_parent(trained_run, image_fo
     assert "is a split's folder" in message and f"holds it, {image_folder}" in message
 
 
+def test_a_run_folder_inside_a_split_folder_is_refused_before_it_is_made(tmp_path):
+    root = two_classes(tmp_path / "d")
+    for out in (root / "train" / "run", root / "val" / "run"):  # a val/ made there would split anew too
+        message = refused(short_run(root, out))
+        assert message.startswith(f"error: --output-dir {out} is inside {out.parent}") and not out.exists()
+
+
+def test_plain_sgd_without_momentum_runs():  # Nesterov needs one: refused (test_controls)
+    assert train.parse_args(["--momentum", "0", "--no-nesterov"]).momentum == 0
+
+
 def test_a_cache_inside_the_training_folder_is_refused_before_it_is_written(tmp_path):
     root = two_classes(tmp_path / "d")
     message = refused(short_run(root, tmp_path / "run", "--cache-dir", root / "train" / "cache"))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import CLASSES, class_images
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 import evaluate
 from model import build_model, save_checkpoint
@@ -300,6 +300,28 @@ def test_an_unusable_history_is_reported_and_the_evaluation_still_runs(text, rea
     ]
     expected.append("history.json")
     assert files_under(checkpoint.parent) == expected  # no curves.png
+
+
+def test_an_earlier_curves_png_kept_for_want_of_a_history_is_said(tmp_path, capsys):
+    checkpoint, data_dir = small_run(tmp_path, ["cat", "dog"])
+    checkpoint.with_name("history.json").write_text("[]")  # unreadable now: no curves to draw
+    curves, drawn = checkpoint.with_name("curves.png"), PngImagePlugin.PngInfo()
+    drawn.add_text("Source", f"evaluate.py curves of {checkpoint.with_name('history.json')}")
+    Image.new("RGB", (8, 8)).save(curves, pnginfo=drawn)
+    evaluate.main([str(checkpoint), "--data-dir", str(data_dir)])
+    assert f"{curves} is an earlier evaluation's: this one had no history to draw" in capsys.readouterr().out
+    assert curves.is_file()  # the only picture of a history that may be gone
+
+
+def test_plots_and_results_inside_a_split_folder_are_refused_before_any_work(tmp_path):
+    checkpoint, data_dir = small_run(tmp_path, ["cat", "dog"])
+    for flag, path in (("--plot-dir", data_dir / "test" / "cat"), ("--json", data_dir / "train" / "new" / "r.json")):
+        with pytest.raises(SystemExit) as stopped:
+            evaluate.main([str(checkpoint), "--data-dir", str(data_dir), flag, str(path)])
+        message = str(stopped.value.code)
+        assert message.startswith(f"error: {flag} {path} is inside {data_dir / path.relative_to(data_dir).parts[0]}")
+    assert files_under(data_dir / "test" / "cat") == [f"{i}.png" for i in range(4)]
+    assert not (data_dir / "train" / "new").exists()
 
 
 def test_batch_size_below_one_is_refused_at_parse_time(tmp_path, capsys):

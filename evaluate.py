@@ -956,11 +956,6 @@ def export_onnx(args):
         raise data.UserError(f"--export-onnx {path} names a folder; pass a file name, such as {path / 'model.onnx'}")
     if path.exists() and not args.overwrite:
         raise data.UserError(f"--export-onnx {path} exists; pass --overwrite to replace it, or another name")
-    if args.split == "val" and args.data_dir is None:
-        raise data.UserError(
-            "--split val picks the images of --data-dir that --export-onnx checks on; pass --data-dir "
-            "too (the run's own folder for its split), or drop --split"
-        )
     check_folder_can_be_made(path.parent, "--export-onnx", args.export_onnx)
     onnx, onnxruntime = onnx_packages()
     model, metadata = load_checkpoint(args.checkpoint)
@@ -1065,6 +1060,9 @@ REFUSALS = [
     (lambda a: exporting(a) and (a.json or a.plot_dir or a.no_plots or a.no_calibration),
      "--export-onnx writes the .onnx file and nothing else, the temperature in its metadata for the user to "
      "apply or not; drop --json, --plot-dir, --no-plots and --no-calibration"),
+    (lambda a: exporting(a) and not a.data_dir and (a.split or a.cache_dir),
+     "--export-onnx checks the file on random images unless --data-dir is given, and --split and --cache-dir "
+     "pick among its images; pass --data-dir too (the run's own folder for --split val), or drop them"),
     (lambda a: exporting(a) and a.batch_size,
      "--export-onnx checks the file in batches of its own choosing; drop --batch-size"),
     (lambda a: a.no_calibration and not a.predict,

@@ -684,6 +684,11 @@ def data_settings(args, typical_side):
             args.lr *= PHOTO_BATCH_SIZE / recipe["batch_size"]
     args.batch_size = args.batch_size or (PHOTO_BATCH_SIZE if photos else recipe["batch_size"])
     if photos:
+        if args.crop_padding != recipe["crop_padding"]:
+            raise UserError(
+                f"--crop-padding pads the random crop of CIFAR-sized images, and these are photos (median shorter "
+                f"side {typical_side} px), trained on random-resized crops; drop --crop-padding"
+            )
         args.stem = args.stem or "imagenet"
         args.input_size = args.input_size or data.PHOTO_INPUT_SIZE
         args.image_size = round(args.input_size * data.STORED_SCALE)

@@ -77,7 +77,7 @@ def test_a_graph_that_does_not_match_is_refused_and_not_kept(tmp_path, monkeypat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["imagenet-stem.safetensors"]
 
 
-def test_export_refusals_are_one_line(tmp_path, monkeypatch):
+def test_export_refusals_are_one_line(tmp_path, monkeypatch, capsys):
     path = checkpoint(tmp_path, "cifar-stem")
     (tmp_path / "taken.onnx").write_text("mine")
     (tmp_path / "folder.onnx").mkdir()
@@ -87,10 +87,6 @@ def test_export_refusals_are_one_line(tmp_path, monkeypatch):
         ([".onnx"], "give a file name ending in .onnx"),
         (["taken.onnx"], "exists; pass --overwrite"),
         (["folder.onnx", "--overwrite"], "folder.onnx names a folder; pass a file name"),
-        (
-            ["new.onnx", "--split", "val"],
-            "--split val picks the images of --data-dir that --export-onnx checks on; pass --data-dir too",
-        ),
     )
     for (target, *flags), words in cases:
         with pytest.raises(SystemExit) as refused:
@@ -99,10 +95,12 @@ def test_export_refusals_are_one_line(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="fresh.onnx/? names a folder"):  # a slash at the end: not a file's name
         evaluate.main([str(path), "--export-onnx", f"{tmp_path / 'fresh.onnx'}/"])
     assert (tmp_path / "taken.onnx").read_text() == "mine" and (tmp_path / "folder.onnx").is_dir()
-    for flags in (["--json", "r.json"], ["--plot-dir", "p"], ["--no-calibration"]):
+    ignored = ["--json", "r.json"], ["--plot-dir", "p"], ["--no-calibration"], ["--split", "val"], ["--cache-dir", "c"]
+    for flags in ignored:  # --split and --cache-dir: without --data-dir the check's images are random
         with pytest.raises(SystemExit) as refused:  # argparse's own refusal, code 2
             evaluate.main([str(path), "--export-onnx", str(tmp_path / "new.onnx"), *flags])
         assert refused.value.code == 2
+    assert "pass --data-dir too (the run's own folder for --split val), or drop them" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar-stem.safetensors", "folder.onnx", "taken.onnx"]
 
 

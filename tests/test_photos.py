@@ -79,6 +79,9 @@ def test_cifar_sized_folders_stay_32x32_and_photos_get_imagenet_sizes(image_fold
     train.data_settings(chosen, 375)
     assert (chosen.image_size, chosen.input_size, chosen.stem) == (183, 160, "cifar")
     assert (chosen.batch_size, chosen.lr) == (64, train.DEFAULT_RECIPE["lr"])  # explicit flags win
+    padded = train.parse_args(["--data-dir", str(photo_folder), "--crop-padding", "4"])  # pads no photo's crop
+    with pytest.raises(data.UserError, match=r"these are photos \(median shorter side 375 px\).*drop --crop-padding"):
+        train.data_settings(padded, 375)
 
 
 def test_random_resized_crop_draws_per_image_and_keeps_shapes():

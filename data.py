@@ -77,7 +77,6 @@ ERASE_RATIO = (0.3, 3.3)
 # of 0..30 (TrivialAugment: any; RandAugment: always RAND_AUGMENT_BIN, RAND_AUGMENT_OPS times in a row).
 AUTO_AUGMENT_OPS = ("identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness",
                     "color", "contrast", "sharpness", "posterize", "solarize", "autocontrast", "equalize")  # fmt: skip
-AFFINE_OPS = AUTO_AUGMENT_OPS[1:6]
 # What bin 30 does: shear factor, translation (pixels + a share of the side), degrees, the enhancement
 # factors' distance from 1 (brightness, color, contrast, sharpness), and posterize's fewest bits.
 AUTO_AUGMENT_RANGES = {

@@ -610,7 +610,6 @@ RECIPE_VALUES = {
     name: {flag.lstrip("-").replace("-", "_"): values[i] for flag, _, values, _ in RECIPES}
     for i, name in enumerate(RECIPE_NAMES)
 }
-DEFAULT_RECIPE = RECIPE_VALUES["default"]
 FLAG_DEFAULTS = {flag: kind.get("default", False if kind.get("action") else None) for flag, kind, _ in FLAGS}
 
 

@@ -73,12 +73,13 @@ def test_cifar_sized_folders_stay_32x32_and_photos_get_imagenet_sizes(image_fold
     train.data_settings(photos, 375)
     assert (photos.image_size, photos.input_size, photos.eval_crop) == (256, 224, 224)
     assert (photos.stem, photos.train_crop, photos.mean) == ("imagenet", "random-resized", data.IMAGENET_MEAN)
-    assert (photos.batch_size, photos.lr) == (32, train.DEFAULT_RECIPE["lr"] * 32 / 128)  # few images: more steps
-    assert (cifar.batch_size, cifar.lr) == (128, train.DEFAULT_RECIPE["lr"])
+    lr = train.RECIPE_VALUES["default"]["lr"]
+    assert (photos.batch_size, photos.lr) == (32, lr * 32 / 128)  # few images: more steps
+    assert (cifar.batch_size, cifar.lr) == (128, lr)
     chosen = train.parse_args(["--input-size", "160", "--stem", "cifar", "--batch-size", "64"])
     train.data_settings(chosen, 375)
     assert (chosen.image_size, chosen.input_size, chosen.stem) == (183, 160, "cifar")
-    assert (chosen.batch_size, chosen.lr) == (64, train.DEFAULT_RECIPE["lr"])  # explicit flags win
+    assert (chosen.batch_size, chosen.lr) == (64, lr)  # explicit flags win
     padded = train.parse_args(["--data-dir", str(photo_folder), "--crop-padding", "4"])  # pads no photo's crop
     with pytest.raises(data.UserError, match=r"these are photos \(median shorter side 375 px\).*drop --crop-padding"):
         train.data_settings(padded, 375)

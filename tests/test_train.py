@@ -52,7 +52,7 @@ def test_seed_recipe_takes_the_write_up_settings_and_explicit_flags_win():
     assert (args.lr, args.momentum, args.batch_size, args.weight_decay) == (1e-3, 0.9, 128, 0.0)
     assert (args.schedule, args.stem, args.mean, args.epochs) == ("constant", "imagenet", (0.5, 0.5, 0.5), 2)
     assert not args.zero_init_residual and train.parse_args([]).zero_init_residual
-    assert settings([]).lr == train.DEFAULT_RECIPE["lr"]
+    assert settings([]).lr == train.RECIPE_VALUES["default"]["lr"]
     assert settings(["--weights", "none"]).lr == train.SCRATCH_LR
 
 

@@ -272,10 +272,12 @@ def check_every_class_read(part, labels, classes, advice):
         )
 
 
-def load_images(data_dir, split, side=IMAGE_SIZE, expected_classes=None, cache_dir=None):
+def load_images(data_dir, split, side=IMAGE_SIZE, expected_classes=None, cache_dir=None, trained=()):
     """Every image of a split, decoded (or read from the cache in cache_dir): (images uint8
-    [N, 3, side, side], labels, class names)."""
+    [N, 3, side, side], labels, class names). trained: train/ folders whose images the split must not hold."""
     items, labels, classes = list_images(data_dir, split)
+    if not isinstance(items, torch.Tensor) and trained:  # CIFAR-10's test set is its own
+        check_held_out(items, [list_folder(Path(folder))[0] for folder in trained], Path(data_dir) / split, "the test")
     # a val/ alone: given already
     own_split = " (or the run's own split: --split val, on the run's --data-dir)" if split == "test" else ""
     check_classes(classes, expected_classes, data_dir, f"evaluate on folders of the checkpoint's classes, all of "
@@ -296,8 +298,9 @@ def list_images(data_dir, split):
     if (root / "train").is_dir() or (split != "train" and (root / split).is_dir()):  # test/ alone: held out
         return list_folder(root / split)
     if any(child.is_dir() and child.name != "cifar-10-batches-py" for child in root.glob("*")):
-        if root.name in SPLIT_FOLDERS:
-            raise UserError(f"--data-dir {root} is a split's folder; pass the folder that holds it, {root.parent}")
+        folder = Path(os.path.abspath(root))  # --data-dir . from inside one too
+        if folder.name in SPLIT_FOLDERS:
+            raise UserError(f"--data-dir {root} is a split's folder; pass the folder that holds it, {folder.parent}")
         held_out = val_folder_in(root) if split == "test" else None
         if held_out:  # DIR/val/ alone: evaluate.py reads it with --split val
             raise UserError(f"--data-dir {root} has {held_out.name}/ but no test/; pass --split val to evaluate it")
@@ -709,21 +712,42 @@ def check_outside_splits(path, data_dirs, flag):
         )
 
 
+def check_held_out(paths, trained, folder, what):
+    """Refuse held-out images (paths, of folder) that are also among the training images (trained: lists of
+    paths): the same file by a link, or a copy of its bytes. Only files of a size both sides have are read."""
+    trained = [path for paths in trained for path in paths]
+    sizes = {path: (file_state(path) or (None,))[0] for path in [*paths, *trained]}
+    common = ({sizes[path] for path in paths} & {sizes[path] for path in trained}) - {None}
+    linked = set(map(file_identity, trained))
+    copied = {file_digest(path) for path in trained if sizes[path] in common} - {None}
+    shared = [
+        path
+        for path in paths
+        if file_identity(path) in linked or (sizes[path] in common and file_digest(path) in copied)
+    ]
+    if shared:
+        raise UserError(
+            f"{len(shared)} image(s) of {folder} are also training images (links to the same files, or copies), "
+            f"e.g. {shared[0]}: {what} would measure images the network trained on; keep each image in one place"
+        )
+
+
+def file_digest(path):
+    try:
+        return hashlib.blake2b(Path(path).read_bytes(), digest_size=16).hexdigest()
+    except OSError:  # unreadable: the decoder names it
+        return None
+
+
 def validation_folder_sources(data_dir, val_dir, items, labels, classes, max_train_samples, seed):
     """({part: (items, labels, positions)}, fingerprint) when DIR/val/ is the validation split: train/
     whole (or its subset), val/ whole. Refused: val/ with other classes, or images of train/."""
     val_items, val_labels, val_classes = list_folder(val_dir)
-    in_train = set(map(file_identity, items))
-    shared = [path for path in val_items if file_identity(path) in in_train]
-    if shared:
-        raise UserError(
-            f"{len(shared)} image(s) of {val_dir} are also in train/ (links to the same files), e.g. {shared[0]}: "
-            f"validation would measure training images; keep each image in one of the two folders"
-        )
     if val_classes != classes:
         raise UserError(
             f"{val_dir} has the classes {val_classes} and train/ has {classes}; give both the same class folders"
         )
+    check_held_out(val_items, [items], val_dir, "validation")
     train = training_subset(labels, torch.arange(len(labels)), max_train_samples, seed)
     if len(labels[train].unique()) < len(classes):  # only a subset can leave a class out
         raise UserError(
@@ -1286,8 +1310,8 @@ def place_data(data_on, cached, cache_dir, subset, sources, parts, side, device,
         if data_on == "disk" and cache_dir is None:
             raise UserError("--data-on disk reads batches from the cache; drop --cache-dir none")
         if data_on == "disk":
-            why = "--max-train-samples decodes its subset and writes no cache" if subset else "CIFAR-10 is in memory"
-            LOG(f"data: held in memory, not on disk: {why}")
+            why = "--max-train-samples decodes its subset without one" if subset else "CIFAR-10 is in memory, no cache"
+            raise UserError(f"--data-on disk reads batches from the cache, and {why}; pass --data-on auto or device")
         data_on = "device"
     if data_on == "auto":
         try:

@@ -92,7 +92,7 @@ def evaluate(args):
     predictions = logits.argmax(1)
     confusion = confusion_matrix(labels, predictions, len(classes))
     precision, recall, f1 = precision_recall_f1(confusion)
-    history, history_problem = read_history(args.checkpoint)
+    history, history_problem = read_history(args.checkpoint, metadata)
     results = {
         "split": args.split,
         "num_samples": len(labels),
@@ -196,8 +196,10 @@ def load_split(args, metadata):
         raise data.UserError(
             f"{root} has no test/ folder; pass --split val for the run's validation images, or add {root}/test/<class>/"
         )
-    if args.split == "test":
-        images, labels, _ = data.load_images(args.data_dir, "test", side, metadata["classes"], cache)
+    if args.split == "test":  # a test/ holding the run's training images (or train/'s beside it) is refused
+        recorded = metadata.get("config", {}).get("data_dir")
+        trained = {Path(d, "train").resolve() for d in (args.data_dir, recorded) if d and Path(d, "train").is_dir()}
+        images, labels, _ = data.load_images(args.data_dir, "test", side, metadata["classes"], cache, trained)
         return images, labels, "any labelled test set is fair"
     alone = data.val_folder_in(root)
     if not (root / "train").is_dir() and not alone and (root / "test").is_dir():
@@ -350,9 +352,10 @@ def overfitting(history, config=None):
     }
 
 
-def read_history(checkpoint):
+def read_history(checkpoint, metadata):
     """The run's history.json beside the checkpoint: (records, None); (None, None) when there is
-    none; (None, why) when it cannot be used, so that the evaluation itself still runs."""
+    none; (None, why) when it cannot be used (unreadable, or another run's: its record of the checkpoint's
+    epoch is not the checkpoint's), so that the evaluation itself still runs."""
     path = Path(checkpoint).with_name("history.json")
     if not path.exists():
         return None, None
@@ -369,6 +372,12 @@ def read_history(checkpoint):
                 raise ValueError(f"record {number} has no number for {', '.join(missing)}")
     except (OSError, ValueError) as error:
         return None, f"history: {path} is unreadable ({error}); no overfitting analysis or curves"
+    epoch, val_loss = metadata.get("epoch"), metadata.get("val_loss")  # a checkpoint that records them
+    if epoch and not any(record["epoch"] == epoch and record["val_loss"] == val_loss for record in history):
+        return None, (
+            f"history: {path} has no record of this checkpoint's epoch {epoch} (validation loss {val_loss:.4f}): "
+            f"another run's, or older than the checkpoint; no overfitting analysis or curves"
+        )
     return history, None
 
 

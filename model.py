@@ -174,8 +174,32 @@ def load_checkpoint(path):
         raise UserError(
             f"{path} does not fit a {metadata['stem']}-stem {arch} for {len(metadata['classes'])} classes: {problem}"
         )
+    problem = metadata_problem(metadata)
+    if problem:
+        raise UserError(f"{path}: {problem}, so it cannot be evaluated as trained (edited?); pass a run's checkpoint")
     model.load_state_dict(state)
     return model, metadata
+
+
+def metadata_problem(metadata):
+    """What of a checkpoint's preprocessing and temperature would not run, or would score wrongly (a
+    negative temperature reverses the probabilities), in words; None when all is well."""
+
+    def fine(values, low, kind):
+        return all(isinstance(v, kind) and not isinstance(v, bool) and math.isfinite(v) and v > low for v in values)
+
+    rules = [("mean", 3, -math.inf, (int, float), "3 numbers"), ("std", 3, 0, (int, float), "3 numbers above 0")]
+    rules += [(key, 1, 0, int, "a whole number above 0") for key in ("image_size", "input_size", "eval_crop")]
+    rules += [("temperature", 1, 0, (int, float), "a number above 0")]
+    for key, count, low, kind, wanted in rules:
+        value = metadata.get(key, 1)  # sizes and the temperature: older checkpoints lack them
+        values = value if count > 1 and isinstance(value, list) and len(value) == count else [value]
+        if len(values) != count or not fine(values, low, kind):
+            return f"its {key} is {value!r}, not {wanted}"
+    stored = metadata.get("image_size", 32)  # checkpoints from before photos: CIFAR's 32x32
+    if metadata.get("eval_crop", stored) > stored:
+        return f"its eval_crop {metadata['eval_crop']} is larger than the stored side of its images, {stored}"
+    return None
 
 
 def best_record(history):
@@ -228,6 +252,11 @@ def usual_permissions(path):
 
 
 def check_folder_can_be_made(folder, flag, given):
+    """Refuse a folder to write in that is a file, not writable, or inside a run's resumable state (its
+    progress.json marks it): what is written there would make the run unresumable."""
+    state = next((path for path in (folder, *folder.absolute().parents) if (path / "progress.json").is_file()), None)
+    if state:
+        raise UserError(f"{flag} {given} is inside {state}, a run's resumable state; pass a folder outside it")
     existing = next(path for path in (folder, *folder.absolute().parents) if path.exists())
     if not existing.is_dir():
         raise UserError(f"{flag} {given}: {existing} is a file, not a folder; pass another {flag}")

@@ -157,6 +157,7 @@ def train(args):
                 **scores,
                 lr=run.scheduler.get_last_lr()[-1],
                 input_size=epoch_input_size(args, epoch),
+                precision=accelerator.mixed_precision,  # a resumed run may change it (accelerate launch)
                 seconds=round(seconds, 2),
             )
             improved = end_epoch(run, record, args, accelerator, (logits, labels))
@@ -422,7 +423,8 @@ def end_epoch(run, record, args, accelerator, validated):
             f"{kept or 'no checkpoint was saved'}. Lower --lr and start again with --overwrite"
         )
     run.history.append(record)
-    tracked = {key: value for key, value in record.items() if key != "val_per_class"}  # one value a class, below
+    # numbers only: one value a class below, and the precision is in the run's config
+    tracked = {key: value for key, value in record.items() if key not in ("val_per_class", "precision")}
     tracked |= {f"val_acc/{name}": acc for name, acc in zip(run.classes, record["val_per_class"])}
     accelerator.log(tracked, step=record["epoch"] * len(run.train_loader))
     improved = best_record(run.history) is record
@@ -1027,6 +1029,7 @@ def find_lr(args, accelerator):
         raise UserError(f"{plot} is not a plot of train.py --find-lr, and the plot would replace it; move it, or "
                         f"pass another --output-dir")  # fmt: skip
     low, high = FIND_LR_RANGE
+    lr_now = "the --lr given is" if args.lr else "without --lr this run would use"  # the recipe's is set later
 
     def lr_at(step):
         return low * (high / low) ** (min(step, FIND_LR_STEPS - 1) / (FIND_LR_STEPS - 1))
@@ -1066,7 +1069,7 @@ def find_lr(args, accelerator):
             f"lr range test: {len(lrs)} steps of {effective_batch(args, accelerator)} images, lr {low:g} to "
             f"{lrs[-1]:.3g} ({ended}); the smoothed loss is lowest, {smoothed[lowest]:.3f}, at lr {lrs[lowest]:.3g}\n"
             f"suggested peak lr: {suggestion:.3g} (rule: a tenth of the lr at the lowest smoothed loss, fastai's); "
-            f"pass it as --lr. Without --lr this run would use {args.lr:g}\nplot: {plot}{replaced}"
+            f"pass it as --lr ({lr_now} {args.lr:g})\nplot: {plot}{replaced}"
         )
     accelerator.end_training()
 
@@ -1107,9 +1110,11 @@ def plot_lr_find(path, lrs, losses, smoothed, suggestion, args):
 
 TRACKER_PROJECT = "resnet18-cifar10"  # accelerate's project name: the tracker's project; TensorBoard's subfolder
 RUN_FILES = ("history.json", "best.safetensors", "last.safetensors", TRACKER_PROJECT)
-# what evaluate.py draws beside a checkpoint: --overwrite removes them with the run they showed
-EVALUATION_PLOTS = ("curves.png", "*_confusion.png", "*_per_class.png", "*_mistakes.png", "*_calibration.png",
-                    "*_explained.png", "*_predictions*.png")  # fmt: skip
+# the names evaluate.py gives its plots of the run's checkpoints (evaluation_plots, sheet_names): --overwrite
+# removes them with the run they showed; a copy of yours under another name stays
+EVALUATION_PLOTS = re.compile(
+    r"curves\.png|(best|last)_((test|val)(_tta)?_(confusion|per_class|calibration|mistakes|explained)|predictions(_\d+)?)\.png"
+)
 # accelerate's resumable state, newest first: state-tmp is being written (complete once its progress.json
 # is), state the last one, state-old the one before, during the swap. See save_state.
 STATE_DIRS = ("state-tmp", "state", "state-old")
@@ -1234,7 +1239,7 @@ def start_output_dir(out, resume, overwrite, accelerator):
             if resume:
                 leftovers = [n for n in STATE_DIRS if n != "state"]
             else:  # --overwrite, or a new folder
-                plots = [path.name for pattern in EVALUATION_PLOTS for path in out.glob(pattern)]
+                plots = [path.name for path in out.iterdir() if EVALUATION_PLOTS.fullmatch(path.name)]
                 plots = [name for name in plots if shows_run(out / name, out)]
                 leftovers = [*RUN_FILES, *STATE_DIRS, *plots]
                 if plots:  # yours, and evaluate.py's of other runs, stay

@@ -174,6 +174,11 @@ def test_data_on_disk_without_a_cache_is_one_error_line(folder, tmp_path):
     with pytest.raises(SystemExit) as refusal:
         train.main([*quick_args(folder, tmp_path / "run"), "--cache-dir", "none", "--data-on", "disk"])
     assert str(refusal.value.code) == "error: --data-on disk reads batches from the cache; drop --cache-dir none"
+    subset = quick_args(folder, tmp_path / "run", "--max-train-samples", "10", "--batch-size", "4")
+    with pytest.raises(SystemExit) as refusal:  # a subset is decoded into memory, without a cache
+        train.main([*subset, "--cache-dir", str(tmp_path / "c"), "--data-on", "disk"])
+    assert "its subset without one; pass --data-on auto or device" in str(refusal.value.code)
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize(

@@ -516,14 +516,35 @@ def test_a_new_run_keeps_a_state_folder_and_plots_of_yours(tmp_path, capsys):
     train.main(short_run(root, out))
     assert (out / "kept" / "notes.txt").read_text() == "mine" and (out / "holiday_predictions.png").exists()
     evaluate.main([str(out / "best.safetensors"), "--split", "val"])
+    shutil.copy(out / "best_val_confusion.png", out / "mine_confusion.png")  # a copy kept, under another name
     train.main(short_run(root, out, "--overwrite"))
     assert "removed best_val_calibration.png, best_val_confusion.png" in capsys.readouterr().out
     assert not (out / "curves.png").exists() and (out / "holiday_predictions.png").exists()
+    assert (out / "mine_confusion.png").exists()
     evaluate.main([str(out / "best.safetensors"), "--split", "val"])
     (tmp_path / "other").mkdir()  # a plot of this run, copied beside another to compare: it stays
     shutil.copy(out / "best_val_confusion.png", tmp_path / "other" / "first_val_confusion.png")
     train.main(short_run(root, tmp_path / "other"))
     assert (tmp_path / "other" / "first_val_confusion.png").exists()
+
+
+def test_data_dir_dot_inside_a_split_folder_names_its_parent(tmp_path, monkeypatch):
+    root = two_classes(tmp_path / "d")
+    monkeypatch.chdir(root / "train")
+    with pytest.raises(data.UserError, match=f"-data-dir . is a split's folder; pass the folder that holds it, {root}"):
+        data.list_images(Path("."), "test")
+
+
+def test_nothing_is_written_into_a_runs_state(tmp_path):
+    root, out = two_classes(tmp_path / "d"), tmp_path / "run"
+    train.main(short_run(root, out))
+    before = sorted(path.name for path in (out / "state").iterdir())
+    assert "is inside" in refused(short_run(root, out / "state" / "inner")) and "a run's resumable state" in refused(
+        short_run(root, out / "state")
+    )
+    message = refused([out / "best.safetensors", "--split", "val", "--plot-dir", out / "state"], evaluate.main)
+    assert message.startswith(f"error: --plot-dir {out / 'state'} is inside {out / 'state'}, a run's resumable state")
+    assert sorted(path.name for path in (out / "state").iterdir()) == before
 
 
 def test_files_of_yours_with_a_runs_names_are_never_replaced(tmp_path):

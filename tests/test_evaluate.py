@@ -313,6 +313,29 @@ def test_an_earlier_curves_png_kept_for_want_of_a_history_is_said(tmp_path, caps
     assert curves.is_file()  # the only picture of a history that may be gone
 
 
+def test_another_runs_history_beside_a_checkpoint_is_not_reported_as_its_own(trained_run, tmp_path, capsys):
+    shutil.copy(trained_run / "best.safetensors", tmp_path / "copied.safetensors")
+    history = json.loads((trained_run / "history.json").read_text())
+    for record in history:
+        record["val_loss"] += 1  # another run's epochs
+    (tmp_path / "history.json").write_text(json.dumps(history))
+    evaluate.main([str(tmp_path / "copied.safetensors"), "--split", "val", "--plot-dir", str(tmp_path / "plots")])
+    out = capsys.readouterr().out
+    assert "has no record of this checkpoint's epoch" in out and "another run's, or older" in out
+    assert "best epoch" not in out and not (tmp_path / "plots" / "curves.png").exists()
+
+
+def test_a_test_folder_holding_training_images_is_refused(tmp_path):
+    checkpoint, data_dir = small_run(tmp_path, ["cat", "dog"])
+    shutil.copy(data_dir / "train" / "dog" / "2.png", data_dir / "test" / "dog" / "copied.png")
+    (data_dir / "test" / "cat" / "linked.png").symlink_to(data_dir / "train" / "cat" / "0.png")
+    with pytest.raises(SystemExit) as stopped:
+        evaluate.main([str(checkpoint), "--data-dir", str(data_dir), "--no-plots"])
+    assert "2 image(s) of" in str(stopped.value.code) and "the test would measure images the network trained on" in str(
+        stopped.value.code
+    )
+
+
 def test_plots_and_results_inside_a_split_folder_are_refused_before_any_work(tmp_path):
     checkpoint, data_dir = small_run(tmp_path, ["cat", "dog"])
     for flag, path in (("--plot-dir", data_dir / "test" / "cat"), ("--json", data_dir / "train" / "new" / "r.json")):

@@ -96,3 +96,25 @@ def test_offline_imagenet_download_names_the_alternatives(monkeypatch):
     monkeypatch.setattr(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.__class__, "get_state_dict", offline)
     with pytest.raises(UserError, match="--weights PATH .* or --weights none"):
         build_model(10, weights="imagenet")
+
+
+@pytest.mark.parametrize(
+    "edit, says",
+    [
+        (dict(mean=[0.5, 0.5]), "its mean is [0.5, 0.5], not 3 numbers"),
+        (dict(std=[0.5, 0.0, 0.5]), "its std is [0.5, 0.0, 0.5], not 3 numbers above 0"),
+        (dict(image_size="abc"), "its image_size is 'abc', not a whole number above 0"),
+        (dict(input_size=0), "its input_size is 0, not a whole number above 0"),
+        (dict(temperature=-1.0), "its temperature is -1.0, not a number above 0"),  # it would reverse the ranking
+        (dict(eval_crop=64), "its eval_crop 64 is larger than the stored side of its images, 32"),
+    ],
+)
+def test_a_checkpoint_whose_metadata_was_edited_is_refused_in_one_line(edit, says, tmp_path):
+    metadata = dict(arch="resnet18", stem="imagenet", classes=["a", "b"], mean=[0.5] * 3, std=[0.5] * 3, seed=0)
+    metadata |= dict(val_fraction=0.2, image_size=32, input_size=32, eval_crop=32, temperature=1.5)
+    save_checkpoint(build_model(2, "imagenet", "none"), tmp_path / "ok.safetensors", metadata)
+    assert load_checkpoint(tmp_path / "ok.safetensors")[1]["temperature"] == 1.5
+    save_checkpoint(build_model(2, "imagenet", "none"), tmp_path / "edited.safetensors", metadata | edit)
+    with pytest.raises(UserError, match="cannot be evaluated as trained") as refused:
+        load_checkpoint(tmp_path / "edited.safetensors")
+    assert says in str(refused.value)

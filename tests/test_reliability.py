@@ -453,12 +453,15 @@ def test_ctrl_c_while_a_script_starts_exits_quietly(script, tmp_path):
 def test_a_val_folder_holding_training_images_is_refused(tmp_path):
     root = two_classes(tmp_path / "d")
     os.symlink(root / "train", root / "val")  # validation would be the training set
-    assert "validation would measure training images" in refused(quick_args(root, tmp_path / "run"))
+    assert "validation would measure images the network trained on" in refused(quick_args(root, tmp_path / "run"))
     os.unlink(root / "val")
-    two_classes(tmp_path / "v")
-    (tmp_path / "v" / "train").rename(root / "val")
+    two_classes(tmp_path / "other")  # other images: write_images seeds by the path's length
+    (tmp_path / "other" / "train").rename(root / "val")
     os.link(root / "train" / "ant" / "000.png", root / "val" / "ant" / "hard.png")  # a hard link: one file too
     assert "1 image(s) of" in refused(quick_args(root, tmp_path / "run"))
+    shutil.copy(root / "train" / "bee" / "001.png", root / "val" / "bee" / "copy.png")  # a copy of its bytes
+    assert "2 image(s) of" in refused(quick_args(root, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
 
 
 def test_hard_links_and_a_class_folder_linked_to_another_are_one_image_and_refused(tmp_path, capsys):

@@ -16,14 +16,14 @@ from torch._dynamo.testing import CompileCounterWithBackend
 import evaluate
 import train
 
-HISTORY_KEYS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"}
+HISTORY_KEYS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "precision", "seconds"}
 
 
 def test_run_writes_checkpoints_and_history(trained_run):
     history = json.loads((trained_run / "history.json").read_text())
     assert [r["epoch"] for r in history] == [1, 2]
     assert all(HISTORY_KEYS <= r.keys() for r in history)
-    assert all(r["val_samples"] == 40 for r in history)  # 20% of 200 images, each counted once
+    assert all(r["val_samples"] == 40 and r["precision"] == "no" for r in history)  # 20% of 200 images, each once
     with safe_open(trained_run / "last.safetensors", "pt") as f:
         meta = f.metadata()
     for key in (

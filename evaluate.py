@@ -48,6 +48,7 @@ if __name__ == "__main__":  # imported: from here on main() handles Ctrl-C
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 TOP_CONFUSIONS = 5
+PLOT_KINDS = ("confusion", "per_class", "calibration", "mistakes", "explained")  # <stem>_<split>[_tta]_<kind>.png
 BATCH_PIXELS = 1024 * 32**2  # a pass's input pixels by default: 1024 CIFAR images, or 20 photos at 224x224
 MISTAKE_PAIRS, MISTAKES_PER_PAIR = 4, 6  # mistakes.png: rows of the most confused pairs, their worst images
 SHEET_COLUMNS, SHEET_ROWS = 8, 6  # --predict: images per contact sheet
@@ -197,8 +198,7 @@ def load_split(args, metadata):
             f"{root} has no test/ folder; pass --split val for the run's validation images, or add {root}/test/<class>/"
         )
     if args.split == "test":  # a test/ holding the run's training images (or train/'s beside it) is refused
-        recorded = metadata.get("config", {}).get("data_dir")
-        trained = {Path(d, "train").resolve() for d in (args.data_dir, recorded) if d and Path(d, "train").is_dir()}
+        trained = {Path(d, "train").resolve() for d in data_dirs(args, metadata) if d and Path(d, "train").is_dir()}
         images, labels, _ = data.load_images(args.data_dir, "test", side, metadata["classes"], cache, trained)
         return images, labels, "any labelled test set is fair"
     alone = data.val_folder_in(root)
@@ -431,8 +431,7 @@ def evaluation_plots(args):
     sharing a folder do not overwrite each other; the curves come from the run's history, the same
     for best and last."""
     prefix = f"{Path(args.checkpoint).stem}_{args.split}{'_tta' if args.tta else ''}"
-    kinds = ("confusion", "per_class", "calibration", "mistakes", "explained")
-    return {kind: f"{prefix}_{kind}.png" for kind in kinds} | {"curves": "curves.png"}
+    return {kind: f"{prefix}_{kind}.png" for kind in PLOT_KINDS} | {"curves": "curves.png"}
 
 
 def write_plots(args, results, confusion, classes, history, shown, explain=None):

@@ -193,8 +193,8 @@ def metadata_problem(metadata):
     rules += [("temperature", 1, 0, (int, float), "a number above 0")]
     for key, count, low, kind, wanted in rules:
         value = metadata.get(key, 1)  # sizes and the temperature: older checkpoints lack them
-        values = value if count > 1 and isinstance(value, list) and len(value) == count else [value]
-        if len(values) != count or not fine(values, low, kind):
+        values = value if count > 1 else [value]
+        if not (isinstance(values, list) and len(values) == count and fine(values, low, kind)):
             return f"its {key} is {value!r}, not {wanted}"
     stored = metadata.get("image_size", 32)  # checkpoints from before photos: CIFAR's 32x32
     if metadata.get("eval_crop", stored) > stored:

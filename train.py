@@ -59,7 +59,7 @@ from tqdm.auto import tqdm
 import data
 import model  # model.ARCH is read when a run starts
 from data import UserError, bounded
-from evaluate import calibration, calibration_caveat, drawn_here, fit_temperature, png_source, writing
+from evaluate import PLOT_KINDS, calibration, calibration_caveat, drawn_here, fit_temperature, png_source, writing
 from model import (
     best_record,
     build_model,
@@ -1113,7 +1113,7 @@ RUN_FILES = ("history.json", "best.safetensors", "last.safetensors", TRACKER_PRO
 # the names evaluate.py gives its plots of the run's checkpoints (evaluation_plots, sheet_names): --overwrite
 # removes them with the run they showed; a copy of yours under another name stays
 EVALUATION_PLOTS = re.compile(
-    r"curves\.png|(best|last)_((test|val)(_tta)?_(confusion|per_class|calibration|mistakes|explained)|predictions(_\d+)?)\.png"
+    rf"curves\.png|(best|last)_((test|val)(_tta)?_({'|'.join(PLOT_KINDS)})|predictions(_\d+)?)\.png"
 )
 # accelerate's resumable state, newest first: state-tmp is being written (complete once its progress.json
 # is), state the last one, state-old the one before, during the swap. See save_state.

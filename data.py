@@ -1027,13 +1027,30 @@ def true_values(image):
         pixels = np.minimum(np.asarray(image).astype(np.uint32), top)
         pixels = top - pixels if minimum_is_white else pixels
         image = remade(image, (pixels * 65535 // top).astype(np.uint16))
+    if image.mode == "RGB" and "transparency" in image.info and [tile[3] for tile in image.tile] == ["RGB;16B"]:
+        image = transparent_rgb16(image)
     return image
+
+
+def transparent_rgb16(image):
+    """A 16-bit RGB PNG with a transparent colour as RGBA. Pillow opens it as 8-bit RGB (the high bytes)
+    but keeps the colour in 16 bits, which no pixel then equals; the low bytes, decoded apart (the same
+    data read as little-endian), make the exact 16-bit pixels to compare it with."""
+    with Image.open(image.filename) as low:
+        codec, extents, offset, _ = low.tile[0]
+        low.tile = [(codec, extents, offset, "RGB;16L")]
+        high = np.asarray(image)
+        pixels = high.astype(np.uint16) << 8 | np.asarray(low)
+    opaque = (pixels != np.array(image.info["transparency"], dtype=np.uint16)).any(-1)
+    rgba = remade(image, np.dstack([high, np.where(opaque, 255, 0).astype(np.uint8)]))
+    del rgba.info["transparency"]  # now in the alpha channel
+    return rgba
 
 
 def remade(image, pixels):
     """pixels as an image that keeps image's info: a PNG's transparent value, for to_rgb."""
     made = Image.fromarray(pixels)
-    made.info = image.info
+    made.info = dict(image.info)
     return made
 
 
@@ -1068,7 +1085,7 @@ def to_rgb(image):
 # is killed leaves nothing to be taken for a cache. The key hashes CACHE_VERSION, the side and every
 # image's path and file_state: a changed folder, or an image replaced by another, gets a new cache.
 
-CACHE_VERSION = 2  # raise it when read_image stores other pixels: old caches are then never read
+CACHE_VERSION = 3  # raise it when read_image stores other pixels: old caches are then never read
 
 
 TEMPORARY_BUILD = re.compile(r"(.+-\d+px-[0-9a-f]{16})\.tmp-\d+")  # <cache>.tmp-<pid>: see build_of

@@ -7,6 +7,7 @@ import os
 import shutil
 import struct
 import sys
+import zlib
 from argparse import Namespace
 from pathlib import Path
 
@@ -122,13 +123,35 @@ def other_depths(folder):
     Image.fromarray(gray).save(folder / "signed8.tif", tiffinfo={339: 2})  # SampleFormat: signed; Pillow says L
     sixteen.save(folder / "min_is_white16.tif", tiffinfo={262: 0})  # PhotometricInterpretation: 0 is white
     twelve_bits(folder / "twelve_bits.tif", gray)
+    rgb = np.stack([gray, 255 - gray, gray // 2], axis=-1).astype(np.uint16) * 257
+    rgb[0, 0] = [0x1234, 0x5678, 0x9ABC]  # transparent (Pillow matched it neither to 0x12... nor to 0x34...)
+    rgb[0, 1] = [0x1235, 0x5678, 0x9ABC]  # the same but for a low byte: opaque
+    rgb16_png(folder / "transparent_rgb16.png", rgb, transparent=rgb[0, 0])
+    rgb_on_white = (rgb >> 8).astype(int)
+    rgb_on_white[0, 0] = data.TRANSPARENT_BACKGROUND
     return [
+        (folder / "transparent_rgb16.png", rgb_on_white),
         (folder / "twelve_bits.tif", np.repeat(gray[..., None], 3, axis=2)),
         (folder / "ten_bits.pgm", np.repeat(gray[..., None], 3, axis=2)),
         (folder / "transparent16.png", on_white),
         (folder / "signed8.tif", None),
         (folder / "min_is_white16.tif", np.repeat(255 - gray[..., None], 3, axis=2)),
     ]
+
+
+def rgb16_png(path, pixels, transparent):
+    """A 16-bit RGB PNG (Pillow writes none) whose tRNS chunk makes one colour transparent."""
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    height, width, _ = pixels.shape
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in pixels)  # filter 0 before each row
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)  # 16 bits, colour type 2: RGB
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"tRNS", struct.pack(">3H", *transparent))
+        + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    )  # fmt: skip
 
 
 def twelve_bits(path, gray):

@@ -588,6 +588,12 @@ RESUME_REFUSALS = [
     (lambda a: a.overwrite, "--resume continues the run in --output-dir and --overwrite replaces it; pass one of them"),
     (lambda a: a.find_lr, "--find-lr saves no run, so there is none to resume; drop --resume"),
 ]
+# refused as typed, before the recipe fills in the values not given
+AS_GIVEN_REFUSALS = [
+    (lambda a: a.zero_init_residual is not None and a.weights != "none",
+     lambda a: f"--{'' if a.zero_init_residual else 'no-'}zero-init-residual sets how a network starts from "
+               f"scratch, and --weights {a.weights} loads every weight over it; drop it, or pass --weights none"),
+]
 REFUSALS = [
     (lambda a: a.weights == "none" and protecting(a),
      lambda a: f"{' and '.join(protecting(a))} protect(s) pretrained features, and --weights none has none; "
@@ -649,6 +655,7 @@ def parse_args(argv=None):
     out = args.output_dir or ("." if args.find_lr else "runs")
     data.check_outside_splits(out, [args.data_dir], "--output-dir" if args.output_dir else "the default --output-dir")
     args.arch = model.ARCH  # recorded with the run; the optimizer's class too (same_optimizer)
+    data.refuse(parser, args, AS_GIVEN_REFUSALS)
     recipe = RECIPE_VALUES[args.recipe]
     data_dependent = ("stem", "batch_size", "lr", "upsampled_side", "small_share")  # see data_settings
     for key, value in recipe.items():

@@ -216,6 +216,8 @@ def test_find_lr_writes_its_plot_and_nothing_else(image_folder, tmp_path, monkey
         (["--find-lr", "--resume", "--output-dir", "x"], "--find-lr saves no run"),
         (["--find-lr", "--patience", "2", "--ema", "0.9"], "trains no run, so --patience and --ema would do nothing"),
         (["--momentum", "0"], "Nesterov momentum needs a --momentum above 0; pass one, or --no-nesterov"),
+        (["--zero-init-residual"], "--weights imagenet loads every weight over it; drop it, or pass --weights none"),
+        (["--no-zero-init-residual", "--weights", "w.pth"], "--no-zero-init-residual sets how a network starts"),
         (["--auto-augment", "autoaugment"], "invalid choice"),
     ],
 )

@@ -124,7 +124,7 @@ def other_depths(folder):
     sixteen.save(folder / "min_is_white16.tif", tiffinfo={262: 0})  # PhotometricInterpretation: 0 is white
     twelve_bits(folder / "twelve_bits.tif", gray)
     rgb = np.stack([gray, 255 - gray, gray // 2], axis=-1).astype(np.uint16) * 257
-    rgb[0, 0] = [0x1234, 0x5678, 0x9ABC]  # transparent (Pillow matched it neither to 0x12... nor to 0x34...)
+    rgb[0, 0] = [0x1234, 0x5678, 0x9ABC]  # transparent: high and low bytes differ, so Pillow alone left it opaque
     rgb[0, 1] = [0x1235, 0x5678, 0x9ABC]  # the same but for a low byte: opaque
     rgb16_png(folder / "transparent_rgb16.png", rgb, transparent=rgb[0, 0])
     rgb_on_white = (rgb >> 8).astype(int)

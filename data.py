@@ -250,7 +250,10 @@ def load_split(
     folders = {"train": Path(data_dir) / "train", "val": val_dir or Path(data_dir) / "train"}
     # a --max-train-samples cut: fewer images in the parts than in the folders they come from
     subset = len(sources["train"][2]) + (len(sources["val"][2]) if val_dir is None else 0) < len(labels)
-    cached = cache_dir is not None and not isinstance(items, torch.Tensor) and not subset
+    cacheable = cache_dir is not None and not isinstance(items, torch.Tensor)  # CIFAR-10's own: in memory
+    if cacheable and subset:
+        LOG(f"data: the --max-train-samples subset is decoded into memory; the cache in {cache_dir} is not used")
+    cached = cacheable and not subset
     data_on = place_data(data_on, cached, cache_dir, subset, sources, parts, side, device, reserved)
     opened = {}  # train/'s cache serves both parts when the validation split is cut from it
     splits = {}
@@ -640,12 +643,14 @@ class Seen:
     """What find_images met: the real folders entered and files taken, and what it passed over."""
 
     def __init__(self, folders=()):
-        self.folders, self.files, self.others, self.links = set(folders), set(), {}, 0  # others: {file: path}
+        self.folders, self.files, self.links = set(folders), set(), 0
+        self.others, self.hidden = {}, {}  # {file or folder: its path}, each counted once
 
     def report(self, where):
-        if self.others:
-            example = Path(min(self.others.values())).name
-            LOG(f"{where}: skipped {len(self.others)} file(s) that are not images, e.g. {example}")
+        for passed, what in ((self.others, "file(s) that are not images"),
+                             (self.hidden, "hidden file(s) and folder(s) (names starting with '.')")):  # fmt: skip
+            if passed:
+                LOG(f"{where}: skipped {len(passed)} {what}, e.g. {Path(min(passed.values())).name}")
         if self.links:
             LOG(f"{where}: skipped {self.links} link(s) or repeated path(s) to folders or images already listed; "
                 f"each image is read once")  # fmt: skip
@@ -654,13 +659,15 @@ class Seen:
 def find_images(folder, seen):
     """The image files under folder, sorted by folder, then name. Links are followed, but no folder is
     entered twice and no file taken twice (seen: a Seen, shared by the calls of one listing): a link
-    loop would multiply a class's images onto both sides of the split."""
+    loop would multiply a class's images onto both sides of the split. Hidden files and folders (.DS_Store,
+    macOS's ._photo.jpg, .ipynb_checkpoints/) are passed over, as the shell's * does."""
     walk = []
     for directory, subfolders, files in os.walk(folder, followlinks=True):
         kept = []
         for sub in subfolders:
             real = os.path.realpath(os.path.join(directory, sub))
             if sub[0] == ".":
+                seen.hidden.setdefault(real, os.path.join(directory, sub))
                 continue
             if real in seen.folders:  # a link to a folder listed already: a loop, or a second way in
                 seen.links += 1
@@ -675,6 +682,8 @@ def find_images(folder, seen):
             real = file_identity(path)
             if real in seen.files:  # listed already, or named outright (--predict)
                 seen.links += 1
+            elif os.path.basename(path)[0] == ".":
+                seen.hidden.setdefault(real, path)
             elif not path.lower().endswith(IMAGE_EXTENSIONS):
                 seen.others.setdefault(real, path)  # once, however often it is reached
             else:
@@ -801,7 +810,9 @@ def stratified_split(labels, fraction, seed):
 
 
 def training_subset(labels, train, max_train_samples, seed):
-    if max_train_samples and max_train_samples < len(train):
+    if max_train_samples and max_train_samples >= len(train):  # a cap, as in Hugging Face's scripts
+        LOG(f"data: --max-train-samples {max_train_samples} is not below the {len(train)} training images: all used")
+    elif max_train_samples:
         _, keep = stratified_split(labels[train], max_train_samples / len(train), seed)
         train = train[keep]
     return train

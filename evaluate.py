@@ -48,6 +48,7 @@ if __name__ == "__main__":  # imported: from here on main() handles Ctrl-C
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 TOP_CONFUSIONS = 5
+TOP_K = 3  # --predict's classes shown per image, unless --top-k says
 PLOT_KINDS = ("confusion", "per_class", "calibration", "mistakes", "explained")  # <stem>_<split>[_tta]_<kind>.png
 BATCH_PIXELS = 1024 * 32**2  # a pass's input pixels by default: 1024 CIFAR images, or 20 photos at 224x224
 MISTAKE_PAIRS, MISTAKES_PER_PAIR = 4, 6  # mistakes.png: rows of the most confused pairs, their worst images
@@ -763,7 +764,8 @@ def image_files(paths):
             named = data.file_identity(path)
             images = [] if named in seen.files else [path]
             seen.files.add(named)
-            seen.others.pop(named, None)  # named outright: read, not counted as passed over
+            for passed in (seen.others, seen.hidden):  # named outright: read, not counted as passed over
+                passed.pop(named, None)
             seen.links += not images
         else:  # an earlier --predict's contact sheets, drawn into this folder, are not photos to classify
             images = [image for image in map(Path, data.find_images(path, seen)) if not sheet_of_ours(image)]
@@ -779,6 +781,9 @@ def classify(args):
     """--predict: the checkpoint's top classes for each image, printed, as contact sheets and in a CSV."""
     model, metadata = load_checkpoint(args.checkpoint)
     classes = metadata["classes"]
+    if args.top_k and args.top_k > len(classes):
+        raise data.UserError(f"--top-k {args.top_k} asks for more than the checkpoint's {len(classes)} classes; "
+                             f"pass at most {len(classes)}")  # fmt: skip
     folders = output_folders(args, metadata)
     files = image_files(args.predict)
     if not args.no_plots:
@@ -792,7 +797,7 @@ def classify(args):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     temperature = 1.0 if args.no_calibration else metadata.get("temperature", 1.0)
     probabilities = (predict(model, images, metadata, args.batch_size, args.tta, device) / temperature).softmax(1)
-    top = probabilities.topk(min(args.top_k, len(classes)))
+    top = probabilities.topk(min(args.top_k or TOP_K, len(classes)))  # a 2-class checkpoint: 2 by default
     ranked = [[(classes[c], p) for p, c in zip(values.tolist(), indices.tolist())] for values, indices in zip(*top)]
     tta = ", each averaged with its mirror (--tta)" if args.tta else ""
     print(f"{args.checkpoint}: {len(files)} image(s); {metadata.get('preprocessing', 'stored 32x32')}{tta}")
@@ -1096,7 +1101,7 @@ def parse_args(argv=None):
     parser = data.parser_of(__doc__, FLAGS)
     args = parser.parse_args(argv)
     data.refuse(parser, args, REFUSALS)
-    args.split, args.top_k = args.split or "test", args.top_k or 3
+    args.split = args.split or "test"
     return args
 
 

@@ -601,6 +601,9 @@ REFUSALS = [
     (lambda a: a.find_lr and idle_in_find_lr(a),
      lambda a: f"--find-lr runs the lr range test and trains no run, so {' and '.join(idle_in_find_lr(a))} would "
                f"do nothing; drop them"),
+    (lambda a: changed(a, "--val-fraction") and data.val_folder_in(a.data_dir),
+     lambda a: f"--val-fraction cuts the validation split from train/, and {data.val_folder_in(a.data_dir)} is the "
+               f"validation split here; drop --val-fraction"),
     (lambda a: a.nesterov and a.momentum == 0,
      "Nesterov momentum needs a --momentum above 0; pass one, or --no-nesterov for plain SGD"),
     (lambda a: a.freeze_epochs >= a.epochs,

@@ -26,6 +26,14 @@ def test_max_train_samples_is_a_stratified_subset_and_keeps_the_validation_split
     assert torch.bincount(labels[train]).tolist() == [10] * 10
 
 
+def test_max_train_samples_above_the_training_count_keeps_all_and_says_so(capsys):
+    labels = torch.arange(10).repeat_interleave(50)
+    full_train, _ = data.train_val_indices(labels, list("abcdefghij"), 0.2, seed=0)
+    train, _ = data.train_val_indices(labels, list("abcdefghij"), 0.2, seed=0, max_train_samples=10**6)
+    assert torch.equal(train, full_train)
+    assert "--max-train-samples 1000000 is not below the 400 training images: all used" in capsys.readouterr().out
+
+
 def test_image_folder_loads_every_image_with_sorted_class_names(image_folder):
     images, labels, classes = data.load_images(image_folder, "train")
     assert classes == sorted(CLASSES)

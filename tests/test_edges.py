@@ -415,6 +415,35 @@ def test_files_reached_twice_are_counted_once(trained_run, tmp_path, capsys):
     assert "skipped 1 file(s) that are not images, e.g. notes.txt" in out and "1 unreadable image(s)" in out
 
 
+def test_hidden_files_and_folders_are_passed_over_and_named_unless_named_outright(trained_run, tmp_path, capsys):
+    write_images(tmp_path / "photos", 2)
+    first = sorted((tmp_path / "photos").iterdir())[0]
+    shutil.copy(first, tmp_path / "photos" / "._copy.png")  # macOS's AppleDouble files look like this
+    write_images(tmp_path / "photos" / ".thumbnails", 1)
+    checkpoint = str(trained_run / "best.safetensors")
+    evaluate.main([checkpoint, "--predict", str(tmp_path / "photos"), "--no-plots"])
+    out = capsys.readouterr().out
+    assert ": 2 image(s);" in out and "skipped 2 hidden file(s) and folder(s) (names starting with '.'), e.g." in out
+    named = [str(tmp_path / "photos"), str(tmp_path / "photos" / "._copy.png")]
+    evaluate.main([checkpoint, "--predict", *named, "--no-plots"])
+    out = capsys.readouterr().out
+    assert ": 3 image(s);" in out and "skipped 1 hidden file(s) and folder(s)" in out
+    root = two_classes(tmp_path / "d", count=3)
+    (root / "train" / "ant" / "._0.png").write_bytes(b"resource fork")  # not decoded, not named unreadable
+    _, labels, _ = data.list_images(root, "train")
+    assert labels.tolist() == [0, 0, 0, 1, 1, 1] and "skipped 1 hidden file(s)" in capsys.readouterr().out
+
+
+def test_top_k_above_the_number_of_classes_is_one_error_line(trained_run, tmp_path):
+    write_images(tmp_path / "photos", 1)
+    with pytest.raises(SystemExit) as refusal:
+        evaluate.main([str(trained_run / "best.safetensors"), "--predict", str(tmp_path / "photos"), "--top-k", "11"])
+    assert str(refusal.value.code) == (
+        "error: --top-k 11 asks for more than the checkpoint's 10 classes; pass at most 10"
+    )
+    assert not (tmp_path / "photos" / "predictions").exists() and len(list((tmp_path / "photos").iterdir())) == 1
+
+
 def test_a_file_name_of_other_bytes_trains_and_is_predicted(tmp_path, capsys):
     root = two_classes(tmp_path / "d")
     odd = os.fsdecode(bytes(root / "train" / "ant") + b"/caf\xe9.png")  # Latin-1, as an old zip's

@@ -142,6 +142,14 @@ def test_the_log_says_where_validation_comes_from_and_the_sizes(photo_folder, tm
     printed = capsys.readouterr().out
     assert f"validation: {photo_folder / 'val'} (--val-fraction is not used)" in printed
     assert "random-resized crop" in printed and "8 train / 8 val images" in printed
+    assert "the --max-train-samples subset is decoded into memory; the cache in" in printed
+    with pytest.raises(SystemExit):  # val/ is the validation split: a fraction would do nothing
+        train.main(quick_args(photo_folder, tmp_path / "other", "--val-fraction", "0.3"))
+    assert (
+        f"error: --val-fraction cuts the validation split from train/, and {photo_folder / 'val'} is the validation "
+        f"split here; drop --val-fraction" in capsys.readouterr().err
+    )
+    assert not (tmp_path / "other").exists()
 
 
 def test_jpegs_marked_as_rotated_are_loaded_upright(tmp_path):
@@ -248,11 +256,11 @@ def test_predict_works_for_a_cifar_checkpoint_and_splits_many_images_into_sheets
             "--plot-dir",
             str(tmp_path / "sheets"),
             "--top-k",
-            "20",
+            "10",
         ]
     )
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(str(tmp_path))]
-    assert len(lines) == 5 and all(line.count("%") == 10 for line in lines)  # top-k capped at the 10 classes
+    assert len(lines) == 5 and all(line.count("%") == 10 for line in lines)  # all 10 classes
     assert sorted(p.name for p in (tmp_path / "sheets").iterdir()) == [f"best_predictions_{n}.png" for n in (1, 2, 3)]
 
 

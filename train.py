@@ -1129,10 +1129,12 @@ EVALUATION_PLOTS = re.compile(
 # is), state the last one, state-old the one before, during the swap. See save_state.
 STATE_DIRS = ("state-tmp", "state", "state-old")
 # what a state folder holds: accelerate's files (see accelerate.utils.constants), our progress.json, and
-# write_atomically's temporaries. A file or folder of a run's names that is not the run's is not ours to remove.
+# write_atomically's temporaries, and safetensors' own (0.8 writes model.safetensors through .tmpXXXXXX: a kill -9
+# there left one, and the resume refused the run). A file or folder of a run's names that is not the run's is not
+# ours to remove.
 STATE_FILES = re.compile(
     r"(progress\.json|(pytorch_)?model(_\d+)?\.(safetensors|bin)|(optimizer|scheduler|sampler|dl_state_dict)(_\d+)?"
-    r"\.bin|(random_states|custom_checkpoint)_\d+\.pkl|scaler\.pt)(\.tmp-\d+)?"
+    r"\.bin|(random_states|custom_checkpoint)_\d+\.pkl|scaler\.pt)(\.tmp-\d+)?|\.tmp[0-9A-Za-z]{6}"
 )
 
 

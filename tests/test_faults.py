@@ -189,6 +189,7 @@ def test_a_crash_at_any_point_of_a_save_leaves_a_resumable_folder(finished_run, 
     elif crash == "state-tmp half written":
         shutil.copytree(state, finished_run / "state-tmp")
         (finished_run / "state-tmp" / "progress.json").unlink()
+        (finished_run / "state-tmp" / "model.safetensors").rename(finished_run / "state-tmp" / ".tmpzE3dCt")  # kill -9
     elif crash == "only state-tmp and state-old":
         shutil.copytree(state, finished_run / "state-old")
         state.rename(finished_run / "state-tmp")

@@ -613,6 +613,7 @@ def list_folder(folder):
         raise UserError(f"class folder {folder / twins[0][0]} is a link to {folder / twins[0][1]}: the same images "
                         f"under two classes; remove one")  # fmt: skip
     seen = Seen({os.path.realpath(folder), *real.values()})
+    seen.hidden.update((entry.path, entry.path) for entry in os.scandir(folder) if entry.name[0] == ".")
     paths, labels = [], []
     for label, name in enumerate(classes):
         found = find_images(folder / name, seen)
@@ -625,7 +626,8 @@ def list_folder(folder):
 
 
 def class_folders(folder):
-    """The sorted names of folder's subfolders, its classes; hidden ones (.ipynb_checkpoints) are none."""
+    """The sorted names of folder's subfolders, its classes; hidden ones (.ipynb_checkpoints) are none
+    (list_folder counts them)."""
     return sorted(entry.name for entry in os.scandir(folder) if entry.is_dir() and entry.name[0] != ".")
 
 
@@ -719,6 +721,16 @@ def check_outside_splits(path, data_dirs, flag):
         raise UserError(
             f"{flag} {path} is inside {inside[0]}, where each folder is read as a class; pass one outside it"
         )
+
+
+def check_outside_states(folder, flag, given, states=()):
+    """Refuse a folder to write in inside a run's resumable state, which its progress.json marks, or inside one
+    of states (a new run's, not saved yet): what is written there would make the run unresumable."""
+    folder = Path(folder).absolute()
+    state = next((path for path in (folder, *folder.parents) if (path / "progress.json").is_file()), None)
+    state = state or next((path for path in states if folder.resolve().is_relative_to(Path(path).resolve())), None)
+    if state:
+        raise UserError(f"{flag} {given} is inside {state}, a run's resumable state; pass a folder outside it")
 
 
 def check_held_out(paths, trained, folder, what):
@@ -1119,6 +1131,8 @@ def cache_location(flag):
     """--cache-dir: a folder, 'none' (no cache: None), or not given (default_cache_dir)."""
     if flag == "none":
         return None
+    if flag:
+        check_outside_states(flag, "--cache-dir", flag)
     return Path(flag) if flag else default_cache_dir()
 
 
@@ -1238,6 +1252,15 @@ def remove_stale_builds(where):
                 shutil.rmtree(temporary, ignore_errors=True)
 
 
+def cached_folder(path):
+    """The folder whose images a complete cache at path holds (its manifest's), or None: another data set's
+    caches may share a name's start (<parent>-<split>-<side>px-)."""
+    try:
+        return json.loads((path / "manifest.json").read_text()).get("folder")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def build_cache(paths, side, folder, where):
     """Decode every path into a temporary folder beside where, then rename it into place. The pixel
     file's space is reserved first, so that a disk that fills up is an error, not a crash of the
@@ -1250,7 +1273,8 @@ def build_cache(paths, side, folder, where):
             f"the cache of {folder} needs {in_units(need)} and {where.parent} has {in_units(free)} free "
             f"(free space, or pass another --cache-dir)"
         )
-    older = [path for path in where.parent.glob(f"{where.name[:-16]}*") if path.is_dir() and not build_of(path.name)]
+    older = [path for path in where.parent.glob(f"{where.name[:-16]}*") if not build_of(path.name)]
+    older = [path for path in older if cached_folder(path) == str(Path(folder).absolute())]
     temporary = Path(f"{where}.tmp-{os.getpid()}")
     started = time.perf_counter()
     try:

@@ -1066,13 +1066,14 @@ FLAGS = [
     ("--export-onnx", dict(metavar="PATH"), "write the network as ONNX (uint8 pixels in, logits out) and check it"),
     ("--overwrite", dict(action="store_true"), "replace a file of yours at --export-onnx, --json or --csv (off)"),
 ]
+ONNX_ALONE = ("--json", "--plot-dir", "--no-plots", "--no-calibration")  # what --export-onnx does without
 # Flags that would do nothing in the combination given: (refused when, the one line that says so).
 REFUSALS = [
-    (lambda a: exporting(a) and (a.predict or a.tta or a.explain),
-     "--export-onnx exports the plain network; drop --predict, --tta and --explain"),
-    (lambda a: exporting(a) and (a.json or a.plot_dir or a.no_plots or a.no_calibration),
-     "--export-onnx writes the .onnx file and nothing else, the temperature in its metadata for the user to "
-     "apply or not; drop --json, --plot-dir, --no-plots and --no-calibration"),
+    (lambda a: exporting(a) and given(a, "--predict", "--tta", "--explain"),
+     lambda a: f"--export-onnx exports the plain network; drop {given(a, '--predict', '--tta', '--explain')}"),
+    (lambda a: exporting(a) and given(a, *ONNX_ALONE),
+     lambda a: f"--export-onnx writes the .onnx file and nothing else, the temperature in its metadata for the user "
+               f"to apply or not; drop {given(a, *ONNX_ALONE)}"),
     (lambda a: exporting(a) and not a.data_dir and (a.split or a.cache_dir),
      "--export-onnx checks the file on random images unless --data-dir is given, and --split and --cache-dir "
      "pick among its images; pass --data-dir too (the run's own folder for --split val), or drop them"),
@@ -1088,8 +1089,9 @@ REFUSALS = [
     (lambda a: a.top_k and not a.predict, "--top-k goes with --predict: the classes shown for each image"),
     (lambda a: a.split and a.predict,
      "--split chooses what an evaluation measures; --predict classifies the paths given: drop --split"),
-    (lambda a: a.predict and (a.data_dir or a.cache_dir or a.skip_data_check),
-     "--predict classifies the paths given, no data folder; drop --data-dir, --cache-dir and --skip-data-check"),
+    (lambda a: a.predict and given(a, "--data-dir", "--cache-dir", "--skip-data-check"),
+     lambda a: f"--predict classifies the paths given, no data folder; drop "
+               f"{given(a, '--data-dir', '--cache-dir', '--skip-data-check')}"),
     (lambda a: a.skip_data_check and a.split != "val",
      "--skip-data-check goes with --split val: it skips the check that the folder holds the run's data"),
     (lambda a: a.plot_dir and a.no_plots, "--plot-dir says where plots go, and --no-plots draws none; drop one"),
@@ -1103,6 +1105,11 @@ def parse_args(argv=None):
     data.refuse(parser, args, REFUSALS)
     args.split = args.split or "test"
     return args
+
+
+def given(args, *flags):
+    """Those of flags that are set, in words ('--a and --b'); '' when none is."""
+    return " and ".join(flag for flag in flags if getattr(args, flag[2:].replace("-", "_")))
 
 
 def exporting(args):

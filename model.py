@@ -15,7 +15,7 @@ import torchvision
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from data import UserError
+from data import UserError, check_outside_states
 
 # The network: any torchvision ResNet (resnet34, resnet50, wide_resnet50_2, ...) by its name. Checkpoints
 # record it and evaluate.py rebuilds each from its own; --resume refuses a run of another.
@@ -106,6 +106,8 @@ def load_backbone(model, path, arch):
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         reason = str(error).strip().splitlines()[0].split(". ")[0]  # torch's unpickling errors run to many lines
+        # a text file is a KeyError of pickle's opcode ('101'), which says nothing to a user
+        reason = "not a file torch.save or safetensors wrote" if isinstance(error, KeyError) else reason
         raise UserError(
             f"could not read weights {Path(path)} ({reason}); expected a .pth or .safetensors state dict"
         ) from error
@@ -252,11 +254,8 @@ def usual_permissions(path):
 
 
 def check_folder_can_be_made(folder, flag, given):
-    """Refuse a folder to write in that is a file, not writable, or inside a run's resumable state (its
-    progress.json marks it): what is written there would make the run unresumable."""
-    state = next((path for path in (folder, *folder.absolute().parents) if (path / "progress.json").is_file()), None)
-    if state:
-        raise UserError(f"{flag} {given} is inside {state}, a run's resumable state; pass a folder outside it")
+    """Refuse a folder to write in that is a file, not writable, or inside a run's resumable state."""
+    check_outside_states(folder, flag, given)
     existing = next(path for path in (folder, *folder.absolute().parents) if path.exists())
     if not existing.is_dir():
         raise UserError(f"{flag} {given}: {existing} is a file, not a folder; pass another {flag}")

@@ -77,6 +77,7 @@ if __name__ == "__main__":  # imported: from here on main() handles Ctrl-C
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 RUN_WEIGHT_FLOOR = 0.1  # --class-weights RUN: a class the run got all right weighs a tenth of the mean error
+VAL_FRACTION = 0.2  # of train/, stratified, when the data has no val/ folder (the write-up's 80/20)
 SCRATCH_LR = 0.2  # --weights none: no features to protect; measured +1.3 points over 0.1 (bench/accuracy.md)
 # Photos: a folder of a few hundred would make one or two steps an epoch at batch 128. The recipe's lr is
 # scaled with the batch (the linear scaling rule, Goyal et al. 2017) unless --lr is given.
@@ -506,8 +507,8 @@ FLAGS = [
     ("--weights", dict(type=data.path_flag, default="imagenet"),
      "imagenet, none, or a local ResNet18 state dict (%(default)s)"),
     ("--seed", dict(type=bounded(int, 0, 2**32 - 1), default=0), "split, order and augmentation (%(default)s)"),
-    ("--val-fraction", dict(type=bounded(float, 0, 1, open_low=True, open_high=True), default=0.2),
-     "stratified (%(default)s)"),
+    ("--val-fraction", dict(type=bounded(float, 0, 1, open_low=True, open_high=True)),
+     f"stratified, unless DIR/val/ is the validation split ({VAL_FRACTION})"),
     ("--max-train-samples", dict(type=bounded(int, 1)), "a stratified subset of about N training images (all)"),
     ("--patience", dict(type=bounded(int, 1)), "stop after N epochs without a lower validation loss (off)"),
     ("--targeted-augment", dict(default="none"), "rotation, jitter, erasing for: none, all, a group or classes (none)"),
@@ -590,6 +591,9 @@ RESUME_REFUSALS = [
 ]
 # refused as typed, before the recipe fills in the values not given
 AS_GIVEN_REFUSALS = [
+    (lambda a: a.val_fraction is not None and data.val_folder_in(a.data_dir),
+     lambda a: f"--val-fraction cuts the validation split from train/, and {data.val_folder_in(a.data_dir)} is the "
+               f"validation split here; drop --val-fraction"),
     (lambda a: a.zero_init_residual is not None and a.weights != "none",
      lambda a: f"--{'' if a.zero_init_residual else 'no-'}zero-init-residual sets how a network starts from "
                f"scratch, and --weights {a.weights} loads every weight over it; drop it, or pass --weights none"),
@@ -601,9 +605,6 @@ REFUSALS = [
     (lambda a: a.find_lr and idle_in_find_lr(a),
      lambda a: f"--find-lr runs the lr range test and trains no run, so {' and '.join(idle_in_find_lr(a))} would "
                f"do nothing; drop them"),
-    (lambda a: changed(a, "--val-fraction") and data.val_folder_in(a.data_dir),
-     lambda a: f"--val-fraction cuts the validation split from train/, and {data.val_folder_in(a.data_dir)} is the "
-               f"validation split here; drop --val-fraction"),
     (lambda a: a.nesterov and a.momentum == 0,
      "Nesterov momentum needs a --momentum above 0; pass one, or --no-nesterov for plain SGD"),
     (lambda a: a.freeze_epochs >= a.epochs,
@@ -657,10 +658,13 @@ def parse_args(argv=None):
     # by default runs/<timestamp> is made in the working folder, --find-lr's plot written there
     out = args.output_dir or ("." if args.find_lr else "runs")
     data.check_outside_splits(out, [args.data_dir], "--output-dir" if args.output_dir else "the default --output-dir")
+    if args.cache_dir not in (None, "none"):  # the new run's own state/ is not made yet: no progress.json marks it
+        data.check_outside_states(args.cache_dir, "--cache-dir", args.cache_dir, [Path(out) / d for d in STATE_DIRS])
     args.arch = model.ARCH  # recorded with the run; the optimizer's class too (same_optimizer)
     data.refuse(parser, args, AS_GIVEN_REFUSALS)
+    args.val_fraction = args.val_fraction or VAL_FRACTION
     recipe = RECIPE_VALUES[args.recipe]
-    data_dependent = ("stem", "batch_size", "lr", "upsampled_side", "small_share")  # see data_settings
+    data_dependent = ("stem", "batch_size", "lr", "crop_padding", "upsampled_side", "small_share")  # data_settings
     for key, value in recipe.items():
         if getattr(args, key, None) is None and key not in data_dependent:
             setattr(args, key, value)
@@ -695,7 +699,7 @@ def data_settings(args, typical_side):
             args.lr *= PHOTO_BATCH_SIZE / recipe["batch_size"]
     args.batch_size = args.batch_size or (PHOTO_BATCH_SIZE if photos else recipe["batch_size"])
     if photos:
-        if args.crop_padding != recipe["crop_padding"]:
+        if args.crop_padding is not None:
             raise UserError(
                 f"--crop-padding pads the random crop of CIFAR-sized images, and these are photos (median shorter "
                 f"side {typical_side} px), trained on random-resized crops; drop --crop-padding"
@@ -713,6 +717,7 @@ def data_settings(args, typical_side):
         args.train_crop = "padded"
         mean, std = data.CIFAR10_MEAN, data.CIFAR10_STD
     args.mean, args.std = tuple(args.mean or mean), tuple(args.std or std)
+    args.crop_padding = recipe["crop_padding"] if args.crop_padding is None else args.crop_padding
     grows = not photos and args.input_size > args.image_size
     if args.small_epochs is None:  # the recipe's share, where there is a larger input to grow to
         args.small_epochs = int(args.epochs * recipe["small_share"]) if grows else 0
@@ -722,6 +727,7 @@ def data_settings(args, typical_side):
             f"and {'these are photos' if photos else f'--input-size is {args.input_size}'}; drop --small-epochs"
             f"{'' if photos else ', or pass a larger --input-size'}"
         )
+    check_patience(args)
     if photos:
         return f"median shorter side {typical_side} px, above {data.SMALL_SIDE}: photos"
     if small > data.IMAGE_SIZE:
@@ -1419,6 +1425,17 @@ def finished_run(args, history, saved_epochs):
             more = f"Its lr is 0: --weights {args.output_dir}/best.safetensors starts a new run from its weights"
         return f"finished: all {args.epochs} epochs are trained; nothing to train. {more}"
     return None
+
+
+def check_patience(args):
+    """Refuse a --patience that could not stop the run before its last epoch (see patience_ran_out)."""
+    earliest = max(args.small_epochs + 1 + (args.patience or 0), args.freeze_epochs + 1)
+    if args.patience and earliest >= args.epochs:
+        small = f" (its first {args.small_epochs} at the stored size do not count)" if args.small_epochs else ""
+        raise UserError(
+            f"--patience {args.patience} could stop this {args.epochs}-epoch run no earlier than its last epoch"
+            f"{small}: it would do nothing; pass a smaller --patience, or more --epochs"
+        )
 
 
 def patience_ran_out(args, history):

@@ -4,6 +4,7 @@ from disk and without a cache."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -242,6 +243,10 @@ def test_older_caches_of_a_folder_are_said_and_an_empty_cache_dir_is_refused(fol
     capsys.readouterr()
     load(folder, tmp_path / "cache")
     assert "1 older cache(s) of" in capsys.readouterr().out
+    other = tmp_path / "elsewhere" / "d"  # another data set whose caches' names start the same: d-train-32px-
+    shutil.copytree(folder, other)
+    load(other, tmp_path / "cache")
+    assert "older cache" not in capsys.readouterr().out
     for main in (train.main, evaluate.main):  # refused as the command line is read
         with pytest.raises(SystemExit):
             main(["x.safetensors"] * (main is evaluate.main) + ["--cache-dir", ""])

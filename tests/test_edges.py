@@ -79,6 +79,18 @@ def test_patience_never_ends_a_run_inside_its_freeze_or_small_epochs(freeze, sma
     assert "--patience 1 stopped it" in train.finished_run(args, rising, saved_epochs=5)
 
 
+@pytest.mark.parametrize(
+    "patience, freeze, small, refused_",
+    [(3, 0, 0, False), (4, 0, 0, True), (1, 3, 0, False), (1, 4, 0, True), (2, 0, 2, True), (1, 2, 2, False)],
+)
+def test_a_patience_that_could_not_stop_the_run_before_its_end_is_refused(patience, freeze, small, refused_):
+    args = Namespace(patience=patience, freeze_epochs=freeze, small_epochs=small, epochs=5)
+    if not refused_:  # e.g. patience 3: best at epoch 1, no lower loss in 2, 3, 4: stopped after epoch 4 of 5
+        return train.check_patience(args)
+    with pytest.raises(data.UserError, match=f"--patience {patience} could stop this 5-epoch run no earlier than"):
+        train.check_patience(args)
+
+
 def saved(image, path, expected):
     image.save(path)
     return path, expected
@@ -368,7 +380,13 @@ def test_resuming_after_the_class_weights_run_moved_keeps_its_weights(tmp_path, 
         (evaluate.main, ["x.safetensors", "--top-k", "5"], "--top-k goes with --predict"),
         (evaluate.main, ["x.safetensors", "--export-onnx", "m.onnx", "--batch-size", "8"], "drop --batch-size"),
         (evaluate.main, ["x.safetensors", "--predict", "a.jpg", "--split", "val"], "drop --split"),
-        (evaluate.main, ["x.safetensors", "--predict", "a.jpg", "--data-dir", "d"], "drop --data-dir"),
+        (evaluate.main, ["x.safetensors", "--predict", "a.jpg", "--data-dir", "d"], "folder; drop --data-dir ("),
+        (evaluate.main, ["x.safetensors", "--export-onnx", "m.onnx", "--explain"], "network; drop --explain ("),
+        (
+            evaluate.main,
+            ["x.safetensors", "--export-onnx", "m", "--json", "r.json", "--no-plots"],
+            "drop --json and --no-plots (",
+        ),
         (evaluate.main, ["x.safetensors", "--skip-data-check"], "--skip-data-check goes with --split val"),
         (evaluate.main, ["x.safetensors", "--no-plots", "--plot-dir", "p"], "draws none"),
         (train.main, ["--seed", "1" + "0" * 309], "at most 4294967295"),
@@ -430,8 +448,10 @@ def test_hidden_files_and_folders_are_passed_over_and_named_unless_named_outrigh
     assert ": 3 image(s);" in out and "skipped 1 hidden file(s) and folder(s)" in out
     root = two_classes(tmp_path / "d", count=3)
     (root / "train" / "ant" / "._0.png").write_bytes(b"resource fork")  # not decoded, not named unreadable
-    _, labels, _ = data.list_images(root, "train")
-    assert labels.tolist() == [0, 0, 0, 1, 1, 1] and "skipped 1 hidden file(s)" in capsys.readouterr().out
+    write_images(root / "train" / ".cow", 3)  # a hidden class-level folder is no class, and said
+    _, labels, classes = data.list_images(root, "train")
+    assert labels.tolist() == [0, 0, 0, 1, 1, 1] and classes == ["ant", "bee"]
+    assert "skipped 2 hidden file(s) and folder(s)" in capsys.readouterr().out
 
 
 def test_top_k_above_the_number_of_classes_is_one_error_line(trained_run, tmp_path):
@@ -596,7 +616,18 @@ def test_nothing_is_written_into_a_runs_state(tmp_path):
     )
     message = refused([out / "best.safetensors", "--split", "val", "--plot-dir", out / "state"], evaluate.main)
     assert message.startswith(f"error: --plot-dir {out / 'state'} is inside {out / 'state'}, a run's resumable state")
+    cache = ["--cache-dir", out / "state" / "c"]
+    message = refused([out / "best.safetensors", "--split", "val", "--no-plots", *cache], evaluate.main)
+    assert message.startswith(f"error: --cache-dir {out / 'state' / 'c'} is inside {out / 'state'}, a run's")
+    assert "a run's resumable state" in refused([*short_run(root, out, "--epochs", "2"), "--resume", *cache])
     assert sorted(path.name for path in (out / "state").iterdir()) == before
+    new = tmp_path / "new"  # a new run's own state/, not made yet
+    message = refused([*short_run(root, new), "--cache-dir", new / "state"])
+    assert (
+        message == f"error: --cache-dir {new / 'state'} is inside {new / 'state'}, a run's resumable state; pass "
+        f"a folder outside it"
+    )
+    assert not new.exists()
 
 
 def test_files_of_yours_with_a_runs_names_are_never_replaced(tmp_path):

@@ -32,7 +32,10 @@ def test_safetensors_weights_are_accepted(weights_file, tmp_path):
     assert torch.equal(model.layer4[1].bn2.weight, load_file(path)["layer4.1.bn2.weight"])
 
 
-@pytest.mark.parametrize("content, message", [(None, "not found"), (b"garbage", "could not read")])
+@pytest.mark.parametrize(
+    "content, message",
+    [(None, "not found"), (b"garbage", "could not read"), (b"hello\n", r"\(not a file torch.save or safetensors")],
+)
 def test_bad_weights_file_is_a_clear_error(tmp_path, content, message):
     path = tmp_path / "w.pth"
     if content is not None:

@@ -80,9 +80,10 @@ def test_cifar_sized_folders_stay_32x32_and_photos_get_imagenet_sizes(image_fold
     train.data_settings(chosen, 375)
     assert (chosen.image_size, chosen.input_size, chosen.stem) == (183, 160, "cifar")
     assert (chosen.batch_size, chosen.lr) == (64, lr)  # explicit flags win
-    padded = train.parse_args(["--data-dir", str(photo_folder), "--crop-padding", "4"])  # pads no photo's crop
-    with pytest.raises(data.UserError, match=r"these are photos \(median shorter side 375 px\).*drop --crop-padding"):
-        train.data_settings(padded, 375)
+    for padding in ("4", "2"):  # 2, the recipe's own, typed: it pads no photo's crop either
+        padded = train.parse_args(["--data-dir", str(photo_folder), "--crop-padding", padding])
+        with pytest.raises(data.UserError, match=r"these are photos \(median shorter side 375 px\).*drop --crop-pad"):
+            train.data_settings(padded, 375)
 
 
 def test_random_resized_crop_draws_per_image_and_keeps_shapes():
@@ -144,7 +145,7 @@ def test_the_log_says_where_validation_comes_from_and_the_sizes(photo_folder, tm
     assert "random-resized crop" in printed and "8 train / 8 val images" in printed
     assert "the --max-train-samples subset is decoded into memory; the cache in" in printed
     with pytest.raises(SystemExit):  # val/ is the validation split: a fraction would do nothing
-        train.main(quick_args(photo_folder, tmp_path / "other", "--val-fraction", "0.3"))
+        train.main(quick_args(photo_folder, tmp_path / "other", "--val-fraction", "0.2"))  # the default, typed
     assert (
         f"error: --val-fraction cuts the validation split from train/, and {photo_folder / 'val'} is the validation "
         f"split here; drop --val-fraction" in capsys.readouterr().err

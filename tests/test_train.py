@@ -220,8 +220,6 @@ def test_recommendation_flags_train_and_evaluate(image_folder, tmp_path, capsys)
             "animals",
             "--class-weights",
             "auto",
-            "--patience",
-            "1",
         )
     )
     history = out / "history.json"

@@ -40,6 +40,9 @@ DEFAULT_DATA_DIR = "./data"  # the only folder CIFAR-10 is downloaded into unles
 TRANSPARENT_BACKGROUND = (255, 255, 255)  # transparent pixels (PNG, GIF) become white, as on a page
 VAL_FOLDERS = ("val", "valid", "validation")  # DIR/<one of these>/ beside DIR/train/ is the validation split
 SPLIT_FOLDERS = ("train", "test", *VAL_FOLDERS)  # each of their subfolders is read as a class
+# a run's resumable state (train.py's save_state), newest first: state-tmp is being written (complete once its
+# progress.json is), state the last one, state-old the one before, during the swap
+STATE_DIRS = ("state-tmp", "state", "state-old")
 # Sizes, from the median shorter side of the training images. CIFAR-10, and folders of images no
 # larger, are kept at 32x32; small images up to SMALL_SIDE (Tiny ImageNet's 64x64) at that median
 # side. Both are trained with a padded random crop. Larger images are photos: kept at STORED_SCALE x
@@ -613,7 +616,9 @@ def list_folder(folder):
         raise UserError(f"class folder {folder / twins[0][0]} is a link to {folder / twins[0][1]}: the same images "
                         f"under two classes; remove one")  # fmt: skip
     seen = Seen({os.path.realpath(folder), *real.values()})
-    seen.hidden.update((entry.path, entry.path) for entry in os.scandir(folder) if entry.name[0] == ".")
+    for entry in os.scandir(folder):  # not classes: said
+        if entry.name[0] == "." or not entry.is_dir():
+            (seen.hidden if entry.name[0] == "." else seen.loose)[entry.path] = entry.path
     paths, labels = [], []
     for label, name in enumerate(classes):
         found = find_images(folder / name, seen)
@@ -646,11 +651,12 @@ class Seen:
 
     def __init__(self, folders=()):
         self.folders, self.files, self.links = set(folders), set(), 0
-        self.others, self.hidden = {}, {}  # {file or folder: its path}, each counted once
+        self.others, self.hidden, self.loose = {}, {}, {}  # {file or folder: its path}, each counted once
 
     def report(self, where):
         for passed, what in ((self.others, "file(s) that are not images"),
-                             (self.hidden, "hidden file(s) and folder(s) (names starting with '.')")):  # fmt: skip
+                             (self.hidden, "hidden file(s) and folder(s) (names starting with '.')"),
+                             (self.loose, "file(s) beside the class folders, in none of them")):  # fmt: skip
             if passed:
                 LOG(f"{where}: skipped {len(passed)} {what}, e.g. {Path(min(passed.values())).name}")
         if self.links:
@@ -724,13 +730,20 @@ def check_outside_splits(path, data_dirs, flag):
 
 
 def check_outside_states(folder, flag, given, states=()):
-    """Refuse a folder to write in inside a run's resumable state, which its progress.json marks, or inside one
-    of states (a new run's, not saved yet): what is written there would make the run unresumable."""
-    folder = Path(folder).absolute()
-    state = next((path for path in (folder, *folder.parents) if (path / "progress.json").is_file()), None)
+    """Refuse a folder to write in inside a run's resumable state (see run_state), or inside one of states (a
+    new run's, not saved yet): what is written there would make the run unresumable."""
+    folder = Path(os.path.abspath(folder))
+    state = next((path for path in (folder, *folder.parents) if run_state(path)), None)
     state = state or next((path for path in states if folder.resolve().is_relative_to(Path(path).resolve())), None)
     if state:
         raise UserError(f"{flag} {given} is inside {state}, a run's resumable state; pass a folder outside it")
+
+
+def run_state(path):
+    """Whether path is a run's state folder: one its progress.json marks, or one of STATE_DIRS' names beside
+    one (train.py makes state-tmp/ and state-old/ as it saves, and removes them)."""
+    beside = path.name in STATE_DIRS and any((path.parent / name / "progress.json").is_file() for name in STATE_DIRS)
+    return beside or (path / "progress.json").is_file()
 
 
 def check_held_out(paths, trained, folder, what):

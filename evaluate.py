@@ -1074,9 +1074,10 @@ REFUSALS = [
     (lambda a: exporting(a) and given(a, *ONNX_ALONE),
      lambda a: f"--export-onnx writes the .onnx file and nothing else, the temperature in its metadata for the user "
                f"to apply or not; drop {given(a, *ONNX_ALONE)}"),
-    (lambda a: exporting(a) and not a.data_dir and (a.split or a.cache_dir),
-     "--export-onnx checks the file on random images unless --data-dir is given, and --split and --cache-dir "
-     "pick among its images; pass --data-dir too (the run's own folder for --split val), or drop them"),
+    (lambda a: exporting(a) and not a.data_dir and given(a, "--split", "--cache-dir"),
+     lambda a: f"--export-onnx checks the file on random images unless --data-dir is given, and "
+               f"{given(a, '--split', '--cache-dir')} pick(s) among its images; pass --data-dir too (the run's own "
+               f"folder for --split val), or drop them"),
     (lambda a: exporting(a) and a.batch_size,
      "--export-onnx checks the file in batches of its own choosing; drop --batch-size"),
     (lambda a: a.no_calibration and not a.predict,

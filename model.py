@@ -105,9 +105,9 @@ def load_backbone(model, path, arch):
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        reason = str(error).strip().splitlines()[0].split(". ")[0]  # torch's unpickling errors run to many lines
-        # a text file is a KeyError of pickle's opcode ('101'), which says nothing to a user
-        reason = "not a file torch.save or safetensors wrote" if isinstance(error, KeyError) else reason
+        reason = f"{error}".strip().split("\n")[0].split(". ")[0]  # torch's unpickling errors run to many lines
+        # a text file is a KeyError of pickle's opcode ('101'), an empty one an EOFError without a message
+        reason = "not a file torch.save or safetensors wrote" if isinstance(error, (KeyError, EOFError)) else reason
         raise UserError(
             f"could not read weights {Path(path)} ({reason}); expected a .pth or .safetensors state dict"
         ) from error

@@ -659,7 +659,8 @@ def parse_args(argv=None):
     out = args.output_dir or ("." if args.find_lr else "runs")
     data.check_outside_splits(out, [args.data_dir], "--output-dir" if args.output_dir else "the default --output-dir")
     if args.cache_dir not in (None, "none"):  # the new run's own state/ is not made yet: no progress.json marks it
-        data.check_outside_states(args.cache_dir, "--cache-dir", args.cache_dir, [Path(out) / d for d in STATE_DIRS])
+        states = [Path(out) / name for name in data.STATE_DIRS]
+        data.check_outside_states(args.cache_dir, "--cache-dir", args.cache_dir, states)
     args.arch = model.ARCH  # recorded with the run; the optimizer's class too (same_optimizer)
     data.refuse(parser, args, AS_GIVEN_REFUSALS)
     args.val_fraction = args.val_fraction or VAL_FRACTION
@@ -1131,9 +1132,6 @@ RUN_FILES = ("history.json", "best.safetensors", "last.safetensors", TRACKER_PRO
 EVALUATION_PLOTS = re.compile(
     rf"curves\.png|(best|last)_((test|val)(_tta)?_({'|'.join(PLOT_KINDS)})|predictions(_\d+)?)\.png"
 )
-# accelerate's resumable state, newest first: state-tmp is being written (complete once its progress.json
-# is), state the last one, state-old the one before, during the swap. See save_state.
-STATE_DIRS = ("state-tmp", "state", "state-old")
 # what a state folder holds: accelerate's files (see accelerate.utils.constants), our progress.json, and
 # write_atomically's temporaries, and safetensors' own (0.8 writes model.safetensors through .tmpXXXXXX: a kill -9
 # there left one, and the resume refused the run). A file or folder of a run's names that is not the run's is not
@@ -1146,7 +1144,7 @@ STATE_FILES = re.compile(
 
 def latest_state(out):
     """The newest complete state folder, whichever point of save_state a crash stopped at."""
-    return next((out / name for name in STATE_DIRS if (out / name / "progress.json").is_file()), None)
+    return next((out / name for name in data.STATE_DIRS if (out / name / "progress.json").is_file()), None)
 
 
 def read_progress(out):
@@ -1181,7 +1179,7 @@ def new_run_from(out):
 def check_output_dir(out, resume, overwrite):
     """Refuse, before any work: a file in the way, nothing to resume, or a run not to be touched."""
     check_folder_can_be_made(out, "--output-dir", out)
-    foreign = [name for name in (*RUN_FILES, *STATE_DIRS) if (out / name).exists() and not of_a_run(out / name)]
+    foreign = [name for name in (*RUN_FILES, *data.STATE_DIRS) if (out / name).exists() and not of_a_run(out / name)]
     if foreign:
         raise UserError(f"{out / foreign[0]} was not written by train.py or is damaged, and a run would replace it; "
                         f"move it, or pass another --output-dir")  # fmt: skip
@@ -1198,7 +1196,7 @@ def check_output_dir(out, resume, overwrite):
 
 
 def of_a_run(path):
-    """Whether a file or folder of a run's names (RUN_FILES, STATE_DIRS) is what train.py writes there."""
+    """Whether a file or folder of a run's names (RUN_FILES, data.STATE_DIRS) is what train.py writes there."""
     try:
         if path.name == TRACKER_PROJECT:  # TensorBoard's event files
             return path.is_dir() and all(f.name.startswith("events.out.") for f in path.rglob("*") if f.is_file())
@@ -1255,11 +1253,11 @@ def start_output_dir(out, resume, overwrite, accelerator):
                 discard(out / "state")
                 newest.rename(out / "state")
             if resume:
-                leftovers = [n for n in STATE_DIRS if n != "state"]
+                leftovers = [n for n in data.STATE_DIRS if n != "state"]
             else:  # --overwrite, or a new folder
                 plots = [path.name for path in out.iterdir() if EVALUATION_PLOTS.fullmatch(path.name)]
                 plots = [name for name in plots if shows_run(out / name, out)]
-                leftovers = [*RUN_FILES, *STATE_DIRS, *plots]
+                leftovers = [*RUN_FILES, *data.STATE_DIRS, *plots]
                 if plots:  # yours, and evaluate.py's of other runs, stay
                     print(f"removed {', '.join(sorted(plots))}: evaluate.py's plots of the run in {out} before")
             for name in leftovers:
@@ -1289,7 +1287,7 @@ def discard(path):
 def save_state(accelerator, out, progress):
     """accelerate's save_state, made atomic: write state-tmp (progress.json last), then swap it in
     by renaming. latest_state finds a complete state after a crash at any point."""
-    tmp, state, old = (out / name for name in STATE_DIRS)
+    tmp, state, old = (out / name for name in data.STATE_DIRS)
     if accelerator.is_main_process:
         discard(tmp)
     accelerator.wait_for_everyone()
@@ -1386,6 +1384,8 @@ def check_resumable(out, args, progress, accelerator):
         if value > most:
             raise UserError(f"the run has {flag} {value:g}, and --epochs {args.epochs} would end it before {until}; "
                             f"pass a larger --epochs")  # fmt: skip
+    if args.epochs != progress["config"]["epochs"]:  # fewer than planned may leave --patience nothing to do
+        check_patience(args)
     had = len(list(latest_state(out).glob("random_states_*.pkl")))  # accelerate saves one per process
     now = accelerator.num_processes
     if had and had != now:

@@ -91,6 +91,13 @@ def test_a_patience_that_could_not_stop_the_run_before_its_end_is_refused(patien
         train.check_patience(args)
 
 
+def test_a_resume_with_fewer_epochs_that_leave_patience_nothing_to_do_is_refused():
+    args = Namespace(arch=model.ARCH, epochs=3, patience=2, freeze_epochs=0, small_epochs=0, warmup_epochs=1)
+    progress = dict(history=[{"epoch": 1}], config=dict(epochs=6))  # a run planned for 6, resumed for 3
+    with pytest.raises(data.UserError, match="--patience 2 could stop this 3-epoch run no earlier than its last"):
+        train.check_resumable(Path("run"), args, progress, None)
+
+
 def saved(image, path, expected):
     image.save(path)
     return path, expected
@@ -384,6 +391,11 @@ def test_resuming_after_the_class_weights_run_moved_keeps_its_weights(tmp_path, 
         (evaluate.main, ["x.safetensors", "--export-onnx", "m.onnx", "--explain"], "network; drop --explain ("),
         (
             evaluate.main,
+            ["x.safetensors", "--export-onnx", "m.onnx", "--cache-dir", "none"],
+            "given, and --cache-dir pick",
+        ),
+        (
+            evaluate.main,
             ["x.safetensors", "--export-onnx", "m", "--json", "r.json", "--no-plots"],
             "drop --json and --no-plots (",
         ),
@@ -449,9 +461,12 @@ def test_hidden_files_and_folders_are_passed_over_and_named_unless_named_outrigh
     root = two_classes(tmp_path / "d", count=3)
     (root / "train" / "ant" / "._0.png").write_bytes(b"resource fork")  # not decoded, not named unreadable
     write_images(root / "train" / ".cow", 3)  # a hidden class-level folder is no class, and said
+    shutil.copy(first, root / "train" / "loose.png")  # an image in no class folder: said
     _, labels, classes = data.list_images(root, "train")
     assert labels.tolist() == [0, 0, 0, 1, 1, 1] and classes == ["ant", "bee"]
-    assert "skipped 2 hidden file(s) and folder(s)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "skipped 2 hidden file(s) and folder(s)" in out
+    assert "skipped 1 file(s) beside the class folders, in none of them, e.g. loose.png" in out
 
 
 def test_top_k_above_the_number_of_classes_is_one_error_line(trained_run, tmp_path):
@@ -621,6 +636,11 @@ def test_nothing_is_written_into_a_runs_state(tmp_path):
     assert message.startswith(f"error: --cache-dir {out / 'state' / 'c'} is inside {out / 'state'}, a run's")
     assert "a run's resumable state" in refused([*short_run(root, out, "--epochs", "2"), "--resume", *cache])
     assert sorted(path.name for path in (out / "state").iterdir()) == before
+    for inside in ("state-tmp", "state-old"):  # made and removed as the run saves: not there now
+        assert f"is inside {out / inside}, a run's" in refused(
+            [*short_run(root, tmp_path / "r2"), "--cache-dir", out / inside]
+        )
+        assert not (out / inside).exists() and not (tmp_path / "r2").exists()
     new = tmp_path / "new"  # a new run's own state/, not made yet
     message = refused([*short_run(root, new), "--cache-dir", new / "state"])
     assert (

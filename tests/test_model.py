@@ -34,7 +34,12 @@ def test_safetensors_weights_are_accepted(weights_file, tmp_path):
 
 @pytest.mark.parametrize(
     "content, message",
-    [(None, "not found"), (b"garbage", "could not read"), (b"hello\n", r"\(not a file torch.save or safetensors")],
+    [
+        (None, "not found"),
+        (b"garbage", "could not read"),
+        (b"hello\n", r"\(not a file torch.save or safetensors"),
+        (b"", "not a file"),
+    ],
 )
 def test_bad_weights_file_is_a_clear_error(tmp_path, content, message):
     path = tmp_path / "w.pth"

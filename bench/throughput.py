@@ -4,6 +4,7 @@
     python bench/throughput.py --before a1691e8,2f3d6ec   # also train.py as it was at these commits
     python bench/throughput.py --images 2000 --only bare,train   # quicker, some rows
     python bench/throughput.py --only sizes                       # bf16 against float32 at each recipe's size
+    python bench/throughput.py --only sizes,compile               # ... and each compiled
     python bench/throughput.py --images 10000 --rounds 3 --only bare,train,plain  # the speed goals
     python bench/throughput.py --images 10000 --rounds 3 --only disk,cache,pss   # the decode-once cache
     python bench/throughput.py --images 10000 --rounds 3 --only train,controls,before --before 41d24cc
@@ -45,6 +46,7 @@ images of the same shape written to a temporary folder.
 import argparse
 import contextlib
 import functools
+import itertools
 import json
 import os
 import statistics
@@ -333,13 +335,15 @@ def cpu_round(args, folder, scratch, scripts, first):
             speed, _ = bare_step(batch_size, args.steps, channels_last)
             results[f"bare step, batch {batch_size}, {'channels_last' if channels_last else 'NCHW'}"] = (speed, "")
         results[f"{BARE}, bf16 autocast"] = (bare_step(BATCH, args.steps, bf16=True)[0], "")
-    if "sizes" in args.only and first:  # what bf16 autocast gains depends on the input's size too
-        for side in SIDES:
-            for bf16 in (False, True):
-                speed, _ = bare_step(BATCH, args.steps, bf16=bf16, side=side)
-                results[f"bare step at {side}x{side}, {'bf16 autocast' if bf16 else 'float32'}"] = (speed, "")
     if "compile" in args.only and first:
         os.environ.update(cold_inductor(scratch))  # this process compiles next; train.py gets its own below
+    if "sizes" in args.only and first:  # what bf16 autocast gains depends on the input's size too
+        for side in SIDES:  # with compile: compiled too, as --recipe cpu --compile's steps
+            for bf16, compiled in itertools.product((False, True), (False, True) if "compile" in args.only else [0]):
+                speed, warmup = bare_step(BATCH, args.steps, bf16=bf16, side=side, compile=compiled)
+                name = f"bare step at {side}x{side}, {'bf16 autocast' if bf16 else 'float32'}"
+                results[name + ", torch.compile" * compiled] = (speed, f"first 2 steps {warmup:.0f}s" * compiled)
+    if "compile" in args.only and first:
         speed, warmup = bare_step(BATCH, args.steps, compile=True)
         results[f"{BARE}, torch.compile"] = (speed, f"first 2 steps {warmup:.0f}s")
     runs = [  # (row, name, flags, environment, revision)

@@ -742,8 +742,13 @@ def check_outside_states(folder, flag, given, states=()):
 def run_state(path):
     """Whether path is a run's state folder: one its progress.json marks, or one of STATE_DIRS' names beside
     one (train.py makes state-tmp/ and state-old/ as it saves, and removes them)."""
-    beside = path.name in STATE_DIRS and any((path.parent / name / "progress.json").is_file() for name in STATE_DIRS)
+    beside = path.name in STATE_DIRS and latest_state(path.parent) is not None
     return beside or (path / "progress.json").is_file()
+
+
+def latest_state(out):
+    """The run folder out's newest complete state folder, whichever point of save_state a crash stopped at."""
+    return next((out / name for name in STATE_DIRS if (out / name / "progress.json").is_file()), None)
 
 
 def check_held_out(paths, trained, folder, what):

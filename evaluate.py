@@ -1066,17 +1066,19 @@ FLAGS = [
     ("--export-onnx", dict(metavar="PATH"), "write the network as ONNX (uint8 pixels in, logits out) and check it"),
     ("--overwrite", dict(action="store_true"), "replace a file of yours at --export-onnx, --json or --csv (off)"),
 ]
-ONNX_ALONE = ("--json", "--plot-dir", "--no-plots", "--no-calibration")  # what --export-onnx does without
+# the flags each refusal below names, those given
+ONNX_PLAIN, ONNX_ALONE = ("--predict", "--tta", "--explain"), ("--json", "--plot-dir", "--no-plots", "--no-calibration")
+ONNX_PICKS, PREDICT_NO_DATA = ("--split", "--cache-dir"), ("--data-dir", "--cache-dir", "--skip-data-check")
 # Flags that would do nothing in the combination given: (refused when, the one line that says so).
 REFUSALS = [
-    (lambda a: exporting(a) and given(a, "--predict", "--tta", "--explain"),
-     lambda a: f"--export-onnx exports the plain network; drop {given(a, '--predict', '--tta', '--explain')}"),
+    (lambda a: exporting(a) and given(a, *ONNX_PLAIN),
+     lambda a: f"--export-onnx exports the plain network; drop {given(a, *ONNX_PLAIN)}"),
     (lambda a: exporting(a) and given(a, *ONNX_ALONE),
      lambda a: f"--export-onnx writes the .onnx file and nothing else, the temperature in its metadata for the user "
                f"to apply or not; drop {given(a, *ONNX_ALONE)}"),
-    (lambda a: exporting(a) and not a.data_dir and given(a, "--split", "--cache-dir"),
+    (lambda a: exporting(a) and not a.data_dir and given(a, *ONNX_PICKS),
      lambda a: f"--export-onnx checks the file on random images unless --data-dir is given, and "
-               f"{given(a, '--split', '--cache-dir')} pick(s) among its images; pass --data-dir too (the run's own "
+               f"{given(a, *ONNX_PICKS)} pick(s) among its images; pass --data-dir too (the run's own "
                f"folder for --split val), or drop them"),
     (lambda a: exporting(a) and a.batch_size,
      "--export-onnx checks the file in batches of its own choosing; drop --batch-size"),
@@ -1090,9 +1092,8 @@ REFUSALS = [
     (lambda a: a.top_k and not a.predict, "--top-k goes with --predict: the classes shown for each image"),
     (lambda a: a.split and a.predict,
      "--split chooses what an evaluation measures; --predict classifies the paths given: drop --split"),
-    (lambda a: a.predict and given(a, "--data-dir", "--cache-dir", "--skip-data-check"),
-     lambda a: f"--predict classifies the paths given, no data folder; drop "
-               f"{given(a, '--data-dir', '--cache-dir', '--skip-data-check')}"),
+    (lambda a: a.predict and given(a, *PREDICT_NO_DATA),
+     lambda a: f"--predict classifies the paths given, no data folder; drop {given(a, *PREDICT_NO_DATA)}"),
     (lambda a: a.skip_data_check and a.split != "val",
      "--skip-data-check goes with --split val: it skips the check that the folder holds the run's data"),
     (lambda a: a.plot_dir and a.no_plots, "--plot-dir says where plots go, and --no-plots draws none; drop one"),

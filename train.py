@@ -1142,14 +1142,9 @@ STATE_FILES = re.compile(
 )
 
 
-def latest_state(out):
-    """The newest complete state folder, whichever point of save_state a crash stopped at."""
-    return next((out / name for name in data.STATE_DIRS if (out / name / "progress.json").is_file()), None)
-
-
 def read_progress(out):
     """The settings and history saved with the run's newest state, refused in one line when damaged."""
-    path = latest_state(out) / "progress.json"
+    path = data.latest_state(out) / "progress.json"
     try:
         progress = json.loads(path.read_text())
     except (OSError, ValueError) as error:
@@ -1183,11 +1178,11 @@ def check_output_dir(out, resume, overwrite):
     if foreign:
         raise UserError(f"{out / foreign[0]} was not written by train.py or is damaged, and a run would replace it; "
                         f"move it, or pass another --output-dir")  # fmt: skip
-    if resume and not latest_state(out):
+    if resume and not data.latest_state(out):
         if (out / "state").is_dir():  # its progress.json lost
             raise UserError(damaged_state(out, out / "state" / "progress.json", "missing"))
         raise UserError(f"nothing to resume in {out}; start a new run without --resume")
-    finished = any((out / name).exists() for name in RUN_FILES) or latest_state(out)
+    finished = any((out / name).exists() for name in RUN_FILES) or data.latest_state(out)
     if finished and not (resume or overwrite):
         raise UserError(
             f"{out} already holds a run; pass --resume to continue it, --overwrite to replace it, "
@@ -1248,7 +1243,7 @@ def start_output_dir(out, resume, overwrite, accelerator):
             out.mkdir(parents=True, exist_ok=True)
             held = lock(out)
             check_output_dir(out, resume, overwrite)
-            newest = latest_state(out)
+            newest = data.latest_state(out)
             if resume and newest.name != "state":  # a crash stopped save_state halfway: finish it
                 discard(out / "state")
                 newest.rename(out / "state")
@@ -1286,7 +1281,7 @@ def discard(path):
 
 def save_state(accelerator, out, progress):
     """accelerate's save_state, made atomic: write state-tmp (progress.json last), then swap it in
-    by renaming. latest_state finds a complete state after a crash at any point."""
+    by renaming. data.latest_state finds a complete state after a crash at any point."""
     tmp, state, old = (out / name for name in data.STATE_DIRS)
     if accelerator.is_main_process:
         discard(tmp)
@@ -1386,7 +1381,7 @@ def check_resumable(out, args, progress, accelerator):
                             f"pass a larger --epochs")  # fmt: skip
     if args.epochs != progress["config"]["epochs"]:  # fewer than planned may leave --patience nothing to do
         check_patience(args)
-    had = len(list(latest_state(out).glob("random_states_*.pkl")))  # accelerate saves one per process
+    had = len(list(data.latest_state(out).glob("random_states_*.pkl")))  # accelerate saves one per process
     now = accelerator.num_processes
     if had and had != now:
         per_process = args.batch_size * args.grad_accum_steps
@@ -1596,7 +1591,7 @@ BF16_INSTRUCTIONS = {"avx512_bf16", "amx_bf16"}
 def cpu_precision(args):
     """--recipe cpu on a CPU: ("bf16", why) where the CPU has BF16_INSTRUCTIONS, else ("no", why). (None,
     None), accelerate's choice as launched, for another recipe, on a GPU, or where the user chose one."""
-    config, state = vars(args), args.resume and args.output_dir and latest_state(Path(args.output_dir))
+    config, state = vars(args), args.resume and args.output_dir and data.latest_state(Path(args.output_dir))
     if state:  # a resumed run: its own recipe, and the precision it ran in (the printed resume command names neither)
         config = read_progress(Path(args.output_dir))["config"]
     if config.get("recipe") != "cpu" or torch.accelerator.is_available() or precision_chosen():

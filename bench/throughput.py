@@ -338,8 +338,9 @@ def cpu_round(args, folder, scratch, scripts, first):
     if "compile" in args.only and first:
         os.environ.update(cold_inductor(scratch))  # this process compiles next; train.py gets its own below
     if "sizes" in args.only and first:  # what bf16 autocast gains depends on the input's size too
-        for side in SIDES:  # with compile: compiled too, as --recipe cpu --compile's steps
-            for bf16, compiled in itertools.product((False, True), (False, True) if "compile" in args.only else [0]):
+        compilations = (False, True) if "compile" in args.only else (False,)  # as --recipe cpu --compile's steps
+        for side in SIDES:
+            for bf16, compiled in itertools.product((False, True), compilations):
                 speed, warmup = bare_step(BATCH, args.steps, bf16=bf16, side=side, compile=compiled)
                 name = f"bare step at {side}x{side}, {'bf16 autocast' if bf16 else 'float32'}"
                 results[name + ", torch.compile" * compiled] = (speed, f"first 2 steps {warmup:.0f}s" * compiled)

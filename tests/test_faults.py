@@ -384,7 +384,7 @@ def test_sigterm_to_accelerate_launch_stops_the_trainer_with_its_state_saved(ima
             os.kill(trainer, signal.SIGKILL)
             pytest.fail("the trainer outlived its launcher")
     assert "stopped during epoch" in output and "--resume" in output, output[-2000:]
-    assert train.latest_state(out) == out / "state" and len(epochs_in(out)) < 50
+    assert data.latest_state(out) == out / "state" and len(epochs_in(out)) < 50
 
 
 def test_odd_data_dirs_and_images_are_refused_or_skipped(tmp_path, image_folder):

@@ -81,7 +81,7 @@ def main(argv=None):
 
 
 def evaluate(args):
-    model, metadata = load_checkpoint(args.checkpoint)
+    model, metadata = run_checkpoint(args.checkpoint)
     classes = metadata["classes"]
     run_data_from(args, metadata)
     folders = output_folders(args, metadata)
@@ -177,6 +177,21 @@ def print_report(results, classes):
                 "(the run trained on mixed batches, --mixup/--cutmix: its training loss and accuracy are against "
                 "each image's larger share's label, so they sit below an unmixed run's and the gaps read smaller)"
             )
+
+
+def run_checkpoint(path):
+    """load_checkpoint, with where the data is as the run says now: a checkpoint written before a resume
+    that moved --data-dir or --cache-dir (best.safetensors of an earlier epoch) records the old places."""
+    model, metadata = load_checkpoint(path)
+    config = metadata.get("config", {})
+    state = data.latest_state(Path(path).parent)  # None: not in a run folder
+    try:
+        now = json.loads((state / "progress.json").read_text())["config"]
+    except (TypeError, OSError, ValueError, KeyError):
+        return model, metadata
+    if isinstance(now, dict) and now.get("data_fingerprint") == config.get("data_fingerprint"):  # the same data
+        metadata["config"] = config | {key: now.get(key) for key in ("data_dir", "cache_dir")}
+    return model, metadata
 
 
 def run_data_from(args, metadata):
@@ -971,7 +986,7 @@ def export_onnx(args):
         raise data.UserError(f"--export-onnx {path} exists; pass --overwrite to replace it, or another name")
     check_folder_can_be_made(path.parent, "--export-onnx", args.export_onnx)
     onnx, onnxruntime = onnx_packages()
-    model, metadata = load_checkpoint(args.checkpoint)
+    model, metadata = run_checkpoint(args.checkpoint)
     data.check_outside_splits(path, data_dirs(args, metadata), "--export-onnx")
     images, source = onnx_check_images(args, metadata)
     graph = PixelsToLogits(model, metadata).eval()

@@ -8,6 +8,9 @@ and string metadata that says what it holds: enough to rebuild the model with no
 import json
 import math
 import os
+import pickle
+import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -103,13 +106,13 @@ def load_backbone(model, path, arch):
         if Path(path).suffix == ".safetensors":
             state = load_file(path)
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # a plain pickle's "Detected pickle protocol 4": the error says it
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        reason = f"{error}".strip().split("\n")[0].split(". ")[0]  # torch's unpickling errors run to many lines
-        # a text file is a KeyError of pickle's opcode ('101'), an empty one an EOFError without a message
-        reason = "not a file torch.save or safetensors wrote" if isinstance(error, (KeyError, EOFError)) else reason
         raise UserError(
-            f"could not read weights {Path(path)} ({reason}); expected a .pth or .safetensors state dict"
+            f"could not read weights {Path(path)} ({unreadable_weights(error)}); expected a .pth or .safetensors "
+            f"state dict"
         ) from error
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path} holds no state dict; save one with torch.save(model.state_dict(), path)")
@@ -120,6 +123,21 @@ def load_backbone(model, path, arch):
     if problem:
         raise UserError(f"{path} is not a torchvision {arch} state dict: {problem}")
     model.load_state_dict(state | {k: v for k, v in model.state_dict().items() if is_head(k)})
+
+
+def unreadable_weights(error):
+    """Why torch.load or safetensors could not read a weights file, in a few words. torch's unpickling
+    errors run to many lines, all about weights_only=False, which would run the file's code."""
+    text = str(error)
+    if isinstance(error, pickle.UnpicklingError) and "Unsupported global" in text:  # torch.save(model)
+        name = re.search(r"GLOBAL (\S+)", text)
+        found = f" ({name.group(1)})" if name else ""
+        return f"it holds pickled objects{found}, not tensors alone: save model.state_dict() instead"
+    # a text file is a KeyError of pickle's opcode ('101'), an empty one an EOFError without a message, any
+    # other file pickle cannot read an UnpicklingError ("Unsupported operand 206")
+    if isinstance(error, (KeyError, EOFError, pickle.UnpicklingError)):
+        return "not a file torch.save or safetensors wrote"
+    return text.strip().split("\n")[0].split(". ")[0]
 
 
 def check_weights_file(path):

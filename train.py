@@ -1372,6 +1372,8 @@ def check_resumable(out, args, progress, accelerator):
         )
     if args.epochs < done:
         raise UserError(f"{out} has already trained {done} epochs; pass a larger --epochs")
+    if args.epochs > done == progress["config"]["epochs"] and progress["history"][-1].get("lr") == 0:
+        raise lr_at_zero(args)  # said before any image is read; extend_schedule computes it for older histories
     limits = [("--freeze-epochs", args.freeze_epochs, args.epochs - 1, "the whole network trains"),
               ("--small-epochs", args.small_epochs, args.epochs - 1, "it trains at --input-size"),
               ("--warmup-epochs", args.warmup_epochs, args.epochs, "its lr reaches its peak")]  # fmt: skip
@@ -1449,10 +1451,7 @@ def extend_schedule(args, saved_epochs, epochs_done, steps_per_epoch, warmup_ste
     step = epochs_done * steps_per_epoch
     factor = lr_factor(step, saved_epochs * steps_per_epoch, warmup_steps, args.schedule, args.decay_start)
     if factor == 0:
-        raise UserError(
-            f"the run's {args.schedule} schedule has brought the learning rate to 0, so more epochs would not "
-            f"change it; start a new run instead (--weights {args.output_dir}/best.safetensors starts from its weights)"
-        )
+        raise lr_at_zero(args)
     change = f"--epochs {args.epochs} instead of {saved_epochs}: after epoch {epochs_done} the learning rate"
     if step < warmup_steps:  # the warmup is counted in epochs and stays as it was; the decay after it is stretched
         then = "stays there" if args.schedule == "constant" else f"follows the {args.schedule} schedule to 0"
@@ -1466,6 +1465,13 @@ def extend_schedule(args, saved_epochs, epochs_done, steps_per_epoch, warmup_ste
     return (
         f"{change} goes on from {args.lr * factor:.3g} and follows the {args.schedule} schedule "
         f"to 0 at its new end, epoch {args.epochs}"
+    )
+
+
+def lr_at_zero(args):
+    return UserError(
+        f"the run's {args.schedule} schedule has brought the learning rate to 0, so more epochs would not "
+        f"change it; start a new run instead (--weights {args.output_dir}/best.safetensors starts from its weights)"
     )
 
 

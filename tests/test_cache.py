@@ -227,7 +227,9 @@ def test_a_complete_cache_is_read_where_nothing_can_be_written(folder, tmp_path,
 
 
 def test_other_data_is_refused_before_anything_is_decoded_or_cached(folder, tmp_path, monkeypatch):
-    command = [*quick_args(folder, tmp_path / "run", "--batch-size", "4", "--max-train-samples", "1000")]
+    command = quick_args(
+        folder, tmp_path / "run", "--batch-size", "4", "--max-train-samples", "1000", "--schedule", "constant"
+    )
     train.main([*command, "--cache-dir", str(tmp_path / "cache")])
     Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(folder / "train" / "ant" / "new.png")
     monkeypatch.setattr(data, "read_image", lambda *args: pytest.fail("an image was decoded"))

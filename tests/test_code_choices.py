@@ -49,16 +49,19 @@ def refused_resume(out, capsys):
     return message
 
 
-def test_resuming_under_another_network_or_optimizer_is_one_line(trained_run, monkeypatch, capsys):
-    out = trained_run  # refused before anything of it is touched
-    with monkeypatch.context() as patched:
+def test_resuming_under_another_network_or_optimizer_is_one_line(
+    image_folder, trained_run, tmp_path, monkeypatch, capsys
+):
+    with monkeypatch.context() as patched:  # refused before anything of the run is touched
         patched.setattr(model, "ARCH", "resnet34")
-        message = refused_resume(out, capsys)
+        message = refused_resume(trained_run, capsys)
     assert "is a resnet18 run, and model.ARCH is now resnet34" in message
 
     def adamw(groups, lr, momentum, nesterov):  # SGD swapped for AdamW, as a user would in build_training
         return torch.optim.AdamW(groups, lr=lr)
 
+    out = tmp_path / "run"  # a run more epochs would train: trained_run's cosine lr is 0, refused first
+    train.main(quick_args(image_folder, out, "--epochs", "1", "--schedule", "constant"))
     monkeypatch.setattr(torch.optim, "SGD", adamw)
     message = refused_resume(out, capsys)
     assert "was trained with SGD, and build_training now makes AdamW" in message

@@ -253,7 +253,7 @@ def test_a_data_folder_named_like_a_temporary_build_keeps_its_cache(tmp_path, ca
 
 def test_the_runs_cache_follows_it_into_evaluate_and_a_resume(tmp_path, capsys):
     root, cache = two_classes(tmp_path / "cache-follows"), tmp_path / "my-cache"  # a name no other test decodes
-    train.main(short_run(root, tmp_path / "run", "--cache-dir", cache))
+    train.main(short_run(root, tmp_path / "run", "--cache-dir", cache, "--schedule", "constant"))  # extended below
     assert f"--cache-dir {cache}" in capsys.readouterr().out.split("evaluate: ")[-1]
     evaluate.main([str(tmp_path / "run" / "best.safetensors"), "--split", "val", "--no-plots"])
     assert f"from the cache {cache}" in capsys.readouterr().out
@@ -261,6 +261,12 @@ def test_the_runs_cache_follows_it_into_evaluate_and_a_resume(tmp_path, capsys):
     train.main(["--output-dir", str(tmp_path / "run"), "--resume", "--epochs", "2"])  # as the printed command
     out = capsys.readouterr().out
     assert f"from the cache {cache}" in out and f"--cache-dir {cache}" in out.split("evaluate: ")[-1]
+    earlier = shutil.copy(tmp_path / "run" / "best.safetensors", tmp_path / "run" / "earlier.safetensors")
+    moved = tmp_path / "moved-cache"  # resumed with another cache: a checkpoint from before follows the run
+    train.main(["--output-dir", str(tmp_path / "run"), "--resume", "--epochs", "3", "--cache-dir", str(moved)])
+    capsys.readouterr()
+    evaluate.main([str(earlier), "--split", "val", "--no-plots"])
+    assert f"from the cache {moved}" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------- no traceback
@@ -583,7 +589,7 @@ def test_a_warmup_longer_than_the_run_is_refused(capsys):
     # resumed: it was planned longer
     args = Namespace(arch=model.ARCH, epochs=2, freeze_epochs=0, small_epochs=0, warmup_epochs=3)
     with pytest.raises(train.UserError, match="--warmup-epochs 3, and --epochs 2 would end it before its lr reaches"):
-        train.check_resumable(Path("run"), args, {"history": [{}]}, None)
+        train.check_resumable(Path("run"), args, {"config": {"epochs": 3}, "history": [{}]}, None)
 
 
 def test_huge_class_weights_are_scaled_not_overflowed():

@@ -282,14 +282,20 @@ def test_default_run_folders_started_in_the_same_second_differ(tmp_path, monkeyp
     assert first != second and first.is_dir() and second.is_dir()
 
 
-def test_extending_a_run_continues_its_decay_and_says_so(image_folder, tmp_path, capsys):
+def test_extending_a_run_continues_its_decay_and_says_so(image_folder, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     train.main(quick_args(image_folder, out, "--epochs", "2", "--lr", "0.1", "--warmup-epochs", "0"))
-    with pytest.raises(SystemExit, match="brought the learning rate to 0, so more epochs would not change it"):
-        train.main(["--output-dir", str(out), "--resume", "--epochs", "4"])  # a finished cosine run
-    progress_file = out / "state" / "progress.json"  # as if the run had been planned for 4 epochs
+    progress_file = out / "state" / "progress.json"
     progress = json.loads(progress_file.read_text())
-    progress["config"]["epochs"] = 4
+    with monkeypatch.context() as patched:  # a finished cosine run: refused before its data is read
+        patched.setattr(data, "load_split", lambda *a, **k: pytest.fail("the data was loaded"))
+        with pytest.raises(SystemExit, match="brought the learning rate to 0, so more epochs would not change it"):
+            train.main(["--output-dir", str(out), "--resume", "--epochs", "4"])
+    del progress["history"][-1]["lr"]  # a history from before the lr was recorded: the schedule says it
+    progress_file.write_text(json.dumps(progress))
+    with pytest.raises(SystemExit, match="brought the learning rate to 0, so more epochs would not change it"):
+        train.main(["--output-dir", str(out), "--resume", "--epochs", "4"])
+    progress["config"]["epochs"] = 4  # as if the run had been planned for 4 epochs
     progress_file.write_text(json.dumps(progress))
     train.main(["--output-dir", str(out), "--resume", "--epochs", "6"])
     assert "--epochs 6 instead of 4: after epoch 2 the learning rate goes on from 0.05" in capsys.readouterr().out

@@ -39,6 +39,7 @@ def test_safetensors_weights_are_accepted(weights_file, tmp_path):
         (b"garbage", "could not read"),
         (b"hello\n", r"\(not a file torch.save or safetensors"),
         (b"", "not a file"),
+        (bytes(range(206, 256)), r"\(not a file torch.save or safetensors wrote\)"),  # torch: "Unsupported operand"
     ],
 )
 def test_bad_weights_file_is_a_clear_error(tmp_path, content, message):
@@ -47,6 +48,16 @@ def test_bad_weights_file_is_a_clear_error(tmp_path, content, message):
         path.write_bytes(content)
     with pytest.raises(UserError, match=message):
         build_model(10, weights=str(path))
+
+
+def test_a_whole_pickled_model_as_weights_says_to_save_its_state_dict(tmp_path):
+    path = tmp_path / "model.pth"
+    torch.save(torchvision.models.resnet18(), path)  # the model, not its state_dict(): weights_only refuses it
+    with pytest.raises(UserError) as refused:
+        build_model(10, weights=str(path))
+    message = str(refused.value)
+    assert "pickled objects (torchvision.models.resnet.ResNet)" in message and "save model.state_dict()" in message
+    assert "Weights only" not in message and "\n" not in message
 
 
 def test_weights_of_another_model_name_the_first_mismatch(tmp_path):

@@ -29,6 +29,7 @@ PARENT = os.getppid()  # before the slow imports: see launcher_of_this_process
 import argparse
 import copy
 import errno
+import functools
 import itertools
 import json
 import math
@@ -122,13 +123,14 @@ def main(argv=None):
 
 
 def train(args):
-    accelerator = make_accelerator(args)
+    accelerator = make_accelerator(args)  # sets args.mixed_precision
     if args.find_lr:
         return find_lr(args, accelerator)
+    precision = args.mixed_precision
     args, out, progress = open_run(args, accelerator)
     if args is None:  # a resumed run with nothing left to train
         return
-    args.mixed_precision = accelerator.mixed_precision  # recorded: a resumed --recipe cpu run keeps it
+    args.mixed_precision = precision  # recorded: a resumed --recipe cpu run keeps it
     run = prepare_training(args, progress, accelerator)  # the data, network, optimizer, schedule and loss
     start_run(run, args, out, progress, accelerator)
     stop = StopRequest(accelerator)
@@ -148,9 +150,7 @@ def train(args):
                     f"  {run.resume_command}"
                 )
                 sys.exit(130)
-            scores, logits, labels = validate(
-                run.evaluated, run.val_loader, accelerator, run.normalize, len(run.classes)
-            )
+            scores, logits, labels = validate(run, accelerator)
             record = dict(
                 epoch=epoch,
                 train_loss=result[0],
@@ -158,7 +158,7 @@ def train(args):
                 **scores,
                 lr=run.scheduler.get_last_lr()[-1],
                 input_size=epoch_input_size(args, epoch),
-                precision=accelerator.mixed_precision,  # a resumed run may change it (accelerate launch)
+                precision=run.precision,  # a resumed run may change it (accelerate launch)
                 seconds=round(seconds, 2),
             )
             improved = end_epoch(run, record, args, accelerator, (logits, labels))
@@ -191,9 +191,9 @@ def prepare_training(args, progress, accelerator, schedule=None):
     """The data, and the model with its optimizer, schedule and loss, wrapped by accelerate: what both
     training and the lr range test need. schedule: see build_training."""
     set_seed(args.seed)
-    precision = {"no": "float32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}.get(
-        accelerator.mixed_precision, f"{accelerator.mixed_precision} mixed precision"
-    )
+    names = {"no": "float32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}
+    names[LARGE_EPOCHS_BF16] = "bf16 autocast after the --small-epochs"
+    precision = names.get(args.mixed_precision, f"{args.mixed_precision} mixed precision")
     accelerator.print(
         f"{accelerator.num_processes} process(es) ({accelerator.distributed_type.value}) on {accelerator.device}, "
         f"{torch.get_num_threads()} CPU thread(s) each, {precision}"
@@ -333,8 +333,14 @@ def train_epoch(epoch, run, accelerator, args, stop):
 
 def training_mode(run, args, epoch, accelerator):
     """The model in training mode as epoch trains it: within --freeze-epochs, only the head; within
-    --small-epochs, fed (and validated) at the images' stored size (progressive resizing)."""
+    --small-epochs, fed (and validated) at the images' stored size (progressive resizing), and in
+    float32 where --recipe cpu chose bf16 (LARGE_EPOCHS_BF16)."""
     run.model.train()
+    run.precision, run.autocast = accelerator.mixed_precision, accelerator.autocast  # as launched
+    if args.mixed_precision == LARGE_EPOCHS_BF16:
+        large = epoch > args.small_epochs
+        run.precision = "bf16" if large else "no"
+        run.autocast = functools.partial(torch.autocast, accelerator.device.type, torch.bfloat16, enabled=large)
     if args.freeze_epochs:
         freeze_backbone(accelerator.unwrap_model(run.model, keep_torch_compile=False), epoch <= args.freeze_epochs)
     size = epoch_input_size(args, epoch)
@@ -362,7 +368,7 @@ def train_step(run, accelerator, args, images, labels, generator):
             images, partner, share = data.mix(images, part_labels, generator, args.mixup, args.cutmix)
         inputs = run.normalize(images)
         with accelerator.accumulate(run.model):
-            with accelerator.autocast():
+            with run.autocast():
                 logits = run.model(inputs)
                 loss = run.criterion(logits, part_labels)
                 if share is not None:  # mixed: each label's loss by its share, with smoothing and weights as set
@@ -381,18 +387,19 @@ def train_step(run, accelerator, args, images, labels, generator):
 
 
 @torch.inference_mode()
-def validate(network, loader, accelerator, normalize, num_classes):
-    """Loss, accuracy and per-class accuracy over the whole split, every sample counted once. The
-    values stay on the device until the end: no batch waits for the one before."""
+def validate(run, accelerator):
+    """Loss, accuracy and per-class accuracy of run.evaluated over the whole validation split, every sample
+    counted once. The values stay on the device until the end: no batch waits for the one before."""
+    network = run.evaluated
     network.eval()
     sync_batchnorm_statistics(network, accelerator)
     total_loss = torch.zeros((), device=accelerator.device)
-    hits_per_class = torch.zeros(num_classes, device=accelerator.device)
-    samples_per_class = torch.zeros(num_classes, device=accelerator.device)
+    hits_per_class = torch.zeros(len(run.classes), device=accelerator.device)
+    samples_per_class = torch.zeros(len(run.classes), device=accelerator.device)
     all_logits, all_labels = [], []
-    for images, labels in loader:
-        with accelerator.autocast():
-            logits = network(normalize(images)).float()
+    for images, labels in run.val_loader:
+        with run.autocast():
+            logits = network(run.normalize(images)).float()
         losses = F.cross_entropy(logits, labels, reduction="none")
         losses, hits, labels, logits = accelerator.gather_for_metrics(
             (losses, logits.argmax(1) == labels, labels, logits)
@@ -1562,9 +1569,10 @@ def use_all_cores(accelerator):
 
 
 def make_accelerator(args):
+    """The Accelerator, and args.mixed_precision: accelerate's, or LARGE_EPOCHS_BF16 (autocast of our own)."""
     precision, why = cpu_precision(args)
     accelerator = Accelerator(
-        mixed_precision=precision,  # None: accelerate's, as launched
+        mixed_precision="no" if precision == LARGE_EPOCHS_BF16 else precision,  # None: accelerate's, as launched
         cpu=not torch.accelerator.is_available(),  # else two CPU processes train separately (DistributedType.NO)
         # non_blocking: batches read from disk go to a GPU from pinned memory without waiting (data.make_loader)
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed, non_blocking=True),
@@ -1578,6 +1586,7 @@ def make_accelerator(args):
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.freeze_epochs > 0)],
     )
     use_all_cores(accelerator)
+    args.mixed_precision = precision if precision == LARGE_EPOCHS_BF16 else accelerator.mixed_precision
     if why:
         accelerator.print(f"precision: {why}")
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
@@ -1590,12 +1599,14 @@ def make_accelerator(args):
 
 # --recipe cpu takes bf16 autocast on CPUs with these instructions (/proc/cpuinfo's names for AVX512-BF16 and
 # AMX); without them bf16 ran 0.12-0.45x float32. With them it paid 1.4x at 48x48 (issue #29), but 0.87-1.01x
-# at 32x32 on an AMX Xeon (bench/speed.md): the rule is still being measured.
+# at 32x32 on an AMX Xeon (bench/speed.md), so the --small-epochs at 32x32 stay float32: LARGE_EPOCHS_BF16,
+# an autocast of our own, as accelerate's would cover every epoch.
 BF16_INSTRUCTIONS = {"avx512_bf16", "amx_bf16"}
+LARGE_EPOCHS_BF16 = "bf16-large-epochs"
 
 
 def cpu_precision(args):
-    """--recipe cpu on a CPU: ("bf16", why) where the CPU has BF16_INSTRUCTIONS, else ("no", why). (None,
+    """--recipe cpu on a CPU: (LARGE_EPOCHS_BF16, why) where the CPU has BF16_INSTRUCTIONS, else ("no", why). (None,
     None), accelerate's choice as launched, for another recipe, on a GPU, or where the user chose one."""
     config, state = vars(args), args.resume and args.output_dir and data.latest_state(Path(args.output_dir))
     if state:  # a resumed run: its own recipe, and the precision it ran in (the printed resume command names neither)
@@ -1607,7 +1618,7 @@ def cpu_precision(args):
     found = sorted(BF16_INSTRUCTIONS & cpu_flags())
     if found:
         why = f"--recipe cpu on a CPU with {', '.join(found)} (float32: accelerate launch --mixed_precision no)"
-        return "bf16", f"bf16 autocast: {why}"
+        return LARGE_EPOCHS_BF16, f"bf16 autocast, float32 in the --small-epochs: {why}"
     return "no", "float32: --recipe cpu on a CPU with neither AVX512-BF16 nor AMX, where bf16 is slow"
 
 

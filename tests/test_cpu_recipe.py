@@ -28,7 +28,7 @@ def test_the_cpu_recipe_takes_bf16_only_where_the_cpu_has_its_instructions(a_cpu
     assert precision == "no" and "neither AVX512-BF16 nor AMX" in why
     monkeypatch.setattr(train, "cpu_flags", lambda: {"avx2", "avx512f", "amx_bf16", "amx_tile"})
     precision, why = train.cpu_precision(args)
-    assert precision == "bf16" and "amx_bf16" in why
+    assert precision == train.LARGE_EPOCHS_BF16 and "amx_bf16" in why and "float32 in the --small-epochs" in why
     assert train.cpu_precision(train.parse_args([])) == (None, None)  # the other recipes: as launched
     assert train.cpu_precision(train.parse_args(["--recipe", "seed"])) == (None, None)
 
@@ -54,7 +54,7 @@ def test_python_train_py_with_the_variable_set_by_hand_is_a_choice(a_cpu, monkey
     monkeypatch.setattr(train, "LAUNCHER", None)
     monkeypatch.setattr(train, "cpu_flags", lambda: {"avx512_bf16"})
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
-    assert train.cpu_precision(train.parse_args(["--recipe", "cpu"]))[0] == "bf16"
+    assert train.cpu_precision(train.parse_args(["--recipe", "cpu"]))[0] == train.LARGE_EPOCHS_BF16
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
     assert train.cpu_precision(train.parse_args(["--recipe", "cpu"])) == (None, None)
 
@@ -87,6 +87,26 @@ def test_a_resumed_cpu_run_keeps_the_precision_it_ran_in(a_cpu, monkeypatch, tmp
     args = train.parse_args(["--output-dir", str(tmp_path / "run"), "--resume"])  # the printed resume command
     precision, why = train.cpu_precision(args)
     assert precision == "no" and "the run's own" in why
+
+
+def test_bf16_chosen_by_the_rule_leaves_the_small_epochs_in_float32(a_cpu, image_folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "cpu_flags", lambda: {"amx_bf16"})
+    autocast = []  # each forward pass, training and validation: whether bf16 autocast was on
+
+    def build_model(*args, **kwargs):
+        network = model.build_model(*args, **kwargs)
+        network.register_forward_pre_hook(lambda *_: autocast.append(train.torch.is_autocast_enabled("cpu")))
+        return network
+
+    monkeypatch.setattr(train, "build_model", build_model)
+    out = tmp_path / "run"
+    train.main(quick_args(image_folder, out, "--recipe", "cpu", "--input-size", 48, "--small-epochs", 1))
+    history = json.loads((out / "history.json").read_text())
+    assert [(r["input_size"], r["precision"]) for r in history] == [(32, "no"), (48, "bf16")]
+    first = autocast.index(True)
+    assert 0 < first and not any(autocast[:first]) and all(autocast[first:])  # epoch 1 float32, epoch 2 bf16
+    config = json.loads((out / "state" / "progress.json").read_text())["config"]
+    assert config["mixed_precision"] == train.LARGE_EPOCHS_BF16  # a resume keeps the rule (the test above)
 
 
 def test_small_epochs_train_and_validate_at_the_stored_size_first(image_folder, tmp_path, monkeypatch, capsys):

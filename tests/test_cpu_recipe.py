@@ -62,13 +62,13 @@ def test_python_train_py_with_the_variable_set_by_hand_is_a_choice(a_cpu, monkey
 @pytest.mark.parametrize(
     "flags, side, settings",
     [
-        ([], 32, (15, 56, 9)),  # three fifths of the epochs at 32x32, the rest at 56x56
-        (["--epochs", "8"], 32, (8, 56, 4)),
-        (["--epochs", "1"], 32, (1, 56, 0)),
-        (["--small-epochs", "3"], 32, (15, 56, 3)),
-        (["--input-size", "32"], 32, (15, 32, 0)),  # nothing to grow to: no small epochs, and no refusal
-        (["--stem", "cifar"], 32, (15, 32, 0)),
-        ([], 300, (15, 224, 0)),  # photos
+        ([], 32, (16, 48, 9)),  # 9 of the 16 epochs at 32x32, the rest at 48x48
+        (["--epochs", "8"], 32, (8, 48, 4)),
+        (["--epochs", "1"], 32, (1, 48, 0)),
+        (["--small-epochs", "3"], 32, (16, 48, 3)),
+        (["--input-size", "32"], 32, (16, 32, 0)),  # nothing to grow to: no small epochs, and no refusal
+        (["--stem", "cifar"], 32, (16, 32, 0)),
+        ([], 300, (16, 224, 0)),  # photos
     ],
 )
 def test_the_cpu_recipe_grows_its_inputs_where_it_can(flags, side, settings):

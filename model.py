@@ -122,6 +122,9 @@ def load_backbone(model, path, arch):
     problem = first_mismatch(backbone, state)
     if problem:
         raise UserError(f"{path} is not a torchvision {arch} state dict: {problem}")
+    broken = [key for key, value in state.items() if value.is_floating_point() and not value.isfinite().all()]
+    if broken:  # else the first step's loss is NaN, whatever the lr
+        raise UserError(f"{path} holds NaN or infinite values ({broken[0]}); pass weights of a run that trained")
     model.load_state_dict(state | {k: v for k, v in model.state_dict().items() if is_head(k)})
 
 
@@ -137,6 +140,8 @@ def unreadable_weights(error):
     # other file pickle cannot read an UnpicklingError ("Unsupported operand 206")
     if isinstance(error, (KeyError, EOFError, pickle.UnpicklingError)):
         return "not a file torch.save or safetensors wrote"
+    if isinstance(error, RuntimeError):  # from torch.load's zip reader
+        return "a truncated torch.save file, or another kind of zip"
     return text.strip().split("\n")[0].split(". ")[0]
 
 

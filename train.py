@@ -101,6 +101,8 @@ MAX_LR = 100
 # --mixup/--cutmix: Beta(alpha, alpha) is 0.5 +- 0.01 at 1000 already, so larger alphas only mix halves;
 # above float32's 3.4e38 data.mix's gamma draws cannot be made at all (a crash at the first step)
 MAX_MIX_ALPHA = 1000
+# --epochs: 200 times the seed's 50; a typo's 1e11 would hold the lr at its peak for as long as it ran
+MAX_EPOCHS = 10_000
 LOG_EVERY = 20  # steps between reads of the loss, for the progress bar and trackers (each read waits for the device)
 VAL_BATCH_SIZE = 1024
 # --compile: inductor's default mode fuses BatchNorm, ReLU and the residual adds of the training step.
@@ -122,7 +124,7 @@ def main(argv=None):
 
 
 def train(args):
-    accelerator = make_accelerator(args)  # sets args.mixed_precision
+    accelerator, why = make_accelerator(args)  # sets args.mixed_precision
     if args.find_lr:
         return find_lr(args, accelerator)
     precision = args.mixed_precision
@@ -130,6 +132,8 @@ def train(args):
     if args is None:  # a resumed run with nothing left to train
         return
     args.mixed_precision = precision  # recorded: a resumed --recipe cpu run keeps it
+    if why:  # said once the run is not refused: a refusal is one line
+        accelerator.print(f"precision: {why}")
     run = prepare_training(args, progress, accelerator)  # the data, network, optimizer, schedule and loss
     start_run(run, args, out, progress, accelerator)
     stop = StopRequest(accelerator)
@@ -190,9 +194,7 @@ def prepare_training(args, progress, accelerator, schedule=None):
     """The data, and the model with its optimizer, schedule and loss, wrapped by accelerate: what both
     training and the lr range test need. schedule: see build_training."""
     set_seed(args.seed)
-    names = {"no": "float32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}
-    names[LARGE_EPOCHS_BF16] = "bf16 autocast after the --small-epochs"
-    precision = names.get(args.mixed_precision, f"{args.mixed_precision} mixed precision")
+    precision = PRECISION_WORDS.get(args.mixed_precision, f"{args.mixed_precision} mixed precision")
     accelerator.print(
         f"{accelerator.num_processes} process(es) ({accelerator.distributed_type.value}) on {accelerator.device}, "
         f"{torch.get_num_threads()} CPU thread(s) each, {precision}"
@@ -560,7 +562,7 @@ FLAGS = [
 # 9 of 16 epochs at 32x32 and the rest upsampled to 48x48 (data_settings), those in bf16 where the CPU has it
 # (cpu_precision). A flag given wins.
 RECIPES = [
-    ("--epochs", dict(type=bounded(int, 1)), (30, 50, 16), "passes over the training split"),
+    ("--epochs", dict(type=bounded(int, 1, MAX_EPOCHS)), (30, 50, 16), "passes over the training split"),
     ("--batch-size", dict(type=bounded(int, 2)), (128, 128, 128),
      f"per process, 2 or more for BatchNorm; {PHOTO_BATCH_SIZE} for photos"),
     # the peak, after warmup: fine-tuning, so below the from-scratch 0.1
@@ -1568,7 +1570,8 @@ def use_all_cores(accelerator):
 
 
 def make_accelerator(args):
-    """The Accelerator, and args.mixed_precision: accelerate's, or LARGE_EPOCHS_BF16 (autocast of our own)."""
+    """(the Accelerator, why --recipe cpu chose its precision or None); sets args.mixed_precision:
+    accelerate's, or LARGE_EPOCHS_BF16 (an autocast of our own)."""
     precision, why = cpu_precision(args)
     accelerator = Accelerator(
         mixed_precision="no" if precision == LARGE_EPOCHS_BF16 else precision,  # None: accelerate's, as launched
@@ -1586,14 +1589,12 @@ def make_accelerator(args):
     )
     use_all_cores(accelerator)
     args.mixed_precision = precision if precision == LARGE_EPOCHS_BF16 else accelerator.mixed_precision
-    if why:
-        accelerator.print(f"precision: {why}")
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise UserError(
             "--mixed_precision fp16 does not run on a CPU: accelerate would train in float32 and call it fp16; "
             "pass --mixed_precision bf16 (fast only on CPUs with AVX512-BF16 or AMX: bench/speed.md) or no"
         )
-    return accelerator
+    return accelerator, why
 
 
 # --recipe cpu takes bf16 autocast on CPUs with these instructions (/proc/cpuinfo's names for AVX512-BF16 and
@@ -1602,6 +1603,12 @@ def make_accelerator(args):
 # an autocast of our own, as accelerate's would cover every epoch.
 BF16_INSTRUCTIONS = {"avx512_bf16", "amx_bf16"}
 LARGE_EPOCHS_BF16 = "bf16-large-epochs"
+PRECISION_WORDS = {
+    "no": "float32",
+    "bf16": "bf16 autocast",
+    "fp16": "fp16 autocast",
+    LARGE_EPOCHS_BF16: "bf16 autocast after the --small-epochs",
+}
 
 
 def cpu_precision(args):
@@ -1613,7 +1620,8 @@ def cpu_precision(args):
     if config.get("recipe") != "cpu" or torch.accelerator.is_available() or precision_chosen():
         return None, None
     if state and config.get("mixed_precision"):
-        return config["mixed_precision"], f"{config['mixed_precision']}, the run's own (--mixed_precision to change it)"
+        own = config["mixed_precision"]
+        return own, f"{PRECISION_WORDS.get(own, own)}, the run's own (--mixed_precision to change it)"
     found = sorted(BF16_INSTRUCTIONS & cpu_flags())
     if found:
         why = f"--recipe cpu on a CPU with {', '.join(found)} (float32: accelerate launch --mixed_precision no)"

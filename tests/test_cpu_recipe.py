@@ -89,7 +89,7 @@ def test_a_resumed_cpu_run_keeps_the_precision_it_ran_in(a_cpu, monkeypatch, tmp
     assert precision == "no" and "the run's own" in why
 
 
-def test_bf16_chosen_by_the_rule_leaves_the_small_epochs_in_float32(a_cpu, image_folder, tmp_path, monkeypatch):
+def test_bf16_chosen_by_the_rule_leaves_the_small_epochs_in_float32(a_cpu, image_folder, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(train, "cpu_flags", lambda: {"amx_bf16"})
     autocast = []  # each forward pass, training and validation: whether bf16 autocast was on
 
@@ -106,7 +106,16 @@ def test_bf16_chosen_by_the_rule_leaves_the_small_epochs_in_float32(a_cpu, image
     first = autocast.index(True)
     assert 0 < first and not any(autocast[:first]) and all(autocast[first:])  # epoch 1 float32, epoch 2 bf16
     config = json.loads((out / "state" / "progress.json").read_text())["config"]
-    assert config["mixed_precision"] == train.LARGE_EPOCHS_BF16  # a resume keeps the rule (the test above)
+    assert config["mixed_precision"] == train.LARGE_EPOCHS_BF16
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:  # a refused resume: its one error line, no precision line before it
+        train.main(["--output-dir", str(out), "--resume", "--epochs", "1"])
+    assert "already trained 2 epochs" in str(refused.value.code) and capsys.readouterr().out == ""
+    args = train.parse_args(["--output-dir", str(out), "--resume"])
+    assert train.cpu_precision(args) == (
+        train.LARGE_EPOCHS_BF16,
+        "bf16 autocast after the --small-epochs, the run's own (--mixed_precision to change it)",
+    )
 
 
 def test_small_epochs_train_and_validate_at_the_stored_size_first(image_folder, tmp_path, monkeypatch, capsys):

@@ -335,7 +335,7 @@ def test_help_shows_every_flag_with_its_default(capsys):
         train.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     for shown in (
-        "(default 30, seed 50, cpu 15)",
+        "(default 30, seed 50, cpu 16)",
         "peak; 0.2 with --weights none (but seed); photos: x32/128 (default",
     ):
         assert shown in text

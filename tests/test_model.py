@@ -1,3 +1,6 @@
+import io
+import zipfile
+
 import pytest
 import torch
 import torchvision
@@ -32,6 +35,13 @@ def test_safetensors_weights_are_accepted(weights_file, tmp_path):
     assert torch.equal(model.layer4[1].bn2.weight, load_file(path)["layer4.1.bn2.weight"])
 
 
+def zip_of_text():
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as file:
+        file.writestr("notes.txt", "not weights")
+    return archive.getvalue()
+
+
 @pytest.mark.parametrize(
     "content, message",
     [
@@ -40,6 +50,7 @@ def test_safetensors_weights_are_accepted(weights_file, tmp_path):
         (b"hello\n", r"\(not a file torch.save or safetensors"),
         (b"", "not a file"),
         (bytes(range(206, 256)), r"\(not a file torch.save or safetensors wrote\)"),  # torch: "Unsupported operand"
+        (zip_of_text(), r"\(a truncated torch.save file, or another kind of zip\)"),
     ],
 )
 def test_bad_weights_file_is_a_clear_error(tmp_path, content, message):
@@ -48,6 +59,18 @@ def test_bad_weights_file_is_a_clear_error(tmp_path, content, message):
         path.write_bytes(content)
     with pytest.raises(UserError, match=message):
         build_model(10, weights=str(path))
+
+
+def test_weights_holding_nan_are_refused_as_read_not_as_a_nan_loss(tmp_path):
+    state = torchvision.models.resnet18().state_dict()
+    state["layer2.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(state, tmp_path / "w.pth")
+    with pytest.raises(UserError, match=r"holds NaN or infinite values \(layer2.0.conv1.weight\)"):
+        build_model(10, weights=str(tmp_path / "w.pth"))
+    state["layer2.0.conv1.weight"][0, 0, 0, 0] = 0.0
+    state["fc.weight"][0, 0] = float("inf")  # the head is replaced: its values do not matter
+    torch.save(state, tmp_path / "w.pth")
+    build_model(10, weights=str(tmp_path / "w.pth"))
 
 
 def test_a_whole_pickled_model_as_weights_says_to_save_its_state_dict(tmp_path):

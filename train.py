@@ -87,9 +87,9 @@ PHOTO_BATCH_SIZE = 32
 # it is 12x12 after the stem and 2x2 at the end. Measured from scratch at 8 epochs: 81.26% against
 # 78.88% at 32x32, for 2.6x the time per epoch (bench/accuracy.md).
 IMAGENET_STEM_INPUT_SIZE = 48
-# --recipe cpu: progressive resizing, 9 of 16 epochs at 32x32 in float32 (about 58 s each here) and the rest
-# at 48x48 in bf16 (about 100 s). From scratch, seed 0 reached 84.10% in 1,336 s against the default's 80.69%
-# at 48x48 for 8 epochs in 1,558 s; 9 + 6 at 56x56, 83.76% over 3 seeds (bench/accuracy.md)
+# --recipe cpu: progressive resizing, 9 of 16 epochs at 32x32 in float32 (about 60 s each here) and the rest
+# at 48x48 in bf16 (about 100 s). From scratch, seed 0 reached 84.10% in 1,336 s, between two runs of the
+# default at 48x48 for 8 epochs (80.69%) in 1,558 and 1,320 s; 9 + 6 at 56x56, 83.76% (bench/accuracy.md)
 CPU_INPUT_SIZE = 48
 # Training's own memory, roughly, for the check before decoding: the activations a step keeps for the
 # backward pass, about 500 bytes per input pixel of the batch with torchvision's stem (a review measured

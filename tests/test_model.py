@@ -67,6 +67,11 @@ def test_weights_holding_nan_are_refused_as_read_not_as_a_nan_loss(tmp_path):
     torch.save(state, tmp_path / "w.pth")
     with pytest.raises(UserError, match=r"holds NaN or infinite values \(layer2.0.conv1.weight\)"):
         build_model(10, weights=str(tmp_path / "w.pth"))
+    state = {key: value.double() if value.is_floating_point() else value for key, value in state.items()}
+    state["layer2.0.conv1.weight"][0, 0, 0, 0] = 1e300  # finite in float64, inf in the network's float32
+    torch.save(state, tmp_path / "w.pth")
+    with pytest.raises(UserError, match=r"holds NaN or infinite values \(layer2.0.conv1.weight\)"):
+        build_model(10, weights=str(tmp_path / "w.pth"))
     state["layer2.0.conv1.weight"][0, 0, 0, 0] = 0.0
     state["fc.weight"][0, 0] = float("inf")  # the head is replaced: its values do not matter
     torch.save(state, tmp_path / "w.pth")

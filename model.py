@@ -122,9 +122,9 @@ def load_backbone(model, path, arch):
     problem = first_mismatch(backbone, state)
     if problem:
         raise UserError(f"{path} is not a torchvision {arch} state dict: {problem}")
-    # as the network will hold them: float64's 1e300 is finite, and inf in float32
-    finite = {key: value.to(backbone[key].dtype).isfinite().all() for key, value in state.items()}
-    broken = [key for key, value in state.items() if value.is_floating_point() and not finite[key]]
+    # in the network's dtype: float64's 1e300 is finite, and inf in float32
+    floats = [key for key, value in state.items() if value.is_floating_point()]
+    broken = [key for key in floats if not state[key].to(backbone[key].dtype).isfinite().all()]
     if broken:  # else the first step's loss is NaN, whatever the lr
         raise UserError(f"{path} holds NaN or infinite values ({broken[0]}); pass weights of a run that trained")
     model.load_state_dict(state | {k: v for k, v in model.state_dict().items() if is_head(k)})

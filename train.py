@@ -1295,6 +1295,7 @@ def save_state(accelerator, out, progress):
         discard(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()  # every rank's random_states_N.pkl is in before the rename
     if accelerator.is_main_process:
         for file in tmp.iterdir():
             usual_permissions(file)

@@ -202,6 +202,31 @@ def test_a_crash_at_any_point_of_a_save_leaves_a_resumable_folder(finished_run, 
     assert sorted(p.name for p in finished_run.glob("state*")) == ["state"]
 
 
+def test_a_save_waits_for_every_rank_before_swapping_the_state_in(tmp_path):
+    """A slower rank writes its random_states_1.pkl into state-tmp while rank 0 is done: the rename
+    must wait for it (CI saw rank 1 fail with "Parent directory .../state-tmp does not exist")."""
+
+    class TwoRanks:  # rank 0's view; rank 1 finishes its file at the next barrier
+        is_main_process, rank1_pending = True, False
+
+        def save_state(self, folder):
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            (Path(folder) / "random_states_0.pkl").write_bytes(b"0")
+            self.rank1_pending = True
+
+        def wait_for_everyone(self):
+            if self.rank1_pending:
+                (tmp_path / "state-tmp" / "random_states_1.pkl").write_bytes(b"1")  # raises if renamed away
+                self.rank1_pending = False
+
+    train.save_state(TwoRanks(), tmp_path, {"history": []})
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == [
+        "progress.json",
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    ]
+
+
 def test_an_empty_state_tmp_left_by_a_crash_before_the_first_save_does_not_block(image_folder, tmp_path):
     out = tmp_path / "run"
     (out / "state-tmp").mkdir(parents=True)

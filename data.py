@@ -232,7 +232,8 @@ def load_split(
     images come from, in words). Validation: DIR/val/ when there is one, else a stratified val_fraction
     of train/. data_on: "device" (in memory, checked to fit with `reserved` bytes more), "disk" (read
     batch by batch from the cache in cache_dir; None: no cache) or "auto". listing: list_images(data_dir,
-    "train") when the caller has it; check(fingerprint) may refuse the data before any decoding."""
+    "train") when the caller has it; check(fingerprint, {part: image count}) may refuse the data before
+    any decoding."""
     items, labels, classes = listing or list_images(data_dir, "train")
     check_classes(
         classes, expected_classes, data_dir, "pass the run's --data-dir, or give its class folders their names"
@@ -249,7 +250,7 @@ def load_split(
         sources, found = validation_folder_sources(data_dir, val_dir, items, labels, classes, max_train_samples, seed)
         where = f"{val_dir} (--val-fraction is not used)"
     if check:
-        check(found)
+        check(found, {part: len(sources[part][2]) for part in parts})
     folders = {"train": Path(data_dir) / "train", "val": val_dir or Path(data_dir) / "train"}
     # a --max-train-samples cut: fewer images in the parts than in the folders they come from
     subset = len(sources["train"][2]) + (len(sources["val"][2]) if val_dir is None else 0) < len(labels)

@@ -227,7 +227,7 @@ def load_split(args, metadata):
         return images, labels, f"{alone} on its own, whole: not checked against the run's data"
     checked = []
 
-    def check(found):  # before anything is decoded: other data is refused at once
+    def check(found, _counts):  # before anything is decoded: other data is refused at once
         expected = metadata.get("config", {}).get("data_fingerprint")
         difference = expected and data.validation_difference(expected, found)
         if expected is None:

@@ -907,19 +907,12 @@ def load_data(args, accelerator):
             listing=listing,
             cache_dir=data.cache_location(args.cache_dir),
             data_on=args.data_on,
-            check=lambda found: check_data(args, found, accelerator),  # before decoding: other data is refused
+            # before decoding: other data, or too few images for a step, is refused
+            check=lambda found, counts: check_data(args, found, counts["train"], accelerator),
         )
     train_split, val_split = (splits[part].to(accelerator.device) for part in ("train", "val"))
     train_labels, val_labels = train_split.labels, val_split.labels
-    global_batch = effective_batch(args, accelerator)  # every process needs full batches a step
-    if len(train_labels) < global_batch:
-        processes = f" x {accelerator.num_processes} processes" if accelerator.num_processes > 1 else ""
-        accumulated = f" x --grad-accum-steps {args.grad_accum_steps}" if args.grad_accum_steps > 1 else ""
-        raise UserError(
-            f"--batch-size {args.batch_size}{processes}{accumulated} needs {global_batch} training images a step, "
-            f"and there are {len(train_labels)}; lower --batch-size{' or the process count' if processes else ''}"
-            f"{' or --grad-accum-steps' if accumulated else ''}"
-        )
+    check_batch(args, len(train_labels), accelerator)  # again: unreadable images were skipped
     held = "read batch by batch from the cache on disk" if train_split.rows is not None else "held in memory"
     accelerator.print(
         f"data: {len(train_labels)} train / {len(val_labels)} val images, {len(classes)} classes, "
@@ -935,9 +928,24 @@ def load_data(args, accelerator):
     return train_loader, val_loader, train_labels, classes
 
 
-def check_data(args, found, accelerator):
+def check_batch(args, count, accelerator):
+    """Every process needs full batches a step."""
+    global_batch = effective_batch(args, accelerator)
+    if count < global_batch:
+        processes = f" x {accelerator.num_processes} processes" if accelerator.num_processes > 1 else ""
+        accumulated = f" x --grad-accum-steps {args.grad_accum_steps}" if args.grad_accum_steps > 1 else ""
+        raise UserError(
+            f"--batch-size {args.batch_size}{processes}{accumulated} needs {global_batch} training images a step, "
+            f"and there are {count}; lower --batch-size{' or the process count' if processes else ''}"
+            f"{' or --grad-accum-steps' if accumulated else ''}"
+        )
+
+
+def check_data(args, found, count, accelerator):
     """The split is made from the data, so a resumed run must find the same data; a new run records
-    it (args.data_fingerprint, saved in the state and the checkpoints; evaluate.py checks it too)."""
+    it (args.data_fingerprint, saved in the state and the checkpoints; evaluate.py checks it too).
+    count: the training images listed, refused when fewer than a step takes."""
+    check_batch(args, count, accelerator)
     if args.resume and args.data_fingerprint is None:
         accelerator.print(
             f"warning: this run predates data fingerprints; cannot check that {args.data_dir} is its data"

@@ -123,6 +123,15 @@ def test_a_batch_size_above_the_training_images_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_huge_batch_size_is_refused_from_the_listing_before_any_image_is_read(tmp_path, capsys):
+    """Not taken for data too big for memory (its activations are), and refused before the cache is built."""
+    folder, cache = tiny_folder(tmp_path / "data", 5), tmp_path / "cache"
+    flags = ["--weights", "none", "--batch-size", "100000", "--cache-dir", str(cache), "--data-on", "auto"]
+    with pytest.raises(SystemExit, match="--batch-size 100000 needs 100000 training images a step, and there are 12"):
+        train.main(["--data-dir", str(folder), "--output-dir", str(tmp_path / "out"), *flags])
+    assert "fit in memory" not in capsys.readouterr().out and not cache.exists()
+
+
 def test_a_last_batch_of_one_image_trains_and_the_printed_evaluate_command_works(image_folder, tmp_path, capsys):
     """160 training images at batch 53 leave one over; at 32x32 torchvision's stem ends in a 1x1 map, where
     BatchNorm cannot train on one image. That image is dropped for the epoch. This folder has no test/."""

@@ -1486,9 +1486,9 @@ def bounded(kind, low, high=math.inf, open_low=False, open_high=False):
 
 def path_flag(text):
     """An argparse type for file and folder flags: an empty value (an unset shell variable, as in
-    --data-dir "$DATA") is refused, not taken as the current folder or a default."""
-    if not text:
-        raise argparse.ArgumentTypeError("is empty (an unset shell variable?); pass a path")
+    --data-dir "$DATA") or a blank one is refused, not taken as the current folder or a default."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"is {'blank' if text else 'empty'} (an unset shell variable?); pass a path")
     return text
 
 

@@ -122,12 +122,23 @@ def load_backbone(model, path, arch):
     problem = first_mismatch(backbone, state)
     if problem:
         raise UserError(f"{path} is not a torchvision {arch} state dict: {problem}")
-    # in the network's dtype: float64's 1e300 is finite, and inf in float32
-    floats = [key for key, value in state.items() if value.is_floating_point()]
-    broken = [key for key in floats if not state[key].to(backbone[key].dtype).isfinite().all()]
-    if broken:  # else the first step's loss is NaN, whatever the lr
-        raise UserError(f"{path} holds NaN or infinite values ({broken[0]}); pass weights of a run that trained")
+    check_values(path, state, backbone)
     model.load_state_dict(state | {k: v for k, v in model.state_dict().items() if is_head(k)})
+
+
+def check_values(path, state, expected):
+    """Refuse weights no training could leave, each of which torch loads with a warning at most, and
+    the first step's loss is then NaN, whatever the lr: NaN or infinite values (in the network's dtype:
+    float64's 1e300 is finite, and inf in float32), complex ones (their imaginary part would be dropped)
+    and negative BatchNorm variances."""
+    for key, value in state.items():
+        if expected[key].is_floating_point() and not value.is_floating_point():
+            raise UserError(f"{path} holds {str(value.dtype).removeprefix('torch.')} values ({key}), not real "
+                            f"floating point ones; pass weights of a run that trained")  # fmt: skip
+        if value.is_floating_point() and not value.to(expected[key].dtype).isfinite().all():
+            raise UserError(f"{path} holds NaN or infinite values ({key}); pass weights of a run that trained")
+        if key.endswith("running_var") and (value < 0).any():
+            raise UserError(f"{path} holds negative BatchNorm variances ({key}); pass weights of a run that trained")
 
 
 def unreadable_weights(error):

@@ -1616,7 +1616,7 @@ PRECISION_WORDS = {
     "no": "float32",
     "bf16": "bf16 autocast",
     "fp16": "fp16 autocast",
-    LARGE_EPOCHS_BF16: "bf16 autocast after the --small-epochs",
+    LARGE_EPOCHS_BF16: "bf16 autocast after any --small-epochs",
 }
 
 
@@ -1634,7 +1634,7 @@ def cpu_precision(args):
     found = sorted(BF16_INSTRUCTIONS & cpu_flags())
     if found:
         why = f"--recipe cpu on a CPU with {', '.join(found)} (float32: accelerate launch --mixed_precision no)"
-        return LARGE_EPOCHS_BF16, f"bf16 autocast, float32 in the --small-epochs: {why}"
+        return LARGE_EPOCHS_BF16, f"bf16 autocast, float32 in any --small-epochs: {why}"
     return "no", "float32: --recipe cpu on a CPU with neither AVX512-BF16 nor AMX, where bf16 is slow"
 
 

@@ -388,6 +388,7 @@ def test_resuming_after_the_class_weights_run_moved_keeps_its_weights(tmp_path, 
     [
         (train.main, ["--data-dir", ""], "--data-dir: is empty"),
         (train.main, ["--output-dir", ""], "--output-dir: is empty"),
+        (train.main, ["--weights", " "], "--weights: is blank"),
         (evaluate.main, ["x.safetensors", "--json", ""], "--json: is empty"),
         (evaluate.main, ["x.safetensors", "--predict", "a.jpg", "--csv", ""], "--csv: is empty"),
         (evaluate.main, ["x.safetensors", "--top-k", "5"], "--top-k goes with --predict"),

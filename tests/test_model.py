@@ -78,6 +78,21 @@ def test_weights_holding_nan_are_refused_as_read_not_as_a_nan_loss(tmp_path):
     build_model(10, weights=str(tmp_path / "w.pth"))
 
 
+@pytest.mark.parametrize(
+    "key, change, message",
+    [
+        ("layer1.0.conv1.weight", lambda t: t.to(torch.complex64), r"holds complex64 values \(layer1.0.conv1.weight\)"),
+        ("layer3.1.bn2.running_var", lambda t: -t, r"negative BatchNorm variances \(layer3.1.bn2.running_var\)"),
+    ],
+)
+def test_weights_no_training_leaves_are_refused_not_loaded_with_a_warning(tmp_path, key, change, message):
+    state = torchvision.models.resnet18().state_dict()
+    state[key] = change(state[key])
+    torch.save(state, tmp_path / "w.pth")
+    with pytest.raises(UserError, match=message):
+        build_model(10, weights=str(tmp_path / "w.pth"))
+
+
 def test_a_whole_pickled_model_as_weights_says_to_save_its_state_dict(tmp_path):
     path = tmp_path / "model.pth"
     torch.save(torchvision.models.resnet18(), path)  # the model, not its state_dict(): weights_only refuses it

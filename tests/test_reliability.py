@@ -4,6 +4,7 @@ works, every image is read or named, nothing replaced without a word."""
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -409,6 +410,15 @@ def test_ctrl_c_while_photos_decode_in_threads_stops_at_once(tmp_path):
     assert time.perf_counter() - started < 5 and b"KeyboardInterrupt" in process.stderr.read()
 
 
+def without_exit_barrier_race(output):
+    """A machine's output without torch's report of a race of its own: once every process has ended, the
+    launcher of machine 1 can find machine 0's, which holds the store, gone from the exit barrier and log
+    "Error waiting on exit barrier" with a traceback (pytorch/pytorch#69520; seen in CI here, exit 0)."""
+    if "Error waiting on exit barrier" not in output:
+        return output
+    return re.split(r"\n\[W[^]]*TCPStore\.cpp:\d+\] \[c10d\] recvValueWithTimeout failed", output)[0]
+
+
 def test_two_machines_on_one_host_train_as_one_two_process_run(two_process_run, image_folder, tmp_path):
     """accelerate launch --num_machines 2, as machine ranks 0 and 1 on 127.0.0.1, one CPU process each:
     both end cleanly (no traceback, no "terminate called" at shutdown) and train what 2 processes on
@@ -430,7 +440,8 @@ def test_two_machines_on_one_host_train_as_one_two_process_run(two_process_run, 
     outputs = [process.communicate(timeout=300)[0] for process in ranks]
     for process, output in zip(ranks, outputs):
         assert process.returncode == 0, "\n".join(outputs)
-        assert "Traceback" not in output and "terminate called" not in output, "\n".join(outputs)
+        ours = without_exit_barrier_race(output)
+        assert "Traceback" not in ours and "terminate called" not in ours, "\n".join(outputs)
     one_machine, result = two_process_run
     assert result.returncode == 0, both_ranks(result)
     history, expected = (json.loads((run / "history.json").read_text()) for run in (tmp_path / "machines", one_machine))

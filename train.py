@@ -27,6 +27,7 @@ if __name__ == "__main__":
 PARENT = os.getppid()  # before the slow imports: see launcher_of_this_process
 
 import argparse
+import contextlib
 import copy
 import errno
 import functools
@@ -890,7 +891,7 @@ def load_data(args, accelerator):
     """The training and validation loaders, on the training device, the training labels and the class
     names. A new run's sizes follow the images (data_settings); a resumed run's are its own."""
     data.LOG = accelerator.print  # data.py's lines: once a machine, not once a process
-    with accelerator.main_process_first():  # one process downloads, the others then read
+    with main_process_first(accelerator):  # one process downloads, the others then read
         started = time.perf_counter()
         listing = data.list_images(args.data_dir, "train")
         rule = data_settings(args, data.typical_side(listing[0])) if not args.resume else "the run's"
@@ -1251,38 +1252,48 @@ def lock(out):
 
 def start_output_dir(out, resume, overwrite, accelerator):
     """Create, lock and prepare the run's folder once the inputs have proved good; returns (folder,
-    lock). Checked again under the lock: another run may have started here meanwhile."""
-    name, held = [None], None
+    lock). The main process does it; a refusal reaches the others too, which then end quietly (main)."""
+    found, held = [None], None
     if accelerator.is_main_process:
         try:
-            out = out or new_run_dir()
-            out.mkdir(parents=True, exist_ok=True)
-            held = lock(out)
-            check_output_dir(out, resume, overwrite)
-            newest = data.latest_state(out)
-            if resume and newest.name != "state":  # a crash stopped save_state halfway: finish it
-                discard(out / "state")
-                newest.rename(out / "state")
-            if resume:
-                leftovers = [n for n in data.STATE_DIRS if n != "state"]
-            else:  # --overwrite, or a new folder
-                plots = [path.name for path in out.iterdir() if EVALUATION_PLOTS.fullmatch(path.name)]
-                plots = [name for name in plots if shows_run(out / name, out)]
-                leftovers = [*RUN_FILES, *data.STATE_DIRS, *plots]
-                if plots:  # yours, and evaluate.py's of other runs, stay
-                    print(f"removed {', '.join(sorted(plots))}: evaluate.py's plots of the run in {out} before")
-            for name in leftovers:
-                discard(out / name)
-            kept = sorted(path.name for path in out.iterdir() if path.name != ".lock")
-            if overwrite and kept:
-                print(f"--overwrite: kept {', '.join(kept)}, not files of the run or its plots")
-        except OSError as error:
-            raise UserError(
-                f"cannot write to {out or 'runs/'} ({error.strerror}); pass another --output-dir"
-            ) from error
-        name = [str(out)]
-    broadcast_object_list(name)
-    return Path(name[0]), held
+            out, held = prepare_output_dir(out, resume, overwrite)
+            found = [str(out)]
+        except UserError as error:
+            found = [error]
+    broadcast_object_list(found)
+    if isinstance(found[0], UserError):
+        raise found[0]
+    return Path(found[0]), held
+
+
+def prepare_output_dir(out, resume, overwrite):
+    """start_output_dir's work: (folder, lock). Checked again under the lock: another run may have
+    started here meanwhile."""
+    try:
+        out = out or new_run_dir()
+        out.mkdir(parents=True, exist_ok=True)
+        held = lock(out)
+        check_output_dir(out, resume, overwrite)
+        newest = data.latest_state(out)
+        if resume and newest.name != "state":  # a crash stopped save_state halfway: finish it
+            discard(out / "state")
+            newest.rename(out / "state")
+        if resume:
+            leftovers = [n for n in data.STATE_DIRS if n != "state"]
+        else:  # --overwrite, or a new folder
+            plots = [path.name for path in out.iterdir() if EVALUATION_PLOTS.fullmatch(path.name)]
+            plots = [name for name in plots if shows_run(out / name, out)]
+            leftovers = [*RUN_FILES, *data.STATE_DIRS, *plots]
+            if plots:  # yours, and evaluate.py's of other runs, stay
+                print(f"removed {', '.join(sorted(plots))}: evaluate.py's plots of the run in {out} before")
+        for name in leftovers:
+            discard(out / name)
+        kept = sorted(path.name for path in out.iterdir() if path.name != ".lock")
+        if overwrite and kept:
+            print(f"--overwrite: kept {', '.join(kept)}, not files of the run or its plots")
+    except OSError as error:
+        raise UserError(f"cannot write to {out or 'runs/'} ({error.strerror}); pass another --output-dir") from error
+    return out, held
 
 
 def discard(path):
@@ -1561,6 +1572,23 @@ def launcher_of_this_process():
 
 
 LAUNCHER = launcher_of_this_process()
+
+
+@contextlib.contextmanager
+def main_process_first(accelerator):
+    """accelerate's main_process_first, except that a main process refusing the input still lets the
+    others in: they meet the same refusal and end quietly (main), where at a barrier the main process
+    had left they would print a traceback of the broken connection."""
+    if not accelerator.is_main_process:
+        accelerator.wait_for_everyone()
+    try:
+        yield
+    except UserError:
+        if accelerator.is_main_process:
+            accelerator.wait_for_everyone()
+        raise
+    if accelerator.is_main_process:
+        accelerator.wait_for_everyone()
 
 
 def use_all_cores(accelerator):

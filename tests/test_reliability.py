@@ -374,11 +374,22 @@ def test_overwrite_removes_the_old_runs_plots_and_names_what_it_keeps(tmp_path, 
 # ---------------------------------------------------------------------------------- pipes, processes, paths
 
 
-def test_two_processes_with_too_few_images_for_a_batch_each_are_refused(tmp_path):
-    root = two_classes(tmp_path / "d", count=25)  # 40 training images after the split
-    result = run_script(*launch(2, "-q"), "train.py", *quick_args(root, tmp_path / "run", "--batch-size", "32"))
-    assert result.returncode != 0
-    assert result.stderr.count("--batch-size 32 x 2 processes needs 64 training images a step, and there are 40") == 1
+@pytest.mark.parametrize(
+    "folder, batch, out, message",
+    [
+        ("d", 32, "run", "--batch-size 32 x 2 processes needs 64 training images a step, and there are 40"),
+        ("missing", 16, "run", "no such folder"),
+        ("d", 16, "/proc/run", "cannot write to /proc/run"),  # the main process alone makes the folder
+    ],
+)
+def test_two_processes_refusing_the_input_say_it_once_without_a_traceback(tmp_path, folder, batch, out, message):
+    """The main process refuses while the other waits for it: that one then meets the same refusal, or is
+    told it, and ends quietly, not with a traceback of the connection the main process closed."""
+    two_classes(tmp_path / "d", count=25)  # 40 training images after the split
+    flags = quick_args(tmp_path / folder, tmp_path / out, "--batch-size", batch)
+    result = run_script(*launch(2, "-q"), "train.py", *flags)
+    assert result.returncode != 0 and result.stderr.count(message) == 1
+    assert "Traceback" not in result.stderr, result.stderr
     assert not (tmp_path / "run").exists()
 
 

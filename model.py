@@ -114,7 +114,7 @@ def load_backbone(model, path, arch):
             f"could not read weights {Path(path)} ({unreadable_weights(error)}); expected a .pth or .safetensors "
             f"state dict"
         ) from error
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
         raise UserError(f"{path} holds no state dict; save one with torch.save(model.state_dict(), path)")
     state = {key.removeprefix("module."): value for key, value in state.items()}
     state = {key: value for key, value in state.items() if not is_head(key)}
@@ -130,8 +130,11 @@ def check_values(path, state, expected):
     """Refuse weights no training could leave, each of which torch loads with a warning at most, and
     the first step's loss is then NaN, whatever the lr: NaN or infinite values (in the network's dtype:
     float64's 1e300 is finite, and inf in float32), complex ones (their imaginary part would be dropped)
-    and negative BatchNorm variances."""
+    and negative BatchNorm variances; and tensors without values, or not dense, which crash the checks."""
     for key, value in state.items():
+        if value.is_meta or value.layout != torch.strided:
+            kind = "meta tensors, without values" if value.is_meta else f"{value.layout} tensors".replace("torch.", "")
+            raise UserError(f"{path} holds {kind} ({key}); save a trained network's model.state_dict()")
         if expected[key].is_floating_point() and not value.is_floating_point():
             raise UserError(f"{path} holds {str(value.dtype).removeprefix('torch.')} values ({key}), not real "
                             f"floating point ones; pass weights of a run that trained")  # fmt: skip

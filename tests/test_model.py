@@ -83,11 +83,14 @@ def test_weights_holding_nan_are_refused_as_read_not_as_a_nan_loss(tmp_path):
     [
         ("layer1.0.conv1.weight", lambda t: t.to(torch.complex64), r"holds complex64 values \(layer1.0.conv1.weight\)"),
         ("layer3.1.bn2.running_var", lambda t: -t, r"negative BatchNorm variances \(layer3.1.bn2.running_var\)"),
+        ("layer1.0.conv1.weight", lambda t: t.to_sparse(), r"holds sparse_coo tensors \(layer1.0.conv1.weight\)"),
+        ("layer1.0.conv1.weight", lambda t: t.to("meta"), r"holds meta tensors, without values \(layer1.0.conv1"),
+        (5, lambda t: torch.zeros(3), "holds no state dict"),  # a key that is not a name
     ],
 )
 def test_weights_no_training_leaves_are_refused_not_loaded_with_a_warning(tmp_path, key, change, message):
     state = torchvision.models.resnet18().state_dict()
-    state[key] = change(state[key])
+    state[key] = change(state.get(key))
     torch.save(state, tmp_path / "w.pth")
     with pytest.raises(UserError, match=message):
         build_model(10, weights=str(tmp_path / "w.pth"))

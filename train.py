@@ -891,6 +891,11 @@ def load_data(args, accelerator):
     """The training and validation loaders, on the training device, the training labels and the class
     names. A new run's sizes follow the images (data_settings); a resumed run's are its own."""
     data.LOG = accelerator.print  # data.py's lines: once a machine, not once a process
+
+    def check(found, counts):  # before decoding: too few images for a step, or other data, is refused
+        check_batch(args, counts["train"], accelerator)
+        check_data(args, found, accelerator)
+
     with main_process_first(accelerator):  # one process downloads, the others then read
         started = time.perf_counter()
         listing = data.list_images(args.data_dir, "train")
@@ -908,8 +913,7 @@ def load_data(args, accelerator):
             listing=listing,
             cache_dir=data.cache_location(args.cache_dir),
             data_on=args.data_on,
-            # before decoding: other data, or too few images for a step, is refused
-            check=lambda found, counts: check_data(args, found, counts["train"], accelerator),
+            check=check,
         )
     train_split, val_split = (splits[part].to(accelerator.device) for part in ("train", "val"))
     train_labels, val_labels = train_split.labels, val_split.labels
@@ -942,11 +946,9 @@ def check_batch(args, count, accelerator):
         )
 
 
-def check_data(args, found, count, accelerator):
+def check_data(args, found, accelerator):
     """The split is made from the data, so a resumed run must find the same data; a new run records
-    it (args.data_fingerprint, saved in the state and the checkpoints; evaluate.py checks it too).
-    count: the training images listed, refused when fewer than a step takes."""
-    check_batch(args, count, accelerator)
+    it (args.data_fingerprint, saved in the state and the checkpoints; evaluate.py checks it too)."""
     if args.resume and args.data_fingerprint is None:
         accelerator.print(
             f"warning: this run predates data fingerprints; cannot check that {args.data_dir} is its data"

@@ -1438,7 +1438,7 @@ def parser_of(description, flags):
         parser.add_argument(flag, help=text, **settings)
 
     def error(message):
-        parser.exit(2, f"{parser.prog}: error: {message} ({parser.prog} --help lists the flags)\n")
+        parser.exit(2, f"error: {message} ({parser.prog} --help lists the flags)\n")
 
     parser.error = error
     return parser

@@ -1024,7 +1024,7 @@ def final_summary(out, args, history, classes):
         checkpoint = out / "last.safetensors"
     cache = ["--cache-dir", args.cache_dir] if args.cache_dir else []  # the run's, not the default one
     command = shlex.join(
-        ["python", beside("evaluate.py"), str(checkpoint.absolute()), "--data-dir", args.data_dir, *cache]
+        ["python", beside("evaluate.py"), os.path.abspath(checkpoint), "--data-dir", args.data_dir, *cache]
     )
     return "\n".join(lines + [f"evaluate: {command}{split}"])
 
@@ -1343,7 +1343,7 @@ def resume_command(out, accelerator, processes=None, epochs=None, data_dir=None)
     if accelerator.mixed_precision != "no":
         launch += ["--mixed_precision", accelerator.mixed_precision]
     return shlex.join(
-        [*launch, beside("train.py"), "--output-dir", str(Path(out).absolute()), "--resume"]
+        [*launch, beside("train.py"), "--output-dir", os.path.abspath(out), "--resume"]
         + (["--epochs", str(epochs)] if epochs else [])
         + (["--data-dir", data_dir] if data_dir else [])
     )

@@ -87,7 +87,7 @@ def test_a_bad_flag_from_the_command_line_is_one_line_and_writes_nothing(tmp_pat
     result = run_script(sys.executable, "train.py", "--output-dir", str(tmp_path / "out"), "--batch-size", "0")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert [line for line in result.stderr.splitlines() if "error:" in line] == [
-        "train.py: error: argument --batch-size: must be an integer at least 2, got 0 (train.py --help lists the flags)"
+        "error: argument --batch-size: must be an integer at least 2, got 0 (train.py --help lists the flags)"
     ]
     assert "usage:" not in result.stderr  # the one line alone, not after argparse's usage block
     assert not (tmp_path / "out").exists()
@@ -136,9 +136,11 @@ def test_a_last_batch_of_one_image_trains_and_the_printed_evaluate_command_works
     """160 training images at batch 53 leave one over; at 32x32 torchvision's stem ends in a 1x1 map, where
     BatchNorm cannot train on one image. That image is dropped for the epoch. This folder has no test/."""
     shutil.copytree(image_folder / "train", tmp_path / "my data" / "train")
-    out = tmp_path / "my run"  # spaces: the printed command quotes them
+    out = tmp_path / "my run"  # spaces: the printed command quotes them; its `..` goes
+    given = tmp_path / "elsewhere" / ".." / "my run"
+    (tmp_path / "elsewhere").mkdir()
     train.main(
-        quick_args(tmp_path / "my data", out, "--batch-size", "53", "--max-train-samples", "160", "--epochs", "1")
+        quick_args(tmp_path / "my data", given, "--batch-size", "53", "--max-train-samples", "160", "--epochs", "1")
     )
     command = shlex.split(capsys.readouterr().out.split("evaluate: ")[-1])
     assert command[:3] == ["python", "evaluate.py", f"{out}/best.safetensors"] and "--split" in command

@@ -1120,7 +1120,10 @@ def parse_args(argv=None):
     parser = data.parser_of(__doc__, FLAGS)
     args = parser.parse_args(argv)
     data.refuse(parser, args, REFUSALS)
-    args.split = args.split or "test"
+    # --export-onnx checks the file on any of the run's images: the validation split where DIR has no test/
+    root = Path(args.data_dir or ".")
+    no_test = exporting(args) and (root / "train").is_dir() and not (root / "test").is_dir()
+    args.split = args.split or ("val" if no_test else "test")
     return args
 
 

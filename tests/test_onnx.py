@@ -2,6 +2,7 @@
 
 import builtins
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -58,12 +59,16 @@ def test_the_export_takes_uint8_pixels_holds_the_classes_and_matches_pytorch(cas
     assert logits.shape == (5, len(CLASSES)) and np.abs(logits - expected).max() < evaluate.ONNX_TOLERANCE
 
 
-def test_the_check_takes_the_splits_images_with_a_data_dir_else_random_ones(trained_run, image_folder):
+def test_the_check_takes_the_splits_images_with_a_data_dir_else_random_ones(trained_run, image_folder, tmp_path):
     checkpoint = str(trained_run / "best.safetensors")
     model, metadata = evaluate.load_checkpoint(checkpoint)
     args = evaluate.parse_args([checkpoint, "--export-onnx", "m.onnx", "--data-dir", str(image_folder)])
     images, source = evaluate.onnx_check_images(args, metadata)
     assert len(images) == 50 and source == f"{image_folder} test"  # the test split: 5 per class
+    shutil.copytree(image_folder / "train", tmp_path / "train")  # no test/: the run's validation split
+    args = evaluate.parse_args([checkpoint, "--export-onnx", "m.onnx", "--data-dir", str(tmp_path)])
+    images, source = evaluate.onnx_check_images(args, metadata)
+    assert len(images) == 40 and source == f"{tmp_path} val"
     images, source = evaluate.onnx_check_images(evaluate.parse_args([checkpoint, "--export-onnx", "m.onnx"]), metadata)
     assert images.shape == (evaluate.ONNX_SYNTHETIC, 3, 32, 32) and images.dtype == torch.uint8 and source == "random"
 

@@ -406,7 +406,8 @@ def _gray(images):
 
 
 def random_erase(images, probability, generator):
-    """Zero one random rectangle per image with the given probability (torchvision's defaults)."""
+    """Zero one random rectangle per image with the given probability, torchvision's area and ratio ranges.
+    On [0, 1] pixels, before normalising, zero is black; torchvision's after Normalize is the mean."""
     n, _, height, width = images.shape
     area = _uniform(n, *ERASE_AREA, images, generator) * height * width
     log_ratio = _uniform(n, math.log(ERASE_RATIO[0]), math.log(ERASE_RATIO[1]), images, generator)

@@ -269,7 +269,9 @@ def lr_factor(step, total_steps, warmup_steps, schedule, decay_start=None):
     if schedule == "constant":
         return 1.0
     start, factor = decay_start or (warmup_steps, 1.0)
-    progress = min(1.0, (step - start) / max(1, total_steps - start))
+    progress = min(1.0, (step - start) / max(1, total_steps - start))  # 0 to 1 over the decay
+    # A new schedule is a function of progress here (step decay: 0.1 ** ((progress >= 0.5) + (progress >= 0.75))),
+    # so that a resumed run with more --epochs goes on from where its lr stands; name it in RECIPES' --schedule row.
     return factor * (1.0 - progress if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -481,10 +483,10 @@ def start_run(run, args, out, progress, accelerator):
     start_trackers(accelerator, run.out, args)
     accumulated = f" x {args.grad_accum_steps} accumulated" if args.grad_accum_steps > 1 else ""
     accelerator.print(
-        f"recipe: {args.recipe}, {args.epochs} epochs, batch {args.batch_size} per process{accumulated} "
-        f"(effective {effective_batch(args, accelerator)}), lr {args.lr} ({args.schedule}, {args.warmup_epochs} "
-        f"warmup), weights {args.weights}, stem {args.stem}, input {args.input_size}x{args.input_size}"
-        f"{', compiled' if args.compile else ''}{training_controls(args)}\noutput: {run.out}"
+        f"recipe: {args.recipe}, {args.arch} with {args.optimizer}, {args.epochs} epochs, batch {args.batch_size} "
+        f"per process{accumulated} (effective {effective_batch(args, accelerator)}), lr {args.lr} ({args.schedule}, "
+        f"{args.warmup_epochs} warmup), weights {args.weights}, stem {args.stem}, input {args.input_size}x"
+        f"{args.input_size}{', compiled' if args.compile else ''}{training_controls(args)}\noutput: {run.out}"
     )
     run.history = []
 
@@ -514,7 +516,7 @@ FLAGS = [
     ("--recipe", dict(choices=RECIPE_NAMES, default="default"),
      "the settings' values: default, seed (the write-up's) or cpu (sized for a CPU) (%(default)s)"),
     ("--weights", dict(type=data.path_flag, default="imagenet"),
-     "imagenet, none, or a local ResNet18 state dict (%(default)s)"),
+     f"imagenet, none, or a local torchvision {model.ARCH} state dict (%(default)s)"),
     ("--seed", dict(type=bounded(int, 0, 2**32 - 1), default=0), "split, order and augmentation (%(default)s)"),
     ("--val-fraction", dict(type=bounded(float, 0, 1, open_low=True, open_high=True)),
      f"stratified, unless DIR/val/ is the validation split ({VAL_FRACTION})"),

@@ -1485,11 +1485,20 @@ def bounded(kind, low, high=math.inf, open_low=False, open_high=False):
     return parse
 
 
-def path_flag(text):
+def path_flag(text, wanted="a path"):
     """An argparse type for file and folder flags: an empty value (an unset shell variable, as in
     --data-dir "$DATA") or a blank one is refused, not taken as the current folder or a default."""
     if not text.strip():
-        raise argparse.ArgumentTypeError(f"is {'blank' if text else 'empty'} (an unset shell variable?); pass a path")
+        raise argparse.ArgumentTypeError(f"is {'blank' if text else 'empty'} (an unset shell variable?); pass {wanted}")
+    return text
+
+
+def classes_flag(text):
+    """An argparse type for class names (--targeted-augment): refused as the command line is read, not
+    after the data, when empty, blank or with an empty name in its list ('cat,')."""
+    path_flag(text, "none, all, a group or class names")
+    if "" in text.split(","):
+        raise argparse.ArgumentTypeError(f"{text!r} holds an empty class name; separate the names by single commas")
     return text
 
 

@@ -522,7 +522,8 @@ FLAGS = [
      f"stratified, unless DIR/val/ is the validation split ({VAL_FRACTION})"),
     ("--max-train-samples", dict(type=bounded(int, 1)), "a stratified subset of about N training images (all)"),
     ("--patience", dict(type=bounded(int, 1)), "stop after N epochs without a lower validation loss (off)"),
-    ("--targeted-augment", dict(default="none"), "rotation, jitter, erasing for: none, all, a group or classes (none)"),
+    ("--targeted-augment", dict(type=data.classes_flag, default="none"),
+     "rotation, jitter, erasing for: none, all, a group or classes (none)"),
     ("--class-weights", dict(type=data.path_flag, default="none"),
      "none, auto, a run's history.json or checkpoint, or w0,w1,... (none)"),
     ("--two-stage", dict(action="store_true"), "animals-vs-vehicles head, then a head per group (off)"),
@@ -1265,6 +1266,7 @@ def start_output_dir(out, resume, overwrite, accelerator):
         except UserError as error:
             found = [error]
     broadcast_object_list(found)
+    accelerator.wait_for_everyone()  # the send done before anyone exits: without, rank 0 aborted in 6 of 24
     if isinstance(found[0], UserError):
         raise found[0]
     return Path(found[0]), held

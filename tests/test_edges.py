@@ -389,6 +389,8 @@ def test_resuming_after_the_class_weights_run_moved_keeps_its_weights(tmp_path, 
         (train.main, ["--data-dir", ""], "--data-dir: is empty"),
         (train.main, ["--output-dir", ""], "--output-dir: is empty"),
         (train.main, ["--weights", " "], "--weights: is blank"),
+        (train.main, ["--targeted-augment", ""], "--targeted-augment: is empty"),  # before the data is read
+        (train.main, ["--targeted-augment", "cat,"], "'cat,' holds an empty class name"),
         (evaluate.main, ["x.safetensors", "--json", ""], "--json: is empty"),
         (evaluate.main, ["x.safetensors", "--predict", "a.jpg", "--csv", ""], "--csv: is empty"),
         (evaluate.main, ["x.safetensors", "--top-k", "5"], "--top-k goes with --predict"),
@@ -419,7 +421,8 @@ def test_resuming_after_the_class_weights_run_moved_keeps_its_weights(tmp_path, 
 def test_empty_paths_and_flags_that_would_do_nothing_are_refused(main, argv, message, capsys):
     with pytest.raises(SystemExit) as stopped:
         main(argv)
-    assert stopped.value.code == 2 and message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and message in err and err.startswith("error: ")
 
 
 def test_class_weights_given_a_run_folder_names_the_file_to_pass(tmp_path):

@@ -389,7 +389,7 @@ def test_two_processes_refusing_the_input_say_it_once_without_a_traceback(tmp_pa
     flags = quick_args(tmp_path / folder, tmp_path / out, "--batch-size", batch)
     result = run_script(*launch(2, "-q"), "train.py", *flags)
     assert result.returncode != 0 and result.stderr.count(message) == 1
-    assert "Traceback" not in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and "terminate called" not in result.stderr, result.stderr  # gloo's abort
     assert not (tmp_path / "run").exists()
 
 

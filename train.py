@@ -261,18 +261,24 @@ def build_training(args, run, train_labels, progress, accelerator, schedule=None
 
 
 def lr_factor(step, total_steps, warmup_steps, schedule, decay_start=None):
-    """Linear warmup, then constant, cosine or linear decay to zero (linear after a linear warmup
-    is the one-cycle triangle). decay_start=(step, factor): the decay starts there from that
-    factor instead, as when a resumed run's --epochs moves its end (see extend_schedule)."""
+    """Linear warmup, then the schedule's decay (linear after a linear warmup is the one-cycle
+    triangle). decay_start=(step, factor): the decay starts there from that factor instead, as when a
+    resumed run's --epochs moves its end (see extend_schedule)."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
     start, factor = decay_start or (warmup_steps, 1.0)
     progress = min(1.0, (step - start) / max(1, total_steps - start))  # 0 to 1 over the decay
-    # A new schedule is a function of progress here (step decay: 0.1 ** ((progress >= 0.5) + (progress >= 0.75))),
-    # so that a resumed run with more --epochs goes on from where its lr stands; name it in RECIPES' --schedule row.
-    return factor * (1.0 - progress if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress)))
+    return factor * SCHEDULES[schedule](progress)
+
+
+# --schedule: the lr factor after warmup, a function of the decay's progress, so that a resumed run with
+# more --epochs goes on from where its lr stands. A new one here is a new --schedule value.
+SCHEDULES = {
+    "cosine": lambda progress: 0.5 * (1 + math.cos(math.pi * progress)),
+    "linear": lambda progress: 1.0 - progress,
+    "constant": lambda progress: 1.0,
+    # "step": lambda progress: 0.1 ** ((progress >= 0.5) + (progress >= 0.75)),
+}
 
 
 def parameter_groups(network, weight_decay, lr, backbone_lr=None):
@@ -575,7 +581,7 @@ RECIPES = [
     ("--momentum", dict(type=bounded(float, 0, 1, open_high=True)), (0.9, 0.9, 0.9), "SGD momentum"),
     ("--nesterov", dict(action=argparse.BooleanOptionalAction), (True, False, True), "Nesterov momentum"),
     ("--weight-decay", dict(type=bounded(float, 0, 1)), (5e-4, 0.0, 5e-4), "not on norms and biases"),
-    ("--schedule", dict(choices=["cosine", "linear", "constant"]), ("cosine", "constant", "cosine"), "after warmup"),
+    ("--schedule", dict(choices=list(SCHEDULES)), ("cosine", "constant", "cosine"), "after warmup"),
     ("--warmup-epochs", dict(type=bounded(float, 0, 1000)), (1, 0, 1), "linear warmup"),
     ("--label-smoothing", dict(type=bounded(float, 0, 1, open_high=True)), (0.1, 0.0, 0.1),
      "of the cross-entropy targets"),

@@ -3,6 +3,8 @@
 --resume refuses a run of other code in one line."""
 
 import importlib.util
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -65,3 +67,17 @@ def test_resuming_under_another_network_or_optimizer_is_one_line(
     monkeypatch.setattr(torch.optim, "SGD", adamw)
     message = refused_resume(out, capsys)
     assert "was trained with SGD, and build_training now makes AdamW" in message
+
+
+def test_the_commented_step_schedule_decays_in_steps_and_an_extended_run_never_jumps_back_up(monkeypatch):
+    """The README's step-decay edit: uncomment the `step` line of SCHEDULES."""
+    source = Path(train.__file__).read_text()
+    (line,) = [line for line in source.splitlines() if line.strip().startswith('# "step": lambda')]
+    schedules = eval("{" + line.strip().removeprefix("# ") + "}", vars(train))  # the line, uncommented
+    monkeypatch.setitem(train.SCHEDULES, "step", schedules["step"])
+    planned = [train.lr_factor(step, 100, 0, "step") for step in range(100)]
+    assert sorted(set(planned), reverse=True) == pytest.approx([1.0, 0.1, 0.01]) and planned[49] == 1.0
+    args = SimpleNamespace(schedule="step", decay_start=None, lr=0.1, epochs=20)  # 10 epochs of 10 steps, resumed
+    train.extend_schedule(args, 10, 6, 10, 0)  # after epoch 6 of 10, at 0.1 of the peak; now 20 epochs
+    extended = [train.lr_factor(step, 200, 0, "step", args.decay_start) for step in range(60, 200)]
+    assert extended[0] == pytest.approx(0.1) and all(a >= b for a, b in zip(extended, extended[1:]))

@@ -305,7 +305,7 @@ def list_images(data_dir, split):
     if (root / "train").is_dir() or (split != "train" and (root / split).is_dir()):  # test/ alone: held out
         return list_folder(root / split)
     if any(child.is_dir() and child.name != "cifar-10-batches-py" for child in root.glob("*")):
-        folder = Path(os.path.abspath(root))  # --data-dir . from inside one too
+        folder = Path(absolute(root))  # --data-dir . from inside one too
         if folder.name in SPLIT_FOLDERS:
             raise UserError(f"--data-dir {root} is a split's folder; pass the folder that holds it, {folder.parent}")
         held_out = val_folder_in(root) if split == "test" else None
@@ -570,7 +570,7 @@ def group_of_classes(classes):
 def is_cifar10_location(root):
     """The default ./data, a folder that holds CIFAR-10's files, or an empty one made for the download:
     a misspelled --data-dir is not taken as a place to download CIFAR-10 into."""
-    if os.path.abspath(root) == os.path.abspath(DEFAULT_DATA_DIR):
+    if absolute(root) == absolute(DEFAULT_DATA_DIR):
         return True
     return root.is_dir() and (
         (root / "cifar-10-batches-py").is_dir()
@@ -734,7 +734,7 @@ def check_outside_splits(path, data_dirs, flag):
 def check_outside_states(folder, flag, given, states=()):
     """Refuse a folder to write in inside a run's resumable state (see run_state), or inside one of states (a
     new run's, not saved yet): what is written there would make the run unresumable."""
-    folder = Path(os.path.abspath(folder))
+    folder = Path(absolute(folder))
     state = next((path for path in (folder, *folder.parents) if run_state(path)), None)
     state = state or next((path for path in states if folder.resolve().is_relative_to(Path(path).resolve())), None)
     if state:
@@ -1159,8 +1159,8 @@ def cache_location(flag):
 def cache_folder(paths, side, folder, cache_dir):
     key = hashlib.sha256(f"{CACHE_VERSION}\0{side}\0".encode())
     for path in paths:
-        key.update(f"{os.path.abspath(path)}\0{file_state(path)}\n".encode(errors="surrogateescape"))
-    folder = Path(os.path.abspath(folder))  # --data-dir .. names its folder, not '..'
+        key.update(f"{absolute(path)}\0{file_state(path)}\n".encode(errors="surrogateescape"))
+    folder = Path(absolute(folder))  # --data-dir .. names its folder, not '..'
     name = f"{folder.parent.name}-{folder.name}-{side}px-{key.hexdigest()[:16]}"
     return Path(cache_dir) / name
 
@@ -1483,6 +1483,12 @@ def bounded(kind, low, high=math.inf, open_low=False, open_high=False):
         return value
 
     return parse
+
+
+def absolute(path):
+    """path from the root, as the system reaches it: a `..` after a link goes up from the link's target
+    (os.path.abspath would drop the link as text, and name another folder); without `..`, links stay as typed."""
+    return os.path.realpath(path) if ".." in Path(path).parts else os.path.abspath(path)
 
 
 def path_flag(text, wanted="a path"):

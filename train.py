@@ -672,7 +672,7 @@ def parse_args(argv=None):
         args.given = {key: value for key, value in vars(parser.parse_args(argv)).items() if value is not unset}
         absolute_paths(args.given)
         return args
-    args.data_dir = args.data_dir or os.path.abspath(data.DEFAULT_DATA_DIR)
+    args.data_dir = args.data_dir or data.absolute(data.DEFAULT_DATA_DIR)
     # by default runs/<timestamp> is made in the working folder, --find-lr's plot written there
     out = args.output_dir or ("." if args.find_lr else "runs")
     data.check_outside_splits(out, [args.data_dir], "--output-dir" if args.output_dir else "the default --output-dir")
@@ -702,7 +702,7 @@ def absolute_paths(settings):
     for key, not_paths in words.items():
         value = settings.get(key)
         if value and value not in not_paths and not (key == "class_weights" and weight_list(value)):
-            settings[key] = os.path.abspath(value)
+            settings[key] = data.absolute(value)
 
 
 def data_settings(args, typical_side):
@@ -1033,7 +1033,7 @@ def final_summary(out, args, history, classes):
         checkpoint = out / "last.safetensors"
     cache = ["--cache-dir", args.cache_dir] if args.cache_dir else []  # the run's, not the default one
     command = shlex.join(
-        ["python", beside("evaluate.py"), os.path.abspath(checkpoint), "--data-dir", args.data_dir, *cache]
+        ["python", beside("evaluate.py"), data.absolute(checkpoint), "--data-dir", args.data_dir, *cache]
     )
     return "\n".join(lines + [f"evaluate: {command}{split}"])
 
@@ -1353,7 +1353,7 @@ def resume_command(out, accelerator, processes=None, epochs=None, data_dir=None)
     if accelerator.mixed_precision != "no":
         launch += ["--mixed_precision", accelerator.mixed_precision]
     return shlex.join(
-        [*launch, beside("train.py"), "--output-dir", os.path.abspath(out), "--resume"]
+        [*launch, beside("train.py"), "--output-dir", data.absolute(out), "--resume"]
         + (["--epochs", str(epochs)] if epochs else [])
         + (["--data-dir", data_dir] if data_dir else [])
     )

@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import struct
@@ -391,6 +392,27 @@ def test_two_processes_refusing_the_input_say_it_once_without_a_traceback(tmp_pa
     assert result.returncode != 0 and result.stderr.count(message) == 1
     assert "Traceback" not in result.stderr and "terminate called" not in result.stderr, result.stderr  # gloo's abort
     assert not (tmp_path / "run").exists()
+
+
+def test_a_dotdot_after_a_link_goes_where_the_system_goes_and_the_printed_commands_run(tmp_path, capsys):
+    """link/.. is the parent of the link's target, not the folder holding the link: the run is found there,
+    its data read from there, and the printed commands name those folders."""
+    two_classes(tmp_path / "d")
+    (tmp_path / "runs" / "sub").mkdir(parents=True)
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "data").symlink_to(tmp_path / "d" / "train")
+    (tmp_path / "x" / "out").symlink_to(tmp_path / "runs" / "sub")
+    train.main(short_run(tmp_path / "x" / "data" / "..", tmp_path / "x" / "out" / ".." / "run"))
+    printed = capsys.readouterr().out
+    evaluate_command = shlex.split(printed.split("evaluate: ")[-1])
+    assert evaluate_command[2:5] == [
+        str(tmp_path / "runs" / "run" / "best.safetensors"),
+        "--data-dir",
+        str(tmp_path / "d"),
+    ]
+    assert (tmp_path / "runs" / "run" / "best.safetensors").is_file()
+    train.main(["--output-dir", str(tmp_path / "x" / "out" / ".." / "run"), "--resume", "--epochs", "2"])
+    assert epochs_in(tmp_path / "runs" / "run") == [1, 2]
 
 
 def test_the_data_folder_is_recorded_absolute_for_evaluate_and_resume_elsewhere(tmp_path, monkeypatch, capsys):

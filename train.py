@@ -1465,14 +1465,21 @@ def finished_run(args, history, saved_epochs):
 
 
 def check_patience(args):
-    """Refuse a --patience that could not stop the run before its last epoch (see patience_ran_out)."""
+    """Refuse a --patience that could not stop the run before its last epoch (see patience_ran_out),
+    naming what holds it back and only the changes that would let it stop."""
     earliest = max(args.small_epochs + 1 + (args.patience or 0), args.freeze_epochs + 1)
-    if args.patience and earliest >= args.epochs:
-        small = f" (its first {args.small_epochs} at the stored size do not count)" if args.small_epochs else ""
-        raise UserError(
-            f"--patience {args.patience} could stop this {args.epochs}-epoch run no earlier than its last epoch"
-            f"{small}: it would do nothing; pass a smaller --patience, or more --epochs"
-        )
+    if not args.patience or earliest < args.epochs:
+        return
+    small = f"its first {args.small_epochs} at the stored size do not count" if args.small_epochs else ""
+    frozen = args.freeze_epochs and args.freeze_epochs + 1 >= args.epochs  # otherwise the patience decides
+    frozen = f"it never stops in the first {args.freeze_epochs}, the head's alone" if frozen else ""
+    held = "; ".join(reason for reason in (small, frozen) if reason)
+    smaller = args.patience > 1 and max(args.small_epochs + 2, args.freeze_epochs + 1) < args.epochs
+    raise UserError(
+        f"--patience {args.patience} could stop this {args.epochs}-epoch run no earlier than its last epoch"
+        f"{f' ({held})' if held else ''}: it would do nothing; pass {'a smaller --patience, ' if smaller else ''}"
+        f"more --epochs, or no --patience"
+    )
 
 
 def patience_ran_out(args, history):
@@ -1486,15 +1493,17 @@ def patience_ran_out(args, history):
 
 def extend_schedule(args, saved_epochs, epochs_done, steps_per_epoch, warmup_steps):
     """--resume --epochs N on a run planned for another number of epochs: the learning rate goes on
-    from where it stands and decays, with the same shape, to zero at the new end; it never jumps
-    back up. Returns the log line that says so."""
+    from where it stands and decays, with the same shape, over the epochs left (cosine and linear: to
+    zero at the new end); it never jumps back up. Returns the log line that says so."""
     step = epochs_done * steps_per_epoch
     factor = lr_factor(step, saved_epochs * steps_per_epoch, warmup_steps, args.schedule, args.decay_start)
     if factor == 0:
         raise lr_at_zero(args)
     change = f"--epochs {args.epochs} instead of {saved_epochs}: after epoch {epochs_done} the learning rate"
+    end = SCHEDULES[args.schedule](1.0)  # the factor the decay ends at: 0 for cosine and linear
     if step < warmup_steps:  # the warmup is counted in epochs and stays as it was; the decay after it is stretched
-        then = "stays there" if args.schedule == "constant" else f"follows the {args.schedule} schedule to 0"
+        then = f"follows the {args.schedule} schedule to {args.lr * end:.3g}"
+        then = "stays there" if args.schedule == "constant" else then
         return (
             f"{change} is still warming up: it rises from {args.lr * factor:.3g} to {args.lr:.3g} at epoch "
             f"{warmup_steps / steps_per_epoch:g}, then {then} at the new end, epoch {args.epochs}"
@@ -1504,7 +1513,7 @@ def extend_schedule(args, saved_epochs, epochs_done, steps_per_epoch, warmup_ste
     args.decay_start = (step, factor)
     return (
         f"{change} goes on from {args.lr * factor:.3g} and follows the {args.schedule} schedule "
-        f"to 0 at its new end, epoch {args.epochs}"
+        f"to {args.lr * factor * end:.3g} at its new end, epoch {args.epochs}"
     )
 
 

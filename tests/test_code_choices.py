@@ -78,6 +78,7 @@ def test_the_commented_step_schedule_decays_in_steps_and_an_extended_run_never_j
     planned = [train.lr_factor(step, 100, 0, "step") for step in range(100)]
     assert sorted(set(planned), reverse=True) == pytest.approx([1.0, 0.1, 0.01]) and planned[49] == 1.0
     args = SimpleNamespace(schedule="step", decay_start=None, lr=0.1, epochs=20)  # 10 epochs of 10 steps, resumed
-    train.extend_schedule(args, 10, 6, 10, 0)  # after epoch 6 of 10, at 0.1 of the peak; now 20 epochs
+    line = train.extend_schedule(args, 10, 6, 10, 0)  # after epoch 6 of 10, at 0.1 of the peak; now 20 epochs
+    assert "goes on from 0.01 and follows the step schedule to 0.0001 at its new end, epoch 20" in line  # not 0
     extended = [train.lr_factor(step, 200, 0, "step", args.decay_start) for step in range(60, 200)]
     assert extended[0] == pytest.approx(0.1) and all(a >= b for a, b in zip(extended, extended[1:]))

@@ -87,8 +87,11 @@ def test_a_patience_that_could_not_stop_the_run_before_its_end_is_refused(patien
     args = Namespace(patience=patience, freeze_epochs=freeze, small_epochs=small, epochs=5)
     if not refused_:  # e.g. patience 3: best at epoch 1, no lower loss in 2, 3, 4: stopped after epoch 4 of 5
         return train.check_patience(args)
-    with pytest.raises(data.UserError, match=f"--patience {patience} could stop this 5-epoch run no earlier than"):
+    with pytest.raises(data.UserError, match=f"--patience {patience} could stop this 5-epoch run no earlier than") as e:
         train.check_patience(args)
+    message = str(e.value)  # only advice that can be followed: --patience is at least 1
+    assert ("a smaller --patience" in message) == (patience > 1) and message.endswith("or no --patience")
+    assert ("the head's alone" in message) == bool(freeze) and ("stored size do not count" in message) == bool(small)
 
 
 def test_a_resume_with_fewer_epochs_that_leave_patience_nothing_to_do_is_refused():

@@ -1471,8 +1471,8 @@ def check_patience(args):
     if not args.patience or earliest < args.epochs:
         return
     small = f"its first {args.small_epochs} at the stored size do not count" if args.small_epochs else ""
-    frozen = args.freeze_epochs and args.freeze_epochs + 1 >= args.epochs  # otherwise the patience decides
-    frozen = f"it never stops in the first {args.freeze_epochs}, the head's alone" if frozen else ""
+    head_only = 0 < args.freeze_epochs >= args.epochs - 1  # otherwise the patience decides
+    frozen = f"it never stops in the first {args.freeze_epochs}, the head's alone" if head_only else ""
     held = "; ".join(reason for reason in (small, frozen) if reason)
     smaller = args.patience > 1 and max(args.small_epochs + 2, args.freeze_epochs + 1) < args.epochs
     raise UserError(

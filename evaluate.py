@@ -1122,8 +1122,8 @@ def parse_args(argv=None):
     data.refuse(parser, args, REFUSALS)
     # --export-onnx checks the file on any of the run's images: the validation split where DIR has no test/
     root = Path(args.data_dir or "")
-    no_test = exporting(args) and args.data_dir and (root / "train").is_dir() and not (root / "test").is_dir()
-    args.split = args.split or ("val" if no_test else "test")
+    validation = args.data_dir and ((root / "train").is_dir() or data.val_folder_in(root))
+    args.split = args.split or ("val" if exporting(args) and validation and not (root / "test").is_dir() else "test")
     return args
 
 

@@ -69,6 +69,10 @@ def test_the_check_takes_the_splits_images_with_a_data_dir_else_random_ones(trai
     args = evaluate.parse_args([checkpoint, "--export-onnx", "m.onnx", "--data-dir", str(tmp_path)])
     images, source = evaluate.onnx_check_images(args, metadata)
     assert len(images) == 40 and source == f"{tmp_path} val"
+    shutil.copytree(image_folder / "train", tmp_path / "alone" / "val")  # val/ on its own: all of it
+    args = evaluate.parse_args([checkpoint, "--export-onnx", "m.onnx", "--data-dir", str(tmp_path / "alone")])
+    images, source = evaluate.onnx_check_images(args, metadata)
+    assert len(images) == 200 and source == f"{tmp_path / 'alone'} val"
     images, source = evaluate.onnx_check_images(evaluate.parse_args([checkpoint, "--export-onnx", "m.onnx"]), metadata)
     assert images.shape == (evaluate.ONNX_SYNTHETIC, 3, 32, 32) and images.dtype == torch.uint8 and source == "random"
 

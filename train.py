@@ -577,7 +577,7 @@ RECIPES = [
      f"per process, 2 or more for BatchNorm; {PHOTO_BATCH_SIZE} for photos"),
     # the peak, after warmup: fine-tuning, so below the from-scratch 0.1
     ("--lr", dict(type=bounded(float, 0, MAX_LR, open_low=True)), (0.05, 1e-3, 0.05),
-     f"peak; {SCRATCH_LR} with --weights none (but seed); photos: x{PHOTO_BATCH_SIZE}/128"),
+     f"peak; {SCRATCH_LR} with --weights none (but seed); photos: x --batch-size/128"),
     ("--momentum", dict(type=bounded(float, 0, 1, open_high=True)), (0.9, 0.9, 0.9), "SGD momentum"),
     ("--nesterov", dict(action=argparse.BooleanOptionalAction), (True, False, True), "Nesterov momentum"),
     ("--weight-decay", dict(type=bounded(float, 0, 1)), (5e-4, 0.0, 5e-4), "not on norms and biases"),
@@ -712,11 +712,11 @@ def data_settings(args, typical_side):
     photos = typical_side > data.SMALL_SIDE
     small = max(data.IMAGE_SIZE, typical_side)  # the side CIFAR-sized and small images are kept at
     recipe = RECIPE_VALUES[args.recipe]
+    args.batch_size = args.batch_size or (PHOTO_BATCH_SIZE if photos else recipe["batch_size"])
     if args.lr is None:
         args.lr = SCRATCH_LR if args.recipe != "seed" and args.weights == "none" else recipe["lr"]
-        if photos and args.batch_size is None:
-            args.lr *= PHOTO_BATCH_SIZE / recipe["batch_size"]
-    args.batch_size = args.batch_size or (PHOTO_BATCH_SIZE if photos else recipe["batch_size"])
+        if photos:  # --batch-size 32 typed is the default's lr too
+            args.lr *= args.batch_size / recipe["batch_size"]
     if photos:
         if args.crop_padding is not None:
             raise UserError(

@@ -79,7 +79,10 @@ def test_cifar_sized_folders_stay_32x32_and_photos_get_imagenet_sizes(image_fold
     chosen = train.parse_args(["--input-size", "160", "--stem", "cifar", "--batch-size", "64"])
     train.data_settings(chosen, 375)
     assert (chosen.image_size, chosen.input_size, chosen.stem) == (183, 160, "cifar")
-    assert (chosen.batch_size, chosen.lr) == (64, lr)  # explicit flags win
+    assert (chosen.batch_size, chosen.lr) == (64, lr * 64 / 128)  # explicit flags win; the lr follows the batch
+    typed = train.parse_args(["--data-dir", str(photo_folder), "--batch-size", "32"])
+    train.data_settings(typed, 375)
+    assert (typed.batch_size, typed.lr) == (photos.batch_size, photos.lr)  # the default, typed: the same run
     for padding in ("4", "2"):  # 2, the recipe's own, typed: it pads no photo's crop either
         padded = train.parse_args(["--data-dir", str(photo_folder), "--crop-padding", padding])
         with pytest.raises(data.UserError, match=r"these are photos \(median shorter side 375 px\).*drop --crop-pad"):

@@ -228,6 +228,8 @@ def load_split(args, metadata):
     checked = []
 
     def check(found, _counts):  # before anything is decoded: other data is refused at once
+        if exporting(args):  # its check compares two networks on any images: nothing is scored
+            return checked.append("not checked: --export-onnx compares the networks on any images")
         expected = metadata.get("config", {}).get("data_fingerprint")
         difference = expected and data.validation_difference(expected, found)
         if expected is None:
@@ -1097,6 +1099,8 @@ REFUSALS = [
                f"folder for --split val), or drop them"),
     (lambda a: exporting(a) and a.batch_size,
      "--export-onnx checks the file in batches of its own choosing; drop --batch-size"),
+    (lambda a: exporting(a) and a.skip_data_check,
+     "--export-onnx checks the file on any images of --data-dir, the run's or not; drop --skip-data-check"),
     (lambda a: a.no_calibration and not a.predict,
      "--no-calibration goes with --predict; an evaluation reports both T = 1 and the fitted T"),
     (lambda a: a.explain and a.no_plots, "--explain draws heat maps, and --no-plots draws nothing; drop one of them"),

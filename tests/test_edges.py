@@ -401,6 +401,7 @@ def test_resuming_after_the_class_weights_run_moved_keeps_its_weights(tmp_path, 
         (evaluate.main, ["x.safetensors", "--predict", "a.jpg", "--split", "val"], "drop --split"),
         (evaluate.main, ["x.safetensors", "--predict", "a.jpg", "--data-dir", "d"], "folder; drop --data-dir ("),
         (evaluate.main, ["x.safetensors", "--export-onnx", "m.onnx", "--explain"], "network; drop --explain ("),
+        (evaluate.main, ["x.safetensors", "--export-onnx", "m.onnx", "--skip-data-check"], "or not; drop --skip"),
         (
             evaluate.main,
             ["x.safetensors", "--export-onnx", "m.onnx", "--cache-dir", "none"],

@@ -73,6 +73,10 @@ def test_the_check_takes_the_splits_images_with_a_data_dir_else_random_ones(trai
     args = evaluate.parse_args([checkpoint, "--export-onnx", "m.onnx", "--data-dir", str(tmp_path / "alone")])
     images, source = evaluate.onnx_check_images(args, metadata)
     assert len(images) == 200 and source == f"{tmp_path / 'alone'} val"
+    for image in sorted((tmp_path / "train").rglob("*.png"))[::2]:  # other data than the run's: fine for the check
+        image.unlink()
+    args = evaluate.parse_args([checkpoint, "--export-onnx", "m.onnx", "--data-dir", str(tmp_path)])
+    assert len(evaluate.onnx_check_images(args, metadata)[0]) == 20
     images, source = evaluate.onnx_check_images(evaluate.parse_args([checkpoint, "--export-onnx", "m.onnx"]), metadata)
     assert images.shape == (evaluate.ONNX_SYNTHETIC, 3, 32, 32) and images.dtype == torch.uint8 and source == "random"
 

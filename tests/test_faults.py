@@ -372,7 +372,7 @@ def test_help_shows_every_flag_with_its_default(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for shown in (
         "(default 30, seed 50, cpu 16)",
-        "peak; 0.2 with --weights none (but seed); photos: x32/128 (default",
+        "peak; 0.2 with --weights none (but seed); photos: x --batch-size/128 (default",
     ):
         assert shown in text
     assert "--mixed_precision bf16 train.py" in text  # the launcher's flags go before the script

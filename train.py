@@ -1155,6 +1155,7 @@ def plot_lr_find(path, lrs, losses, smoothed, suggestion, args):
 
 TRACKER_PROJECT = "resnet18-cifar10"  # accelerate's project name: the tracker's project; TensorBoard's subfolder
 RUN_FILES = ("history.json", "best.safetensors", "last.safetensors", TRACKER_PROJECT)
+TRACKER_FILES = re.compile(r"events\.out\..+|hparams\.yml")
 # the names evaluate.py gives its plots of the run's checkpoints (evaluation_plots, sheet_names): --overwrite
 # removes them with the run they showed; a copy of yours under another name stays
 EVALUATION_PLOTS = re.compile(
@@ -1221,8 +1222,8 @@ def check_output_dir(out, resume, overwrite):
 def of_a_run(path):
     """Whether a file or folder of a run's names (RUN_FILES, data.STATE_DIRS) is what train.py writes there."""
     try:
-        if path.name == TRACKER_PROJECT:  # TensorBoard's event files
-            return path.is_dir() and all(f.name.startswith("events.out.") for f in path.rglob("*") if f.is_file())
+        if path.name == TRACKER_PROJECT:  # TensorBoard's event files, and the hparams.yml accelerate 1.16 writes
+            return path.is_dir() and all(TRACKER_FILES.fullmatch(f.name) for f in path.rglob("*") if f.is_file())
         if path.name == "history.json":
             return all({"epoch", "val_loss"} <= set(record) for record in json.loads(path.read_text()))
         if path.suffix == ".safetensors":

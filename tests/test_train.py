@@ -318,7 +318,8 @@ def test_tensorboard_holds_the_history_per_epoch_and_the_loss_every_log_every_st
     event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
     monkeypatch.setattr(train, "LOG_EVERY", 4)
     out = tmp_path / "run"
-    train.main(quick_args(image_folder, out, "--log-with", "tensorboard", "--max-train-samples", "160"))  # 2 x 10 steps
+    flags = ("--log-with", "tensorboard", "--schedule", "constant")  # constant: the run can be extended
+    train.main(quick_args(image_folder, out, *flags, "--max-train-samples", "160"))  # 2 x 10 steps
     history = json.loads((out / "history.json").read_text())
     events = event_accumulator.EventAccumulator(str(out / train.TRACKER_PROJECT)).Reload()
     for key in ("train_loss", "val_loss", "val_acc", "lr"):
@@ -326,6 +327,12 @@ def test_tensorboard_holds_the_history_per_epoch_and_the_loss_every_log_every_st
         assert logged == [(10, pytest.approx(history[0][key])), (20, pytest.approx(history[1][key]))], key
     assert [event.step for event in events.Scalars("step/loss")] == [4, 8, 10, 14, 18, 20]
     assert events.Scalars("val_acc/cat")[-1].value == pytest.approx(history[1]["val_per_class"][3])
+    # accelerate's hparams.yml beside the events was taken for a file not of the run: both were refused
+    assert list(out.glob(f"{train.TRACKER_PROJECT}/**/hparams.yml"))
+    train.main(["--output-dir", str(out), "--resume", "--epochs", "3"])
+    assert len(json.loads((out / "history.json").read_text())) == 3
+    train.main(quick_args(image_folder, out, *flags, "--epochs", "1", "--overwrite"))
+    assert len(json.loads((out / "history.json").read_text())) == 1
 
 
 @pytest.mark.parametrize(

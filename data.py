@@ -1501,10 +1501,14 @@ def path_flag(text, wanted="a path"):
 
 def classes_flag(text):
     """An argparse type for class names (--targeted-augment): refused as the command line is read, not
-    after the data, when empty, blank or with an empty name in its list ('cat,')."""
+    after the data, when empty, blank, with an empty name in its list ('cat,') or a name twice."""
     path_flag(text, "none, all, a group or class names")
-    if "" in text.split(","):
+    names = text.split(",")
+    if "" in names:
         raise argparse.ArgumentTypeError(f"{text!r} holds an empty class name; separate the names by single commas")
+    twice = [name for name in names if names.count(name) > 1]
+    if twice:
+        raise argparse.ArgumentTypeError(f"{text!r} names {twice[0]!r} twice; name each class once")
     return text
 
 

@@ -877,13 +877,13 @@ def training_controls(args):
     controls = [
         f"head only for {args.freeze_epochs} epoch(s)" if args.freeze_epochs else "",
         f"the first {args.small_epochs} epoch(s) at {args.image_size}x{args.image_size}" if args.small_epochs else "",
-        f"backbone lr x{args.backbone_lr_mult:g}" if args.backbone_lr_mult != 1 else "",
-        f"gradient norm clipped to {args.clip_grad_norm:g}" if args.clip_grad_norm else "",
-        f"mixup {args.mixup:g}" if args.mixup else "",
-        f"CutMix {args.cutmix:g}" if args.cutmix else "",
+        f"backbone lr x{args.backbone_lr_mult}" if args.backbone_lr_mult != 1 else "",
+        f"gradient norm clipped to {args.clip_grad_norm}" if args.clip_grad_norm else "",
+        f"mixup {args.mixup}" if args.mixup else "",
+        f"CutMix {args.cutmix}" if args.cutmix else "",
         f"{args.auto_augment} policy" if args.auto_augment != "none" else "",
         f"targeted augmentation for {args.targeted_augment}" if args.targeted_augment != "none" else "",
-        f"EMA {args.ema:g}" if args.ema else "",
+        f"EMA {args.ema}" if args.ema else "",
         "two-stage head" if args.two_stage else "",
     ]
     return "".join(f", {control}" for control in controls if control)

@@ -394,6 +394,7 @@ def test_resuming_after_the_class_weights_run_moved_keeps_its_weights(tmp_path, 
         (train.main, ["--weights", " "], "--weights: is blank"),
         (train.main, ["--targeted-augment", ""], "--targeted-augment: is empty"),  # before the data is read
         (train.main, ["--targeted-augment", "cat,"], "'cat,' holds an empty class name"),
+        (train.main, ["--targeted-augment", "cat,dog,cat"], "names 'cat' twice; name each class once"),
         (evaluate.main, ["x.safetensors", "--json", ""], "--json: is empty"),
         (evaluate.main, ["x.safetensors", "--predict", "a.jpg", "--csv", ""], "--csv: is empty"),
         (evaluate.main, ["x.safetensors", "--top-k", "5"], "--top-k goes with --predict"),
@@ -705,3 +706,5 @@ def test_the_recipe_line_names_every_control_that_is_on():
     args = train.parse_args(["--ema", "0.9", "--two-stage", "--targeted-augment", "animals", "--mixup", "0.2"])
     said = train.training_controls(args)
     assert said == ", mixup 0.2, targeted augmentation for animals, EMA 0.9, two-stage head"
+    # every digit given: ':g' showed 0.99999999999 as "EMA 1", a different average
+    assert train.training_controls(train.parse_args(["--ema", "0.99999999999"])) == ", EMA 0.99999999999"

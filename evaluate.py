@@ -209,13 +209,16 @@ def load_split(args, metadata):
     root = Path(args.data_dir)
     # the run's own cache unless one is given: the run decoded its images there, not into the default one
     cache = data.cache_location(args.cache_dir or metadata.get("config", {}).get("cache_dir"))
+    # --export-onnx compares two networks on any images: their classes and their past do not matter
+    classes = None if exporting(args) else metadata["classes"]
     if args.split == "test" and (root / "train").is_dir() and not (root / "test").is_dir():
         raise data.UserError(
             f"{root} has no test/ folder; pass --split val for the run's validation images, or add {root}/test/<class>/"
         )
     if args.split == "test":  # a test/ holding the run's training images (or train/'s beside it) is refused
-        trained = {Path(d, "train").resolve() for d in data_dirs(args, metadata) if d and Path(d, "train").is_dir()}
-        images, labels, _ = data.load_images(args.data_dir, "test", side, metadata["classes"], cache, trained)
+        dirs = () if exporting(args) else data_dirs(args, metadata)
+        trained = {Path(d, "train").resolve() for d in dirs if d and Path(d, "train").is_dir()}
+        images, labels, _ = data.load_images(args.data_dir, "test", side, classes, cache, trained)
         return images, labels, "any labelled test set is fair"
     alone = data.val_folder_in(root)
     if not (root / "train").is_dir() and not alone and (root / "test").is_dir():
@@ -223,7 +226,7 @@ def load_split(args, metadata):
             f"{root} has test/ but no train/ or val/ to take a validation split from; drop --split val"
         )
     if not (root / "train").is_dir() and alone:  # DIR/val/<class>/ on its own, as test/ alone: all of it
-        images, labels, _ = data.load_images(args.data_dir, alone.name, side, metadata["classes"], cache)
+        images, labels, _ = data.load_images(args.data_dir, alone.name, side, classes, cache)
         return images, labels, f"{alone} on its own, whole: not checked against the run's data"
     checked = []
 
@@ -251,7 +254,7 @@ def load_split(args, metadata):
         metadata["val_fraction"],
         metadata["seed"],
         parts=("val",),
-        expected_classes=metadata["classes"],
+        expected_classes=classes,
         cache_dir=cache,
         check=check,
     )

@@ -77,6 +77,12 @@ def test_the_check_takes_the_splits_images_with_a_data_dir_else_random_ones(trai
         image.unlink()
     args = evaluate.parse_args([checkpoint, "--export-onnx", "m.onnx", "--data-dir", str(tmp_path)])
     assert len(evaluate.onnx_check_images(args, metadata)[0]) == 20
+    for folder in sorted((tmp_path / "train").iterdir())[:2]:  # other classes: refused with evaluation advice before
+        folder.rename(folder.with_name(f"other-{folder.name}"))
+    assert len(evaluate.onnx_check_images(args, metadata)[0]) == 20
+    shutil.copytree(image_folder / "train", tmp_path / "copy" / "test")  # the run's training images: no score here
+    args = evaluate.parse_args([checkpoint, "--export-onnx", "m.onnx", "--data-dir", str(tmp_path / "copy")])
+    assert len(evaluate.onnx_check_images(args, metadata)[0]) == 200
     images, source = evaluate.onnx_check_images(evaluate.parse_args([checkpoint, "--export-onnx", "m.onnx"]), metadata)
     assert images.shape == (evaluate.ONNX_SYNTHETIC, 3, 32, 32) and images.dtype == torch.uint8 and source == "random"
 

@@ -615,14 +615,14 @@ AS_GIVEN_REFUSALS = [
     (lambda a: a.zero_init_residual is not None and a.weights != "none",
      lambda a: f"--{'' if a.zero_init_residual else 'no-'}zero-init-residual sets how a network starts from "
                f"scratch, and --weights {a.weights} loads every weight over it; drop it, or pass --weights none"),
+    (lambda a: a.find_lr and idle_in_find_lr(a),
+     lambda a: f"--find-lr runs the lr range test, with an lr schedule of its own, and trains no run, so "
+               f"{' and '.join(idle_in_find_lr(a))} would do nothing; drop {' and '.join(idle_in_find_lr(a))}"),
 ]
 REFUSALS = [
     (lambda a: a.weights == "none" and protecting(a),
      lambda a: f"{' and '.join(protecting(a))} protect(s) pretrained features, and --weights none has none; "
                f"drop {' and '.join(protecting(a))}"),
-    (lambda a: a.find_lr and idle_in_find_lr(a),
-     lambda a: f"--find-lr runs the lr range test and trains no run, so {' and '.join(idle_in_find_lr(a))} would "
-               f"do nothing; drop them"),
     (lambda a: a.nesterov and a.momentum == 0,
      "Nesterov momentum needs a --momentum above 0; pass one, or --no-nesterov for plain SGD"),
     (lambda a: a.freeze_epochs >= a.epochs,
@@ -645,7 +645,11 @@ FLAG_DEFAULTS = {flag: kind.get("default", False if kind.get("action") else None
 
 def changed(args, *flags):
     """The flags among these whose values are not their defaults."""
-    return [flag for flag in flags if getattr(args, flag[2:].replace("-", "_")) != FLAG_DEFAULTS[flag]]
+    return [flag for flag in flags if getattr(args, dest(flag)) != FLAG_DEFAULTS[flag]]
+
+
+def dest(flag):
+    return flag[2:].replace("-", "_")
 
 
 def protecting(args):
@@ -653,7 +657,11 @@ def protecting(args):
 
 
 def idle_in_find_lr(args):
-    return changed(args, "--patience", "--ema", "--compile", "--log-with", "--overwrite")
+    """Flags given that the range test does not use (recipe settings not typed are still None). --epochs
+    is used by the cpu recipe alone: it sets --small-epochs, and so the size the test trains at."""
+    epochs = () if args.recipe == "cpu" and args.small_epochs is None else ("--epochs",)
+    typed = [flag for flag in ("--schedule", "--warmup-epochs", *epochs) if getattr(args, dest(flag)) is not None]
+    return changed(args, "--patience", "--ema", "--compile", "--log-with", "--overwrite") + typed
 
 
 def parse_args(argv=None):
@@ -691,6 +699,7 @@ def parse_args(argv=None):
     data.refuse(parser, args, REFUSALS)
     if args.weights not in ("imagenet", "none"):
         model.check_weights_file(args.weights)
+    check_class_weights(args.class_weights)
     return args
 
 
@@ -822,6 +831,7 @@ def class_weights(spec, train_labels, classes):
     in proportion to its per-class error, never below RUN_WEIGHT_FLOOR of the mean error: a class
     the run got all right would otherwise weigh 0 and never be learnt."""
     num_classes = len(classes)
+    check_class_weights(spec)
     if spec == "none":
         return None
     if spec == "auto":
@@ -829,9 +839,6 @@ def class_weights(spec, train_labels, classes):
     elif Path(spec).is_file():
         errors = 1 - torch.tensor(per_class_accuracy_of_run(Path(spec), classes), dtype=torch.double)
         weights = errors.clamp(min=RUN_WEIGHT_FLOOR * errors.mean().item()) if errors.any() else torch.ones(num_classes)
-    elif weight_list(spec) is None:
-        not_a_folder(spec, "--class-weights ")
-        raise UserError(f"--class-weights {spec!r} is not none, auto, a file or a list of numbers")
     else:
         weights = torch.tensor(weight_list(spec), dtype=torch.double)
     if len(weights) != num_classes or not (weights.isfinite() & (weights >= 0)).all() or weights.sum() <= 0:
@@ -840,6 +847,13 @@ def class_weights(spec, train_labels, classes):
         )
     weights = weights / weights.max()  # first: the sum of weights near 1e308 would overflow
     return (weights * num_classes / weights.sum()).float()
+
+
+def check_class_weights(spec):
+    """Refuse a --class-weights that is no word, list of numbers or file; parse_args asks, before the data."""
+    if spec not in ("none", "auto") and weight_list(spec) is None and not Path(spec).is_file():
+        not_a_folder(spec, "--class-weights ")
+        raise UserError(f"--class-weights {spec!r} is not none, auto, a file or a list of numbers")
 
 
 def per_class_accuracy_of_run(path, classes):

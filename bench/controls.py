@@ -91,7 +91,8 @@ def runs(data_dir, runs_dir):
                                                   "--seed", str(seed)], "cat/dog")  # fmt: skip
     suggested = {name: table.pop(name) for name in list(table) if name.startswith("transfer_suggested")}
     table["findlr_cifar"] = (["--data-dir", str(data_dir), *FAST, "--weights", "none", "--find-lr"], "CIFAR-10")
-    table["findlr_transfer"] = (["--data-dir", str(catdog), *FINE_TUNE, "--weights", str(pre8), "--find-lr"], "cat/dog")
+    find_lr = [*FAST, "--batch-size", "32", "--weights", str(pre8), "--find-lr"]  # FINE_TUNE but its --epochs
+    table["findlr_transfer"] = (["--data-dir", str(catdog), *find_lr], "cat/dog")
     table |= suggested  # after the test that suggested it
     for name, flags in SMALL_RUNS.items():
         for seed in SEEDS[:1] if name in ONE_SEED else SEEDS:

@@ -186,14 +186,21 @@ def test_a_resumed_run_with_the_controls_equals_an_uninterrupted_one(image_folde
     assert all(torch.equal(whole[key], part[key]) for key in whole)
 
 
+def find_lr_args(data_dir, out):
+    """A quick run's flags with --find-lr, less its --epochs (refused: the range test has its own schedule)."""
+    flags = quick_args(data_dir, out, "--find-lr")
+    del flags[flags.index("--epochs") : flags.index("--epochs") + 2]
+    return flags
+
+
 def test_find_lr_writes_its_plot_and_nothing_else(image_folder, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(train, "FIND_LR_STEPS", 20)  # a test's 20 steps: what is written is the same
     existing = tmp_path / "a-run"
     existing.mkdir()
     (existing / "notes.txt").write_text("mine")
-    flags = [f for f in quick_args(image_folder, existing) if f != "--output-dir" and f != str(existing)]
-    train.main([*flags, "--find-lr", "--output-dir", str(existing)])
+    flags = [f for f in find_lr_args(image_folder, existing) if f != "--output-dir" and f != str(existing)]
+    train.main([*flags, "--output-dir", str(existing)])
     out = capsys.readouterr().out
     assert sorted(p.name for p in existing.iterdir()) == ["lr_find.png", "notes.txt"]
     assert (existing / "notes.txt").read_text() == "mine"
@@ -215,6 +222,9 @@ def test_find_lr_writes_its_plot_and_nothing_else(image_folder, tmp_path, monkey
         (["--backbone-lr-mult", "0.1", "--weights", "none"], "drop --backbone-lr-mult"),
         (["--find-lr", "--resume", "--output-dir", "x"], "--find-lr saves no run"),
         (["--find-lr", "--patience", "2", "--ema", "0.9"], "trains no run, so --patience and --ema would do nothing"),
+        # its own lr schedule: before, these were taken and unused (--warmup-epochs 9 refused as never peaking)
+        (["--find-lr", "--schedule", "linear", "--warmup-epochs", "0"], "so --schedule and --warmup-epochs would do"),
+        (["--find-lr", "--epochs", "5", "--warmup-epochs", "9"], "so --warmup-epochs and --epochs would do nothing"),
         (["--momentum", "0"], "Nesterov momentum needs a --momentum above 0; pass one, or --no-nesterov"),
         (["--zero-init-residual"], "--weights imagenet loads every weight over it; drop it, or pass --weights none"),
         (["--no-zero-init-residual", "--weights", "w.pth"], "--no-zero-init-residual sets how a network starts"),
@@ -227,6 +237,10 @@ def test_bad_control_flags_get_one_error_line(flags, words, capsys):
     assert refused.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(errors) == 1 and words in errors[0], errors
+
+
+def test_find_lr_takes_epochs_where_they_set_the_size_it_trains_at():
+    assert train.parse_args(["--find-lr", "--recipe", "cpu", "--epochs", "1"]).epochs == 1  # no --small-epochs
 
 
 def test_evaluate_says_when_the_training_figures_come_from_mixed_batches():
@@ -245,14 +259,14 @@ def test_find_lr_refuses_a_folder_in_the_plots_place_and_says_when_the_loss_is_n
     monkeypatch.setattr(train, "FIND_LR_STEPS", 5)
     (tmp_path / "lr_find.png").mkdir()
     with pytest.raises(train.UserError, match="is not a plot of train.py --find-lr, and the plot would replace it"):
-        train.train(train.parse_args([*quick_args(image_folder, tmp_path), "--find-lr"]))
+        train.train(train.parse_args(find_lr_args(image_folder, tmp_path)))
     (tmp_path / "lr_find.png").rmdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "lr_find.png")  # a picture of yours, by chance of that name
     with pytest.raises(train.UserError, match="is not a plot of train.py --find-lr"):
-        train.train(train.parse_args([*quick_args(image_folder, tmp_path), "--find-lr"]))
+        train.train(train.parse_args(find_lr_args(image_folder, tmp_path)))
     monkeypatch.setattr(train.data, "normalizer", lambda *args, **kwargs: lambda images: images.float() * math.inf)
     with pytest.raises(train.UserError, match="finite from the start"):
-        train.train(train.parse_args([*quick_args(image_folder, tmp_path / "other"), "--find-lr"]))
+        train.train(train.parse_args(find_lr_args(image_folder, tmp_path / "other")))
     assert not (tmp_path / "other").exists()
 
 

@@ -431,10 +431,13 @@ def test_empty_paths_and_flags_that_would_do_nothing_are_refused(main, argv, mes
 
 
 def test_class_weights_given_a_run_folder_names_the_file_to_pass(tmp_path):
-    two_classes(tmp_path / "d")
     fake_run_checkpoint(tmp_path / "earlier", ["ant", "bee"], [0.9, 0.5])
-    message = refused(short_run(tmp_path / "d", tmp_path / "run", "--class-weights", tmp_path / "earlier"))
+    # as the command line is read: no data folder is needed to say so (it was said after decoding)
+    message = refused(short_run(tmp_path / "no-data", tmp_path / "run", "--class-weights", tmp_path / "earlier"))
     assert f"is a folder; pass a run's checkpoint: {tmp_path / 'earlier' / 'best.safetensors'}" in message
+    message = refused(short_run(tmp_path / "no-data", tmp_path / "run", "--class-weights", tmp_path / "gone.json"))
+    assert f"--class-weights '{tmp_path / 'gone.json'}' is not none, auto, a file or a list of numbers" in message
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_run_folder_for_weights_names_the_file_to_pass(trained_run, image_folder, tmp_path):

@@ -1375,12 +1375,14 @@ def resume_command(out, accelerator, processes=None, epochs=None, data_dir=None)
 
 
 def beside(script):
-    """A script of ours as a path from the working folder, so that a printed command runs where this one did."""
+    """A script of ours as a path from the working folder, so that a printed command runs where this one did;
+    absolute from outside the scripts' folder (not ../../scripts/train.py)."""
     path = Path(__file__).with_name(script)
     try:
-        return os.path.relpath(path)
+        relative = os.path.relpath(path)
     except ValueError:  # Windows: the working folder is on another drive
         return str(path)
+    return str(path) if relative.startswith("..") else relative
 
 
 def given_anew(args, progress):

@@ -549,12 +549,17 @@ def test_a_test_folder_without_every_class_points_to_the_runs_split(image_folder
     assert "--split val" not in str(refused.value.code)
 
 
-def test_printed_commands_name_the_script_by_its_absolute_path_from_another_drive(monkeypatch):
+def test_printed_commands_name_the_script_relative_from_its_folder_else_absolute(monkeypatch, tmp_path):
     def other_drive(path, start=None):
         raise ValueError("path is on mount 'D:', start on mount 'C:'")  # what Windows' relpath raises
 
+    script = str(Path(train.__file__).with_name("train.py"))
+    monkeypatch.chdir(Path(train.__file__).parent)
+    assert train.beside("train.py") == "train.py"
+    monkeypatch.chdir(tmp_path)  # from another folder: absolute, not ../../scripts/train.py
+    assert train.beside("train.py") == script
     monkeypatch.setattr(os.path, "relpath", other_drive)
-    assert train.beside("train.py") == str(Path(train.__file__).with_name("train.py"))
+    assert train.beside("train.py") == script
 
 
 def test_predict_skips_its_own_sheets_and_keeps_a_photo_bearing_a_plots_name(trained_run, tmp_path, capsys):

@@ -1132,6 +1132,7 @@ CACHE_VERSION = 3  # raise it when read_image stores other pixels: old caches ar
 
 
 TEMPORARY_BUILD = re.compile(r"(.+-\d+px-[0-9a-f]{16})\.tmp-\d+")  # <cache>.tmp-<pid>: see build_of
+BUILD_FILES = ("images.npy", "readable.npy", "manifest.json")  # what build_cache writes, in this order
 
 
 CACHE_RULE = "shorter side resized to the side (bicubic), centre square; EXIF upright; 8-bit RGB, transparent white"
@@ -1259,10 +1260,11 @@ def build_of(name):
 
 def remove_stale_builds(where):
     """The temporary folders of builds that were killed: where's own (the caller holds its lock), and
-    those of other caches whose lock nobody holds."""
+    those of other caches whose lock nobody holds. A folder of such a name holding anything but a
+    build's files (BUILD_FILES) is someone else's, and stays."""
     for temporary in where.parent.iterdir():
         key = build_of(temporary.name)
-        if key is None or not temporary.is_dir():
+        if key is None or not temporary.is_dir() or not all(f.name in BUILD_FILES for f in temporary.iterdir()):
             continue
         if key == where.name:
             shutil.rmtree(temporary, ignore_errors=True)
@@ -1312,7 +1314,7 @@ def build_cache(paths, side, folder, where):
             rule=CACHE_RULE, images=len(paths), unreadable=unreadable,
         )  # fmt: skip
         (temporary / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        for name in ("images.npy", "readable.npy", "manifest.json"):  # on disk before the rename says complete
+        for name in BUILD_FILES:  # on disk before the rename says complete
             with open(temporary / name, "rb") as file:
                 os.fsync(file.fileno())
         os.rename(temporary, where)

@@ -210,8 +210,13 @@ def test_a_killed_builds_leftover_is_removed_by_any_later_build(folder, tmp_path
     leftover = tmp_path / "cache" / "other-train-32px-0123456789abcdef.tmp-99999"
     leftover.mkdir(parents=True)
     (leftover / "images.npy").write_bytes(bytes(1000))
+    yours = tmp_path / "cache" / "photos-2024-32px-0123456789abcdef.tmp-1"  # a build's name, a user's files
+    yours.mkdir()
+    (yours / "precious.txt").write_text("mine")
     load(folder, tmp_path / "cache")
     assert not leftover.exists() and len(caches(tmp_path / "cache")) == 1
+    assert (yours / "precious.txt").read_text() == "mine"  # removed with its folder before
+    assert not (tmp_path / "cache" / "photos-2024-32px-0123456789abcdef.lock").exists()
 
 
 def test_a_complete_cache_is_read_where_nothing_can_be_written(folder, tmp_path, monkeypatch, capsys):

@@ -321,9 +321,10 @@ def train_epoch(epoch, run, accelerator, args, stop):
         if step % LOG_EVERY == 0 or step == len(loader):
             value, lr = loss.item(), scheduler.get_last_lr()[-1]  # the last group's: the head's
             if not math.isfinite(value):
+                kept = "the last checkpoint is untouched" if epoch > 1 else "no checkpoint was written"
                 raise UserError(
-                    f"the loss is {value} at epoch {epoch}, step {step}; the last checkpoint is untouched. "
-                    f"Lower --lr and start again with --overwrite"
+                    f"the loss is {value} at epoch {epoch}, step {step}; {kept}. Lower --lr and start again "
+                    f"with --overwrite"
                 )
             bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.4g}")
             norm = {} if grad_norm is None else {"step/grad_norm": grad_norm.item()}  # before clipping

@@ -235,9 +235,8 @@ def load_split(
     "train") when the caller has it; check(fingerprint, {part: image count}) may refuse the data before
     any decoding."""
     items, labels, classes = listing or list_images(data_dir, "train")
-    check_classes(
-        classes, expected_classes, data_dir, "pass the run's --data-dir, or give its class folders their names"
-    )
+    advice = "pass the run's --data-dir, or give its class folders their names"
+    check_classes(classes, expected_classes, Path(data_dir) / "train", advice)
     if len(classes) == 1:  # a model that is always right: loss 0, 100% accuracy
         raise one_class_error(Path(data_dir) / "train", classes[0])
     val_dir = val_folder_in(data_dir)  # list_images refused a val/ without train/
@@ -287,8 +286,8 @@ def load_images(data_dir, split, side=IMAGE_SIZE, expected_classes=None, cache_d
         check_held_out(items, [list_folder(Path(folder))[0] for folder in trained], Path(data_dir) / split, "the test")
     # a val/ alone: given already
     own_split = " (or the run's own split: --split val, on the run's --data-dir)" if split == "test" else ""
-    check_classes(classes, expected_classes, data_dir, f"evaluate on folders of the checkpoint's classes, all of "
-                  f"them{own_split}")  # fmt: skip
+    check_classes(classes, expected_classes, Path(data_dir) / split, f"evaluate on folders of the checkpoint's "
+                  f"classes, all of them{own_split}")  # fmt: skip
     check_memory(len(labels), side, advice=f"free memory, or evaluate part of {split}/ at a time")
     part = load_part(items, labels, torch.arange(len(labels)), side, Path(data_dir) / split, cache_dir, {})
     check_every_class_read(f"{split}/", part.labels, classes, "replace them: an evaluation needs every class")
@@ -538,6 +537,11 @@ def _cutmix_box(shape, lam, generator):
 
 def class_indices(spec, classes):
     """Class indices named by spec: 'none', 'all', a group of GROUPS, or comma-separated names."""
+    # the word or the class: either would be a guess ('none', the default, is the word: off)
+    if spec in ("all", *GROUPS) and spec in classes:
+        meaning = "a group of classes" if spec in GROUPS else "every class"
+        raise UserError(f"--targeted-augment {spec}: a class here is named {spec!r} too, the word for {meaning}; "
+                        f"rename that class folder")  # fmt: skip
     if spec == "none":
         return []
     if spec == "all":
@@ -800,11 +804,12 @@ def validation_folder_sources(data_dir, val_dir, items, labels, classes, max_tra
     return sources, found
 
 
-def check_classes(classes, expected, data_dir, advice):
-    """A checkpoint's classes (expected) must be the folder's, before anything is decoded."""
+def check_classes(classes, expected, split_dir, advice):
+    """A checkpoint's classes (expected) must be the split folder's, before anything is decoded."""
+    where = split_dir if Path(split_dir).is_dir() else Path(split_dir).parent  # CIFAR-10's own: its folder
     if expected is not None and classes != expected:
         raise UserError(
-            f"the checkpoint's classes {expected} differ from the class folders in {data_dir}: {classes}; {advice}"
+            f"the checkpoint's classes {expected} differ from the class folders in {where}: {classes}; {advice}"
         )
 
 
@@ -1009,7 +1014,8 @@ def decode_into(paths, side, pixels):
     return readable
 
 
-UNREADABLE = "broken, not images, or pixels with no fixed range: 32-bit, signed or float"  # read_image skips
+# read_image skips these; "too large": over twice PIL's Image.MAX_IMAGE_PIXELS, a decompression bomb to PIL
+UNREADABLE = "broken, not images, too large to open safely, or pixels with no fixed range: 32-bit, signed or float"
 
 
 def say_unreadable(unreadable, count, where=""):

@@ -84,6 +84,14 @@ def test_targeted_augmentation_changes_only_the_chosen_classes():
     assert not changed[(labels != 3) & (labels != 5)].any()
 
 
+def test_a_class_named_like_a_targeting_word_is_refused_not_guessed():
+    classes = ["all", "animals", "none"]  # 'all' augmented every class, 'animals' was refused as naming none
+    for word, meaning in (("all", "every class"), ("animals", "a group of classes")):
+        with pytest.raises(data.UserError, match=f"a class here is named '{word}' too, the word for {meaning}"):
+            data.class_indices(word, classes)
+    assert data.class_indices("none", classes) == [] and data.class_indices("all,none", classes) == [0, 2]
+
+
 def test_groups_cover_cifar_classes_and_skip_unknown_names():
     groups = data.group_of_classes(CLASSES)
     assert [CLASSES[i] for i in groups["vehicles"]] == ["airplane", "automobile", "ship", "truck"]

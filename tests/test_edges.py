@@ -200,6 +200,14 @@ def test_every_mode_is_read_right_or_skipped(tmp_path):
             assert pixels is not None and np.abs(pixels.astype(int) - expected).max() <= 32, path.name
 
 
+def test_an_image_too_large_to_open_safely_is_skipped_and_said_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 20x20 is over twice that: a decompression bomb to PIL
+    Image.new("RGB", (20, 20)).save(tmp_path / "huge.png")
+    assert data.read_image(tmp_path / "huge.png", 8) is None
+    data.say_unreadable([str(tmp_path / "huge.png")], 2)
+    assert "too large to open safely" in capsys.readouterr().out  # the reasons named only broken or 32-bit files
+
+
 @pytest.mark.parametrize("mode", ["La", "RGBa", "HSV", "PA"])
 def test_modes_only_made_in_memory_convert_to_their_colours(mode):
     rgba = Image.new("RGBA", (4, 4), (200, 40, 40, 255))
@@ -530,8 +538,9 @@ def test_a_test_folder_without_every_class_points_to_the_runs_split(image_folder
     write_images(root / "test" / "ant", 3)  # no bee: the run's classes are not all there
     train.main(short_run(root, tmp_path / "run"))
     assert "--split val" in capsys.readouterr().out.split("evaluate: ")[-1]
-    with pytest.raises(SystemExit, match=r"or the run's own split: --split val, on the run's --data-dir"):
+    with pytest.raises(SystemExit, match=r"or the run's own split: --split val, on the run's --data-dir") as refused:
         evaluate.main([str(tmp_path / "run" / "best.safetensors"), "--no-plots"])
+    assert f"differ from the class folders in {root / 'test'}: ['ant']" in str(refused.value.code)  # not root's
     (tmp_path / "alone").mkdir()
     (root / "test").rename(tmp_path / "alone" / "val")  # a val/ alone, as --split val reads it: given already
     with pytest.raises(SystemExit) as refused:

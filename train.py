@@ -801,7 +801,7 @@ def resumed_settings(args, progress):
     changed = [
         f"--{key.replace('_', '-')} {value} (the run's: {'not set' if config[key] is None else config[key]})"
         for key, value in args.given.items()
-        if key not in (*RESUME_MAY_CHANGE, "resume", "output_dir") and value != config[key]
+        if key not in (*RESUME_MAY_CHANGE, "resume", "output_dir") and not same_setting(key, value, config[key])
     ]
     if changed:
         raise UserError(
@@ -817,6 +817,17 @@ def resumed_settings(args, progress):
             f"--data-dir and its new place"
         )
     return argparse.Namespace(**config | {"mean": tuple(config["mean"]), "std": tuple(config["std"])})
+
+
+def same_setting(key, given, saved):
+    """A flag given on --resume against the run's value: the same meaning written another way is the same
+    (class weights, which are scaled to mean 1: 1,2 and 0.5,1; targeted classes in another order)."""
+    if key == "class_weights" and weight_list(given) and weight_list(saved):
+        given, saved = (torch.tensor(weight_list(spec), dtype=torch.double) for spec in (given, saved))
+        return len(given) == len(saved) and torch.allclose(given / given.sum(), saved / saved.sum())
+    if key == "targeted_augment":
+        return sorted(given.split(",")) == sorted(saved.split(","))
+    return given == saved
 
 
 def weight_list(spec):

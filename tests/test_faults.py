@@ -71,6 +71,7 @@ def test_resume_takes_the_starting_command_refuses_changed_settings_and_needs_no
     shutil.copy(weights_file, weights)
     out = tmp_path / "run"
     started = quick_args(image_folder, out, "--epochs", "1", "--schedule", "constant", "--weights", weights)
+    started += ["--class-weights", "1,2" + ",1" * 8, "--targeted-augment", "cat,dog"]
     train.main(started)
     weights.unlink()  # the state holds the weights now
     with pytest.raises(SystemExit) as refusal:
@@ -79,7 +80,11 @@ def test_resume_takes_the_starting_command_refuses_changed_settings_and_needs_no
     assert message.startswith("error: --resume continues the run with its own settings")
     assert "--batch-size 8 (the run's: 16); --lr 0.01 (the run's: 0.05) differ" in message
     assert "--patience 3 (the run's: not set)" in message  # not Python's None
-    train.main([*started, "--resume", "--epochs", "2"])  # up-arrow, add --resume: every other flag is the run's
+    # the same values written otherwise: weights scale to mean 1, classes in any order (refused as differing)
+    respelt = [*started[:-4], "--class-weights", "0.5,1.0" + ",0.5" * 8, "--targeted-augment", "dog,cat"]
+    with pytest.raises(SystemExit, match="--class-weights 0.5,2"):
+        train.main([*respelt[:-3], "0.5,2" + ",0.5" * 8, *respelt[-2:], "--resume", "--epochs", "2"])
+    train.main([*respelt, "--resume", "--epochs", "2"])  # up-arrow, add --resume: every other flag is the run's
     assert epochs_in(out) == [1, 2]
 
 

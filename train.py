@@ -881,10 +881,16 @@ def per_class_accuracy_of_run(path, classes):
         if path.suffix == ".safetensors":
             accuracy = metadata["val_per_class"]
         else:
-            accuracy = best_record(json.loads(path.read_text()))["val_per_class"]  # the epoch best.safetensors holds
+            records = json.loads(path.read_text())
+            if not isinstance(records, list) or not all(isinstance(r, dict) and "val_loss" in r for r in records):
+                raise ValueError("not a list of epochs with their val_loss")
+            accuracy = best_record(records)["val_per_class"]  # the epoch best.safetensors holds
+        if len(accuracy) != len(run_classes):
+            raise ValueError(f"{len(accuracy)} per-class accuracies for {len(run_classes)} classes")
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
+        reason = f"no {error}" if isinstance(error, KeyError) else error
         raise UserError(
-            f"--class-weights {path}: no per-class validation accuracy with class names ({error}); "
+            f"--class-weights {path}: no per-class validation accuracy with class names ({reason}); "
             f"pass a run's best.safetensors, or its history.json with best.safetensors beside it"
         ) from error
     if run_classes != classes:

@@ -448,6 +448,23 @@ def test_class_weights_given_a_run_folder_names_the_file_to_pass(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    "history, reason",
+    [  # Python's reprs before: ('val_loss'), (-1), and a count "of typed weights" that named no file
+        ([{"epoch": 1}], "(not a list of epochs with their val_loss)"),
+        ({"epoch": 1}, "(not a list of epochs with their val_loss)"),
+        ([{"epoch": 1, "val_loss": 1.0}], "(no 'val_per_class')"),
+        ([{"epoch": 1, "val_loss": 1.0, "val_per_class": [0.9]}], "(1 per-class accuracies for 2 classes)"),
+    ],
+)
+def test_class_weights_from_a_damaged_history_say_what_it_lacks(history, reason, tmp_path):
+    run = fake_run_checkpoint(tmp_path / "earlier", ["ant", "bee"], [0.9, 0.5])
+    (run / "history.json").write_text(json.dumps(history))
+    with pytest.raises(train.UserError, match=f"--class-weights {run / 'history.json'}: no per-class") as refused:
+        train.class_weights(str(run / "history.json"), torch.tensor([0, 1]), ["ant", "bee"])
+    assert reason in str(refused.value)
+
+
 def test_a_run_folder_for_weights_names_the_file_to_pass(trained_run, image_folder, tmp_path):
     message = refused(short_run(image_folder, tmp_path / "other", "--weights", trained_run))
     assert f"is a folder; pass a run's checkpoint: {trained_run / 'best.safetensors'}" in message

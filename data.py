@@ -719,8 +719,12 @@ def one_class_error(folder, name):
 
 
 def val_folder_in(root):
-    """DIR/val/ (or valid/, validation/), with or without DIR/train/ beside it; None if none."""
-    return next((Path(root) / name for name in VAL_FOLDERS if (Path(root) / name).is_dir()), None)
+    """DIR/val/ (or valid/, validation/), with or without DIR/train/ beside it; None if none. Two of
+    them are refused: either could be the one meant."""
+    found = [Path(root) / name for name in VAL_FOLDERS if (Path(root) / name).is_dir()]
+    if len(found) > 1:
+        raise UserError(f"{root} has {' and '.join(f'{path.name}/' for path in found)}; keep one validation folder")
+    return found[0] if found else None
 
 
 def check_outside_splits(path, data_dirs, flag):

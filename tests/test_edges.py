@@ -465,6 +465,15 @@ def test_class_weights_from_a_damaged_history_say_what_it_lacks(history, reason,
     assert reason in str(refused.value)
 
 
+def test_two_validation_folders_are_refused_not_one_picked(tmp_path):
+    root = two_classes(tmp_path / "d")
+    shutil.copytree(root / "train", root / "val")
+    shutil.copytree(root / "train", root / "valid")  # valid/ was passed over without a word
+    message = refused(short_run(root, tmp_path / "run"))
+    assert message == f"error: {root} has val/ and valid/; keep one validation folder"
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_run_folder_for_weights_names_the_file_to_pass(trained_run, image_folder, tmp_path):
     message = refused(short_run(image_folder, tmp_path / "other", "--weights", trained_run))
     assert f"is a folder; pass a run's checkpoint: {trained_run / 'best.safetensors'}" in message

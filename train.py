@@ -1666,19 +1666,22 @@ def make_accelerator(args):
     """(the Accelerator, why --recipe cpu chose its precision or None); sets args.mixed_precision:
     accelerate's, or LARGE_EPOCHS_BF16 (an autocast of our own)."""
     precision, why = cpu_precision(args)
+    config = run_settings(args)[0]  # a resumed run's own: the printed resume command names none of them
     accelerator = Accelerator(
         mixed_precision="no" if precision == LARGE_EPOCHS_BF16 else precision,  # None: accelerate's, as launched
         cpu=not torch.accelerator.is_available(),  # else two CPU processes train separately (DistributedType.NO)
         # non_blocking: batches read from disk go to a GPU from pinned memory without waiting (data.make_loader)
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed, non_blocking=True),
+        dataloader_config=DataLoaderConfiguration(
+            use_seedable_sampler=True, data_seed=config["seed"], non_blocking=True
+        ),
         log_with=trackers(args.log_with),
         project_dir=".",  # a logging folder must be named now; start_trackers sets the run's
         # train_step splits each loader batch in grad_accum_steps parts: count them, not the loader's end
         gradient_accumulation_plugin=GradientAccumulationPlugin(
-            num_steps=args.grad_accum_steps, sync_with_dataloader=False
+            num_steps=config["grad_accum_steps"], sync_with_dataloader=False
         ),
         # a frozen backbone takes no gradient, which data parallel must be told to expect
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.freeze_epochs > 0)],
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=config["freeze_epochs"] > 0)],
     )
     use_all_cores(accelerator)
     args.mixed_precision = precision if precision == LARGE_EPOCHS_BF16 else accelerator.mixed_precision
@@ -1707,12 +1710,10 @@ PRECISION_WORDS = {
 def cpu_precision(args):
     """--recipe cpu on a CPU: (LARGE_EPOCHS_BF16, why) where the CPU has BF16_INSTRUCTIONS, else ("no", why). (None,
     None), accelerate's choice as launched, for another recipe, on a GPU, or where the user chose one."""
-    config, state = vars(args), args.resume and args.output_dir and data.latest_state(Path(args.output_dir))
-    if state:  # a resumed run: its own recipe, and the precision it ran in (the printed resume command names neither)
-        config = read_progress(Path(args.output_dir))["config"]
+    config, resumed = run_settings(args)  # a resumed run: its own recipe, and the precision it ran in
     if config.get("recipe") != "cpu" or torch.accelerator.is_available() or precision_chosen():
         return None, None
-    if state and config.get("mixed_precision"):
+    if resumed and config.get("mixed_precision"):
         own = config["mixed_precision"]
         return own, f"{PRECISION_WORDS.get(own, own)}, the run's own (--mixed_precision to change it)"
     found = sorted(BF16_INSTRUCTIONS & cpu_flags())
@@ -1720,6 +1721,14 @@ def cpu_precision(args):
         why = f"--recipe cpu on a CPU with {', '.join(found)} (float32: accelerate launch --mixed_precision no)"
         return LARGE_EPOCHS_BF16, f"bf16 autocast, float32 in any --small-epochs: {why}"
     return "no", "float32: --recipe cpu on a CPU with neither AVX512-BF16 nor AMX, where bf16 is slow"
+
+
+def run_settings(args):
+    """(settings, resumed): those the Accelerator is built from before open_run reads the run. A resumed
+    run's own, from its state (the printed resume command names none of them), else the command line's;
+    a value given on the resume that differs is refused later, by resumed_settings."""
+    state = args.resume and args.output_dir and data.latest_state(Path(args.output_dir))
+    return (vars(args) | read_progress(Path(args.output_dir))["config"] if state else vars(args)), bool(state)
 
 
 def precision_chosen():

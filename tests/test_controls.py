@@ -177,7 +177,12 @@ def test_a_resumed_run_with_the_controls_equals_an_uninterrupted_one(image_folde
         with pytest.raises(SystemExit) as stopped:
             train.main(quick_args(image_folder, tmp_path / "part", *flags))
     assert stopped.value.code == 130
-    train.main([*quick_args(image_folder, tmp_path / "part", *flags), "--resume"])  # the same command, resumed
+    # the command train.py prints, which names none of the flags: accelerate's accumulation and data parallel
+    # settings were built from the defaults, and an accumulating run ended at lr 0 in its first resumed epoch
+    train.main(["--output-dir", str(tmp_path / "part"), "--resume"])
+    accelerator = train.make_accelerator(train.parse_args(["--output-dir", str(tmp_path / "part"), "--resume"]))[0]
+    assert accelerator.gradient_accumulation_steps == (2 if "--grad-accum-steps" in flags else 1)
+    assert accelerator.ddp_handler.find_unused_parameters == ("--freeze-epochs" in flags)
     whole, part = (json.loads((tmp_path / run / "history.json").read_text()) for run in ("whole", "part"))
     assert [{k: v for k, v in r.items() if k != "seconds"} for r in whole] == [
         {k: v for k, v in r.items() if k != "seconds"} for r in part

@@ -174,7 +174,7 @@ def train(args):
             if patience_ran_out(args, run.history):
                 best = best_record(run.history)["epoch"]
                 accelerator.print(
-                    f"early stop: no lower validation loss in the {epoch - best} epochs since epoch {best}"
+                    f"early stop: no lower validation loss in the {epoch - best} epoch(s) since epoch {best}"
                 )
                 break
     except (OSError, SafetensorError) as error:  # safetensors reports a full disk as its own error

@@ -157,14 +157,14 @@ def test_a_run_stopped_by_patience_is_finished_and_a_plain_resume_trains_nothing
     command = short_run(root, out, "--epochs", "4", "--patience", "1")
     train.main(command)
     assert epochs_in(out) == [1, 2]
-    assert "early stop: no lower validation loss in the 1 epochs since epoch 1" in capsys.readouterr().out
+    assert "early stop: no lower validation loss in the 1 epoch(s) since epoch 1" in capsys.readouterr().out
     train.main([*command, "--resume"])
     assert "finished: --patience 1 stopped it after epoch 2" in (said := capsys.readouterr().out)
     assert "--epochs N, more than 4, continues it until an epoch without a lower loss stops it again" in said
     assert epochs_in(out) == [1, 2]
     train.main(["--output-dir", str(out), "--resume", "--epochs", "6"])  # epoch 3's loss is higher still
     assert epochs_in(out) == [1, 2, 3]
-    assert "no lower validation loss in the 2 epochs since epoch 1" in capsys.readouterr().out
+    assert "no lower validation loss in the 2 epoch(s) since epoch 1" in capsys.readouterr().out
 
 
 def test_a_finished_run_resumed_says_so_and_another_process_count_is_said(tmp_path, capsys):

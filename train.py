@@ -117,6 +117,7 @@ def main(argv=None):
         with data.quiet_when_closed():  # `train.py | head`: the run goes on, quietly, to its end
             train(parse_args(argv))
     except UserError as error:
+        leave_process_group()
         if int(os.environ.get("RANK", 0)):  # several processes meet the same input: the first one says it
             sys.exit(1)
         sys.exit(f"error: {' '.join(str(error).split())}")  # one line, whatever the message
@@ -1600,6 +1601,14 @@ def start_trackers(accelerator, out, args):
 
 
 # ---------------------------------------------------------------------------------- process plumbing
+
+
+def leave_process_group():
+    """Several processes refusing an input: leave their group before exiting. Left to the interpreter's
+    exit, gloo's threads aborted rank 0 now and then ("terminate called", SIGABRT: once in a CI run, on a
+    loaded machine, even after start_output_dir's barrier)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def launcher_of_this_process():

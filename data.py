@@ -810,8 +810,8 @@ def validation_folder_sources(data_dir, val_dir, items, labels, classes, max_tra
 
 def check_classes(classes, expected, split_dir, advice):
     """A checkpoint's classes (expected) must be the split folder's, before anything is decoded."""
-    where = split_dir if Path(split_dir).is_dir() else Path(split_dir).parent  # CIFAR-10's own: its folder
     if expected is not None and classes != expected:
+        where = split_dir if Path(split_dir).is_dir() else Path(split_dir).parent  # CIFAR-10's own: its folder
         raise UserError(
             f"the checkpoint's classes {expected} differ from the class folders in {where}: {classes}; {advice}"
         )

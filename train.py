@@ -638,20 +638,21 @@ REFUSALS = [
                f"reach its peak; pass fewer, or more --epochs"),
 ]
 # fmt: on
-RECIPE_VALUES = {
-    name: {flag.lstrip("-").replace("-", "_"): values[i] for flag, _, values, _ in RECIPES}
-    for i, name in enumerate(RECIPE_NAMES)
-}
+
+
+def dest(flag):
+    """argparse's attribute for a flag ("--grad-accum-steps": grad_accum_steps); a recipe's other rows
+    ("mean") are their own."""
+    return flag.lstrip("-").replace("-", "_")
+
+
+RECIPE_VALUES = {name: {dest(flag): values[i] for flag, _, values, _ in RECIPES} for i, name in enumerate(RECIPE_NAMES)}
 FLAG_DEFAULTS = {flag: kind.get("default", False if kind.get("action") else None) for flag, kind, _ in FLAGS}
 
 
 def changed(args, *flags):
     """The flags among these whose values are not their defaults."""
     return [flag for flag in flags if getattr(args, dest(flag)) != FLAG_DEFAULTS[flag]]
-
-
-def dest(flag):
-    return flag[2:].replace("-", "_")
 
 
 def protecting(args):

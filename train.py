@@ -133,7 +133,7 @@ def train(args):
     args, out, progress = open_run(args, accelerator)
     if args is None:  # a resumed run with nothing left to train
         return
-    args.mixed_precision = precision  # recorded: a resumed --recipe cpu run keeps it
+    args.mixed_precision = precision  # recorded: a resumed run keeps it
     if why:  # said once the run is not refused: a refusal is one line
         accelerator.print(f"precision: {why}")
     run = prepare_training(args, progress, accelerator)  # the data, network, optimizer, schedule and loss
@@ -572,7 +572,7 @@ FLAGS = [
 # The recipes, a row a setting: (flag, argparse's settings, its value in each of RECIPE_NAMES, help). The
 # seed recipe is the write-up's, 81.92% after 50 epochs; cpu is default's, sized for a CPU: torchvision's stem,
 # 9 of 16 epochs at 32x32 and the rest upsampled to 48x48 (data_settings), those in bf16 where the CPU has it
-# (cpu_precision). A flag given wins.
+# (chosen_precision). A flag given wins.
 RECIPES = [
     ("--epochs", dict(type=bounded(int, 1, MAX_EPOCHS)), (30, 50, 16), "passes over the training split"),
     ("--batch-size", dict(type=bounded(int, 2)), (128, 128, 128),
@@ -1673,9 +1673,9 @@ def use_all_cores(accelerator):
 
 
 def make_accelerator(args):
-    """(the Accelerator, why --recipe cpu chose its precision or None); sets args.mixed_precision:
+    """(the Accelerator, why chosen_precision chose its precision or None); sets args.mixed_precision:
     accelerate's, or LARGE_EPOCHS_BF16 (an autocast of our own)."""
-    precision, why = cpu_precision(args)
+    precision, why = chosen_precision(args)
     config = run_settings(args)[0]  # a resumed run's own: the printed resume command names none of them
     accelerator = Accelerator(
         mixed_precision="no" if precision == LARGE_EPOCHS_BF16 else precision,  # None: accelerate's, as launched
@@ -1717,15 +1717,18 @@ PRECISION_WORDS = {
 }
 
 
-def cpu_precision(args):
-    """--recipe cpu on a CPU: (LARGE_EPOCHS_BF16, why) where the CPU has BF16_INSTRUCTIONS, else ("no", why). (None,
-    None), accelerate's choice as launched, for another recipe, on a GPU, or where the user chose one."""
+def chosen_precision(args):
+    """(precision, why) for the Accelerator, or (None, None): accelerate's, as launched. Unless the user chose
+    one (precision_chosen): a resumed run's own, whatever its recipe, as the printed resume command names none;
+    --recipe cpu on a CPU, LARGE_EPOCHS_BF16 where the CPU has BF16_INSTRUCTIONS, else "no"."""
     config, resumed = run_settings(args)  # a resumed run: its own recipe, and the precision it ran in
-    if config.get("recipe") != "cpu" or torch.accelerator.is_available() or precision_chosen():
+    if precision_chosen():
         return None, None
     if resumed and config.get("mixed_precision"):
         own = config["mixed_precision"]
-        return own, f"{PRECISION_WORDS.get(own, own)}, the run's own (--mixed_precision to change it)"
+        return own, f"{PRECISION_WORDS.get(own, own)}, the run's own (accelerate launch --mixed_precision to change it)"
+    if config.get("recipe") != "cpu" or torch.accelerator.is_available():
+        return None, None
     found = sorted(BF16_INSTRUCTIONS & cpu_flags())
     if found:
         why = f"--recipe cpu on a CPU with {', '.join(found)} (float32: accelerate launch --mixed_precision no)"

@@ -1,10 +1,12 @@
 """--recipe cpu: its settings, the precision it chooses (bf16 where the CPU has bf16 instructions,
-float32 where it has not, and whatever the user chose when they chose), and --small-epochs."""
+float32 where it has not, and whatever the user chose when they chose), and --small-epochs; a resumed
+run of any recipe keeps the precision it was launched in."""
 
 import json
 import shutil
 
 import pytest
+from accelerate.state import AcceleratorState
 from conftest import quick_args
 
 import evaluate
@@ -24,13 +26,13 @@ def a_cpu(monkeypatch, tmp_path):
 def test_the_cpu_recipe_takes_bf16_only_where_the_cpu_has_its_instructions(a_cpu, monkeypatch):
     args = train.parse_args(["--recipe", "cpu"])
     monkeypatch.setattr(train, "cpu_flags", lambda: {"sse4_2", "avx2", "avx512f"})  # a CPU made to lack them
-    precision, why = train.cpu_precision(args)
+    precision, why = train.chosen_precision(args)
     assert precision == "no" and "neither AVX512-BF16 nor AMX" in why
     monkeypatch.setattr(train, "cpu_flags", lambda: {"avx2", "avx512f", "amx_bf16", "amx_tile"})
-    precision, why = train.cpu_precision(args)
+    precision, why = train.chosen_precision(args)
     assert precision == train.LARGE_EPOCHS_BF16 and "amx_bf16" in why and "float32 in any --small-epochs" in why
-    assert train.cpu_precision(train.parse_args([])) == (None, None)  # the other recipes: as launched
-    assert train.cpu_precision(train.parse_args(["--recipe", "seed"])) == (None, None)
+    assert train.chosen_precision(train.parse_args([])) == (None, None)  # the other recipes: as launched
+    assert train.chosen_precision(train.parse_args(["--recipe", "seed"])) == (None, None)
 
 
 @pytest.mark.parametrize(
@@ -47,16 +49,16 @@ def test_a_precision_the_user_chose_wins(a_cpu, monkeypatch, tmp_path, launcher,
     monkeypatch.setattr(train, "LAUNCHER", launcher)
     if config:
         (tmp_path / "no-config.yaml").write_text("mixed_precision: 'no'\n")
-    assert train.cpu_precision(train.parse_args(["--recipe", "cpu"])) == (None, None)
+    assert train.chosen_precision(train.parse_args(["--recipe", "cpu"])) == (None, None)
 
 
 def test_python_train_py_with_the_variable_set_by_hand_is_a_choice(a_cpu, monkeypatch):
     monkeypatch.setattr(train, "LAUNCHER", None)
     monkeypatch.setattr(train, "cpu_flags", lambda: {"avx512_bf16"})
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
-    assert train.cpu_precision(train.parse_args(["--recipe", "cpu"]))[0] == train.LARGE_EPOCHS_BF16
+    assert train.chosen_precision(train.parse_args(["--recipe", "cpu"]))[0] == train.LARGE_EPOCHS_BF16
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
-    assert train.cpu_precision(train.parse_args(["--recipe", "cpu"])) == (None, None)
+    assert train.chosen_precision(train.parse_args(["--recipe", "cpu"])) == (None, None)
 
 
 @pytest.mark.parametrize(
@@ -85,8 +87,32 @@ def test_a_resumed_cpu_run_keeps_the_precision_it_ran_in(a_cpu, monkeypatch, tmp
     config = {"recipe": "cpu", "mixed_precision": "no"}  # launched with --mixed_precision no
     (state / "progress.json").write_text(train.json.dumps({"config": config, "history": []}))
     args = train.parse_args(["--output-dir", str(tmp_path / "run"), "--resume"])  # the printed resume command
-    precision, why = train.cpu_precision(args)
+    precision, why = train.chosen_precision(args)
     assert precision == "no" and "the run's own" in why
+
+
+@pytest.fixture
+def fresh_precision():
+    """accelerate fixes the precision once a process: let this test choose another, then the next test."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_a_resumed_run_keeps_the_precision_it_was_launched_in(
+    a_cpu, fresh_precision, image_folder, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "run"
+    with monkeypatch.context() as launch:  # accelerate launch --mixed_precision bf16 train.py ...
+        launch.setattr(train, "LAUNCHER", ([b"accelerate", b"launch", b"--mixed_precision", b"bf16", b"train.py"], []))
+        launch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+        train.main(quick_args(image_folder, out, "--epochs", "1", "--schedule", "constant"))
+    AcceleratorState._reset_state(reset_partial_state=True)  # a new process, launched without the flag
+    capsys.readouterr()
+    train.main(["--output-dir", str(out), "--resume", "--epochs", "2"])
+    assert [r["precision"] for r in json.loads((out / "history.json").read_text())] == ["bf16", "bf16"]
+    said = capsys.readouterr().out
+    assert "precision: bf16 autocast, the run's own (accelerate launch --mixed_precision to change it)" in said
 
 
 def test_bf16_chosen_by_the_rule_leaves_the_small_epochs_in_float32(a_cpu, image_folder, tmp_path, monkeypatch, capsys):
@@ -112,9 +138,9 @@ def test_bf16_chosen_by_the_rule_leaves_the_small_epochs_in_float32(a_cpu, image
         train.main(["--output-dir", str(out), "--resume", "--epochs", "1"])
     assert "already trained 2 epochs" in str(refused.value.code) and capsys.readouterr().out == ""
     args = train.parse_args(["--output-dir", str(out), "--resume"])
-    assert train.cpu_precision(args) == (
+    assert train.chosen_precision(args) == (
         train.LARGE_EPOCHS_BF16,
-        "bf16 autocast after any --small-epochs, the run's own (--mixed_precision to change it)",
+        "bf16 autocast after any --small-epochs, the run's own (accelerate launch --mixed_precision to change it)",
     )
 
 

@@ -487,7 +487,7 @@ def start_run(run, args, out, progress, accelerator):
         run.model = torch.compile(run.model, mode=COMPILE_MODE)
     run.out, run.lock = start_output_dir(out, args.resume, args.overwrite, accelerator)
     args.output_dir = str(run.out)
-    run.resume_command = resume_command(run.out, accelerator, **given_anew(args, progress))
+    run.resume_command = resume_command(run.out, accelerator, flags=given_anew(args, progress))
     start_trackers(accelerator, run.out, args)
     accumulated = f" x {args.grad_accum_steps} accumulated" if args.grad_accum_steps > 1 else ""
     accelerator.print(
@@ -1231,7 +1231,7 @@ def damaged_state(out, path, error):
 def new_run_from(out):
     """A new run from the run's weights where it saved them (none before its first epoch ended)."""
     last = Path(out) / "last.safetensors"
-    return f"a new run from its weights (--weights {last})" if last.is_file() else "a new run"
+    return f"a new run from its weights (--weights {shlex.quote(str(last))})" if last.is_file() else "a new run"
 
 
 def check_output_dir(out, resume, overwrite):
@@ -1378,38 +1378,41 @@ def write_json(path, obj):
     write_atomically(path, lambda temporary: temporary.write_text(json.dumps(obj, indent=1)))
 
 
-def resume_command(out, accelerator, processes=None, epochs=None, data_dir=None):
-    """The command that continues this run, with the launcher settings it ran with (processes: that
-    many instead of this launch's; epochs: extended to that many; data_dir: moved there), quoted for a shell."""
+def resume_command(out, accelerator, processes=None, flags=()):
+    """The command that continues this run, with the launcher settings it ran with (processes: that many
+    instead of this launch's) and flags (given_anew), quoted for a shell."""
     launch = ["accelerate", "launch"]
     processes = processes or accelerator.num_processes
     if processes > 1:
         launch += ["--multi_gpu", "--num_processes", str(processes)]
     if accelerator.mixed_precision != "no":
         launch += ["--mixed_precision", accelerator.mixed_precision]
-    return shlex.join(
-        [*launch, beside("train.py"), "--output-dir", data.absolute(out), "--resume"]
-        + (["--epochs", str(epochs)] if epochs else [])
-        + (["--data-dir", data_dir] if data_dir else [])
-    )
+    return shlex.join([*launch, beside("train.py"), "--output-dir", data.absolute(out), "--resume", *flags])
 
 
 def beside(script):
     """A script of ours as a path from the working folder, so that a printed command runs where this one did;
     absolute from outside the scripts' folder (not ../../scripts/train.py)."""
-    path = Path(__file__).with_name(script)
+    path = data.absolute(Path(__file__).with_name(script))  # not python w1/../clone/train.py's spelling
     try:
         relative = os.path.relpath(path)
     except ValueError:  # Windows: the working folder is on another drive
-        return str(path)
-    return str(path) if relative.startswith("..") else relative
+        return path
+    return path if relative.startswith("..") else relative
 
 
 def given_anew(args, progress):
-    """--epochs and --data-dir given on a resume: its state learns them at the end of an epoch, until then
-    the resume command names them."""
+    """This command's RESUME_MAY_CHANGE for the resume command it prints, as words: --epochs and where the data
+    comes from, which the state learns only at the end of an epoch, and how it runs (--compile, --log-with),
+    which each command gives anew."""
     saved = progress["config"] if progress else vars(args)
-    return {key: getattr(args, key) for key in ("epochs", "data_dir") if getattr(args, key) != saved[key]}
+    words = []
+    for key in RESUME_MAY_CHANGE:
+        value = getattr(args, key)
+        if value in (None, False) or (key not in ("compile", "log_with") and value == saved.get(key)):
+            continue
+        words += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
+    return words
 
 
 def open_run(args, accelerator):
@@ -1468,7 +1471,7 @@ def check_resumable(out, args, progress, accelerator):
             f"warning: {out} was trained by {had} process(es), a global batch of {had * per_process}; it goes on "
             f"with {now}, a global batch of {now * per_process} ({per_process} per process, the same learning "
             f"rate schedule per image), so it will not match a run with {had}. For that: "
-            f"{resume_command(out, accelerator, had, **given_anew(args, progress))}"
+            f"{resume_command(out, accelerator, had, given_anew(args, progress))}"
         )
 
 
@@ -1496,7 +1499,7 @@ def finished_run(args, history, saved_epochs):
     if len(history) == args.epochs:  # an lr at 0 stays there when extended: see extend_schedule
         more = "--epochs N continues it to epoch N"
         if history[-1].get("lr") == 0:
-            more = f"Its lr is 0: --weights {args.output_dir}/best.safetensors starts a new run from its weights"
+            more = f"Its lr is 0: --weights {best_of(args)} starts a new run from its weights"
         return f"finished: all {args.epochs} epochs are trained; nothing to train. {more}"
     return None
 
@@ -1557,8 +1560,13 @@ def extend_schedule(args, saved_epochs, epochs_done, steps_per_epoch, warmup_ste
 def lr_at_zero(args):
     return UserError(
         f"the run's {args.schedule} schedule has brought the learning rate to 0, so more epochs would not "
-        f"change it; start a new run instead (--weights {args.output_dir}/best.safetensors starts from its weights)"
+        f"change it; start a new run instead (--weights {best_of(args)} starts from its weights)"
     )
+
+
+def best_of(args):
+    """The run's best.safetensors, quoted for a shell, for a new run from its weights."""
+    return shlex.quote(str(Path(args.output_dir) / "best.safetensors"))
 
 
 # ---------------------------------------------------------------------------------- console and trackers

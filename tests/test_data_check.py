@@ -1,6 +1,7 @@
 """evaluate.py --split val and train.py --resume only use the data the run was split from (#14)."""
 
 import json
+import shlex
 import shutil
 from pathlib import Path
 
@@ -183,19 +184,25 @@ def test_a_resume_stopped_after_the_data_moved_prints_a_command_that_finds_it(
     shutil.copytree(image_folder, tmp_path / "first")
     out = tmp_path / "run"
     train.main(quick_args(tmp_path / "first", out, "--epochs", "1", "--schedule", "constant"))
-    (tmp_path / "first").rename(tmp_path / "moved")
+    moved, cache = tmp_path / "moved data", tmp_path / "new cache"  # spaces: the command is quoted for a shell
+    (tmp_path / "first").rename(moved)
     monkeypatch.chdir(tmp_path)  # the printed command runs from wherever this one did
+    anew = ["--epochs", "2", "--data-dir", str(moved), "--cache-dir", str(cache), "--data-on", "device"]
     with monkeypatch.context() as patched:
         patched.setattr(train, "train_epoch", lambda *args: None)  # stopped, as by Ctrl-C, before epoch 2 ends
-        with pytest.raises(SystemExit):
-            train.main(["--output-dir", str(out), "--resume", "--epochs", "2", "--data-dir", str(tmp_path / "moved")])
+        with pytest.raises(SystemExit) as stopped:
+            train.main(["--output-dir", str(out), "--resume", *anew])
+    assert stopped.value.code == 130
     printed = capsys.readouterr().out.splitlines()
     command = printed[printed.index(next(line for line in printed if line.startswith("stopped during epoch 2"))) + 1]
-    assert command.endswith(f"--resume --epochs 2 --data-dir {tmp_path / 'moved'}")  # its state: 1 epoch, the old place
-    script = next(word for word in command.split() if word.endswith("train.py"))
+    assert command.endswith(shlex.join(["--resume", *anew]))  # its state: 1 epoch, the old place and cache
+    words = shlex.split(command)
+    script = next(word for word in words if word.endswith("train.py"))
     assert Path(script).resolve() == Path(train.__file__).resolve()
-    train.main(command.split()[command.split().index(script) + 1 :])
+    train.main(words[words.index(script) + 1 :])
     assert [r["epoch"] for r in json.loads((out / "history.json").read_text())] == [1, 2]
+    config = json.loads((out / "state" / "progress.json").read_text())["config"]
+    assert (config["cache_dir"], config["data_on"]) == (str(cache), "device")  # the resume's, not the run's
 
 
 def test_a_run_validated_on_its_val_folder_checks_those_images_alone(image_folder, tmp_path):

@@ -54,9 +54,9 @@ def test_images_swapped_with_their_sizes_and_mtimes_kept_are_decoded_again(tmp_p
 
 
 def test_a_finished_run_whose_lr_reached_0_points_to_its_weights_not_to_more_epochs():
-    args = Namespace(patience=None, epochs=2, output_dir="run")
+    args = Namespace(patience=None, epochs=2, output_dir="my run")
     said = train.finished_run(args, [{"epoch": 1, "lr": 0.1}, {"epoch": 2, "lr": 0.0}], saved_epochs=2)
-    assert said.endswith("Its lr is 0: --weights run/best.safetensors starts a new run from its weights")
+    assert said.endswith("Its lr is 0: --weights 'my run/best.safetensors' starts a new run from its weights")
 
 
 def test_the_best_epoch_is_one_at_the_input_size_after_small_epochs():
@@ -593,6 +593,8 @@ def test_printed_commands_name_the_script_relative_from_its_folder_else_absolute
     assert train.beside("train.py") == "train.py"
     monkeypatch.chdir(tmp_path)  # from another folder: absolute, not ../../scripts/train.py
     assert train.beside("train.py") == script
+    monkeypatch.setattr(train, "__file__", str(Path(script).parent / "tests" / ".." / "train.py"))  # as typed
+    assert train.beside("train.py") == script  # not .../tests/../train.py
     monkeypatch.setattr(os.path, "relpath", other_drive)
     assert train.beside("train.py") == script
 

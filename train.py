@@ -208,12 +208,12 @@ def prepare_training(args, progress, accelerator, schedule=None):
     run.targeted = torch.tensor(data.class_indices(args.targeted_augment, run.classes), device=accelerator.device)
     run.resized_crop = args.input_size if args.train_crop == "random-resized" else None
     run.groups = two_stage_groups(run.classes) if args.two_stage else None
+    # sharded first: the schedule counts the batches each process gets (build_training)
+    run.train_loader, run.val_loader = accelerator.prepare(run.train_loader, run.val_loader)
     network, optimizer, scheduler, run.criterion, run.change = build_training(
         args, run, train_labels, progress, accelerator, schedule
     )
-    run.model, run.optimizer, run.train_loader, run.val_loader, run.scheduler = accelerator.prepare(
-        network, optimizer, run.train_loader, run.val_loader, scheduler
-    )
+    run.model, run.optimizer, run.scheduler = accelerator.prepare(network, optimizer, scheduler)
     run.images_per_epoch = len(run.train_loader) * effective_batch(args, accelerator)  # drop_last
     return run
 
@@ -237,9 +237,10 @@ def build_training(args, run, train_labels, progress, accelerator, schedule=None
     )
     optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov)
     same_optimizer(args, progress, optimizer)
-    # Counted in optimizer steps of the whole dataset (a loader batch is one: batch_size x grad_accum_steps
-    # images a process); accelerate steps the scheduler once per process.
-    steps_per_epoch = len(run.train_loader)
+    # Counted in scheduler steps: a loader batch is one optimizer step (batch_size x grad_accum_steps images
+    # a process), and accelerate steps the scheduler once a process for each. A process's loader holds its
+    # shard: 3 batches on 2 processes are 1 each, 2 steps an epoch, not 3 (with 3 the lr never reached 0).
+    steps_per_epoch = len(run.train_loader) * accelerator.num_processes
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
     change = None
     if progress and args.epochs != progress["config"]["epochs"]:

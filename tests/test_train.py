@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 import torchvision
-from conftest import CLASSES, ROOT, both_ranks, quick_args
+from conftest import CLASSES, ROOT, both_ranks, launch, quick_args, run_script
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -174,6 +174,16 @@ def test_two_cpu_processes_train_data_parallel(two_process_run, image_folder, tm
     # a checkpoint written by 2 processes resumes in 1, and says what that changes
     train.main(["--output-dir", str(out), "--resume", "--epochs", "2"])
     assert [r["epoch"] for r in json.loads((out / "history.json").read_text())] == [1, 2]
+
+
+def test_two_processes_follow_the_schedule_to_its_end(image_folder, tmp_path):
+    """The 3 batches of an epoch are 1 a process on 2 processes: the schedule counts the steps they take,
+    and the lr ends at 0 as 1 process's does (it ended at 0.05 of 0.2 when counted in 3 a process)."""
+    out = tmp_path / "run"
+    result = run_script(*launch(2), "train.py", *quick_args(image_folder, out, "--warmup-epochs", "0"))
+    assert result.returncode == 0, both_ranks(result)
+    peak = json.loads((out / "state" / "progress.json").read_text())["config"]["lr"]
+    assert [r["lr"] for r in json.loads((out / "history.json").read_text())] == pytest.approx([peak / 2, 0])
 
 
 def test_a_non_finite_loss_stops_the_run_with_a_message(image_folder, tmp_path, monkeypatch):

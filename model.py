@@ -114,8 +114,8 @@ def load_backbone(model, path, arch):
             f"could not read weights {Path(path)} ({unreadable_weights(error)}); expected a .pth or .safetensors "
             f"state dict"
         ) from error
-    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
-        raise UserError(f"{path} holds no state dict; save one with torch.save(model.state_dict(), path)")
+    if not is_state_dict(state):
+        raise UserError(f"{path} holds no state dict; {state_dict_advice(state)}")
     state = {key.removeprefix("module."): value for key, value in state.items()}
     state = {key: value for key, value in state.items() if not is_head(key)}
     backbone = {key: value for key, value in model.state_dict().items() if not is_head(key)}
@@ -124,6 +124,18 @@ def load_backbone(model, path, arch):
         raise UserError(f"{path} is not a torchvision {arch} state dict: {problem}")
     check_values(path, state, backbone)
     model.load_state_dict(state | {k: v for k, v in model.state_dict().items() if is_head(k)})
+
+
+def is_state_dict(obj):
+    return isinstance(obj, dict) and all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items())
+
+
+def state_dict_advice(state):
+    """What to save: a training checkpoint (Lightning's, a training loop's) holds the state dict under a key."""
+    inside = [key for key, value in state.items() if is_state_dict(value)] if isinstance(state, dict) else []
+    if inside:
+        return f"its {inside[0]!r} is one: torch.save(checkpoint[{inside[0]!r}], path)"
+    return "save one with torch.save(model.state_dict(), path)"
 
 
 def check_values(path, state, expected):

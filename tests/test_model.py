@@ -96,6 +96,13 @@ def test_weights_no_training_leaves_are_refused_not_loaded_with_a_warning(tmp_pa
         build_model(10, weights=str(tmp_path / "w.pth"))
 
 
+def test_a_training_checkpoint_as_weights_names_the_state_dict_inside_it(tmp_path):
+    path = tmp_path / "last.ckpt.pth"  # Lightning's layout: the state dict beside the loop's counters
+    torch.save({"epoch": 3, "state_dict": torchvision.models.resnet18().state_dict()}, path)
+    with pytest.raises(UserError, match=r"holds no state dict; its 'state_dict' is one: torch.save\(checkpoint\["):
+        build_model(10, weights=str(path))
+
+
 def test_a_whole_pickled_model_as_weights_says_to_save_its_state_dict(tmp_path):
     path = tmp_path / "model.pth"
     torch.save(torchvision.models.resnet18(), path)  # the model, not its state_dict(): weights_only refuses it

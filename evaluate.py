@@ -775,15 +775,17 @@ def image_files(paths):
     """The image files the --predict paths name, each once however often they are named: files (read
     when PIL reads them, whatever their extension: photo.jfif), and the images in folders (searched
     through, as data.find_images lists training folders)."""
-    files, seen = [], data.Seen()
+    files, seen, listed = [], data.Seen(), set()
+    # a file named outright is listed by that name, not by a link to it met in a folder, before or after
+    seen.files = {data.file_identity(path) for path in map(Path, paths) if path.is_file()}
     for path in map(Path, paths):
         if not path.exists():
             raise data.UserError(f"--predict {path} does not exist; pass image files or folders of them")
         repeated = seen.links
         if path.is_file():
             named = data.file_identity(path)
-            images = [] if named in seen.files else [path]
-            seen.files.add(named)
+            images = [] if named in listed else [path]
+            listed.add(named)
             for passed in (seen.others, seen.hidden):  # named outright: read, not counted as passed over
                 passed.pop(named, None)
             seen.links += not images

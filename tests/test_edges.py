@@ -370,6 +370,16 @@ def test_overlapping_predict_paths_predict_each_file_once(paths, trained_run, im
     assert len(rows) == len(set(rows)) == 50
 
 
+def test_a_file_named_outright_is_listed_by_its_name_not_by_a_link_in_a_folder(trained_run, tmp_path):
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "plain.jpg")
+    (tmp_path / "a_link.jpg").symlink_to(tmp_path / "plain.jpg")  # met first in the folder
+    table = tmp_path / "p.csv"
+    for paths in ([tmp_path, tmp_path / "plain.jpg"], [tmp_path / "plain.jpg", tmp_path]):
+        evaluate.main([str(trained_run / "best.safetensors"), "--predict", *map(str, paths), "--csv", str(table),
+                       "--no-plots", "--overwrite"])  # fmt: skip
+        assert [row[0] for row in csv.reader(table.open())][1:] == [str(tmp_path / "plain.jpg")]
+
+
 def test_a_named_file_is_read_whatever_its_extension(trained_run, tmp_path, capsys):
     Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "photo.jfif", "JPEG")
     Image.new("RGB", (32, 32), (30, 30, 200)).save(tmp_path / "no_extension", "JPEG")

@@ -1420,7 +1420,10 @@ def load_part(items, labels, positions, side, folder, cache_dir, opened, on_disk
             say_unreadable(opened[folder][2], len(items), f" of {folder}")
         except CacheUnavailable as why:
             if on_disk:
-                raise UserError(f"{why}; --data-on disk reads from the cache, and nothing else is left") from None
+                raise UserError(
+                    f"{why}, and --data-on disk reads batches from a cache there; pass a writable --cache-dir, or "
+                    f"--data-on device to decode the images into memory"
+                ) from None
             LOG(f"warning: {why}; decoding into memory, without a cache")
             opened[folder] = None
     if cache_dir is None or opened[folder] is None:

@@ -229,6 +229,11 @@ def test_a_complete_cache_is_read_where_nothing_can_be_written(folder, tmp_path,
     capsys.readouterr()
     splits = load(folder, tmp_path / "cache", data_on="disk")
     assert "30 images from the cache" in capsys.readouterr().out and splits["train"].rows is not None
+    with pytest.raises(data.UserError) as refused:  # none there yet: --data-on disk has nothing to read
+        load(folder, tmp_path / "other", data_on="disk")
+    assert str(refused.value).endswith(
+        "pass a writable --cache-dir, or --data-on device to decode the images into memory"
+    )
 
 
 def test_other_data_is_refused_before_anything_is_decoded_or_cached(folder, tmp_path, monkeypatch):

@@ -181,11 +181,12 @@ def train(args):
                 )
                 break
     except (OSError, SafetensorError) as error:  # safetensors reports a full disk as its own error
-        full = getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error)
+        code = getattr(error, "errno", None)
+        full = code == errno.ENOSPC or "No space left" in str(error)
+        advice = "Free space" if full else "Make the folder writable" if code else "Free space, or make it writable"
         raise UserError(
-            f"could not write to {run.out} ({getattr(error, 'strerror', None) or error}); the files of the last "
-            f"finished epoch are whole. {'Free space' if full else 'Make the folder writable'}, then resume: "
-            f"{run.resume_command}"
+            f"could not write to {run.out} ({getattr(error, 'strerror', None) or error}); the files written before "
+            f"are whole. {advice}, then resume: {run.resume_command}"
         ) from error
     finally:
         if run.lock is not None:
@@ -1363,7 +1364,10 @@ def save_state(accelerator, out, progress):
     if accelerator.is_main_process:
         discard(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
+    try:
+        accelerator.save_state(tmp)
+    except RuntimeError as error:  # torch.save's writer on a full disk says only "unexpected pos 949568 vs 949464"
+        raise OSError(f"torch.save failed, {shutil.disk_usage(out).free / 2**20:.0f} MB free there") from error
     accelerator.wait_for_everyone()  # every rank's random_states_N.pkl is in before the rename
     if accelerator.is_main_process:
         for file in tmp.iterdir():

@@ -1445,12 +1445,12 @@ def open_run(args, accelerator):
         accelerator.print(f"{out}: {finished}")
         accelerator.end_training()  # with several processes, also leaves their group cleanly
         return None, out, progress
+    say_process_count(out, args, progress, accelerator)
     return args, out, progress
 
 
 def check_resumable(out, args, progress, accelerator):
-    """Refuse a resume under another ARCH, or with too few epochs. Warn when another process count
-    changes the global batch (the schedule counts images, so the lr at each point stays as planned)."""
+    """Refuse a resume under another ARCH, or with too few epochs."""
     done = len(progress["history"])
     if args.arch != model.ARCH:
         raise UserError(
@@ -1468,8 +1468,13 @@ def check_resumable(out, args, progress, accelerator):
         if value > most:
             raise UserError(f"the run has {flag} {value:g}, and --epochs {args.epochs} would end it before {until}; "
                             f"pass a larger --epochs")  # fmt: skip
-    if args.epochs != progress["config"]["epochs"]:  # fewer than planned may leave --patience nothing to do
-        check_patience(args)
+    if done < args.epochs != progress["config"]["epochs"]:  # fewer than planned may leave --patience nothing to do
+        check_patience(args, resumed=True)  # (none left to train: finished_run says so)
+
+
+def say_process_count(out, args, progress, accelerator):
+    """Warn when another process count changes the global batch (the schedule counts images, so the lr at
+    each point stays as planned)."""
     had = len(list(data.latest_state(out).glob("random_states_*.pkl")))  # accelerate saves one per process
     now = accelerator.num_processes
     if had and had != now:
@@ -1511,9 +1516,9 @@ def finished_run(args, history, saved_epochs):
     return None
 
 
-def check_patience(args):
+def check_patience(args, resumed=False):
     """Refuse a --patience that could not stop the run before its last epoch (see patience_ran_out),
-    naming what holds it back and only the changes that would let it stop."""
+    naming what holds it back and only the changes that would let it stop (resumed: its --patience stays)."""
     earliest = max(args.small_epochs + 1 + (args.patience or 0), args.freeze_epochs + 1)
     if not args.patience or earliest < args.epochs:
         return
@@ -1521,11 +1526,11 @@ def check_patience(args):
     head_only = 0 < args.freeze_epochs >= args.epochs - 1  # otherwise the patience decides
     frozen = f"it never stops in the first {args.freeze_epochs}, the head's alone" if head_only else ""
     held = "; ".join(reason for reason in (small, frozen) if reason)
-    smaller = args.patience > 1 and max(args.small_epochs + 2, args.freeze_epochs + 1) < args.epochs
+    smaller = not resumed and args.patience > 1 and max(args.small_epochs + 2, args.freeze_epochs + 1) < args.epochs
+    changes = f"{'a smaller --patience, ' if smaller else ''}more --epochs{'' if resumed else ', or no --patience'}"
     raise UserError(
         f"--patience {args.patience} could stop this {args.epochs}-epoch run no earlier than its last epoch"
-        f"{f' ({held})' if held else ''}: it would do nothing; pass {'a smaller --patience, ' if smaller else ''}"
-        f"more --epochs, or no --patience"
+        f"{f' ({held})' if held else ''}: it would do nothing; pass {changes}"
     )
 
 

@@ -97,8 +97,9 @@ def test_a_patience_that_could_not_stop_the_run_before_its_end_is_refused(patien
 def test_a_resume_with_fewer_epochs_that_leave_patience_nothing_to_do_is_refused():
     args = Namespace(arch=model.ARCH, epochs=3, patience=2, freeze_epochs=0, small_epochs=0, warmup_epochs=1)
     progress = dict(history=[{"epoch": 1}], config=dict(epochs=6))  # a run planned for 6, resumed for 3
-    with pytest.raises(data.UserError, match="--patience 2 could stop this 3-epoch run no earlier than its last"):
+    with pytest.raises(data.UserError, match="--patience 2 could stop this 3-epoch run no earlier than its last") as no:
         train.check_resumable(Path("run"), args, progress, None)
+    assert str(no.value).endswith("it would do nothing; pass more --epochs")  # a resumed run keeps its --patience
 
 
 def saved(image, path, expected):

@@ -161,6 +161,8 @@ def test_a_run_stopped_by_patience_is_finished_and_a_plain_resume_trains_nothing
     train.main([*command, "--resume"])
     assert "finished: --patience 1 stopped it after epoch 2" in (said := capsys.readouterr().out)
     assert "--epochs N, more than 4, continues it until an epoch without a lower loss stops it again" in said
+    train.main(["--output-dir", str(out), "--resume", "--epochs", "2"])  # the epochs it trained: finished too
+    assert "finished: --patience 1 stopped it after epoch 2" in capsys.readouterr().out
     assert epochs_in(out) == [1, 2]
     train.main(["--output-dir", str(out), "--resume", "--epochs", "6"])  # epoch 3's loss is higher still
     assert epochs_in(out) == [1, 2, 3]
@@ -176,6 +178,8 @@ def test_a_finished_run_resumed_says_so_and_another_process_count_is_said(tmp_pa
     assert "finished: all 1 epochs are trained; nothing to train. --epochs N continues" in capsys.readouterr().out
     state = out / "state"
     shutil.copy(state / "random_states_0.pkl", state / "random_states_1.pkl")  # as a 2-process run leaves it
+    train.main(["--output-dir", str(out), "--resume"])
+    assert "warning" not in capsys.readouterr().out  # nothing trains: another process count changes nothing
     root.rename(tmp_path / "moved")
     train.main(["--output-dir", str(out), "--resume", "--epochs", "2", "--data-dir", str(tmp_path / "moved")])
     printed = capsys.readouterr().out

@@ -777,12 +777,12 @@ def image_files(paths):
     through, as data.find_images lists training folders)."""
     files, seen, listed = [], data.Seen(), set()
     # a file named outright is listed by that name, not by a link to it met in a folder, before or after
-    seen.files = {data.file_identity(path) for path in map(Path, paths) if path.is_file()}
+    seen.files = {data.file_identity(path) for path in map(Path, paths) if not path.is_dir()}
     for path in map(Path, paths):
-        if not path.exists():
+        if not path.exists() and not path.is_symlink():
             raise data.UserError(f"--predict {path} does not exist; pass image files or folders of them")
         repeated = seen.links
-        if path.is_file():
+        if path.is_file() or not path.exists():  # a broken link or a loop: skipped and named, as in a folder
             named = data.file_identity(path)
             images = [] if named in listed else [path]
             listed.add(named)

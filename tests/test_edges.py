@@ -381,6 +381,18 @@ def test_a_file_named_outright_is_listed_by_its_name_not_by_a_link_in_a_folder(t
         assert [row[0] for row in csv.reader(table.open())][1:] == [str(tmp_path / "plain.jpg")]
 
 
+def test_a_broken_link_or_a_loop_named_outright_is_skipped_and_named(trained_run, tmp_path, capsys):
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "plain.jpg")
+    (tmp_path / "broken.jpg").symlink_to(tmp_path / "gone.jpg")
+    (tmp_path / "loop.jpg").symlink_to(tmp_path / "loop.jpg")
+    names = [str(tmp_path / name) for name in ("broken.jpg", "plain.jpg", "loop.jpg")]
+    evaluate.main([str(trained_run / "best.safetensors"), "--predict", *names, "--no-plots"])
+    out = capsys.readouterr().out
+    assert "1 image(s)" in out and "broken.jpg" in out and "loop.jpg" in out
+    with pytest.raises(SystemExit, match="gone.jpg does not exist"):  # a path that is nothing at all
+        evaluate.main([str(trained_run / "best.safetensors"), "--predict", str(tmp_path / "gone.jpg")])
+
+
 def test_a_named_file_is_read_whatever_its_extension(trained_run, tmp_path, capsys):
     Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "photo.jfif", "JPEG")
     Image.new("RGB", (32, 32), (30, 30, 200)).save(tmp_path / "no_extension", "JPEG")

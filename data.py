@@ -983,15 +983,16 @@ def same_validation_source(expected, found):
 # ---------------------------------------------------------------------------------- decoding
 
 
-def decode(items, labels, positions, side):
+def decode(items, labels, positions, side, named=5):
     """uint8 images [M, 3, side, side] and their labels, for the items at positions. CIFAR-10's are
-    decoded already. Unreadable images are skipped and counted, so one bad file does not cost a run."""
+    decoded already. Unreadable images are skipped and counted, so one bad file does not cost a run;
+    the warning names the first `named` (None: all)."""
     if isinstance(items, torch.Tensor):
         return items[positions], labels[positions]
     paths = [items[i] for i in positions.tolist()]
     pixels = np.empty((len(paths), 3, side, side), dtype=np.uint8)
     readable = decode_into(paths, side, pixels)
-    say_unreadable([path for path, ok in zip(paths, readable) if not ok], len(paths))
+    say_unreadable([path for path, ok in zip(paths, readable) if not ok], len(paths), named=named)
     if not readable.all():
         pixels = pixels[readable]
     return torch.from_numpy(pixels), labels[positions][torch.from_numpy(readable)]
@@ -1022,15 +1023,15 @@ def decode_into(paths, side, pixels):
 UNREADABLE = "broken, not images, too large to open safely, or pixels with no fixed range: 32-bit, signed or float"
 
 
-def say_unreadable(unreadable, count, where=""):
-    """The warning line that names the images that could not be read (the first five); an error
-    when none could."""
+def say_unreadable(unreadable, count, where="", named=5):
+    """The warning line that names the images that could not be read (the first `named`, None: all; a
+    run's manifest.json lists them all); an error when none could."""
     if not unreadable:
         return
     if len(unreadable) == count:
         raise UserError(f"none of the {count} images{where}, e.g. {unreadable[0]}, could be read ({UNREADABLE})")
-    named = ", ".join(unreadable[:5]) + (", ..." if len(unreadable) > 5 else "")
-    LOG(f"warning: skipped {len(unreadable)} unreadable image(s){where} ({UNREADABLE}): {named}")
+    names = ", ".join(unreadable[:named]) + (", ..." if len(unreadable[:named]) < len(unreadable) else "")
+    LOG(f"warning: skipped {len(unreadable)} unreadable image(s){where} ({UNREADABLE}): {names}")
 
 
 def read_image(path, side):

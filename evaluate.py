@@ -813,7 +813,8 @@ def classify(args):
     side = stored_side(metadata)
     data.check_memory(len(files), side, advice="pass fewer images at a time")
     # labels: each file's own index, which tells the ones that could be read
-    images, kept = data.decode(list(map(str, files)), torch.arange(len(files)), torch.arange(len(files)), side)
+    # every unreadable file named: no manifest lists them, as a run's does
+    images, kept = data.decode(list(map(str, files)), torch.arange(len(files)), torch.arange(len(files)), side, None)
     files = [files[i] for i in kept.tolist()]
     create(folders)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

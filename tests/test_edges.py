@@ -389,6 +389,11 @@ def test_a_broken_link_or_a_loop_named_outright_is_skipped_and_named(trained_run
     evaluate.main([str(trained_run / "best.safetensors"), "--predict", *names, "--no-plots"])
     out = capsys.readouterr().out
     assert "1 image(s)" in out and "broken.jpg" in out and "loop.jpg" in out
+    for i in range(6):  # more than a run's warning names: each named, as --predict keeps no manifest
+        (tmp_path / f"text{i}.jpg").write_text("not an image")
+    evaluate.main([str(trained_run / "best.safetensors"), "--predict", str(tmp_path), "--no-plots"])
+    warning = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: skipped 8"))
+    assert all(f"text{i}.jpg" in warning for i in range(6)) and "..." not in warning
     with pytest.raises(SystemExit, match="gone.jpg does not exist"):  # a path that is nothing at all
         evaluate.main([str(trained_run / "best.safetensors"), "--predict", str(tmp_path / "gone.jpg")])
 

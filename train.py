@@ -1059,6 +1059,8 @@ def final_summary(out, args, history, classes):
     tested = test.is_dir() and data.class_folders(test) == classes
     split = " --split val" if (folder / "train").is_dir() and not tested else ""
     lines = [f"best: epoch {best['epoch']}, val loss {best['val_loss']:.4f}, val acc {best['val_acc']:.2%}"]
+    if best["epoch"] <= args.freeze_epochs:  # said: the whole network trained, and did not do better
+        lines[0] += f", of the head alone (--freeze-epochs {args.freeze_epochs}; no later epoch had a lower loss)"
     checkpoint = out / "best.safetensors"
     if checkpoint.is_file():
         lines.append(f"files: {out}/best.safetensors (epoch {best['epoch']}), last.safetensors, history.json")

@@ -59,6 +59,16 @@ def test_a_finished_run_whose_lr_reached_0_points_to_its_weights_not_to_more_epo
     assert said.endswith("Its lr is 0: --weights 'my run/best.safetensors' starts a new run from its weights")
 
 
+def test_a_best_epoch_inside_the_freeze_is_said_to_be_the_heads_alone(tmp_path):
+    args = Namespace(data_dir=str(tmp_path), cache_dir=None, freeze_epochs=2)
+    history = [dict(epoch=e, val_loss=loss, val_acc=0.5) for e, loss in ((1, 0.9), (2, 0.5), (3, 0.7))]
+    summary = train.final_summary(tmp_path, args, history, ["cat", "dog"]).splitlines()[0]
+    assert summary.endswith("epoch 2, val loss 0.5000, val acc 50.00%, of the head alone (--freeze-epochs 2; no "
+                            "later epoch had a lower loss)")  # fmt: skip
+    args.freeze_epochs = 1
+    assert train.final_summary(tmp_path, args, history, ["cat", "dog"]).splitlines()[0].endswith("acc 50.00%")
+
+
 def test_the_best_epoch_is_one_at_the_input_size_after_small_epochs():
     history = [dict(epoch=1, val_loss=0.5, input_size=32), dict(epoch=2, val_loss=0.4, input_size=32)]
     history.append(dict(epoch=3, val_loss=0.8, input_size=64))  # the first at 64: its loss does not compare

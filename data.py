@@ -283,8 +283,8 @@ def load_images(data_dir, split, side=IMAGE_SIZE, expected_classes=None, cache_d
     [N, 3, side, side], labels, class names). trained: train/ folders whose images the split must not hold."""
     items, labels, classes = list_images(data_dir, split)
     if not isinstance(items, torch.Tensor) and trained:  # CIFAR-10's test set is its own
-        check_held_out(items, [list_folder(Path(folder))[0] for folder in trained], Path(data_dir) / split, "the test")
-    # a val/ alone: given already
+        held_out = "the test" if split == "test" else f"{split}/"
+        check_held_out(items, [list_folder(Path(folder))[0] for folder in trained], Path(data_dir) / split, held_out)
     own_split = " (or the run's own split: --split val, on the run's --data-dir)" if split == "test" else ""
     check_classes(classes, expected_classes, Path(data_dir) / split, f"evaluate on folders of the checkpoint's "
                   f"classes, all of them{own_split}")  # fmt: skip

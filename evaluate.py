@@ -215,9 +215,10 @@ def load_split(args, metadata):
         raise data.UserError(
             f"{root} has no test/ folder; pass --split val for the run's validation images, or add {root}/test/<class>/"
         )
-    if args.split == "test":  # a test/ holding the run's training images (or train/'s beside it) is refused
-        dirs = () if exporting(args) else data_dirs(args, metadata)
-        trained = {Path(d, "train").resolve() for d in dirs if d and Path(d, "train").is_dir()}
+    # a held-out folder holding the run's training images (or train/'s beside it) is refused
+    dirs = () if exporting(args) else data_dirs(args, metadata)
+    trained = {Path(d, "train").resolve() for d in dirs if d and Path(d, "train").is_dir()}
+    if args.split == "test":
         images, labels, _ = data.load_images(args.data_dir, "test", side, classes, cache, trained)
         return images, labels, "any labelled test set is fair"
     alone = data.val_folder_in(root)
@@ -226,8 +227,8 @@ def load_split(args, metadata):
             f"{root} has test/ but no train/ or val/ to take a validation split from; drop --split val"
         )
     if not (root / "train").is_dir() and alone:  # DIR/val/<class>/ on its own, as test/ alone: all of it
-        images, labels, _ = data.load_images(args.data_dir, alone.name, side, classes, cache)
-        return images, labels, f"{alone} on its own, whole: not checked against the run's data"
+        images, labels, _ = data.load_images(args.data_dir, alone.name, side, classes, cache, trained)
+        return images, labels, f"{alone} on its own, whole: none of the run's training images"
     checked = []
 
     def check(found, _counts):  # before anything is decoded: other data is refused at once

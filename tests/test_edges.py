@@ -343,10 +343,14 @@ def test_a_validation_folder_alone_evaluates_with_split_val(trained_run, image_f
     (held_out / "valid").symlink_to(image_folder / "test")
     evaluate.main([str(trained_run / "best.safetensors"), "--data-dir", str(held_out), "--split", "val", "--no-plots"])
     out = capsys.readouterr().out
-    assert ": 50 images" in out and "on its own, whole: not checked" in out
+    assert ": 50 images" in out and "on its own, whole: none of the run's training images" in out
     assert "(fitted on the run's validation split: optimistic if these are its images)" in out  # unchecked
     message = refused([trained_run / "best.safetensors", "--data-dir", held_out], evaluate.main)  # --split test
     assert "has valid/ but no test/; pass --split val" in message
+    (held_out / "valid").unlink()
+    (held_out / "valid").symlink_to(image_folder / "train")  # the run's training images, as a val/ alone
+    message = refused([trained_run / "best.safetensors", "--data-dir", held_out, "--split", "val"], evaluate.main)
+    assert "image(s) of" in message and "valid/ would measure images the network trained on" in message
 
 
 def test_a_split_folder_given_as_data_dir_names_its_parent(trained_run, image_folder):

@@ -660,11 +660,12 @@ class Seen:
         self.others, self.hidden, self.loose = {}, {}, {}  # {file or folder: its path}, each counted once
 
     def report(self, where):
-        for passed, what in ((self.others, "file(s) that are not images"),
-                             (self.hidden, "hidden file(s) and folder(s) (names starting with '.')"),
-                             (self.loose, "file(s) beside the class folders, in none of them")):  # fmt: skip
+        named = "; named outright, a file is read whatever its extension" if where == "--predict" else ""
+        for passed, what, hint in ((self.others, "file(s) without an image extension (data.IMAGE_EXTENSIONS)", named),
+                                   (self.hidden, "hidden file(s) and folder(s) (names starting with '.')", ""),
+                                   (self.loose, "file(s) beside the class folders, in none of them", "")):  # fmt: skip
             if passed:
-                LOG(f"{where}: skipped {len(passed)} {what}, e.g. {Path(min(passed.values())).name}")
+                LOG(f"{where}: skipped {len(passed)} {what}, e.g. {Path(min(passed.values())).name}{hint}")
         if self.links:
             LOG(f"{where}: skipped {self.links} link(s) or repeated path(s) to folders or images already listed; "
                 f"each image is read once")  # fmt: skip

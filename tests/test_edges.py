@@ -533,11 +533,12 @@ def test_files_reached_twice_are_counted_once(trained_run, tmp_path, capsys):
     (tmp_path / "photos" / "readme.txt").write_text("not an image either")
     twice = [str(tmp_path / "photos")] * 2
     evaluate.main([str(trained_run / "best.safetensors"), "--predict", *twice, "--no-plots"])
-    assert "skipped 2 file(s) that are not images" in capsys.readouterr().out
+    assert "skipped 2 file(s) without an image extension" in capsys.readouterr().out
     named = [str(tmp_path / "photos"), str(tmp_path / "photos" / "readme.txt")]  # read, as named: not passed over
     evaluate.main([str(trained_run / "best.safetensors"), "--predict", *named, "--no-plots"])
     out = capsys.readouterr().out
-    assert "skipped 1 file(s) that are not images, e.g. notes.txt" in out and "1 unreadable image(s)" in out
+    assert "1 unreadable image(s)" in out  # readme.txt, named
+    assert "skipped 1 file(s) without an image extension (data.IMAGE_EXTENSIONS), e.g. notes.txt; named outright" in out
 
 
 def test_hidden_files_and_folders_are_passed_over_and_named_unless_named_outright(trained_run, tmp_path, capsys):

@@ -110,7 +110,7 @@ VAL_BATCH_SIZE = 1024
 # reduce-overhead and max-autotune add CUDA graphs and kernel autotuning: nothing on a CPU but compile
 # time; on a GPU, max-autotune may be worth the longer compile (untested here: bench/speed.md).
 COMPILE_MODE = "default"
-FIRST_SAYS_IT_S = 10  # let_the_first_say_it: rank 0 refuses and ends within about a second
+FIRST_SAYS_IT_S = 10  # let_the_first_say_it at most: the launcher stops the process once the first one ends
 
 
 def main(argv=None):

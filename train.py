@@ -227,6 +227,8 @@ def build_training(args, run, train_labels, progress, accelerator, schedule=None
     if getattr(args, "loss_weights", None) is None:  # a resumed run keeps the weights it computed
         weights = class_weights(args.class_weights, train_labels, run.classes)
         args.loss_weights = None if weights is None else weights.tolist()
+        # the file's bytes: a resume may name it at a new place (same_setting)
+        args.class_weights_digest = data.file_digest(args.class_weights) if Path(args.class_weights).is_file() else None
     loss_weights = None if args.loss_weights is None else torch.tensor(args.loss_weights)
     if loss_weights is not None:
         weights = ", ".join(f"{name} {w:.3g}" for name, w in zip(run.classes, loss_weights.tolist()))
@@ -802,12 +804,13 @@ def resumed_settings(args, progress):
     machinery |= dict(compile=args.compile, log_with=args.log_with, output_dir=args.output_dir, resume=True)
     # what runs from before these settings existed did: no fingerprint, CIFAR-sized images at 32x32
     older = dict(data_fingerprint=None, train_crop="padded", arch="resnet18", optimizer="SGD", small_epochs=0)
+    older |= dict(class_weights_digest=None)
     older |= dict.fromkeys(("input_size", "image_size", "eval_crop"), data.IMAGE_SIZE)
     config = defaults | older | saved | machinery
     changed = [
         f"--{key.replace('_', '-')} {value} (the run's: {'not set' if config[key] is None else config[key]})"
         for key, value in args.given.items()
-        if key not in (*RESUME_MAY_CHANGE, "resume", "output_dir") and not same_setting(key, value, config[key])
+        if key not in (*RESUME_MAY_CHANGE, "resume", "output_dir") and not same_setting(key, value, config)
     ]
     if changed:
         raise UserError(
@@ -825,9 +828,13 @@ def resumed_settings(args, progress):
     return argparse.Namespace(**config | {"mean": tuple(config["mean"]), "std": tuple(config["std"])})
 
 
-def same_setting(key, given, saved):
+def same_setting(key, given, config):
     """A flag given on --resume against the run's value: the same meaning written another way is the same
-    (class weights, which are scaled to mean 1: 1,2 and 0.5,1; targeted classes in another order)."""
+    (class weights, which are scaled to mean 1: 1,2 and 0.5,1; the run's file at a new place, the same bytes;
+    targeted classes in another order)."""
+    saved = config[key]
+    if key == "class_weights" and config["class_weights_digest"] and Path(given).is_file():
+        return given == saved or data.file_digest(given) == config["class_weights_digest"]
     if key == "class_weights" and weight_list(given) and weight_list(saved):
         given, saved = (torch.tensor(weight_list(spec), dtype=torch.double) for spec in (given, saved))
         return len(given) == len(saved) and torch.allclose(given / given.sum(), saved / saved.sum())

@@ -425,12 +425,20 @@ def test_resuming_after_the_class_weights_run_moved_keeps_its_weights(tmp_path, 
     two_classes(tmp_path / "d")
     fake_run_checkpoint(tmp_path / "earlier", ["ant", "bee"], [0.9, 0.5])
     monkeypatch.chdir(tmp_path)
-    command = short_run("d", "run", "--class-weights", "earlier/best.safetensors")
+    constant = ["--schedule", "constant"]  # each resume below trains more
+    command = short_run("d", "run", "--class-weights", "earlier/best.safetensors", *constant)
     train.main(command)
     (tmp_path / "earlier").rename(tmp_path / "moved")
     train.main([*command, "--resume", "--epochs", "2"])
     assert "class weights: ant 0.333, bee 1.67" in capsys.readouterr().out
     assert len(json.loads((tmp_path / "run" / "history.json").read_text())) == 2
+    moved = ["--class-weights", "moved/best.safetensors", *constant]  # named at its new place: the same file
+    train.main([*short_run("d", "run", *moved), "--resume", "--epochs", "3"])
+    assert len(json.loads((tmp_path / "run" / "history.json").read_text())) == 3
+    fake_run_checkpoint(tmp_path / "other", ["ant", "bee"], [0.5, 0.9])
+    other = ["--class-weights", "other/best.safetensors", *constant]  # another run's: refused, it changes nothing
+    message = refused([*short_run("d", "run", *other), "--resume", "--epochs", "4"])
+    assert "--class-weights" in message and "(the run's: " in message
 
 
 # ---------------------------------------------------------------------------------- messages

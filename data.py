@@ -16,6 +16,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import sys
 import time
 import warnings
@@ -646,10 +647,19 @@ def file_identity(path):
     """What makes two paths one file: its device and inode (symbolic and hard links alike), or for a
     broken link its own path."""
     try:
-        stat = os.stat(path)
-        return stat.st_dev, stat.st_ino
+        status = os.stat(path)
+        return status.st_dev, status.st_ino
     except OSError:
         return path
+
+
+def special_file(path):
+    """A FIFO, socket or device named like an image: no image, and reading a FIFO waits for a writer
+    forever. A broken link is no special file: it is listed, and named as unreadable when read."""
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 class Seen:
@@ -657,13 +667,14 @@ class Seen:
 
     def __init__(self, folders=()):
         self.folders, self.files, self.links = set(folders), set(), 0
-        self.others, self.hidden, self.loose = {}, {}, {}  # {file or folder: its path}, each counted once
+        self.others, self.hidden, self.loose, self.special = {}, {}, {}, {}  # {file or folder: its path}, once each
 
     def report(self, where):
         named = "; named outright, a file is read whatever its extension" if where == "--predict" else ""
         for passed, what, hint in ((self.others, "file(s) without an image extension (data.IMAGE_EXTENSIONS)", named),
                                    (self.hidden, "hidden file(s) and folder(s) (names starting with '.')", ""),
-                                   (self.loose, "file(s) beside the class folders, in none of them", "")):  # fmt: skip
+                                   (self.loose, "file(s) beside the class folders, in none of them", ""),
+                                   (self.special, "FIFO(s), socket(s) or device(s), not image files", "")):  # fmt: skip
             if passed:
                 LOG(f"{where}: skipped {len(passed)} {what}, e.g. {Path(min(passed.values())).name}{hint}")
         if self.links:
@@ -701,6 +712,8 @@ def find_images(folder, seen):
                 seen.hidden.setdefault(real, path)
             elif not path.lower().endswith(IMAGE_EXTENSIONS):
                 seen.others.setdefault(real, path)  # once, however often it is reached
+            elif special_file(path):
+                seen.special.setdefault(real, path)
             else:
                 seen.files.add(real)
                 paths.append(path)
@@ -1184,10 +1197,10 @@ def file_state(path):
     paths' sizes and mtimes; their inodes swap, and rename sets the ctime, which no tool can set back.
     None for a broken link."""
     try:
-        stat = os.stat(path)
+        status = os.stat(path)
     except OSError:
         return None
-    return stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns
+    return status.st_size, status.st_mtime_ns, status.st_ino, status.st_ctime_ns
 
 
 def open_or_build_cache(paths, side, folder, cache_dir):

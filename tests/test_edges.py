@@ -412,6 +412,21 @@ def test_a_broken_link_or_a_loop_named_outright_is_skipped_and_named(trained_run
         evaluate.main([str(trained_run / "best.safetensors"), "--predict", str(tmp_path / "gone.jpg")])
 
 
+def test_a_fifo_named_like_an_image_is_skipped_and_named_not_read(trained_run, tmp_path, capsys):
+    """Opening a FIFO waits for a writer forever: training, evaluation and --predict hung without a word."""
+    root = two_classes(tmp_path / "data")
+    os.mkfifo(root / "train" / "bee" / "zz.png")
+    paths, _, _ = data.list_images(root, "train")
+    assert len(paths) == 24 and not any(path.endswith("zz.png") for path in paths)
+    assert "skipped 1 FIFO(s), socket(s) or device(s), not image files, e.g. zz.png" in capsys.readouterr().out
+    folder = root / "train" / "bee"
+    assert len(evaluate.image_files([folder])) == 12 and "zz.png" in capsys.readouterr().out
+    assert evaluate.image_files([folder / "000.png", folder / "zz.png"]) == [folder / "000.png"]
+    assert "skipped 1 FIFO(s)" in capsys.readouterr().out
+    message = refused([trained_run / "best.safetensors", "--predict", folder / "zz.png", "--no-plots"], evaluate.main)
+    assert "none of the paths named is an image file or holds one" in message
+
+
 def test_a_named_file_is_read_whatever_its_extension(trained_run, tmp_path, capsys):
     Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "photo.jfif", "JPEG")
     Image.new("RGB", (32, 32), (30, 30, 200)).save(tmp_path / "no_extension", "JPEG")

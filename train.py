@@ -652,6 +652,11 @@ def dest(flag):
     return flag.lstrip("-").replace("-", "_")
 
 
+def flag_of(key):
+    """The flag for argparse's attribute (grad_accum_steps: "--grad-accum-steps"), as a command names it."""
+    return "--" + key.replace("_", "-")
+
+
 RECIPE_VALUES = {name: {dest(flag): values[i] for flag, _, values, _ in RECIPES} for i, name in enumerate(RECIPE_NAMES)}
 FLAG_DEFAULTS = {flag: kind.get("default", False if kind.get("action") else None) for flag, kind, _ in FLAGS}
 
@@ -808,7 +813,7 @@ def resumed_settings(args, progress):
     older |= dict.fromkeys(("input_size", "image_size", "eval_crop"), data.IMAGE_SIZE)
     config = defaults | older | saved | machinery
     changed = [
-        f"--{key.replace('_', '-')} {value} (the run's: {'not set' if config[key] is None else config[key]})"
+        f"{flag_of(key)} {value} (the run's: {'not set' if config[key] is None else config[key]})"
         for key, value in args.given.items()
         if key not in (*RESUME_MAY_CHANGE, "resume", "output_dir") and not same_setting(key, value, config)
     ]
@@ -1427,7 +1432,7 @@ def given_anew(args, progress):
         value = getattr(args, key)
         if value in (None, False) or (key not in ("compile", "log_with") and value == saved.get(key)):
             continue
-        words += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
+        words += [flag_of(key)] + ([] if value is True else [str(value)])
     return words
 
 

@@ -645,12 +645,12 @@ def class_folders(folder):
 
 def file_identity(path):
     """What makes two paths one file: its device and inode (symbolic and hard links alike), or for a
-    broken link its own path."""
+    broken link where it points (reached through a link to its folder, it is one link still)."""
     try:
         status = os.stat(path)
         return status.st_dev, status.st_ino
     except OSError:
-        return path
+        return os.path.realpath(path)
 
 
 def special_file(path):
@@ -688,6 +688,7 @@ def find_images(folder, seen):
     loop would multiply a class's images onto both sides of the split. Hidden files and folders (.DS_Store,
     macOS's ._photo.jpg, .ipynb_checkpoints/) are passed over, as the shell's * does."""
     walk = []
+    seen.folders.add(os.path.realpath(folder))  # a link inside it back to it is a loop (--predict DIR)
     for directory, subfolders, files in os.walk(folder, followlinks=True):
         kept = []
         for sub in subfolders:
@@ -786,7 +787,8 @@ def check_held_out(paths, trained, folder, what):
     shared = [
         path
         for path in paths
-        if file_identity(path) in linked or (sizes[path] in common and file_digest(path) in copied)
+        if sizes[path] is not None  # a broken link is none: it is skipped, unread
+        and (file_identity(path) in linked or sizes[path] in common and file_digest(path) in copied)
     ]
     if shared:
         raise UserError(

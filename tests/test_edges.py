@@ -412,6 +412,18 @@ def test_a_broken_link_or_a_loop_named_outright_is_skipped_and_named(trained_run
         evaluate.main([str(trained_run / "best.safetensors"), "--predict", str(tmp_path / "gone.jpg")])
 
 
+def test_a_folder_with_a_link_back_to_itself_lists_each_file_once(tmp_path, capsys):
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "plain.jpg")
+    (tmp_path / "broken.jpg").symlink_to(tmp_path / "gone.jpg")
+    (tmp_path / "loop").symlink_to(tmp_path)  # --predict DIR: DIR was entered again through it
+    assert evaluate.image_files([tmp_path]) == [tmp_path / "broken.jpg", tmp_path / "plain.jpg"]
+    assert "skipped 1 link(s)" in capsys.readouterr().out
+    assert evaluate.image_files([tmp_path / "loop" / "broken.jpg", tmp_path]) == [tmp_path / "loop" / "broken.jpg",
+                                                                                  tmp_path / "plain.jpg"]  # fmt: skip
+    # two broken links to one missing file are no training image held out: both are skipped, unread
+    data.check_held_out([str(tmp_path / "broken.jpg")], [[str(tmp_path / "loop" / "broken.jpg")]], tmp_path, "it")
+
+
 def test_a_fifo_named_like_an_image_is_skipped_and_named_not_read(trained_run, tmp_path, capsys):
     """Opening a FIFO waits for a writer forever: training, evaluation and --predict hung without a word."""
     root = two_classes(tmp_path / "data")

@@ -782,9 +782,12 @@ def image_files(paths):
     for path in map(Path, paths):
         if not path.exists() and not path.is_symlink():
             raise data.UserError(f"--predict {path} does not exist; pass image files or folders of them")
-        skipped = seen.links + len(seen.special)
         if path.is_dir():  # an earlier --predict's contact sheets, drawn into this folder, are not photos to classify
+            skipped = seen.links + len(seen.special)
             images = [image for image in map(Path, data.find_images(path, seen)) if not sheet_of_ours(image)]
+            if not images and seen.links + len(seen.special) == skipped:
+                kinds = ", ".join(data.IMAGE_EXTENSIONS[:3])
+                raise data.UserError(f"--predict {path}: no images there ({kinds}, ...: see data.IMAGE_EXTENSIONS)")
         elif data.special_file(path):  # a FIFO, socket or device: skipped and named, as in a folder
             seen.special.setdefault(data.file_identity(path), str(path))
             images = []
@@ -795,9 +798,6 @@ def image_files(paths):
             for passed in (seen.others, seen.hidden):  # named outright: read, not counted as passed over
                 passed.pop(named, None)
             seen.links += not images
-        if not images and seen.links + len(seen.special) == skipped:
-            kinds = ", ".join(data.IMAGE_EXTENSIONS[:3])
-            raise data.UserError(f"--predict {path}: no images there ({kinds}, ...: see data.IMAGE_EXTENSIONS)")
         files += images
     seen.report("--predict")
     if not files:

@@ -18,7 +18,7 @@ import torchvision
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from data import UserError, check_outside_states
+from data import UserError, check_outside_states, run_state, special_file
 
 # The network: any torchvision ResNet (resnet34, resnet50, wide_resnet50_2, ...) by its name. Checkpoints
 # record it and evaluate.py rebuilds each from its own; --resume refuses a run of another.
@@ -263,11 +263,15 @@ def best_record(history):
 
 
 def not_a_folder(path, flag=""):
-    """Refuse a (run) folder given for a checkpoint, naming its best.safetensors if it has one."""
-    best = Path(path) / "best.safetensors"
-    if Path(path).is_dir():
+    """Refuse a folder given for a checkpoint, naming the run's best.safetensors if it has one (a run's
+    folder, or its state/), and a FIFO, socket or device, which is no file to read."""
+    path = Path(path)
+    if path.is_dir():
+        best = (path.parent if run_state(path) else path) / "best.safetensors"
         named = best if best.is_file() else "a run's best.safetensors (that folder has none)"
         raise UserError(f"{flag}{path} is a folder; pass a run's checkpoint: {named}")
+    if special_file(path):
+        raise UserError(f"{flag}{path} is a FIFO, socket or device, not a file; pass a file")
 
 
 def decode_metadata(text):

@@ -433,7 +433,8 @@ def test_a_fifo_named_like_an_image_is_skipped_and_named_not_read(trained_run, t
     assert "skipped 1 FIFO(s), socket(s) or device(s), not image files, e.g. zz.png" in capsys.readouterr().out
     folder = root / "train" / "bee"
     assert len(evaluate.image_files([folder])) == 12 and "zz.png" in capsys.readouterr().out
-    assert evaluate.image_files([folder / "000.png", folder / "zz.png"]) == [folder / "000.png"]
+    (folder / "link.png").symlink_to(folder / "zz.png")  # the FIFO again, named after it
+    assert evaluate.image_files([folder / "000.png", folder / "zz.png", folder / "link.png"]) == [folder / "000.png"]
     assert "skipped 1 FIFO(s)" in capsys.readouterr().out
     message = refused([trained_run / "best.safetensors", "--predict", folder / "zz.png", "--no-plots"], evaluate.main)
     assert "none of the paths named is an image file or holds one" in message
@@ -554,6 +555,18 @@ def test_two_validation_folders_are_refused_not_one_picked(tmp_path):
 def test_a_run_folder_for_weights_names_the_file_to_pass(trained_run, image_folder, tmp_path):
     message = refused(short_run(image_folder, tmp_path / "other", "--weights", trained_run))
     assert f"is a folder; pass a run's checkpoint: {trained_run / 'best.safetensors'}" in message
+    message = refused([trained_run / "state"], evaluate.main)  # its resumable state: the run's file is named
+    assert f"is a folder; pass a run's checkpoint: {trained_run / 'best.safetensors'}" in message
+
+
+def test_a_fifo_given_as_a_file_is_named_as_one(image_folder, tmp_path):
+    os.mkfifo(tmp_path / "w.safetensors")  # was "not found"; a file that is there
+    said = "is a FIFO, socket or device, not a file; pass a file"
+    assert said in refused([tmp_path / "w.safetensors"], evaluate.main)
+    for flag in ("--weights", "--class-weights"):
+        assert f"{flag} {tmp_path / 'w.safetensors'} {said}" in refused(
+            short_run(image_folder, tmp_path / "run", flag, tmp_path / "w.safetensors")
+        )
 
 
 def test_a_missing_weights_file_is_refused_before_the_data_is_read(tmp_path):

@@ -1715,6 +1715,19 @@ def use_all_cores(accelerator):
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_processes))
 
 
+def check_process_count(accelerator):
+    """Warn when the launcher was asked for more processes than started: without --multi_gpu, `accelerate
+    launch --num_processes 2 --cpu` runs one, and says nothing."""
+    command = LAUNCHER[0] if LAUNCHER else []
+    asked = [int(value) for flag, value in zip(command, command[1:]) if flag == b"--num_processes" and value.isdigit()]
+    asked += [int(part.split(b"=")[1]) for part in command if re.fullmatch(rb"--num_processes=\d+", part)]
+    if asked and asked[0] > accelerator.num_processes:
+        accelerator.print(
+            f"warning: accelerate launch --num_processes {asked[0]} started {accelerator.num_processes}; "
+            f"add --multi_gpu (CPU processes too) to train with {asked[0]}"
+        )
+
+
 def make_accelerator(args):
     """(the Accelerator, why chosen_precision chose its precision or None); sets args.mixed_precision:
     accelerate's, or LARGE_EPOCHS_BF16 (an autocast of our own)."""
@@ -1737,6 +1750,7 @@ def make_accelerator(args):
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=config["freeze_epochs"] > 0)],
     )
     use_all_cores(accelerator)
+    check_process_count(accelerator)
     args.mixed_precision = precision if precision == LARGE_EPOCHS_BF16 else accelerator.mixed_precision
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise UserError(

@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -359,3 +360,13 @@ def test_a_tracker_not_installed_is_one_error_line_naming_the_package(
     with pytest.raises(SystemExit, match=f"^error: --log-with {tracker} {advice}"):
         train.main(quick_args(image_folder, tmp_path / "run", "--log-with", tracker))
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("asked", [[b"--num_processes", b"2"], [b"--num_processes=2"]])
+def test_a_launch_that_started_fewer_processes_than_asked_says_so(asked, monkeypatch, capsys):
+    # accelerate launch --num_processes 2 --cpu, without --multi_gpu, starts one process and says nothing
+    monkeypatch.setattr(train, "LAUNCHER", ([b"accelerate", b"launch", *asked, b"--cpu", b"train.py"], []))
+    train.check_process_count(SimpleNamespace(num_processes=1, print=print))
+    assert "warning: accelerate launch --num_processes 2 started 1; add --multi_gpu" in capsys.readouterr().out
+    train.check_process_count(SimpleNamespace(num_processes=2, print=print))
+    assert capsys.readouterr().out == ""

@@ -206,8 +206,6 @@ def prepare_training(args, progress, accelerator, schedule=None):
     )
     run = SimpleNamespace(progress=progress)
     run.train_loader, run.val_loader, train_labels, run.classes = load_data(args, accelerator)
-    # evaluation's preprocessing; training's is data.augment, in train_step, then the same normalize
-    run.normalize = data.normalizer(args.mean, args.std, args.input_size, accelerator.device, crop=args.eval_crop)
     run.targeted = torch.tensor(data.class_indices(args.targeted_augment, run.classes), device=accelerator.device)
     run.resized_crop = args.input_size if args.train_crop == "random-resized" else None
     run.groups = two_stage_groups(run.classes) if args.two_stage else None
@@ -362,6 +360,7 @@ def training_mode(run, args, epoch, accelerator):
     if args.freeze_epochs:
         freeze_backbone(accelerator.unwrap_model(run.model, keep_torch_compile=False), epoch <= args.freeze_epochs)
     size = epoch_input_size(args, epoch)
+    # evaluation's preprocessing at this epoch's size; training's is data.augment, in train_step, then this
     run.normalize = data.normalizer(args.mean, args.std, size, accelerator.device, crop=args.eval_crop)
 
 

@@ -1682,6 +1682,18 @@ def launcher_of_this_process():
 LAUNCHER = launcher_of_this_process()
 
 
+def launch_option(name):
+    """The value the `accelerate launch` command gave option name (b"--num_processes"), as `name V` or
+    `name=V`; None where it gave none, or no launcher started this process."""
+    command = LAUNCHER[0] if LAUNCHER else []
+    for part, following in zip(command, [*command[1:], b""]):
+        if part == name:
+            return following
+        if part.startswith(name + b"="):
+            return part.split(b"=", 1)[1]
+    return None
+
+
 @contextlib.contextmanager
 def main_process_first(accelerator):
     """accelerate's main_process_first, except that a main process refusing the input still lets the
@@ -1705,11 +1717,8 @@ def use_all_cores(accelerator):
     (OMP_NUM_THREADS in its environment, or --num_cpu_threads_per_process)."""
     if accelerator.device.type != "cpu" or LAUNCHER is None:
         return
-    command, environment = LAUNCHER
-    user_chose = any(e.startswith(b"OMP_NUM_THREADS=") for e in environment) or any(
-        part.startswith(b"--num_cpu_threads_per_process") for part in command
-    )
-    if not user_chose:
+    exported = any(variable.startswith(b"OMP_NUM_THREADS=") for variable in LAUNCHER[1])
+    if not exported and launch_option(b"--num_cpu_threads_per_process") is None:
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_processes))
 
@@ -1717,13 +1726,11 @@ def use_all_cores(accelerator):
 def check_process_count(accelerator):
     """Warn when the launcher was asked for more processes than started: without --multi_gpu, `accelerate
     launch --num_processes 2 --cpu` runs one, and says nothing."""
-    command = LAUNCHER[0] if LAUNCHER else []
-    asked = [int(value) for flag, value in zip(command, command[1:]) if flag == b"--num_processes" and value.isdigit()]
-    asked += [int(part.split(b"=")[1]) for part in command if re.fullmatch(rb"--num_processes=\d+", part)]
-    if asked and asked[0] > accelerator.num_processes:
+    asked = launch_option(b"--num_processes") or b""
+    if asked.isdigit() and int(asked) > accelerator.num_processes:
         accelerator.print(
-            f"warning: accelerate launch --num_processes {asked[0]} started {accelerator.num_processes}; "
-            f"add --multi_gpu (CPU processes too) to train with {asked[0]}"
+            f"warning: accelerate launch --num_processes {int(asked)} started {accelerator.num_processes}; "
+            f"add --multi_gpu (CPU processes too) to train with {int(asked)}"
         )
 
 
@@ -1806,9 +1813,8 @@ def precision_chosen():
     sets ACCELERATE_MIXED_PRECISION=no itself."""
     if LAUNCHER is None:
         return "ACCELERATE_MIXED_PRECISION" in os.environ
-    command, environment = LAUNCHER
-    given = any(part.split(b"=")[0] in (b"--mixed_precision", b"--config_file") for part in command)
-    exported = any(variable.startswith(b"ACCELERATE_MIXED_PRECISION=") for variable in environment)
+    given = any(launch_option(option) is not None for option in (b"--mixed_precision", b"--config_file"))
+    exported = any(variable.startswith(b"ACCELERATE_MIXED_PRECISION=") for variable in LAUNCHER[1])
     return given or exported or Path(default_config_file).is_file()
 
 
